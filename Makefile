@@ -1,0 +1,54 @@
+# ct-zeroshot: set-up and main commands. Every target creates the virtual environment first.
+#
+# torch: on machines without a GPU the CPU build must be installed before the package, or the
+# package's "torch>=2.3" would pull a multi-GB CUDA wheel. TORCH_SPEC is installed first; on a
+# machine where PyPI's default wheel is a CUDA build, pass the CPU index, e.g.
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+DEMO_DIR ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo corpus clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "installing $(TORCH_SPEC) (CPU build unless TORCH_PIP_ARGS says otherwise)"; \
+		$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e ".[train,dev]"
+	@$(BIN)/python -c "import shutil, torch; gpu = shutil.which('nvidia-smi'); \
+		cuda = torch.version.cuda; print(f'torch {torch.__version__} (cuda {cuda})'); \
+		exit(1 if (cuda and not gpu) else 0)" || \
+		(echo "a CUDA build of torch was installed on a machine without a GPU; see TORCH_PIP_ARGS" && exit 1)
+	touch $@
+
+venv: $(BIN)/.installed
+
+# The test suite (what CI runs). pytest exits non-zero on failures and with 5 when no test ran.
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The main job on the embedded default. Until the deploy application exists this generates a
+# small synthetic corpus with DICOM, shows its findings and preprocesses one DICOM study.
+demo: venv
+	rm -rf $(DEMO_DIR)
+	$(BIN)/ct-zeroshot-train synth $(DEMO_DIR)/corpus --studies 12 --seed 0 --dicom
+	@cat $(DEMO_DIR)/corpus/prevalence.md
+	@study=$$(ls $(DEMO_DIR)/corpus/dicom | head -1); \
+		$(BIN)/ct-zeroshot preprocess $(DEMO_DIR)/corpus/dicom/$$study --spec tiny --out $(DEMO_DIR)/$$study.npy; \
+		echo "report of $$study:"; $(BIN)/python -c "import csv,sys; \
+		print(next(r['Findings'] for r in csv.DictReader(open('$(DEMO_DIR)/corpus/reports_final.csv')) if r['study id']=='$$study'))"
+	@echo "montage of phantom slices: $(DEMO_DIR)/corpus/montage.png"
+
+# The synthetic corpus the training studies use (1,000 tiny studies).
+corpus: venv
+	$(BIN)/ct-zeroshot-train synth data/synth-tiny --studies 1000 --seed 0
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,68 @@
+import pytest
+
+from training.reports import ReportError, is_normal_section, parse_report, section_status
+
+MERLIN_STYLE = (
+    "FINDINGS: Lower thorax: Mild bibasilar atelectasis. No pleural effusion. "
+    "Liver and biliary tree: Diffuse hepatic steatosis. No biliary ductal dilation. "
+    "Gallbladder: Surgically absent. Spleen: Normal. Pancreas: Unremarkable. Adrenal glands: Within normal limits. "
+    "Kidneys and ureters: 2 subcentimeter hypodensities in the left kidney. No hydronephrosis. "
+    "Gastrointestinal tract: Normal. Peritoneal space: No free air or ascites. "
+    "Bladder: Unremarkable. Prostate and seminal vesicles: Mild prostatomegaly. "
+    "Vasculature: Mild atherosclerosis. Lymph nodes: No lymphadenopathy. Musculoskeletal: Degenerative changes. "
+    "IMPRESSION: 1. Hepatic steatosis. 2. Bibasilar atelectasis."
+)
+
+
+def test_thirteen_sections_and_impression():
+    r = parse_report(MERLIN_STYLE)
+    assert set(r.sections) == {"lower thorax", "liver", "gallbladder", "spleen", "pancreas", "adrenal glands",
+                               "kidneys", "bowel", "peritoneum", "pelvic", "circulatory", "lymph nodes",
+                               "musculoskeletal"}
+    assert r.sections["liver"] == "Diffuse hepatic steatosis. No biliary ductal dilation."
+    # Two headers feed the pelvic system.
+    assert r.sections["pelvic"] == "Unremarkable. Mild prostatomegaly."
+    assert r.impression == "1. Hepatic steatosis. 2. Bibasilar atelectasis."
+    assert "IMPRESSION" not in r.findings and "steatosis" in r.findings
+    assert not r.unknown_headers
+
+
+def test_other_spellings_newlines_and_missing_sections():
+    text = ("EXAM: CT abdomen and pelvis with contrast.\nFINDINGS:\nLUNG BASES: Clear.\nLIVER: Normal.\n"
+            "GI tract: Normal caliber bowel loops. Appendix: Normal.\nGU: Left renal cyst.\n"
+            "Bones/soft tissues: No acute fracture.\nIMPRESSION:\n1. Left renal cyst.")
+    r = parse_report(text)
+    assert r.sections == {"lower thorax": "Clear.", "liver": "Normal.", "bowel": "Normal caliber bowel loops.",
+                          "kidneys": "Left renal cyst.", "musculoskeletal": "No acute fracture."}
+    # "Appendix:" is not a system header: it ends the bowel section without starting one.
+    assert r.unknown_headers == ["Appendix"]
+    assert "spleen" not in r.sections  # missing sections are simply absent
+
+
+def test_no_impression_and_headers_without_space():
+    r = parse_report("Findings:Spleen:Enlarged.Kidneys:Normal.")
+    assert r.sections == {"spleen": "Enlarged.", "kidneys": "Normal."}
+    assert r.impression == ""
+
+
+def test_report_without_findings_is_refused():
+    with pytest.raises(ReportError, match="no 'FINDINGS:' section"):
+        parse_report("IMPRESSION: 1. No acute abnormality.", source="reports.csv: study X")
+    with pytest.raises(ReportError, match="empty report"):
+        parse_report("   ")
+
+
+@pytest.mark.parametrize("body,normal", [
+    ("Normal.", True), ("Unremarkable.", True), ("Within normal limits.", True), ("normal", True),
+    ("Normal. Unremarkable.", True), ("No acute abnormality.", True),
+    ("No hydronephrosis.", False), ("Normal. Small cyst.", False), ("Mild splenomegaly.", False),
+    ("Normal in size.", False), ("", False),
+])
+def test_normal_section_rule(body, normal):
+    assert is_normal_section(body) is normal
+
+
+def test_section_status():
+    st = section_status(parse_report(MERLIN_STYLE))
+    assert st["spleen"] == "normal" and st["pancreas"] == "normal" and st["adrenal glands"] == "normal"
+    assert st["liver"] == "abnormal" and st["pelvic"] == "abnormal"
