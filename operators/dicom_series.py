@@ -1,0 +1,168 @@
+"""DICOM CT series: finding them in a folder tree and turning one into a ``Volume``.
+
+Written here rather than taken from the App SDK's ``DICOMSeriesToVolumeOperator`` because
+that operator swaps the in-plane spacings for non-square pixels, converts only the first
+series of the first study and silently drops instances that share a position (see
+``shared/reference/deploy.md``). pydicom does the decoding (compressed transfer syntaxes
+through its pixel-data plugins); this module only does geometry and checks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from .volume import Volume, VolumeError
+
+# Orientation cosines must agree across a series to this tolerance.
+_IOP_TOL = 1e-3
+# Slice gaps may vary by this fraction of the median gap before the series is refused.
+_GAP_TOL = 0.05
+
+
+@dataclass
+class SeriesFiles:
+    study_uid: str
+    series_uid: str
+    modality: str
+    paths: list[Path] = field(default_factory=list)
+    headers: list[Dataset] = field(default_factory=list)
+
+
+@dataclass
+class ScanResult:
+    series: dict[str, SeriesFiles]  # by SeriesInstanceUID
+    unreadable: list[tuple[Path, str]]  # (path, reason) for files that are not usable DICOM
+
+    def studies(self) -> dict[str, list[SeriesFiles]]:
+        out: dict[str, list[SeriesFiles]] = defaultdict(list)
+        for s in self.series.values():
+            out[s.study_uid].append(s)
+        return dict(out)
+
+
+def scan_tree(root: str | Path) -> ScanResult:
+    """Group every DICOM file under ``root`` by Series Instance UID (any folder layout)."""
+    root = Path(root)
+    if not root.exists():
+        raise VolumeError(f"{root}: input folder does not exist")
+    files = [root] if root.is_file() else sorted(
+        Path(dp) / f for dp, _, fs in os.walk(root) for f in fs)
+    series: dict[str, SeriesFiles] = {}
+    unreadable: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        except Exception as exc:  # pydicom raises InvalidDicomError, EOFError, AttributeError...
+            unreadable.append((path, f"not a readable DICOM instance ({type(exc).__name__}: {exc})"))
+            continue
+        s = series.setdefault(series_uid, SeriesFiles(study_uid, series_uid, str(ds.get("Modality", ""))))
+        s.paths.append(path)
+        s.headers.append(ds)
+    return ScanResult(series, unreadable)
+
+
+def _floats(ds: Dataset, keyword: str, n: int, where: str) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None:
+        raise VolumeError(f"{where}: missing {keyword}")
+    try:
+        arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"{where}: malformed {keyword} {value!r}") from exc
+    if arr.shape != (n,):
+        raise VolumeError(f"{where}: {keyword} should have {n} values, has {arr.size}")
+    return arr
+
+
+def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    """Check a series' geometry; return its RAS affine and the slice order (indices into headers)."""
+    if len(headers) < 2:
+        raise VolumeError(f"{names[0] if names else '<series>'}: series has a single slice; a volume needs at least 2")
+    iops = np.stack([_floats(h, "ImageOrientationPatient", 6, n) for h, n in zip(headers, names)])
+    if np.abs(iops - iops[0]).max() > _IOP_TOL:
+        raise VolumeError(f"{names[0]}: slices of the series have different ImageOrientationPatient")
+    sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    if len(sizes) != 1:
+        raise VolumeError(f"{names[0]}: slices of the series have different sizes {sorted(sizes)}")
+    spacings = np.stack([_floats(h, "PixelSpacing", 2, n) for h, n in zip(headers, names)])
+    if np.abs(spacings - spacings[0]).max() > 1e-4:
+        raise VolumeError(f"{names[0]}: slices of the series have different PixelSpacing")
+    row_dir, col_dir = iops[0, :3], iops[0, 3:]
+    row_dir = row_dir / np.linalg.norm(row_dir)
+    col_dir = col_dir / np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+    ipps = np.stack([_floats(h, "ImagePositionPatient", 3, n) for h, n in zip(headers, names)])
+    pos = ipps @ normal
+    order = [int(i) for i in np.argsort(pos, kind="stable")]
+    gaps = np.diff(pos[order])
+    dup = np.flatnonzero(gaps < 1e-3)
+    if dup.size:
+        a, b = order[dup[0]], order[dup[0] + 1]
+        raise VolumeError(
+            f"{names[a]} and {names[b]}: two slices share position {pos[a]:.3f} mm along the normal "
+            "(multi-phase or duplicated series); refusing to guess which to keep")
+    gap = float(np.median(gaps))
+    if np.abs(gaps - gap).max() > _GAP_TOL * gap:
+        raise VolumeError(f"{names[order[0]]}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm)")
+    dr, dc = spacings[0]  # PixelSpacing = (row spacing, column spacing)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc  # i: along a row, i.e. across columns
+    lps[:3, 1] = col_dir * dr  # j: down a column, i.e. across rows
+    lps[:3, 2] = normal * gap  # k: slice index in the sorted order
+    lps[:3, 3] = ipps[order[0]]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, order
+
+
+def series_to_volume(datasets: Sequence[Dataset], names: Sequence[str] | None = None) -> Volume:
+    """Build a HU volume (array[i=column, j=row, k=slice]) with its RAS affine from full datasets."""
+    names = list(names) if names is not None else [str(getattr(d, "filename", f"instance {n}")) for n, d in enumerate(datasets)]
+    affine, order = series_geometry(datasets, names)
+    first = datasets[order[0]]
+    vol = np.empty((int(first.Columns), int(first.Rows), len(order)), dtype=np.float32)
+    for k, idx in enumerate(order):
+        ds = datasets[idx]
+        try:
+            pix = ds.pixel_array
+        except Exception as exc:
+            raise VolumeError(f"{names[idx]}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        if pix.ndim != 2:
+            raise VolumeError(f"{names[idx]}: expected one 2D frame, found pixel array {pix.shape}")
+        slope = float(ds.get("RescaleSlope", 1.0))
+        intercept = float(ds.get("RescaleIntercept", 0.0))
+        vol[:, :, k] = pix.T.astype(np.float32) * slope + intercept
+    return Volume(vol, affine, str(Path(names[order[0]]).parent))
+
+
+def read_series(paths: Iterable[str | Path]) -> Volume:
+    """Read and convert a series given as files; errors name the offending file."""
+    paths = [Path(p) for p in paths]
+    datasets = []
+    for p in paths:
+        try:
+            datasets.append(pydicom.dcmread(p))
+        except Exception as exc:
+            raise VolumeError(f"{p}: not a readable DICOM instance ({type(exc).__name__}: {exc})") from exc
+    return series_to_volume(datasets, [str(p) for p in paths])
+
+
+def load_dicom_folder(folder: str | Path) -> Volume:
+    """Read the single series held in ``folder`` (a DICOM folder of one study and series)."""
+    scan = scan_tree(folder)
+    if scan.unreadable:
+        p, why = scan.unreadable[0]
+        raise VolumeError(f"{p}: {why}")
+    if not scan.series:
+        raise VolumeError(f"{folder}: no DICOM instances found")
+    if len(scan.series) > 1:
+        raise VolumeError(f"{folder}: holds {len(scan.series)} series; point to a folder with exactly one")
+    (s,) = scan.series.values()
+    return read_series(s.paths)
