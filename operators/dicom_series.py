@@ -83,8 +83,15 @@ def _floats(ds: Dataset, keyword: str, n: int, where: str) -> np.ndarray:
     return arr
 
 
+_REQUIRED = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
+
+
 def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[np.ndarray, list[int]]:
     """Check a series' geometry; return its RAS affine and the slice order (indices into headers)."""
+    for h, n in zip(headers, names):
+        missing = [k for k in _REQUIRED if k not in h]
+        if missing:
+            raise VolumeError(f"{n}: missing {', '.join(missing)} (truncated or not an image instance)")
     if len(headers) < 2:
         raise VolumeError(f"{names[0] if names else '<series>'}: series has a single slice; a volume needs at least 2")
     iops = np.stack([_floats(h, "ImageOrientationPatient", 6, n) for h, n in zip(headers, names)])

@@ -176,6 +176,8 @@ class _Builder:
             c.sweep(lo + 3, hi - 3, lambda z: (0.0, sy + 30, 14, 12, 4.5), T.CORTICAL_BONE)
             c.sweep(lo + 5, hi - 5, lambda z: (0.0, sy + 52, 4, 12), T.CORTICAL_BONE)
         c.sweep(self.Z(-0.05), self.Z(1.05), lambda z: (0.0, sy + 30, 9.5, 7.5), T.CSF)
+        mid = self.vertebrae[len(self.vertebrae) // 2]
+        self.site("osteopenia", (0.0, sy, (mid[0] + mid[1]) / 2))
         # Ribs (upper scan) and pelvic bones (lower scan).
         for k, zr in enumerate(np.arange(self.Z(0.62), self.Z(1.05), 24.0)):
             def rib(z, zr=zr):

@@ -1,0 +1,84 @@
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+
+from operators.dicom_series import load_dicom_folder, read_series, scan_tree
+from operators.volume import VolumeError
+from training.synth.dicom_writer import make_identity, write_ct_series
+from training.synth.raster import Grid
+
+
+@pytest.fixture
+def series(tmp_path):
+    grid = Grid((24, 24, 8), (4.0, 4.0, 5.0), (-46.0, -46.0, 0.0))
+    hu = np.random.default_rng(0).normal(0, 50, size=grid.shape).astype(np.float32)
+    paths = write_ct_series(hu, grid, tmp_path / "s", make_identity("BAD", 0, 60, "M"))
+    return tmp_path / "s", sorted(paths), hu
+
+
+def test_reads_good_series(series):
+    folder, paths, hu = series
+    vol = load_dicom_folder(folder)
+    assert vol.array.shape == hu.shape
+    assert np.abs(vol.array - np.clip(np.rint(hu), -1024, 3071)).max() == 0
+
+
+def test_single_slice(series):
+    _, paths, _ = series
+    with pytest.raises(VolumeError, match="single slice"):
+        read_series(paths[:1])
+
+
+def test_duplicate_positions(series, tmp_path):
+    folder, paths, _ = series
+    ds = pydicom.dcmread(paths[1])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(folder / "dup.dcm")
+    with pytest.raises(VolumeError, match="share position"):
+        load_dicom_folder(folder)
+
+
+def test_mixed_sizes(series):
+    folder, paths, _ = series
+    ds = pydicom.dcmread(paths[2])
+    ds.Rows = 12
+    ds.PixelData = ds.PixelData[: 12 * 24 * 2]
+    ds.save_as(paths[2])
+    with pytest.raises(VolumeError, match="different sizes"):
+        load_dicom_folder(folder)
+
+
+def test_uneven_spacing(series):
+    folder, paths, _ = series
+    paths[3].unlink()
+    with pytest.raises(VolumeError, match="uneven slice spacing"):
+        load_dicom_folder(folder)
+
+
+def test_non_dicom_and_truncated_files_are_named(series):
+    folder, paths, _ = series
+    (folder / "notes.txt").write_text("not dicom")
+    with pytest.raises(VolumeError, match="notes.txt"):
+        load_dicom_folder(folder)
+    (folder / "notes.txt").unlink()
+    data = paths[4].read_bytes()
+    paths[4].write_bytes(data[: len(data) // 2])
+    with pytest.raises(VolumeError, match=paths[4].name):
+        load_dicom_folder(folder)
+
+
+def test_scan_tree_groups_by_uid_not_folder(series, tmp_path):
+    folder, paths, _ = series
+    mixed = tmp_path / "mixed"
+    (mixed / "a").mkdir(parents=True)
+    (mixed / "b").mkdir()
+    for i, p in enumerate(paths):
+        shutil.copy(p, mixed / ("a" if i % 2 else "b") / p.name)
+    (mixed / "readme.txt").write_text("hello")
+    scan = scan_tree(mixed)
+    assert len(scan.series) == 1 and len(next(iter(scan.series.values())).paths) == len(paths)
+    assert [p.name for p, _ in scan.unreadable] == ["readme.txt"]
+    with pytest.raises(VolumeError, match="does not exist"):
+        scan_tree(tmp_path / "nope")

@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+
+from operators.dicom_series import load_dicom_folder
+from operators.preprocessing import PreprocessSpec, preprocess
+from operators.volume import Volume, load_nifti, save_nifti
+from training.synth.dicom_writer import make_identity, write_ct_series
+from training.synth.raster import Grid
+
+
+def _studies_by_position(corpus):
+    truth = [json.loads(x) for x in (corpus / "ground_truth.jsonl").read_text().splitlines()]
+    return {pos: [t["study id"] for t in truth if t["position"] == pos] for pos in ("HFS", "FFS")}
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFS"])
+def test_dicom_and_nifti_paths_agree(corpus200, position):
+    spec = PreprocessSpec.tiny()
+    for sid in _studies_by_position(corpus200)[position][:2]:
+        nii = load_nifti(corpus200 / "merlin_data" / f"{sid}.nii.gz")
+        dcm = load_dicom_folder(corpus200 / "dicom" / sid)
+        assert dcm.array.shape == nii.array.shape if position == "HFS" else True
+        a, b = preprocess(nii, spec), preprocess(dcm, spec)
+        assert a.shape == b.shape == (1, *spec.spatial_size)
+        assert np.abs(a - b).max() <= 1e-3, f"{sid} ({position}): max diff {np.abs(a - b).max()}"
+        assert 0.0 <= a.min() and a.max() <= 1.0 and a.std() > 0.05
+
+
+def test_feet_first_is_stored_mirrored_but_reads_the_same(corpus200):
+    sid = _studies_by_position(corpus200)["FFS"][0]
+    dcm = load_dicom_folder(corpus200 / "dicom" / sid)
+    nii = load_nifti(corpus200 / "merlin_data" / f"{sid}.nii.gz")
+    assert dcm.axcodes == "RPI" and nii.axcodes == "LPS"
+    # Same world coordinates for the same voxel after flipping both stored axes.
+    assert np.allclose(dcm.array[::-1, :, ::-1], nii.array, atol=0.5)
+
+
+def test_non_square_pixels(tmp_path):
+    """Row and column spacing must not be swapped (a known defect of the App SDK's operator)."""
+    rng = np.random.default_rng(0)
+    grid = Grid((48, 40, 20), (3.0, 4.5, 5.0), (-70.5, -87.75, -40.0))
+    hu = np.full(grid.shape, -1000.0, dtype=np.float32)
+    hu[10:20, 5:30, 4:16] = 300.0  # an off-centre block
+    hu += rng.normal(0, 5, size=hu.shape).astype(np.float32)
+    save_nifti(Volume(hu, grid.affine_ras()), tmp_path / "v.nii.gz")
+    write_ct_series(hu, grid, tmp_path / "dcm", make_identity("NS1", 0, 50, "F"), position="HFS")
+    dcm = load_dicom_folder(tmp_path / "dcm")
+    assert np.allclose(dcm.spacing, (3.0, 4.5, 5.0))
+    spec = PreprocessSpec(spacing=(3.0, 3.0, 5.0), spatial_size=(48, 64, 24))
+    a = preprocess(load_nifti(tmp_path / "v.nii.gz"), spec)
+    b = preprocess(dcm, spec)
+    assert np.abs(a - b).max() <= 1e-3
+    write_ct_series(hu, grid, tmp_path / "ffs", make_identity("NS2", 0, 50, "F"), position="FFS")
+    c = preprocess(load_dicom_folder(tmp_path / "ffs"), spec)
+    assert np.abs(a - c).max() <= 1e-3
+
+
+def test_merlin_spec_shape_and_window():
+    spec = PreprocessSpec.merlin()
+    assert spec.spacing == (1.5, 1.5, 3.0) and spec.spatial_size == (224, 224, 160)
+    aff = np.diag([-0.8, -0.8, 2.5, 1.0])
+    hu = np.linspace(-1500, 1500, 64 * 64 * 40, dtype=np.float32).reshape(64, 64, 40)
+    out = preprocess(Volume(hu, aff), spec)
+    assert out.shape == (1, 224, 224, 160) and out.dtype == np.float32
+    assert out.min() == 0.0 and out.max() == 1.0
+
+
+def test_spec_roundtrip_and_validation():
+    spec = PreprocessSpec.tiny()
+    assert PreprocessSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ValueError, match="spacing"):
+        PreprocessSpec(spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="orientation"):
+        PreprocessSpec(orientation="XYZ")
+    with pytest.raises(ValueError, match="unknown preprocessing keys"):
+        PreprocessSpec.from_dict({"spacing": [1, 1, 1], "colour": "red"})

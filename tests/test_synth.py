@@ -1,0 +1,184 @@
+import csv
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from operators.findings import load_catalogue
+from training.synth.corpus import SynthConfig, generate_corpus
+from training.synth.patient import sample_patient
+from training.synth.phantom import T, build_phantom
+from training.synth.raster import Grid
+
+from .conftest import have
+
+IDS = load_catalogue().ids
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_merlin_release_layout(corpus200):
+    reports = _rows(corpus200 / "reports_final.csv")
+    assert len(reports) == 200
+    assert list(reports[0]) == ["study id", "Findings", "Split", "Few Shot"]
+    assert {r["Split"] for r in reports} == {"train", "validation", "test"}
+    for r in reports:
+        assert r["Findings"].startswith("FINDINGS:") and "IMPRESSION:" in r["Findings"]
+        assert (corpus200 / "merlin_data" / f"{r['study id']}.nii.gz").exists()
+        assert (corpus200 / "dicom" / r["study id"]).is_dir()
+    assert (corpus200 / "reports_final.xlsx").exists()
+    labels = _rows(corpus200 / "zero_shot_findings_disease_cls.csv")
+    assert list(labels[0]) == ["study id", *IDS]
+    assert [r["study id"] for r in labels] == [r["study id"] for r in reports]
+    for fid in IDS:
+        values = {int(r[fid]) for r in labels}
+        assert values == {1, 0, -1}, f"{fid} has label values {values}"
+    for name in ("prevalence.csv", "prevalence.md", "montage.png", "ground_truth.jsonl", "corpus.json"):
+        assert (corpus200 / name).exists(), name
+    assert not list(corpus200.rglob(".*tmp*"))
+
+
+def test_prevalence_is_realistic(corpus200):
+    truth = [json.loads(line) for line in (corpus200 / "ground_truth.jsonl").read_text().splitlines()]
+    normal = np.mean([t["normal"] for t in truth])
+    assert 0.1 <= normal <= 0.32
+    prev = {fid: np.mean([fid in t["findings"] for t in truth]) for fid in IDS}
+    assert max(prev.values()) <= 0.35
+    assert min(prev.values()) >= 0.01
+    # Labels follow the report: a positive label always means the phantom has the finding.
+    labels = _rows(corpus200 / "zero_shot_findings_disease_cls.csv")
+    for t, row in zip(truth, labels):
+        for fid in IDS:
+            if row[fid] == "1":
+                assert fid in t["findings"]
+            if row[fid] == "0":
+                assert fid not in t["findings"]
+
+
+def test_nifti_geometry(corpus200):
+    sid = _rows(corpus200 / "reports_final.csv")[0]["study id"]
+    img = nib.load(corpus200 / "merlin_data" / f"{sid}.nii.gz")
+    assert img.ndim == 3 and img.get_data_dtype() == np.int16
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    zooms = img.header.get_zooms()
+    assert 4.5 <= zooms[0] <= 5.5 and zooms[2] in (5.0, 6.0)
+    data = np.asarray(img.dataobj)
+    assert data.min() >= -1024 and data.max() > 500  # air and bone present
+
+
+def _dciodvfy(path: Path) -> tuple[Path, int, str]:
+    p = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return path, p.returncode, p.stdout + p.stderr
+
+
+@pytest.mark.skipif(not have("dciodvfy"), reason="dicom3tools not installed")
+def test_every_series_passes_dciodvfy(corpus200):
+    files = sorted((corpus200 / "dicom").rglob("*.dcm"))
+    assert len(files) > 200 * 40
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(_dciodvfy, files))
+    bad = [(p, out) for p, rc, out in results if rc != 0 or "Error" in out]
+    assert not bad, f"{len(bad)} files fail dciodvfy, first {bad[0][0]}:\n{bad[0][1]}"
+
+
+def test_dicom_series_attributes(corpus200):
+    truth = {json.loads(x)["study id"]: json.loads(x) for x in (corpus200 / "ground_truth.jsonl").read_text().splitlines()}
+    positions = {"HFS": 0, "FFS": 0}
+    for sid in list(truth)[:30]:
+        files = sorted((corpus200 / "dicom" / sid).glob("*.dcm"))
+        ds = pydicom.dcmread(files[0])
+        assert ds.Modality == "CT" and ds.SOPClassUID == pydicom.uid.CTImageStorage
+        assert list(ds.ImageType)[:2] == ["ORIGINAL", "PRIMARY"]
+        assert ds.PatientPosition == truth[sid]["position"]
+        assert ds.PatientName.family_name == "SYNTHETIC"
+        assert len(files) == truth[sid]["shape"][2]
+        positions[ds.PatientPosition] += 1
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+        assert iop == ([1, 0, 0, 0, 1, 0] if ds.PatientPosition == "HFS" else [-1, 0, 0, 0, 1, 0])
+        uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+        assert len(uids) == len(files)
+    assert positions["HFS"] > positions["FFS"] > 0
+
+
+def test_deterministic_and_independent_of_workers(tmp_path):
+    a = generate_corpus(SynthConfig(out=str(tmp_path / "a"), studies=6, seed=3, workers=1), progress=False)
+    b = generate_corpus(SynthConfig(out=str(tmp_path / "b"), studies=6, seed=3, workers=2), progress=False)
+    assert a["studies"] == b["studies"] == 6
+    for name in ("reports_final.csv", "zero_shot_findings_disease_cls.csv", "ground_truth.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    for f in (tmp_path / "a" / "merlin_data").glob("*.nii.gz"):
+        va = np.asarray(nib.load(f).dataobj)
+        vb = np.asarray(nib.load(tmp_path / "b" / "merlin_data" / f.name).dataobj)
+        assert np.array_equal(va, vb)
+    c = generate_corpus(SynthConfig(out=str(tmp_path / "c"), studies=6, seed=4), progress=False)
+    assert c and (tmp_path / "c" / "reports_final.csv").read_bytes() != (tmp_path / "a" / "reports_final.csv").read_bytes()
+
+
+def test_refuses_existing_corpus(corpus200):
+    with pytest.raises(FileExistsError, match="already holds a corpus"):
+        generate_corpus(SynthConfig(out=str(corpus200), studies=1), progress=False)
+
+
+def _count(lab, *tissues):
+    return int(np.isin(lab, [int(t) for t in tissues]).sum())
+
+
+# What each finding must change in the phantom: (tissue or check, minimum ratio or "new").
+SIGNATURES = {
+    "submucosal_edema": ("new", T.EDEMA_WALL), "renal_hypodensities": ("new", T.HYPODENSITY),
+    "aortic_valve_calcification": ("new", T.CALCIUM), "coronary_calcification": ("new", T.CALCIUM),
+    "atherosclerosis": ("new", T.CALCIUM), "thrombosis": ("new", T.THROMBUS),
+    "metastatic_disease": ("new", T.METASTASIS), "renal_cyst": ("new", T.CYST),
+    "atelectasis": ("new", T.ATELECTASIS), "anasarca": ("new", T.SUBQ_EDEMA),
+    "biliary_ductal_dilation": ("new", T.BILE), "appendicitis": ("new", T.STRANDING),
+    "gallstones": ("new", T.STONE), "free_air": ("new", T.FREE_AIR), "fracture": ("new", T.SCLEROSIS),
+    "abdominal_aortic_aneurysm": ("new", T.THROMBUS), "surgically_absent_gallbladder": ("new", T.METAL),
+    "pancreatic_atrophy": ("shrinks", T.PANCREAS), "splenomegaly": ("grows", T.SPLEEN),
+    "hepatomegaly": ("grows", T.LIVER), "cardiomegaly": ("grows", T.MYOCARDIUM),
+    "prostatomegaly": ("grows", T.PROSTATE), "lymphadenopathy": ("grows", T.NODE),
+    "hydronephrosis": ("grows", T.URINE), "bowel_obstruction": ("grows", T.BOWEL_FLUID),
+    "ascites": ("grows", T.FLUID), "pleural_effusion": ("grows", T.FLUID),
+    "hiatal_hernia": ("site", None), "hepatic_steatosis": ("hu_drops", T.LIVER),
+    "osteopenia": ("hu_drops", T.TRABECULAR_BONE),
+}
+
+
+def test_signature_table_covers_catalogue():
+    assert set(SIGNATURES) == set(IDS)
+
+
+@pytest.mark.parametrize("fid", IDS)
+def test_every_finding_has_a_visible_signature(fid):
+    """The same patient with and without the finding differs where the finding lives."""
+    from training.synth.patient import FindingInstance
+
+    grid = Grid((80, 80, 60), (5.0, 5.0, 6.0), (-197.5, -185.5, 0.0))
+    base = sample_patient(np.random.default_rng(11), 0)
+    base.findings, base.sex = {}, "M"
+    sick = sample_patient(np.random.default_rng(11), 0)
+    sick.findings, sick.sex = {fid: FindingInstance(fid, severity="moderate", side="bilateral")}, "M"
+    hu0, lab0 = build_phantom(base, grid, np.random.default_rng(5))
+    hu1, lab1 = build_phantom(sick, grid, np.random.default_rng(5))
+    kind, tissue = SIGNATURES[fid]
+    if kind == "new":
+        assert _count(lab1, tissue) >= 1 and _count(lab0, tissue) == 0
+    elif kind == "grows":
+        assert _count(lab1, tissue) > 1.2 * _count(lab0, tissue) + 3
+    elif kind == "shrinks":
+        assert _count(lab1, tissue) < 0.7 * _count(lab0, tissue)
+    elif kind == "hu_drops":
+        assert hu1[lab1 == tissue].mean() < hu0[lab0 == tissue].mean() - 40
+    site = sick.findings[fid].site
+    assert site is not None
+    if kind == "site":  # hiatal hernia: bowel content above the diaphragm, where the lungs are
+        idx = [int(round((site[a] - grid.origin[a]) / grid.spacing[a])) for a in range(3)]
+        assert lab1[tuple(idx)] in (T.BOWEL_FLUID, T.BOWEL_AIR, T.BOWEL_WALL)
+        assert lab0[tuple(idx)] not in (T.BOWEL_FLUID, T.BOWEL_AIR, T.BOWEL_WALL)
