@@ -19,6 +19,27 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .train import train
+
+    cfg = TrainConfig.load(args.preset, args.overrides)
+    summary = train(args.data, args.out, cfg, cache_dir=args.cache, stop_after=args.stop_after,
+                    progress=not args.quiet)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate_run import evaluate_run
+
+    metrics_path, text = evaluate_run(args.run, args.data, split=args.split, checkpoint=args.checkpoint,
+                                      cache_dir=args.cache, progress=not args.quiet)
+    print(text)
+    print(f"\nmetrics: {metrics_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ct-zeroshot-train", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -33,6 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default: all cores; the output does not depend on it)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
+
+    t = sub.add_parser("train", help="train a dual encoder (symmetric InfoNCE, alternating section batches)")
+    t.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV")
+    t.add_argument("--out", required=True, help="run folder (an existing run is resumed)")
+    t.add_argument("--preset", default="cpu-tiny", help="preset name (cpu-tiny, merlin) or a YAML file")
+    t.add_argument("--cache", default=None, help="preprocessed-volume cache (default ~/.cache/ct-zeroshot/volumes)")
+    t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=200 sampler.ratio=25:75")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="zero-shot F1/AUROC, retrieval and occlusion robustness of a run")
+    e.add_argument("--run", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    e.add_argument("--checkpoint", default="best", choices=["best", "last", "init"],
+                   help="init = the same model before training")
+    e.add_argument("--cache", default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_evaluate)
     return p
 
 
@@ -40,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"ct-zeroshot-train {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,86 @@
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.models.image import ARCHS, ImageEncoder
+
+KEYS = Path(__file__).parent / "data" / "merlin_image_keys.tsv"
+
+
+def _merlin_image_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for line in KEYS.read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, shape = line.split("\t")
+        shape = ast.literal_eval(shape)
+        if name.endswith("num_batches_tracked"):
+            sd[name] = torch.tensor(7)
+        else:
+            sd[name] = torch.randn(shape, generator=g) * 0.01
+    return sd
+
+
+def test_merlin_layout_state_dict_loads_strictly():
+    sd = _merlin_image_state_dict()
+    assert len(sd) > 900
+    enc = ImageEncoder("i3_resnet152", embed_dim=512, n_classes=1692)
+    prefix = "encode_image."
+    result = enc.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    got = enc.state_dict()
+    assert set(prefix + k for k in got) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got[k[len(prefix):]], v)
+    n = sum(p.numel() for p in enc.parameters())
+    assert 120e6 < n < 124e6  # ~121.9 M with the phecode classifier
+
+
+def test_merlin_encoder_shapes_and_stem():
+    enc = ImageEncoder("i3_resnet152", embed_dim=512).eval()
+    conv1 = enc.i3_resnet.conv1
+    assert conv1.kernel_size == (3, 7, 7) and conv1.stride == (1, 2, 2) and conv1.padding == (1, 3, 3)
+    assert conv1.in_channels == 3
+    with torch.no_grad():
+        out = enc(torch.rand(1, 1, 64, 64, 32))  # (B, 1, X, Y, Z)
+    assert out.shape == (1, 512)
+
+
+def test_input_is_permuted_depth_first():
+    """(B,1,X,Y,Z) -> (B,1,Z,X,Y): a feature only along Z must reach the depth axis of the trunk."""
+    enc = ImageEncoder("resnet10_tiny", embed_dim=16).eval()
+    seen = {}
+    enc.i3_resnet.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("shape", i[0].shape))
+    with torch.no_grad():
+        enc(torch.rand(2, 1, 40, 36, 24))
+    assert tuple(seen["shape"]) == (2, 1, 24, 40, 36)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_arch_builds(arch):
+    enc = ImageEncoder(arch, embed_dim=32)
+    assert enc.i3_resnet.contrastive_head.out_channels == 32
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="unknown image architecture 'resnet9000'"):
+        ImageEncoder("resnet9000", 32)
+
+
+def test_dual_encoder_names_follow_merlin(tmp_path):
+    from training.models.clip import DualEncoder
+    from training.models.text import TextEncoder, build_small_text_model, train_wordpiece
+
+    tok = train_wordpiece(["FINDINGS: Liver: Normal. Spleen: Mild splenomegaly."] * 5, 60, tmp_path)
+    build_small_text_model(tok, hidden=32, layers=1, heads=2, max_len=64, out_dir=tmp_path)
+    model = DualEncoder(ImageEncoder("resnet10_tiny", 16), TextEncoder(tmp_path, 16, 62))
+    names = list(model.state_dict())
+    assert "logit_scale" in names
+    assert any(n.startswith("encode_image.i3_resnet.conv1") for n in names)
+    assert any(n.startswith("encode_text.text_encoder.") for n in names)
+    assert "encode_text.linear_layer.weight" in names
+    emb = model.encode_texts(["Liver: normal.", "spleen : mild splenomegaly"])
+    assert emb.shape == (2, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.data import DataError
+from training.train import train
+
+SMALL = ["train.batch_size=8", "train.steps=6", "train.eval_every=3", "train.eval_studies=16", "train.log_every=1",
+         "optim.warmup_steps=2", "text.vocab_size=400", "text.hidden=32", "text.layers=1", "text.heads=2",
+         "text.max_length=96"]
+
+
+def _weights(run):
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_resume_gives_the_same_weights(corpus200, tmp_path):
+    cfg = TrainConfig.load("cpu-tiny", SMALL)
+    cache = tmp_path / "cache"
+    a = train(corpus200, tmp_path / "a", cfg, cache_dir=cache, progress=False)
+    assert a["finished"] and a["steps_done"] == 6
+    b1 = train(corpus200, tmp_path / "b", cfg, cache_dir=cache, stop_after=4, progress=False)
+    assert not b1["finished"] and not (tmp_path / "b" / "train_summary.json").exists()
+    b2 = train(corpus200, tmp_path / "b", cfg, cache_dir=cache, progress=False)
+    assert b2["finished"]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # The logs of the resumed run read like the uninterrupted one.
+    assert (tmp_path / "a" / "log.csv").read_text().count("\n") == (tmp_path / "b" / "log.csv").read_text().count("\n")
+    for name in ("config.yaml", "epochs.csv", "val.csv", "checkpoints/init.pt", "checkpoints/best.pt"):
+        assert (tmp_path / "a" / name).exists(), name
+    # Training moved the weights.
+    init = torch.load(tmp_path / "a" / "checkpoints" / "init.pt", weights_only=False)["model"]
+    assert not torch.equal(init["encode_image.i3_resnet.conv1.weight"], wa["encode_image.i3_resnet.conv1.weight"])
+
+
+def test_a_different_config_does_not_resume(corpus200, tmp_path):
+    cfg = TrainConfig.load("cpu-tiny", SMALL)
+    train(corpus200, tmp_path / "r", cfg, cache_dir=tmp_path / "cache", stop_after=1, progress=False)
+    other = TrainConfig.load("cpu-tiny", [*SMALL, "optim.lr=0.1"])
+    with pytest.raises(ValueError, match="different config"):
+        train(corpus200, tmp_path / "r", other, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_wrong_data_format(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "volumes.txt").write_text("x")
+    with pytest.raises(DataError, match="no reports_final.csv or reports_final.xlsx"):
+        train(tmp_path / "data", tmp_path / "run", TrainConfig.load("cpu-tiny", SMALL), progress=False)
+
+
+def test_train_and_evaluate_commands(corpus200, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.cli"]
+    p = subprocess.run([*cmd, "train", "--data", str(corpus200), "--out", str(run), "--cache", str(tmp_path / "c"),
+                        "--quiet", *SMALL], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([*cmd, "evaluate", "--run", str(run), "--data", str(corpus200), "--cache", str(tmp_path / "c"),
+                        "--quiet"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "zero-shot macro F1" in p.stdout and "occlusion" in p.stdout
+    m = json.loads((run / "metrics.json").read_text())
+    assert 0 <= m["zero_shot"]["macro_f1"] <= 1 and len(m["zero_shot"]["per_finding"]) == 30
+    assert set(m["retrieval"]) == {"image_to_report", "report_to_image", "n"}
+    assert set(m["occlusion"]) == {"0%", "10%", "25%", "50%"}
+    p = subprocess.run([*cmd, "train", "--data", str(corpus200), "--out", str(tmp_path / "x"), "--preset", "nope"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "preset 'nope' does not exist" in p.stderr
+    p = subprocess.run([*cmd, "train", "--data", str(corpus200), "--out", str(tmp_path / "x"), "sampler.ratio=abc"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "does not parse" in p.stderr

@@ -1,0 +1,222 @@
+"""Typed training configuration, loaded from YAML presets with ``key=value`` overrides.
+
+``TrainConfig.load(preset, overrides)`` reads ``training/presets/<preset>.yaml`` (or a YAML path),
+applies dotted overrides (``optim.lr=3e-4``, ``sampler.kind=balanced``, ``sampler.ratio=25:75``),
+validates, and ``save`` writes the resolved config beside a run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from operators.findings import SECTIONS
+from operators.preprocessing import PreprocessSpec
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the key."""
+
+
+def parse_ratio(value) -> tuple[float, float]:
+    """'25:75' / '1:3' / [25, 75] -> (normal fraction, abnormal fraction) summing to 1."""
+    try:
+        if isinstance(value, str):
+            a, b = (float(v) for v in value.split(":"))
+        else:
+            a, b = (float(v) for v in value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"sampler.ratio {value!r} does not parse; write normal:abnormal, e.g. 25:75") from None
+    if a < 0 or b < 0 or a + b <= 0:
+        raise ConfigError(f"sampler.ratio {value!r}: both parts must be >= 0 and not both 0")
+    return a / (a + b), b / (a + b)
+
+
+@dataclass
+class ImageCfg:
+    arch: str = "resnet10_tiny"
+    embed_dim: int = 128
+
+
+@dataclass
+class TextCfg:
+    model: str = ""  # a local Hugging Face model folder; empty: build a small BERT + WordPiece offline
+    max_length: int = 192
+    vocab_size: int = 3000
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+
+
+@dataclass
+class SamplerCfg:
+    kind: str = "random"  # random | balanced
+    ratio: str = "50:50"  # normal:abnormal for balanced section batches
+    balance_full_reports: bool = False  # also balance full-report batches (normal = every section normal)
+    subset_fraction: float = 1.0  # fixed subset of the training split (the paper: 4,362 / 15,331)
+    data_fraction: float = 1.0  # nested fraction of that subset (20 % within 40 % within 100 %)
+    subset_seed: int = 1234  # fixes the subset and the nesting, independent of the run seed
+
+
+@dataclass
+class BatchingCfg:
+    schedule: str = "alternate"  # alternate | full | sections
+    system_choice: str = "round_robin"  # round_robin | random
+    full_report_prob: float = 0.0  # per-sample chance that a section-batch item uses its full report
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-3
+    text_lr: float = 3e-4
+    weight_decay: float = 0.02
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 600
+    batch_size: int = 32  # per process
+    steps_per_epoch: int = 0  # 0: one pass of the full training split at the global batch size
+    eval_every: int = 100
+    eval_studies: int = 0  # 0: the whole validation split
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    grad_checkpointing: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    deterministic: bool = True
+    log_every: int = 10
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "custom"
+    preprocess: dict = field(default_factory=lambda: PreprocessSpec.tiny().to_dict())
+    image: ImageCfg = field(default_factory=ImageCfg)
+    text: TextCfg = field(default_factory=TextCfg)
+    sampler: SamplerCfg = field(default_factory=SamplerCfg)
+    batching: BatchingCfg = field(default_factory=BatchingCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def presets(cls) -> list[str]:
+        folder = resources.files("training").joinpath("presets")
+        return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+    @classmethod
+    def load(cls, preset: str, overrides: list[str] | None = None) -> "TrainConfig":
+        path = Path(preset)
+        if path.suffix in (".yaml", ".yml") and path.exists():
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            f = resources.files("training").joinpath("presets", f"{preset}.yaml")
+            if not f.is_file():
+                raise ConfigError(f"preset {preset!r} does not exist; available: {', '.join(cls.presets())}")
+            data = yaml.safe_load(f.read_text()) or {}
+            data.setdefault("preset", preset)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must be key=value")
+            key, raw = item.split("=", 1)
+            node = data
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            node[parts[-1]] = yaml.safe_load(raw)
+        cfg = _build(cls, data, "")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.sampler.kind not in ("random", "balanced"):
+            raise ConfigError(f"sampler.kind {self.sampler.kind!r}: expected random or balanced")
+        parse_ratio(self.sampler.ratio)
+        for name in ("subset_fraction", "data_fraction"):
+            v = getattr(self.sampler, name)
+            if not 0 < v <= 1:
+                raise ConfigError(f"sampler.{name} must be in (0, 1], got {v}")
+        if self.batching.schedule not in ("alternate", "full", "sections"):
+            raise ConfigError(f"batching.schedule {self.batching.schedule!r}: expected alternate, full or sections")
+        if self.batching.system_choice not in ("round_robin", "random"):
+            raise ConfigError(f"batching.system_choice {self.batching.system_choice!r}: expected round_robin or random")
+        bad = [s for s in self.batching.sections if s not in SECTIONS]
+        if bad:
+            raise ConfigError(f"batching.sections: unknown section(s) {bad}; known: {list(SECTIONS)}")
+        if not 0 <= self.batching.full_report_prob <= 1:
+            raise ConfigError("batching.full_report_prob must be in [0, 1]")
+        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision {self.train.precision!r}: expected auto, fp32, bf16 or fp16")
+        if self.train.steps < 1 or self.train.batch_size < 2:
+            raise ConfigError("train.steps must be >= 1 and train.batch_size >= 2 (a contrastive batch needs negatives)")
+        try:
+            PreprocessSpec.from_dict(self.preprocess)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"preprocess: {exc}") from None
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.preprocess)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}")
+    kwargs = {}
+    defaults = cls()
+    for name, f in known.items():
+        if name not in data:
+            continue
+        value = data[name]
+        default = getattr(defaults, name)
+        if is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, default, prefix + name)
+    return dataclasses.replace(defaults, **kwargs)
+
+
+def _coerce(value, default, key):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        return str(value)
+    if isinstance(default, (list, dict)):
+        if not isinstance(value, type(default)):
+            raise ConfigError(f"{key}: expected a {type(default).__name__}, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,170 @@
+"""Evaluation: Merlin's zero-shot rule, retrieval, and both under 3D occlusion.
+
+- **Zero-shot** (Merlin): for each finding, the mean cosine similarity of the image to its
+  positive prompts and to its negative prompts; present iff the positive mean is higher. The
+  probability reported is the two-way softmax of the two means scaled by the logit scale (0.5 at
+  the decision boundary). Per-finding F1 over studies whose label is not -1; macro F1 is the mean
+  over findings with at least one labelled study; AUROC where both classes occur.
+- **Retrieval**: Recall@1/5/10 image->report and report->image over the split (full findings text).
+- **Occlusion**: one random cuboid (seeded per study) covering 10/25/50 % of the model input is set
+  to 0 (air after scaling) before encoding, and both evaluations are repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from operators.findings import load_catalogue
+
+OCCLUSION_LEVELS = (0.0, 0.1, 0.25, 0.5)
+RECALL_AT = (1, 5, 10)
+
+
+def occlude(volume: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Zero one random cuboid covering ``fraction`` of the (1, X, Y, Z) volume."""
+    if fraction <= 0:
+        return volume
+    out = np.array(volume, copy=True)
+    shape = np.array(out.shape[1:])
+    side = np.maximum(1, np.round(shape * fraction ** (1 / 3))).astype(int)
+    start = [int(rng.integers(0, s - d + 1)) for s, d in zip(shape, side)]
+    out[:, start[0]:start[0] + side[0], start[1]:start[1] + side[1], start[2]:start[2] + side[2]] = 0.0
+    return out
+
+
+@torch.no_grad()
+def embed_images(model, volumes: Sequence, device, batch_size: int = 16, occlusion: float = 0.0,
+                 seed: int = 0, progress=None) -> torch.Tensor:
+    """L2-normalised image embeddings; ``volumes`` yields (1, X, Y, Z) arrays (e.g. the cache)."""
+    model.eval()
+    out = []
+    for i in range(0, len(volumes), batch_size):
+        chunk = [occlude(volumes[j], occlusion, np.random.default_rng([seed, j, int(occlusion * 1000)]))
+                 for j in range(i, min(i + batch_size, len(volumes)))]
+        x = torch.from_numpy(np.stack(chunk)).to(device)
+        out.append(model.image_embeddings(x).cpu())
+        if progress is not None:
+            progress.update(len(chunk))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def prompt_embeddings(model, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per finding: (positive prompt embeddings, negative prompt embeddings)."""
+    model.eval()
+    pos, neg = [], []
+    for f in load_catalogue():
+        pos.append(model.encode_texts(list(f.positive_prompts), device).cpu())
+        neg.append(model.encode_texts(list(f.negative_prompts), device).cpu())
+    return pos, neg
+
+
+def zero_shot_scores(image_emb: torch.Tensor, pos: list[torch.Tensor], neg: list[torch.Tensor],
+                     scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(margin, probability) arrays of shape (N, n_findings); present iff margin > 0."""
+    margins, probs = [], []
+    for p, n in zip(pos, neg):
+        sp = (image_emb @ p.T).mean(1)
+        sn = (image_emb @ n.T).mean(1)
+        margins.append((sp - sn).numpy())
+        probs.append(torch.sigmoid(scale * (sp - sn)).numpy())  # = softmax(scale*[sp, sn])[0]
+    return np.stack(margins, 1), np.stack(probs, 1)
+
+
+def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    ids = load_catalogue().ids
+    per = {}
+    for j, fid in enumerate(ids):
+        keep = labels[:, j] != -1
+        y = labels[keep, j]
+        if y.size == 0:
+            per[fid] = {"f1": None, "auroc": None, "n": 0, "positives": 0}
+            continue
+        pred = (margins[keep, j] > 0).astype(int)
+        auroc = float(roc_auc_score(y, margins[keep, j])) if 0 < y.sum() < y.size else None
+        per[fid] = {"f1": float(f1_score(y, pred, zero_division=0)), "auroc": auroc, "n": int(y.size),
+                    "positives": int(y.sum())}
+    f1s = [v["f1"] for v in per.values() if v["f1"] is not None]
+    aucs = [v["auroc"] for v in per.values() if v["auroc"] is not None]
+    return {"macro_f1": float(np.mean(f1s)) if f1s else math.nan,
+            "macro_auroc": float(np.mean(aucs)) if aucs else math.nan, "per_finding": per}
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
+    sim = (image_emb @ text_emb.T).numpy()
+    n = sim.shape[0]
+    target = np.arange(n)
+    out = {}
+    for name, s in (("image_to_report", sim), ("report_to_image", sim.T)):
+        rank = (s > s[target, target][:, None]).sum(1)  # 0 = retrieved first
+        out[name] = {f"R@{k}": float((rank < k).mean()) for k in RECALL_AT}
+    out["n"] = n
+    return out
+
+
+def macro_f1_from(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Macro F1 (dropping -1) from prediction and label matrices; vectorised for bootstrap loops."""
+    keep = labels != -1
+    tp = ((pred == 1) & (labels == 1) & keep).sum(0)
+    fp = ((pred == 1) & (labels == 0) & keep).sum(0)
+    fn = ((pred == 0) & (labels == 1) & keep).sum(0)
+    has = keep.sum(0) > 0
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float(f1[has].mean()) if has.any() else math.nan
+
+
+def evaluate_model(model, volumes: Sequence, texts: list[str], labels: np.ndarray, device,
+                   occlusion_levels=OCCLUSION_LEVELS, seed: int = 0, batch_size: int = 16,
+                   progress: bool = True) -> dict:
+    """All metrics for one split. ``volumes[i]`` is study i's model input; labels (N, 30) in 1/0/-1."""
+    from tqdm import tqdm
+
+    model.eval()
+    pos, neg = prompt_embeddings(model, device)
+    with torch.no_grad():
+        text_emb = model.encode_texts(texts, device).cpu()
+    scale = float(model.scale())
+    results: dict = {"occlusion": {}}
+    bar = tqdm(total=len(volumes) * len(occlusion_levels), desc="evaluate", unit="vol", disable=not progress)
+    for level in occlusion_levels:
+        img = embed_images(model, volumes, device, batch_size, occlusion=level, seed=seed, progress=bar)
+        margins, probs = zero_shot_scores(img, pos, neg, scale)
+        zs = zero_shot_metrics(margins, labels)
+        rt = retrieval_metrics(img, text_emb)
+        key = f"{int(round(level * 100))}%"
+        results["occlusion"][key] = {"macro_f1": zs["macro_f1"], "macro_auroc": zs["macro_auroc"],
+                                     "retrieval": {k: v for k, v in rt.items() if k != "n"}}
+        if level == 0.0:
+            results["zero_shot"] = zs
+            results["retrieval"] = rt
+            results["_margins"] = margins
+            results["_probabilities"] = probs
+    bar.close()
+    return results
+
+
+def format_tables(metrics: dict) -> str:
+    """Human-readable tables of a metrics dict."""
+    zs = metrics["zero_shot"]
+    lines = [f"zero-shot macro F1 {zs['macro_f1']:.4f}   macro AUROC {zs['macro_auroc']:.4f}", "",
+             f"{'finding':32s} {'F1':>6s} {'AUROC':>6s} {'n':>5s} {'pos':>4s}"]
+    for fid, v in zs["per_finding"].items():
+        f1 = "-" if v["f1"] is None else f"{v['f1']:.3f}"
+        auc = "-" if v["auroc"] is None else f"{v['auroc']:.3f}"
+        lines.append(f"{fid:32s} {f1:>6s} {auc:>6s} {v['n']:>5d} {v['positives']:>4d}")
+    rt = metrics["retrieval"]
+    lines += ["", f"retrieval over {rt['n']} studies      " + "  ".join(f"R@{k}" for k in RECALL_AT)]
+    for d in ("image_to_report", "report_to_image"):
+        lines.append(f"  {d:28s} " + "  ".join(f"{rt[d][f'R@{k}']:.3f}" for k in RECALL_AT))
+    lines += ["", "occlusion   macro F1  AUROC   i->r R@5  r->i R@5"]
+    for lvl, v in metrics["occlusion"].items():
+        lines.append(f"  {lvl:>4s}      {v['macro_f1']:.4f}   {v['macro_auroc']:.4f}  "
+                     f"{v['retrieval']['image_to_report']['R@5']:.3f}     {v['retrieval']['report_to_image']['R@5']:.3f}")
+    return "\n".join(lines)

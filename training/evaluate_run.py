@@ -1,0 +1,45 @@
+"""``ct-zeroshot-train evaluate``: evaluate a run's checkpoint on a split and write RUN/metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import VolumeCache
+from .data import load_studies
+from .evaluate import evaluate_model, format_tables
+from .train import CachedVolumes, default_cache_dir, load_run
+
+
+def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpoint: str = "best",
+                 cache_dir=None, progress: bool = True, occlusion_levels=None, seed: int = 0) -> tuple[Path, str]:
+    run = Path(run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_run(run, checkpoint, device)
+    studies = [s for s in load_studies(data) if s.split == split]
+    if not studies:
+        raise ValueError(f"{data}: no studies in split {split!r}")
+    if any(s.labels is None for s in studies):
+        raise ValueError(f"{data}: split {split!r} has studies without finding labels")
+    cache = VolumeCache(cache_dir or default_cache_dir(), cfg.spec)
+    cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
+    labels = np.stack([s.labels for s in studies])
+    kw = {} if occlusion_levels is None else {"occlusion_levels": occlusion_levels}
+    metrics = evaluate_model(model, CachedVolumes(cache, studies), [s.findings_text for s in studies], labels,
+                             device, seed=seed, batch_size=cfg.train.batch_size, progress=progress, **kw)
+    margins = metrics.pop("_margins")
+    metrics.pop("_probabilities")
+    metrics["meta"] = {"run": str(run), "checkpoint": checkpoint, "split": split, "studies": len(studies),
+                       "data": str(data), "config_digest": cfg.digest()}
+    name = "metrics.json" if checkpoint == "best" else f"metrics_{checkpoint}.json"
+    path = run / name
+    tmp = run / f".{name}.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, path)
+    np.savez_compressed(run / name.replace(".json", "_predictions.npz"), margins=margins, labels=labels,
+                        study_ids=np.array([s.study_id for s in studies]))
+    return path, format_tables(metrics)

@@ -1,0 +1,1 @@
+"""Dual-encoder models: 3D image towers (MONAI ResNets), text towers (Hugging Face), the joint space."""

@@ -1,0 +1,50 @@
+"""The dual encoder: image and text towers into one L2-normalised joint space, learnable log logit scale."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .image import ImageEncoder
+from .text import TextEncoder
+
+
+class DualEncoder(nn.Module):
+    """State-dict names follow Merlin: ``encode_image.i3_resnet.*``, ``encode_text.text_encoder.*``,
+    ``encode_text.linear_layer.*``, ``logit_scale`` (log space; the scale is ``exp(logit_scale)``)."""
+
+    def __init__(self, image: ImageEncoder, text: TextEncoder, init_logit_scale: float = math.log(1 / 0.07)):
+        super().__init__()
+        self.encode_image = image
+        self.encode_text = text
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encode_image(images).float(), dim=-1)
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encode_text(input_ids, attention_mask).float(), dim=-1)
+
+    def encode_texts(self, texts: list[str], device=None, batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.encode_text.tokenize(texts[i:i + batch_size], device)
+            out.append(self.text_embeddings(**tok))
+        return torch.cat(out) if out else torch.empty(0)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+    def forward(self, images, input_ids, attention_mask):
+        return self.image_embeddings(images), self.text_embeddings(input_ids, attention_mask), self.scale()
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        self.encode_image.i3_resnet.gradient_checkpointing = on
+        enc = self.encode_text.text_encoder
+        if on and hasattr(enc, "gradient_checkpointing_enable"):
+            enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif not on and hasattr(enc, "gradient_checkpointing_disable"):
+            enc.gradient_checkpointing_disable()

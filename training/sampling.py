@@ -1,0 +1,144 @@
+"""What each optimisation step trains on: the alternating batch schedule and the samplers.
+
+Every step's *global* batch (all ranks together) is a pure function of (seed, step), so all
+ranks agree on it without communication, rank ``r`` takes its slice, a resumed run sees exactly
+the batches it would have seen, and every arm of a study runs the same schedule:
+
+- **Schedule.** ``alternate``: even steps train on full findings text, odd steps on one
+  organ-system section (``round_robin`` through the systems or ``random``); ``full`` or
+  ``sections`` only. In a section batch each item may use its full report instead with
+  ``full_report_prob``. Items whose report lacks the section are never drawn for it (they are
+  replaced by studies that have it), so no item trains on empty text.
+- **Samplers.** ``random``: the batch is a uniform draw without replacement from the eligible
+  pool. ``balanced``: a section batch holds round(B * n) studies whose section is normal and the
+  rest abnormal (normal: the section is only normal statements); a pool that runs short is drawn
+  with replacement and the shortfall counted. Full-report batches are balanced too only with
+  ``balance_full_reports`` (normal = every section normal).
+- **Data fractions.** A fixed subset of the training split (``subset_fraction``, seeded by
+  ``subset_seed``, independent of the run seed) and a nested fraction of it (``data_fraction``):
+  the first k of one fixed permutation, so 20 % lies within 40 % within 100 %.
+- **Epochs.** ``steps_per_epoch`` is fixed by the *full* training split and the global batch,
+  identical for every arm; unique volumes seen are counted per epoch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import TrainConfig, parse_ratio
+from .data import Study
+
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int  # into the training-study list
+    text: str  # FULL or a system name
+
+
+class BatchPlanner:
+    def __init__(self, studies: list[Study], cfg: TrainConfig, world_size: int = 1):
+        self.studies = studies
+        self.cfg = cfg
+        self.world = world_size
+        self.global_batch = cfg.train.batch_size * world_size
+        s = cfg.sampler
+        self.pool = nested_subset(len(studies), s.subset_fraction, s.data_fraction, s.subset_seed)
+        if len(self.pool) < self.global_batch:
+            raise ValueError(f"the sampled training pool has {len(self.pool)} studies, fewer than the global batch "
+                             f"{self.global_batch}; lower train.batch_size or raise the data fraction")
+        self.ratio = parse_ratio(s.ratio)
+        self.sections = [sec for sec in cfg.batching.sections
+                         if sum(sec in studies[i].sections for i in self.pool) >= 2]
+        if cfg.batching.schedule != "full" and not self.sections:
+            raise ValueError("no training report has any of the configured sections; use batching.schedule=full")
+        self.has = {sec: np.array([i for i in self.pool if sec in studies[i].sections]) for sec in self.sections}
+        self.normal = {sec: np.array([i for i in self.has[sec] if studies[i].section_status[sec] == "normal"])
+                       for sec in self.sections}
+        self.abnormal = {sec: np.setdiff1d(self.has[sec], self.normal[sec]) for sec in self.sections}
+        self.report_normal = np.array([i for i in self.pool
+                                       if all(v == "normal" for v in studies[i].section_status.values())])
+        self.report_abnormal = np.setdiff1d(self.pool, self.report_normal)
+        self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(studies) // self.global_batch)
+        self.shortfall: Counter = Counter()  # draws made with replacement, by batch kind
+
+    # -- schedule ----------------------------------------------------------------------------
+    def kind(self, step: int) -> str:
+        b = self.cfg.batching
+        if b.schedule == "full":
+            return FULL
+        if b.schedule == "alternate" and step % 2 == 0:
+            return FULL
+        n_section = step // 2 if b.schedule == "alternate" else step
+        if b.system_choice == "round_robin":
+            return self.sections[n_section % len(self.sections)]
+        return self.sections[int(self._rng(step, 1).integers(len(self.sections)))]
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def _rng(self, step: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.train.seed, self.epoch(step), step, stream])
+
+    # -- sampling ----------------------------------------------------------------------------
+    def _draw(self, pool: np.ndarray, k: int, rng: np.random.Generator, kind: str) -> np.ndarray:
+        if k == 0:
+            return np.empty(0, dtype=int)
+        if len(pool) == 0:
+            raise ValueError(f"batch of kind {kind!r} needs {k} studies from an empty pool")
+        if len(pool) >= k:
+            return rng.choice(pool, size=k, replace=False)
+        self.shortfall[kind] += k - len(pool)
+        return np.concatenate([rng.permutation(pool), rng.choice(pool, size=k - len(pool), replace=True)])
+
+    def _balanced(self, normal, abnormal, rng, kind) -> np.ndarray:
+        n = int(round(self.global_batch * self.ratio[0]))
+        a = self.global_batch - n
+        if len(normal) == 0:
+            n, a = 0, self.global_batch
+            self.shortfall[kind + ":no-normal"] += 1
+        if len(abnormal) == 0:
+            n, a = self.global_batch, 0
+            self.shortfall[kind + ":no-abnormal"] += 1
+        idx = np.concatenate([self._draw(normal, n, rng, kind + ":normal"), self._draw(abnormal, a, rng, kind + ":abnormal")])
+        return rng.permutation(idx)
+
+    def global_items(self, step: int) -> list[Item]:
+        kind = self.kind(step)
+        rng = self._rng(step, 0)
+        balanced = self.cfg.sampler.kind == "balanced"
+        if kind == FULL:
+            if balanced and self.cfg.sampler.balance_full_reports:
+                idx = self._balanced(self.report_normal, self.report_abnormal, rng, FULL)
+            else:
+                idx = self._draw(np.asarray(self.pool), self.global_batch, rng, FULL)
+            return [Item(int(i), FULL) for i in idx]
+        if balanced:
+            idx = self._balanced(self.normal[kind], self.abnormal[kind], rng, kind)
+        else:
+            idx = self._draw(self.has[kind], self.global_batch, rng, kind)
+        p = self.cfg.batching.full_report_prob
+        use_full = rng.random(len(idx)) < p if p > 0 else np.zeros(len(idx), bool)
+        return [Item(int(i), FULL if f else kind) for i, f in zip(idx, use_full)]
+
+    def local_items(self, step: int, rank: int = 0) -> list[Item]:
+        items = self.global_items(step)
+        b = self.cfg.train.batch_size
+        return items[rank * b:(rank + 1) * b]
+
+    def text_of(self, item: Item) -> str:
+        st = self.studies[item.index]
+        return st.findings_text if item.text == FULL else f"{item.text}: {st.sections[item.text]}"
+
+
+def nested_subset(n: int, subset_fraction: float, data_fraction: float, seed: int) -> list[int]:
+    """Indices of a fixed subset of ``n`` studies and a nested fraction of it (sorted)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    subset = perm[: max(1, int(round(n * subset_fraction)))]
+    inner = np.random.default_rng([seed, 1]).permutation(len(subset))
+    k = max(1, int(round(len(subset) * data_fraction)))
+    return sorted(int(i) for i in subset[inner[:k]])
