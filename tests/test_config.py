@@ -39,3 +39,12 @@ def test_clear_errors(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset 'gpu-huge' does not exist; available: .*cpu-tiny"):
         TrainConfig.load("gpu-huge")
+
+
+def test_ratio_in_yaml_must_be_quoted(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("sampler: {kind: balanced, ratio: 50:50}\n")
+    with pytest.raises(ConfigError, match="quote it"):
+        TrainConfig.load(str(f))
+    f.write_text('sampler: {kind: balanced, ratio: "50:50"}\n')
+    assert TrainConfig.load(str(f)).sampler.ratio == "50:50"

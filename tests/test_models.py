@@ -53,7 +53,11 @@ def test_input_is_permuted_depth_first():
     """(B,1,X,Y,Z) -> (B,1,Z,X,Y): a feature only along Z must reach the depth axis of the trunk."""
     enc = ImageEncoder("resnet10_tiny", embed_dim=16).eval()
     seen = {}
-    enc.i3_resnet.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("shape", i[0].shape))
+
+    def hook(module, inputs, output):
+        seen["shape"] = inputs[0].shape
+
+    enc.i3_resnet.conv1.register_forward_hook(hook)
     with torch.no_grad():
         enc(torch.rand(2, 1, 40, 36, 24))
     assert tuple(seen["shape"]) == (2, 1, 24, 40, 36)

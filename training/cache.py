@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -75,7 +76,8 @@ class VolumeCache:
         todo = [s for s in studies if not self.has(s)]
         bar = tqdm(total=len(todo), desc="preprocess", unit="vol", disable=not progress or not todo)
         if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as ex:
+            # spawn, not fork: forking a process whose torch/OpenMP threads are running deadlocks.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
                 for _ in ex.map(_put_one, [(str(self.dir.parent), self.spec, s) for s in todo], chunksize=4):
                     bar.update()
         else:

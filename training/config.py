@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,9 @@ import yaml
 
 from operators.findings import SECTIONS
 from operators.preprocessing import PreprocessSpec
+
+
+_RATIO = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -48,10 +52,17 @@ class ImageCfg:
 class TextCfg:
     model: str = ""  # a local Hugging Face model folder; empty: build a small BERT + WordPiece offline
     max_length: int = 192
+    pooling: str = "first"  # first (Merlin) | mean
     vocab_size: int = 3000
     hidden: int = 128
     layers: int = 2
     heads: int = 4
+
+
+@dataclass
+class JointCfg:
+    embed_norm: str = "none"  # none (Merlin) | batch (centre each tower's projection; see models/clip.py)
+    init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
 
 
 @dataclass
@@ -102,6 +113,7 @@ class TrainConfig:
     preprocess: dict = field(default_factory=lambda: PreprocessSpec.tiny().to_dict())
     image: ImageCfg = field(default_factory=ImageCfg)
     text: TextCfg = field(default_factory=TextCfg)
+    joint: JointCfg = field(default_factory=JointCfg)
     sampler: SamplerCfg = field(default_factory=SamplerCfg)
     batching: BatchingCfg = field(default_factory=BatchingCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -134,7 +146,8 @@ class TrainConfig:
                 node = node.setdefault(p, {})
                 if not isinstance(node, dict):
                     raise ConfigError(f"override {key!r}: {p!r} is not a section")
-            node[parts[-1]] = yaml.safe_load(raw)
+            # YAML 1.1 reads 50:50 as the base-60 integer 3050: keep ratios as written.
+            node[parts[-1]] = raw if _RATIO.match(raw.strip()) else yaml.safe_load(raw)
         cfg = _build(cls, data, "")
         cfg.validate()
         return cfg
@@ -156,6 +169,10 @@ class TrainConfig:
             raise ConfigError(f"batching.sections: unknown section(s) {bad}; known: {list(SECTIONS)}")
         if not 0 <= self.batching.full_report_prob <= 1:
             raise ConfigError("batching.full_report_prob must be in [0, 1]")
+        if self.joint.embed_norm not in ("none", "batch"):
+            raise ConfigError(f"joint.embed_norm {self.joint.embed_norm!r}: expected none or batch")
+        if self.text.pooling not in ("first", "mean"):
+            raise ConfigError(f"text.pooling {self.text.pooling!r}: expected first or mean")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision {self.train.precision!r}: expected auto, fp32, bf16 or fp16")
         if self.train.steps < 1 or self.train.batch_size < 2:
@@ -214,6 +231,8 @@ def _coerce(value, default, key):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if isinstance(default, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and ":" in str(default):
+            raise ConfigError(f"{key}: YAML read the ratio as the number {value}; quote it, e.g. \"50:50\"")
         return str(value)
     if isinstance(default, (list, dict)):
         if not isinstance(value, type(default)):

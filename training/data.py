@@ -166,16 +166,21 @@ def read_merlin_release(root: str | Path, check_images: bool = True) -> list[Stu
         image = root / "merlin_data" / f"{sid}.nii.gz"
         if check_images and not image.exists():
             raise DataError(f"{where}: image {image} does not exist")
-        st = Study(sid, _split(row["Split"], where), row["Findings"], image, labels.get(sid),
-                   row.get("Few Shot", "").strip() in ("1", "True", "true", "yes"), str(rpath))
-        try:
-            st.parsed  # noqa: B018  (validate the report now, not mid-training)
-        except ReportError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        studies.append(st)
+        studies.append(_checked(Study(sid, _split(row["Split"], where), row["Findings"], image, labels.get(sid),
+                                      row.get("Few Shot", "").strip() in ("1", "True", "true", "yes"), str(rpath)),
+                                where))
     if not studies:
         raise DataError(f"{rpath}: no studies")
     return studies
+
+
+def _checked(study: Study, where: str) -> Study:
+    """Parse the report now, so a bad one is refused at load time rather than mid-training."""
+    try:
+        study.parsed  # noqa: B018
+    except ReportError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    return study
 
 
 def read_manifest(path: str | Path, check_images: bool = True) -> list[Study]:
@@ -197,13 +202,8 @@ def read_manifest(path: str | Path, check_images: bool = True) -> list[Study]:
         if sid in seen:
             raise DataError(f"{where}: duplicate study id {sid!r}")
         seen.add(sid)
-        st = Study(sid, _split(row["split"], where), row["report"], image,
-                   _labels(row, where) if has_labels else None, False, str(path))
-        try:
-            st.parsed  # noqa: B018
-        except ReportError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        studies.append(st)
+        studies.append(_checked(Study(sid, _split(row["split"], where), row["report"], image,
+                                      _labels(row, where) if has_labels else None, False, str(path)), where))
     if not studies:
         raise DataError(f"{path}: no studies")
     return studies

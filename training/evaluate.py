@@ -130,7 +130,7 @@ def evaluate_model(model, volumes: Sequence, texts: list[str], labels: np.ndarra
     pos, neg = prompt_embeddings(model, device)
     with torch.no_grad():
         text_emb = model.encode_texts(texts, device).cpu()
-    scale = float(model.scale())
+    scale = model.scale().item()
     results: dict = {"occlusion": {}}
     bar = tqdm(total=len(volumes) * len(occlusion_levels), desc="evaluate", unit="vol", disable=not progress)
     for level in occlusion_levels:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .cache import VolumeCache
+from .config import TrainConfig
 from .data import load_studies
 from .evaluate import evaluate_model, format_tables
 from .train import CachedVolumes, default_cache_dir, load_run
@@ -19,7 +20,9 @@ def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpo
                  cache_dir=None, progress: bool = True, occlusion_levels=None, seed: int = 0) -> tuple[Path, str]:
     run = Path(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_run(run, checkpoint, device)
+    if not (run / "config.yaml").exists():
+        raise ValueError(f"{run}: not a training run (no config.yaml)")
+    cfg = TrainConfig.load(str(run / "config.yaml"))
     studies = [s for s in load_studies(data) if s.split == split]
     if not studies:
         raise ValueError(f"{data}: no studies in split {split!r}")
@@ -27,6 +30,7 @@ def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpo
         raise ValueError(f"{data}: split {split!r} has studies without finding labels")
     cache = VolumeCache(cache_dir or default_cache_dir(), cfg.spec)
     cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
+    model, cfg = load_run(run, checkpoint, device)
     labels = np.stack([s.labels for s in studies])
     kw = {} if occlusion_levels is None else {"occlusion_levels": occlusion_levels}
     metrics = evaluate_model(model, CachedVolumes(cache, studies), [s.findings_text for s in studies], labels,

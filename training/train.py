@@ -90,8 +90,8 @@ def build_model(cfg: TrainConfig, run: Path, train_studies: list[Study]) -> Dual
         build_small_text_model(tok, cfg.text.hidden, cfg.text.layers, cfg.text.heads, cfg.text.max_length + 2, text_dir)
     torch.manual_seed(cfg.train.seed)
     image = ImageEncoder(cfg.image.arch, cfg.image.embed_dim)
-    text = TextEncoder(text_dir, cfg.image.embed_dim, cfg.text.max_length)
-    return DualEncoder(image, text)
+    text = TextEncoder(text_dir, cfg.image.embed_dim, cfg.text.max_length, cfg.text.pooling)
+    return DualEncoder(image, text, cfg.joint.init_logit_scale, cfg.joint.embed_norm)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -165,7 +165,7 @@ def _truncate_csv(path: Path, max_step: int, key: str = "step") -> None:
 def validation_f1(model, volumes: CachedVolumes, labels: np.ndarray, device, batch_size: int) -> dict:
     pos, neg = prompt_embeddings(model, device)
     img = embed_images(model, volumes, device, batch_size)
-    margins, _ = zero_shot_scores(img, pos, neg, float(model.scale()))
+    margins, _ = zero_shot_scores(img, pos, neg, model.scale().item())
     return zero_shot_metrics(margins, labels)
 
 
@@ -316,6 +316,7 @@ def load_run(run: str | Path, checkpoint: str = "best", device=None):
         raise ValueError(f"{path}: checkpoint does not exist")
     text_dir = Path(cfg.text.model) if cfg.text.model else run / "text_model"
     model = DualEncoder(ImageEncoder(cfg.image.arch, cfg.image.embed_dim),
-                        TextEncoder(text_dir, cfg.image.embed_dim, cfg.text.max_length))
+                        TextEncoder(text_dir, cfg.image.embed_dim, cfg.text.max_length, cfg.text.pooling),
+                        cfg.joint.init_logit_scale, cfg.joint.embed_norm)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
     return model.to(device or "cpu").eval(), cfg

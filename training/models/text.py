@@ -1,9 +1,11 @@
 """Text encoders through Hugging Face ``transformers``, and a small offline encoder for CPU work.
 
 ``TextEncoder`` wraps any ``AutoModel`` (BERT-class by default; Longformer as in Merlin) with
-first-token pooling and a linear projection to the joint space, under Merlin's names
-(``text_encoder``, ``linear_layer``). Offline, ``build_small_text_model`` trains a WordPiece
-tokenizer on the training reports with ``tokenizers`` and builds a small BERT from a config, so
+first-token pooling (Merlin's; or masked mean pooling, which a from-scratch encoder learns much
+faster with: its first-token output is nearly input-independent at initialisation, and a
+contrastive run stalled at log(batch) for 200 steps on it) and a linear projection to the joint space, under Merlin's names
+(``text_encoder``, ``linear_layer``). Offline, ``train_wordpiece`` learns a WordPiece
+vocabulary from the training reports (tokenised with ``tokenizers``) and builds a small BERT from a config, so
 nothing is downloaded. Text is normalised with Merlin's rule before tokenising.
 """
 
@@ -19,17 +21,38 @@ from operators.textnorm import normalize_text
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Train a lowercase WordPiece tokenizer on normalised texts; save it as a HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Learn a lowercase WordPiece vocabulary from normalised texts; save it as a HF fast tokenizer.
+
+    The vocabulary is chosen deterministically: specials, every character seen (as a word start
+    and as a ``##`` continuation, so no word is ever [UNK]), then whole words by descending
+    frequency (ties alphabetical) up to ``vocab_size``. ``tokenizers``' own WordPiece trainer breaks
+    frequency ties in hash order: two runs on the same reports gave different vocabularies and so
+    different models, which a reproducible training run cannot have. Tokenisation itself is
+    ``tokenizers``' WordPiece model.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=1)
-    tok.train_from_iterator((normalize_text(t) for t in texts), trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for t in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(normalize_text(t))))
+    chars = sorted({c for w in words for c in w})
+    vocab_list = special + chars + ["##" + c for c in chars]
+    for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab_list) >= vocab_size:
+            break
+        if len(w) > 1:
+            vocab_list.append(w)
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab_list))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    cls, sep = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tok.decoder = decoders.WordPiece()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
@@ -46,7 +69,7 @@ def build_small_text_model(tokenizer, hidden: int, layers: int, heads: int, max_
 
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      intermediate_size=hidden * 4, max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id)
-    model = BertModel(cfg, add_pooling_layer=False)
+    model = BertModel(cfg)
     model.save_pretrained(out_dir)
     return model
 
@@ -54,7 +77,7 @@ def build_small_text_model(tokenizer, hidden: int, layers: int, heads: int, max_
 class TextEncoder(nn.Module):
     """Token ids + attention mask -> (B, D) joint-space embedding (not normalised)."""
 
-    def __init__(self, model_dir: str | Path, embed_dim: int, max_length: int):
+    def __init__(self, model_dir: str | Path, embed_dim: int, max_length: int, pooling: str = "first"):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -65,6 +88,9 @@ class TextEncoder(nn.Module):
         self.text_encoder = AutoModel.from_pretrained(str(path))
         self.linear_layer = nn.Linear(self.text_encoder.config.hidden_size, embed_dim)
         self.max_length = max_length
+        if pooling not in ("first", "mean"):
+            raise ValueError(f"text pooling must be 'first' or 'mean', got {pooling!r}")
+        self.pooling = pooling
 
     def tokenize(self, texts: list[str], device=None) -> dict[str, torch.Tensor]:
         enc = self.tokenizer([normalize_text(t) for t in texts], padding=True, truncation=True,
@@ -72,8 +98,13 @@ class TextEncoder(nn.Module):
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
-        return self.linear_layer(out.last_hidden_state[:, 0])
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "first":
+            pooled = hidden[:, 0]
+        else:  # masked mean: input-dependent from the first step, which a from-scratch encoder needs
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.linear_layer(pooled)
 
     def encode(self, texts: list[str], device=None) -> torch.Tensor:
         return self(**self.tokenize(texts, device))
