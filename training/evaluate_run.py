@@ -10,19 +10,16 @@ import numpy as np
 import torch
 
 from .cache import VolumeCache
-from .config import TrainConfig
 from .data import load_studies
 from .evaluate import evaluate_model, format_tables
-from .train import CachedVolumes, default_cache_dir, load_run
+from .train import CachedVolumes, default_cache_dir, load_run, read_run_config
 
 
 def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpoint: str = "best",
                  cache_dir=None, progress: bool = True, occlusion_levels=None, seed: int = 0) -> tuple[Path, str]:
     run = Path(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not (run / "config.yaml").exists():
-        raise ValueError(f"{run}: not a training run (no config.yaml)")
-    cfg = TrainConfig.load(str(run / "config.yaml"))
+    cfg = read_run_config(run)
     studies = [s for s in load_studies(data) if s.split == split]
     if not studies:
         raise ValueError(f"{data}: no studies in split {split!r}")

@@ -77,21 +77,37 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def build_model(cfg: TrainConfig, run: Path, train_studies: list[Study]) -> DualEncoder:
-    """The dual encoder; offline, also trains the tokenizer and builds the small text encoder in RUN."""
-    text_dir = Path(cfg.text.model) if cfg.text.model else run / "text_model"
-    if not cfg.text.model and not (text_dir / "config.json").exists():
-        corpus = []
-        for s in train_studies:
-            corpus.append(s.findings_text)
-            corpus.extend(s.sections.values())
-        tok = train_wordpiece(corpus, cfg.text.vocab_size, text_dir)
-        torch.manual_seed(cfg.train.seed)
-        build_small_text_model(tok, cfg.text.hidden, cfg.text.layers, cfg.text.heads, cfg.text.max_length + 2, text_dir)
+def text_model_dir(cfg: TrainConfig, run: Path) -> Path:
+    """The given Hugging Face folder, or the run's own offline text model."""
+    return Path(cfg.text.model) if cfg.text.model else run / "text_model"
+
+
+def ensure_text_model(cfg: TrainConfig, run: Path, train_studies: list[Study]) -> None:
+    """Offline (no ``text.model``): learn the tokenizer and build the small text encoder in RUN, once."""
+    text_dir = text_model_dir(cfg, run)
+    if cfg.text.model or (text_dir / "config.json").exists():
+        return
+    corpus = []
+    for s in train_studies:
+        corpus.append(s.findings_text)
+        corpus.extend(s.sections.values())
+    tok = train_wordpiece(corpus, cfg.text.vocab_size, text_dir)
+    torch.manual_seed(cfg.train.seed)
+    build_small_text_model(tok, cfg.text.hidden, cfg.text.layers, cfg.text.heads, cfg.text.max_length + 2, text_dir)
+
+
+def make_model(cfg: TrainConfig, run: Path) -> DualEncoder:
+    """The dual encoder of ``cfg`` (image tower seeded by the run seed; text tower from its folder)."""
     torch.manual_seed(cfg.train.seed)
     image = ImageEncoder(cfg.image.arch, cfg.image.embed_dim)
-    text = TextEncoder(text_dir, cfg.image.embed_dim, cfg.text.max_length, cfg.text.pooling)
+    text = TextEncoder(text_model_dir(cfg, run), cfg.image.embed_dim, cfg.text.max_length, cfg.text.pooling)
     return DualEncoder(image, text, cfg.joint.init_logit_scale, cfg.joint.embed_norm)
+
+
+def read_run_config(run: Path) -> TrainConfig:
+    if not (run / "config.yaml").exists():
+        raise ValueError(f"{run}: not a training run (no config.yaml)")
+    return TrainConfig.load(str(run / "config.yaml"))
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -203,11 +219,11 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, cache_dir: str | 
     if world > 1:
         torch.distributed.barrier()
     planner = BatchPlanner(train_st, cfg, world)
-    if main and not (cfg.text.model or (run / "text_model" / "config.json").exists()):
-        build_model(cfg, run, train_st)  # writes the offline text model once
+    if main:
+        ensure_text_model(cfg, run, train_st)
     if world > 1:
         torch.distributed.barrier()
-    model = build_model(cfg, run, train_st).to(device)
+    model = make_model(cfg, run).to(device)
     model.set_gradient_checkpointing(cfg.train.grad_checkpointing)
     opt, sched = _optimizer(model, cfg)
     autocast, scaler = _autocast(cfg, device)
@@ -307,16 +323,10 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, cache_dir: str | 
 def load_run(run: str | Path, checkpoint: str = "best", device=None):
     """(model, config) of a finished or partial run; ``checkpoint`` is best, last or init."""
     run = Path(run)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.exists():
-        raise ValueError(f"{run}: not a training run (no config.yaml)")
-    cfg = TrainConfig.load(str(cfg_path))
+    cfg = read_run_config(run)
     path = run / "checkpoints" / f"{checkpoint}.pt"
     if not path.exists():
         raise ValueError(f"{path}: checkpoint does not exist")
-    text_dir = Path(cfg.text.model) if cfg.text.model else run / "text_model"
-    model = DualEncoder(ImageEncoder(cfg.image.arch, cfg.image.embed_dim),
-                        TextEncoder(text_dir, cfg.image.embed_dim, cfg.text.max_length, cfg.text.pooling),
-                        cfg.joint.init_logit_scale, cfg.joint.embed_norm)
+    model = make_model(cfg, run)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
     return model.to(device or "cpu").eval(), cfg
