@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo corpus clean
+.PHONY: venv test test-slow demo corpus demo-model bench-onnx merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ venv: $(BIN)/.installed
 
 # The test suite (what CI runs). pytest exits non-zero on failures and with 5 when no test ran.
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The main job on the embedded default. Until the deploy application exists this generates a
 # small synthetic corpus with DICOM, shows its findings and preprocesses one DICOM study.
@@ -49,6 +49,35 @@ demo: venv
 # The synthetic corpus the cpu-tiny results in the README use (4,000 tiny studies, 2,456 for training).
 corpus: venv
 	$(BIN)/ct-zeroshot-train synth data/synth-4k --studies 4000 --seed 0
+
+# The embedded demo model (operators/models/demo): cpu-tiny on the corpus above, exported with
+# per-finding thresholds chosen on the validation split. About 15 minutes on a 2-core CPU.
+DEMO_RUN ?= runs/demo-model
+demo-model: venv
+	@test -d data/synth-4k || $(MAKE) corpus
+	$(BIN)/ct-zeroshot-train train --data data/synth-4k --out $(DEMO_RUN) --preset cpu-tiny
+	$(BIN)/ct-zeroshot-train evaluate --run $(DEMO_RUN) --data data/synth-4k --quiet > /dev/null
+	$(BIN)/ct-zeroshot-train evaluate --run $(DEMO_RUN) --data data/synth-4k --checkpoint init --quiet > /dev/null
+	rm -rf $(DEMO_RUN)/package operators/models/demo
+	$(BIN)/ct-zeroshot-train export --run $(DEMO_RUN) --data data/synth-4k --out $(DEMO_RUN)/package \
+		--thresholds validation --name ct-zeroshot-demo --model-version 0.1.0
+	mkdir -p operators/models && cp -r $(DEMO_RUN)/package operators/models/demo
+
+# Full-size Merlin image encoder on this machine: ONNX Runtime vs torch eager (results/bench).
+bench-onnx: venv
+	$(BIN)/python -m training.bench_onnx --out results/bench --runs 5
+
+# The converter at Merlin's size on random weights (no official files needed); keeps the manifest.
+merlin-check: venv
+	$(BIN)/python -m training.merlin_stub --out cache/merlin-stub
+	rm -rf cache/merlin-stub/package
+	$(BIN)/ct-zeroshot-train convert-merlin --checkpoint cache/merlin-stub/merlin_random.pt \
+		--text-model cache/merlin-stub/clinical-longformer --out cache/merlin-stub/package
+	mkdir -p results/merlin-random && cp cache/merlin-stub/package/manifest.json results/merlin-random/
+
+# Long tests (the full-size converter run); not part of `make test`.
+test-slow: venv
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,27 +1,12 @@
-import ast
-from pathlib import Path
-
 import pytest
 import torch
 
+from training.merlin_stub import random_merlin_state_dict
 from training.models.image import ARCHS, ImageEncoder
-
-KEYS = Path(__file__).parent / "data" / "merlin_image_keys.tsv"
 
 
 def _merlin_image_state_dict() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    for line in KEYS.read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, shape = line.split("\t")
-        shape = ast.literal_eval(shape)
-        if name.endswith("num_batches_tracked"):
-            sd[name] = torch.tensor(7)
-        else:
-            sd[name] = torch.randn(shape, generator=g) * 0.01
-    return sd
+    return {k: v for k, v in random_merlin_state_dict().items() if k.startswith("encode_image.")}
 
 
 def test_merlin_layout_state_dict_loads_strictly():

@@ -40,6 +40,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from operators.package import load_package
+
+    from .export import export_run
+
+    export_run(args.run, args.out, args.data, checkpoint=args.checkpoint, thresholds=args.thresholds,
+               name=args.name, version=args.model_version, cache_dir=args.cache, progress=not args.quiet,
+               text=args.text)
+    pkg = load_package(args.out)  # the deploy side's loader must accept what was written
+    print(f"model package {pkg.root}: {pkg.name} {pkg.version}, {len(pkg.catalogue)} findings, "
+          f"thresholds: {pkg.threshold_method}")
+    return 0
+
+
+def _convert_merlin(args: argparse.Namespace) -> int:
+    from operators.package import load_package
+
+    from .convert_merlin import convert_merlin
+
+    convert_merlin(args.checkpoint, args.out, args.text_model, text=args.text)
+    pkg = load_package(args.out)
+    print(f"model package {pkg.root}: {pkg.name} {pkg.version}; text encoder: "
+          f"{'ONNX' if pkg.text_encoder else 'not shipped (prompt embeddings only)'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ct-zeroshot-train", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,6 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
+
+    x = sub.add_parser("export", help="export a run to a model package (ONNX encoders, prompts, manifest)")
+    x.add_argument("--run", required=True)
+    x.add_argument("--out", required=True, help="package folder (new or empty)")
+    x.add_argument("--data", required=True,
+                   help="the run's data set: test split = parity inputs, validation split = thresholds")
+    x.add_argument("--checkpoint", default="best", choices=["best", "last", "init"])
+    x.add_argument("--thresholds", default="merlin", choices=["merlin", "validation"],
+                   help="merlin: 0.5 for every finding; validation: per-finding F1-optimal on the validation split")
+    x.add_argument("--text", default="auto", choices=["auto", "onnx", "none"],
+                   help="text encoder: auto = ONNX if parity holds, else prompt embeddings only")
+    x.add_argument("--name", default=None, help="model name in the manifest")
+    x.add_argument("--model-version", default="0.1.0")
+    x.add_argument("--cache", default=None)
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=_export)
+
+    c = sub.add_parser("convert-merlin", help="official Merlin checkpoint -> model package")
+    c.add_argument("--checkpoint", required=True, help="Merlin's .pt (flat state dict)")
+    c.add_argument("--out", required=True, help="package folder (new or empty)")
+    c.add_argument("--text-model", required=True,
+                   help="local folder with Clinical-Longformer's config.json and tokenizer files")
+    c.add_argument("--text", default="auto", choices=["auto", "onnx", "none"])
+    c.set_defaults(func=_convert_merlin)
     return p
 
 

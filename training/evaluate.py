@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from operators.findings import load_catalogue
+from operators.package import FindingRows
+from operators.zeroshot import finding_scores
 
 OCCLUSION_LEVELS = (0.0, 0.1, 0.25, 0.5)
 RECALL_AT = (1, 5, 10)
@@ -52,27 +54,32 @@ def embed_images(model, volumes: Sequence, device, batch_size: int = 16, occlusi
     return torch.cat(out)
 
 
+def prompt_table(catalogue=None) -> tuple[list[str], list[FindingRows]]:
+    """Every finding's prompts in one list (positives then negatives per finding) and the rows of each
+    finding: the layout of a model package's ``prompt_embeddings.npy``."""
+    prompts, rows = [], []
+    for f in catalogue or load_catalogue():
+        p0 = len(prompts)
+        prompts.extend(f.positive_prompts)
+        n0 = len(prompts)
+        prompts.extend(f.negative_prompts)
+        rows.append(FindingRows((p0, n0), (n0, len(prompts))))
+    return prompts, rows
+
+
 @torch.no_grad()
-def prompt_embeddings(model, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per finding: (positive prompt embeddings, negative prompt embeddings)."""
+def prompt_embeddings(model, device) -> tuple[torch.Tensor, list[FindingRows]]:
+    """(P, D) embeddings of every finding's prompts and the rows of each finding."""
     model.eval()
-    pos, neg = [], []
-    for f in load_catalogue():
-        pos.append(model.encode_texts(list(f.positive_prompts), device).cpu())
-        neg.append(model.encode_texts(list(f.negative_prompts), device).cpu())
-    return pos, neg
+    prompts, rows = prompt_table()
+    return model.encode_texts(prompts, device).cpu(), rows
 
 
-def zero_shot_scores(image_emb: torch.Tensor, pos: list[torch.Tensor], neg: list[torch.Tensor],
+def zero_shot_scores(image_emb: torch.Tensor, prompt_emb: torch.Tensor, rows: list[FindingRows],
                      scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(margin, probability) arrays of shape (N, n_findings); present iff margin > 0."""
-    margins, probs = [], []
-    for p, n in zip(pos, neg):
-        sp = (image_emb @ p.T).mean(1)
-        sn = (image_emb @ n.T).mean(1)
-        margins.append((sp - sn).numpy())
-        probs.append(torch.sigmoid(scale * (sp - sn)).numpy())  # = softmax(scale*[sp, sn])[0]
-    return np.stack(margins, 1), np.stack(probs, 1)
+    """(margin, probability) arrays of shape (N, n_findings); present iff margin > 0. The deploy side's
+    function, so that evaluation and the deployed package apply the same rule."""
+    return finding_scores(image_emb.numpy(), prompt_emb.numpy(), rows, scale)
 
 
 def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
@@ -127,7 +134,7 @@ def evaluate_model(model, volumes: Sequence, texts: list[str], labels: np.ndarra
     from tqdm import tqdm
 
     model.eval()
-    pos, neg = prompt_embeddings(model, device)
+    prompt_emb, rows = prompt_embeddings(model, device)
     with torch.no_grad():
         text_emb = model.encode_texts(texts, device).cpu()
     scale = model.scale().item()
@@ -135,7 +142,7 @@ def evaluate_model(model, volumes: Sequence, texts: list[str], labels: np.ndarra
     bar = tqdm(total=len(volumes) * len(occlusion_levels), desc="evaluate", unit="vol", disable=not progress)
     for level in occlusion_levels:
         img = embed_images(model, volumes, device, batch_size, occlusion=level, seed=seed, progress=bar)
-        margins, probs = zero_shot_scores(img, pos, neg, scale)
+        margins, probs = zero_shot_scores(img, prompt_emb, rows, scale)
         zs = zero_shot_metrics(margins, labels)
         rt = retrieval_metrics(img, text_emb)
         key = f"{int(round(level * 100))}%"

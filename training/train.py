@@ -179,9 +179,9 @@ def _truncate_csv(path: Path, max_step: int, key: str = "step") -> None:
 
 
 def validation_f1(model, volumes: CachedVolumes, labels: np.ndarray, device, batch_size: int) -> dict:
-    pos, neg = prompt_embeddings(model, device)
+    prompt_emb, rows = prompt_embeddings(model, device)
     img = embed_images(model, volumes, device, batch_size)
-    margins, _ = zero_shot_scores(img, pos, neg, model.scale().item())
+    margins, _ = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
     return zero_shot_metrics(margins, labels)
 
 

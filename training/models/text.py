@@ -85,7 +85,12 @@ class TextEncoder(nn.Module):
         if not path.exists():
             raise ValueError(f"text model {model_dir}: folder does not exist (hub downloads are not used here)")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.text_encoder = AutoModel.from_pretrained(str(path))
+        if any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")):
+            self.text_encoder = AutoModel.from_pretrained(str(path))
+        else:  # config and tokenizer only: the weights come from a checkpoint (e.g. Merlin's)
+            from transformers import AutoConfig
+
+            self.text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
         self.linear_layer = nn.Linear(self.text_encoder.config.hidden_size, embed_dim)
         self.max_length = max_length
         if pooling not in ("first", "mean"):

@@ -1,0 +1,141 @@
+"""Zero-shot finding detection with a model package: ONNX Runtime encoders and Merlin's decision rule.
+
+Merlin's rule, per finding: the mean cosine similarity of the image embedding to the finding's
+positive prompts (``s+``) and to its negative prompts (``s-``); the probability is the two-way softmax of
+``scale * [s+, s-]``, i.e. ``sigmoid(scale * (s+ - s-))``, 0.5 exactly where the two means are equal.
+A finding is reported present when its probability reaches the package's threshold for it (0.5 by
+default, which is Merlin's "positive mean higher"). The training side evaluates with the same function,
+so the numbers a run reports are the numbers the deployed package produces.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .package import FindingRows, ModelPackage
+from .textnorm import normalize_text
+
+log = logging.getLogger(__name__)
+
+
+def finding_scores(image_emb: np.ndarray, prompt_emb: np.ndarray, rows: Sequence[FindingRows],
+                   scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(margins, probabilities), each (N, n_findings), from L2-normalised embeddings."""
+    sim = np.asarray(image_emb, dtype=np.float64) @ np.asarray(prompt_emb, dtype=np.float64).T
+    margins = np.stack([sim[:, r.positive[0]:r.positive[1]].mean(1) - sim[:, r.negative[0]:r.negative[1]].mean(1)
+                        for r in rows], axis=1)
+    z = np.clip(scale * margins, -60.0, 60.0)
+    return margins, 1.0 / (1.0 + np.exp(-z))
+
+
+def select_providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime providers to ask for: CUDA first when requested or available, CPU always last."""
+    import onnxruntime as ort
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError(f"device 'cuda' requested but ONNX Runtime has no CUDA provider (has {available})")
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, providers: list[str], threads: int | None = None):
+    """An ORT session; the providers it *actually* uses are on ``session.get_providers()``
+    (the CUDA provider silently drops out when its libraries do not load)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+@dataclass
+class Findings:
+    """Per-study output: one row of probabilities and decisions in catalogue order."""
+
+    ids: list[str]
+    probabilities: np.ndarray  # (n_findings,)
+    margins: np.ndarray
+    present: np.ndarray        # bool (n_findings,)
+    thresholds: np.ndarray
+
+
+class ZeroShotModel:
+    """A loaded package ready to score preprocessed volumes (and, if it has one, encode custom prompts)."""
+
+    def __init__(self, package: ModelPackage, device: str = "auto", threads: int | None = None):
+        self.package = package
+        requested = select_providers(device)
+        self.image_session = open_session(package.image_encoder_path, requested, threads)
+        self.providers = self.image_session.get_providers()
+        if requested[0] == "CUDAExecutionProvider" and self.providers[0] != "CUDAExecutionProvider":
+            log.warning("CUDA provider requested but did not load; running on %s", self.providers[0])
+        ie = package.image_encoder
+        self._image_in, self._image_out = ie["input"], ie["output"]
+        self._text_session = None
+        self._tokenizer = None
+        self._threads = threads
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def embed_images(self, batch: np.ndarray) -> np.ndarray:
+        """(B,1,X,Y,Z) float32 -> (B,D) embeddings."""
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.image_session.run([self._image_out], {self._image_in: x})[0]
+
+    def decide(self, image_emb: np.ndarray, prompt_emb: np.ndarray | None = None,
+               rows: Sequence[FindingRows] | None = None) -> list[Findings]:
+        pkg = self.package
+        margins, probs = finding_scores(image_emb, pkg.prompt_embeddings if prompt_emb is None else prompt_emb,
+                                        pkg.rows if rows is None else rows, pkg.logit_scale)
+        thr = pkg.thresholds
+        return [Findings(pkg.catalogue.ids, probs[i], margins[i], probs[i] >= thr, thr) for i in range(len(probs))]
+
+    def score(self, volume: np.ndarray) -> Findings:
+        """One preprocessed (1,X,Y,Z) volume -> its findings (one image-encoder pass)."""
+        return self.decide(self.embed_images(volume[None]))[0]
+
+    # -- custom prompts ---------------------------------------------------------------------------
+    def _text(self):
+        te = self.package.text_encoder
+        if te is None:
+            reason = (self.package.manifest.get("text_encoder") or {}).get("absent_reason", "not exported")
+            raise RuntimeError(f"model package {self.package.root} has no text encoder ({reason}); "
+                               "custom prompts need the training side's torch model")
+        if self._text_session is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.package.root / te["tokenizer"]))
+            self._text_session = open_session(self.package.root / te["file"], list(self.providers), self._threads)
+        return te
+
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Merlin's normalisation, then the package tokenizer (its file sets truncation and padding,
+        including a fixed sequence length for graphs traced at one length)."""
+        self._text()
+        enc = self._tokenizer.encode_batch([normalize_text(t) for t in texts])
+        return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
+                "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64)}
+
+    def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        te = self._text()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            feed = self.tokenize(texts[i:i + batch_size])
+            out.append(self._text_session.run([te["output"]], {k: feed[k] for k in te["inputs"]})[0])
+        return np.concatenate(out) if out else np.zeros((0, self.package.embedding_dim), np.float32)

@@ -1,0 +1,199 @@
+"""Export to a model package: parity, thresholds, the deploy-side loader's refusals, the scorer."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from operators.package import FORMAT_VERSION, PackageError, load_package, write_manifest
+from operators.zeroshot import ZeroShotModel, finding_scores
+from training.config import TrainConfig
+from training.data import load_studies
+from training.evaluate import prompt_embeddings, zero_shot_scores
+from training.export import choose_thresholds
+from training.train import load_run, train
+
+SMALL = ["train.batch_size=8", "train.steps=6", "train.eval_every=3", "train.eval_studies=16",
+         "optim.warmup_steps=2", "text.vocab_size=400", "text.hidden=32", "text.layers=1", "text.heads=2",
+         "text.max_length=96"]
+
+
+@pytest.fixture(scope="module")
+def exported(corpus200, tmp_path_factory):
+    """A few-step run on the 200-study corpus, exported by the CLI with validation thresholds."""
+    root = tmp_path_factory.mktemp("export")
+    cache = root / "cache"
+    train(corpus200, root / "run", TrainConfig.load("cpu-tiny", SMALL), cache_dir=cache, progress=False)
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "export", "--run", str(root / "run"),
+                           "--data", str(corpus200), "--out", str(root / "pkg"), "--thresholds", "validation",
+                           "--cache", str(cache), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "image parity" in proc.stdout
+    return {"root": root, "run": root / "run", "pkg": root / "pkg", "cache": cache, "data": corpus200}
+
+
+def _copy(pkg, tmp_path):
+    dst = tmp_path / "pkg"
+    shutil.copytree(pkg, dst)
+    return dst
+
+
+def test_manifest_records_parity_and_contract(exported):
+    pkg = load_package(exported["pkg"])
+    m = pkg.manifest
+    assert m["format_version"] == FORMAT_VERSION
+    assert m["parity"]["image"]["passed"] and m["parity"]["image"]["max_abs_diff"] <= 1e-4
+    assert m["parity"]["image"]["decisions_identical"]
+    assert len(m["parity"]["image"]["spatial_sizes"]) == 2  # dynamic spatial axes exercised
+    assert m["parity"]["text"]["passed"] and m["parity"]["text"]["tokens_identical"]
+    assert set(m["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "prompt_embeddings.npy"}
+    assert pkg.spec.spatial_size == (64, 56, 56)
+    assert len(pkg.catalogue) == 30 and pkg.prompt_embeddings.shape[1] == pkg.embedding_dim
+    assert m["decision"]["threshold_method"].startswith("validation")
+    assert all("threshold_selection" in f for f in m["findings"])
+    assert m["provenance"]["config_digest"] and m["provenance"]["source"] == "training run"
+
+
+def test_package_scores_equal_the_torch_evaluation(exported):
+    """ONNX image encoder + stored prompt embeddings give the training side's probabilities."""
+    pkg = load_package(exported["pkg"])
+    model, cfg = load_run(exported["run"])
+    from training.cache import VolumeCache
+    from training.train import CachedVolumes
+
+    studies = [s for s in load_studies(exported["data"]) if s.split == "test"][:6]
+    cache = VolumeCache(exported["cache"], cfg.spec)
+    cache.build(studies, workers=1, progress=False)
+    vols = np.stack([CachedVolumes(cache, studies)[i] for i in range(len(studies))]).astype(np.float32)
+    with torch.no_grad():
+        img = model.image_embeddings(torch.from_numpy(vols))
+    prompt_emb, rows = prompt_embeddings(model, "cpu")
+    _, p_torch = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
+    zs = ZeroShotModel(pkg, device="cpu")
+    assert zs.device == "cpu" and zs.providers[0] == "CPUExecutionProvider"
+    got = zs.decide(zs.embed_images(vols))
+    p_onnx = np.stack([g.probabilities for g in got])
+    assert np.abs(p_onnx - p_torch).max() < 1e-4
+    assert np.array_equal(np.stack([g.present for g in got]), p_onnx >= pkg.thresholds)
+    one = zs.score(vols[0])
+    assert one.ids == pkg.catalogue.ids and np.allclose(one.probabilities, p_onnx[0])
+
+
+def test_custom_prompts_through_the_onnx_text_encoder(exported):
+    pkg = load_package(exported["pkg"])
+    zs = ZeroShotModel(pkg, device="cpu")
+    f = pkg.catalogue.findings[3]
+    r = pkg.rows[3]
+    emb = zs.embed_texts(list(f.positive_prompts) + list(f.negative_prompts))
+    assert np.abs(emb - pkg.prompt_embeddings[r.positive[0]:r.negative[1]]).max() < 1e-4
+    # Unnormalised input is normalised the same way as training ("Liver: Normal." -> "liver : normal .").
+    a, b = zs.embed_texts(["Small Bowel Obstruction."]), zs.embed_texts(["small bowel obstruction ."])
+    assert np.abs(a - b).max() < 1e-6
+
+
+def test_one_changed_byte_is_refused(exported, tmp_path):
+    pkg = _copy(exported["pkg"], tmp_path)
+    data = bytearray((pkg / "image_encoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (pkg / "image_encoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=r"image_encoder\.onnx: sha256 does not match"):
+        load_package(pkg)
+
+
+def test_missing_file_is_refused(exported, tmp_path):
+    pkg = _copy(exported["pkg"], tmp_path)
+    (pkg / "tokenizer.json").unlink()
+    with pytest.raises(PackageError, match=r"tokenizer\.json: listed in the manifest but missing"):
+        load_package(pkg)
+
+
+def test_newer_format_version_is_refused(exported, tmp_path):
+    pkg = _copy(exported["pkg"], tmp_path)
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["format_version"] = FORMAT_VERSION + 1
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match=f"format version {FORMAT_VERSION + 1} is newer"):
+        load_package(pkg)
+
+
+def test_malformed_and_unfinished_packages_are_refused(exported, tmp_path):
+    pkg = _copy(exported["pkg"], tmp_path)
+    (pkg / "manifest.json").write_text("{not json")
+    with pytest.raises(PackageError, match="not valid JSON"):
+        load_package(pkg)
+    (pkg / "manifest.json").unlink()
+    with pytest.raises(PackageError, match="manifest.json is missing"):
+        load_package(pkg)
+    with pytest.raises(PackageError, match="not a directory"):
+        load_package(tmp_path / "nowhere")
+
+
+def test_a_rewritten_manifest_is_still_checked_for_consistency(exported, tmp_path):
+    """Checksums can be recomputed by anyone; the loader still checks what the manifest claims."""
+    pkg = _copy(exported["pkg"], tmp_path)
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["findings"][0]["prompt_rows"]["positive"] = [0, 10_000]
+    write_manifest(pkg, m)
+    with pytest.raises(PackageError, match="outside"):
+        load_package(pkg)
+    m["findings"][0]["prompt_rows"]["positive"] = [0, 2]
+    m["findings"][0]["threshold"] = 1.5
+    write_manifest(pkg, m)
+    with pytest.raises(PackageError, match="not a probability"):
+        load_package(pkg)
+
+
+def test_export_refuses_a_non_empty_folder(exported, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "export", "--run", str(exported["run"]),
+                           "--data", str(exported["data"]), "--out", str(tmp_path / "out"),
+                           "--cache", str(exported["cache"]), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+
+
+def test_validation_thresholds_maximise_f1():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < 0.3).astype(int)
+    p = np.clip(0.2 + 0.3 * y + rng.normal(0, 0.12, y.shape), 0.001, 0.999)  # positives around 0.5
+    y[:, 2] = 0  # a finding with no validation positives keeps Merlin's 0.5
+    thr, notes = choose_thresholds(p, y)
+    for j in range(2):
+        def f1(t):
+            pred = p[:, j] >= t
+            return 2 * (pred & (y[:, j] == 1)).sum() / (pred.sum() + y[:, j].sum())
+        grid = np.linspace(0.01, 0.99, 400)
+        assert f1(thr[j]) >= max(f1(t) for t in grid) - 1e-9
+        assert notes[j]["validation_f1"] == pytest.approx(f1(thr[j]))
+    assert thr[2] == 0.5 and "single class" in notes[2]["reason"]
+
+
+def test_merlin_rule_probability_is_the_two_way_softmax():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(4, 8))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    prom = rng.normal(size=(5, 8))
+    prom /= np.linalg.norm(prom, axis=1, keepdims=True)
+    from operators.package import FindingRows
+
+    rows = [FindingRows((0, 2), (2, 5))]
+    margins, probs = finding_scores(img, prom, rows, 12.5)
+    sp, sn = (img @ prom[:2].T).mean(1), (img @ prom[2:].T).mean(1)
+    soft = np.exp(12.5 * sp) / (np.exp(12.5 * sp) + np.exp(12.5 * sn))
+    assert np.allclose(probs[:, 0], soft) and np.allclose(margins[:, 0], sp - sn)
+
+
+def test_onnx_benchmark_smoke(tmp_path):
+    """The benchmark command's structure, on a small architecture (the real run is `make bench-onnx`)."""
+    proc = subprocess.run([sys.executable, "-m", "training.bench_onnx", "--out", str(tmp_path), "--runs", "2",
+                           "--arch", "resnet10_tiny"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "onnx_vs_torch.json").read_text())
+    assert set(r["median_s"]) == {"onnxruntime", "torch_eager"} and all(len(v) == 2 for v in r["all_s"].values())
+    assert r["parity_max_abs_diff"] < 1e-4 and r["speedup_torch_over_onnxruntime"] > 0
+    assert "torch / ONNX Runtime" in (tmp_path / "onnx_vs_torch.md").read_text()

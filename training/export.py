@@ -1,0 +1,409 @@
+"""Export a dual encoder to a model package (see ``operators/package.py`` for the contract).
+
+What is written, in this order (the manifest last, so an interrupted export is refused on load):
+
+1. ``image_encoder.onnx``: ``image`` (B,1,X,Y,Z) float32 in [0,1] -> ``embedding`` (B,D), L2-normalised;
+   batch and spatial axes dynamic (global average pooling makes the trunk size-agnostic).
+2. ``text_encoder.onnx`` + ``tokenizer.json``: ``input_ids``, ``attention_mask`` -> ``embedding``; dynamic
+   batch and sequence. Text towers that do not export faithfully (Merlin's Longformer, whose sliding
+   window is traced into fixed-size chunking) are traced at exactly one attention window, and the shipped
+   tokenizer pads every text to that length (longer custom texts are truncated to it); when parity fails the package ships prompt embeddings only and says why in the manifest.
+3. ``prompt_embeddings.npy``: every finding's prompts embedded by the torch model (the reference).
+4. ``manifest.json``.
+
+**Parity** is measured at export and recorded: ONNX Runtime vs torch on held-out inputs (max abs
+difference of embeddings <= 1e-4 at two spatial sizes, identical zero-shot decisions), and the
+deploy-side tokenizer (``tokenizers`` + Merlin's normalisation) vs the training tokenizer (identical
+ids). Any failure of the image encoder's parity raises ``ExportError`` and leaves no manifest.
+
+**Thresholds**: ``merlin`` (default) puts 0.5 on the two-way softmax probability for every finding,
+Merlin's "positive mean higher"; ``validation`` chooses per finding the probability threshold that
+maximises F1 on the validation split (findings without validation positives keep 0.5).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from operators import __version__
+from operators.findings import load_catalogue
+from operators.package import FORMAT, FORMAT_VERSION, write_manifest
+from operators.preprocessing import PreprocessSpec
+from operators.textnorm import normalize_text
+from operators.zeroshot import finding_scores, open_session
+
+from .evaluate import prompt_table
+from .models.clip import DualEncoder
+
+PARITY_TOLERANCE = 1e-4
+OPSET = 17
+DESCRIPTION_RULE = ("Merlin: per finding, mean cosine similarity to positive prompts (s+) and to negative prompts "
+                    "(s-); probability = softmax(logit_scale * [s+, s-])[0] = sigmoid(logit_scale * (s+ - s-)); "
+                    "present iff probability >= threshold")
+
+
+class ExportError(ValueError):
+    """The export could not produce a package that behaves like the torch model."""
+
+
+class _ImageTower(nn.Module):
+    def __init__(self, model: DualEncoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.image_embeddings(image)
+
+
+class _TextTower(nn.Module):
+    def __init__(self, model: DualEncoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.text_embeddings(input_ids, attention_mask)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def export_image_encoder(model: DualEncoder, path: Path, example: torch.Tensor) -> None:
+    with torch.no_grad():
+        torch.onnx.export(_ImageTower(model).eval(), (example,), str(path), input_names=["image"],
+                          output_names=["embedding"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"image": {0: "batch", 2: "x", 3: "y", 4: "z"}, "embedding": {0: "batch"}})
+
+
+def export_text_encoder(model: DualEncoder, path: Path, example: dict[str, torch.Tensor],
+                        dynamic_sequence: bool = True) -> None:
+    axes = {0: "batch", 1: "sequence"} if dynamic_sequence else {0: "batch"}
+    with torch.no_grad():
+        torch.onnx.export(_TextTower(model).eval(), (example["input_ids"], example["attention_mask"]), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                          opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "embedding": {0: "batch"}})
+
+
+def _attention_window(model: DualEncoder) -> int:
+    """The (largest) attention window of a Longformer-style tower; 1 for full-attention encoders."""
+    window = getattr(model.encode_text.text_encoder.config, "attention_window", None)
+    if window is None:
+        return 1
+    return int(max(window) if isinstance(window, (list, tuple)) else window)
+
+
+def write_tokenizer(model: DualEncoder, path: Path, fixed_length: int | None = None) -> dict:
+    """The training tokenizer as a ``tokenizers`` file with truncation and padding as the ONNX graph needs:
+    padded to the longest text, or to exactly ``fixed_length`` tokens (a traced Longformer)."""
+    hf = model.encode_text.tokenizer
+    backend = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
+    if backend is None:
+        raise ExportError("the text tower's tokenizer is not a fast (tokenizers-backed) tokenizer; "
+                          "it cannot be shipped to the deploy side")
+    tok = backend.__class__.from_str(backend.to_str())
+    max_length = int(model.encode_text.max_length)
+    if fixed_length:
+        max_length = min(max_length, fixed_length)
+    tok.enable_truncation(max_length=max_length)
+    tok.enable_padding(pad_id=int(hf.pad_token_id), pad_token=str(hf.pad_token), length=fixed_length)
+    tok.save(str(path))
+    return {"pad_token_id": int(hf.pad_token_id), "max_length": max_length, "sequence_length": fixed_length}
+
+
+def _deploy_tokenize(tokenizer_file: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """What the deploy side does (``ZeroShotModel.tokenize``), without loading the package."""
+    from tokenizers import Tokenizer
+
+    enc = Tokenizer.from_file(str(tokenizer_file)).encode_batch([normalize_text(t) for t in texts])
+    return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64)}
+
+
+def _resized(volumes: np.ndarray) -> np.ndarray:
+    """The same inputs cropped by a few voxels per axis: a second spatial size for the dynamic-axes check."""
+    x, y, z = volumes.shape[2:]
+    return np.ascontiguousarray(volumes[:, :, : x - max(2, x // 8), : y - max(2, y // 8), : z - max(2, z // 8)])
+
+
+@torch.no_grad()
+def image_parity(model: DualEncoder, onnx_path: Path, volumes: np.ndarray, prompt_emb: np.ndarray, rows,
+                 batch_size: int = 4) -> dict:
+    """ORT vs torch image embeddings (two spatial sizes) and the zero-shot decisions they lead to."""
+    session = open_session(onnx_path, ["CPUExecutionProvider"])
+    scale = model.scale().item()
+    worst, sizes = 0.0, []
+    decisions_equal = True
+    for vols in (volumes, _resized(volumes)):
+        ref, got = [], []
+        for i in range(0, len(vols), batch_size):
+            x = vols[i:i + batch_size]
+            ref.append(model.image_embeddings(torch.from_numpy(x)).numpy())
+            got.append(session.run(["embedding"], {"image": x})[0])
+        ref, got = np.concatenate(ref), np.concatenate(got)
+        worst = max(worst, float(np.abs(ref - got).max()))
+        sizes.append(list(vols.shape[2:]))
+        _, p_ref = finding_scores(ref, prompt_emb, rows, scale)
+        _, p_got = finding_scores(got, prompt_emb, rows, scale)
+        decisions_equal &= bool(np.array_equal(p_ref >= 0.5, p_got >= 0.5))
+    return {"max_abs_diff": worst, "inputs": int(len(volumes)), "spatial_sizes": sizes,
+            "decisions_identical": decisions_equal, "tolerance": PARITY_TOLERANCE,
+            "passed": worst <= PARITY_TOLERANCE and decisions_equal}
+
+
+@torch.no_grad()
+def text_parity(model: DualEncoder, onnx_path: Path, tokenizer_file: Path, texts: Sequence[str]) -> dict:
+    """Deploy tokenizer vs training tokenizer (same ids for the unpadded tokens of every text), then ORT
+    vs torch embeddings."""
+    ref_tok = model.encode_text.tokenize(list(texts))
+    dep_tok = _deploy_tokenize(tokenizer_file, texts)
+
+    def unpadded(ids, mask):
+        return [list(np.asarray(i)[np.asarray(m) == 1]) for i, m in zip(ids, mask)]
+
+    tokens_equal = (unpadded(ref_tok["input_ids"].numpy(), ref_tok["attention_mask"].numpy())
+                    == unpadded(dep_tok["input_ids"], dep_tok["attention_mask"]))
+    ref = model.text_embeddings(**ref_tok).numpy()
+    session = open_session(onnx_path, ["CPUExecutionProvider"])
+    got = np.concatenate([session.run(["embedding"], {k: v[i:i + 32] for k, v in dep_tok.items()})[0]
+                          for i in range(0, len(texts), 32)])
+    worst = float(np.abs(ref - got).max())
+    return {"max_abs_diff": worst, "texts": len(texts), "tokens_identical": bool(tokens_equal),
+            "tolerance": PARITY_TOLERANCE, "passed": bool(tokens_equal and worst <= PARITY_TOLERANCE)}
+
+
+def choose_thresholds(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """Per finding, the probability threshold maximising F1 on labelled (not -1) studies."""
+    thr, notes = [], []
+    for j in range(probabilities.shape[1]):
+        keep = labels[:, j] != -1
+        y, p = labels[keep, j], probabilities[keep, j]
+        if y.sum() == 0 or y.sum() == y.size:
+            thr.append(0.5)
+            notes.append({"threshold": 0.5, "reason": "validation split has a single class", "n": int(y.size)})
+            continue
+        cand = np.unique(p)
+        cuts = np.concatenate([[cand[0] - 1e-6], (cand[:-1] + cand[1:]) / 2])
+        best_f1, best_t = -1.0, 0.5
+        for t in cuts:
+            pred = p >= t
+            tp = int((pred & (y == 1)).sum())
+            f1 = 2 * tp / max(1, int(pred.sum()) + int(y.sum()))
+            if f1 > best_f1:
+                best_f1, best_t = f1, float(t)
+        best_t = float(np.clip(best_t, 1e-6, 1 - 1e-6))
+        thr.append(best_t)
+        notes.append({"threshold": best_t, "validation_f1": best_f1, "n": int(y.size), "positives": int(y.sum())})
+    return np.asarray(thr), notes
+
+
+def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec, parity_volumes: np.ndarray,
+                   name: str, version: str, provenance: dict, thresholds: np.ndarray | None = None,
+                   threshold_method: str = "merlin", threshold_notes: list[dict] | None = None,
+                   text: str = "auto", log: Callable[[str], None] = print) -> dict:
+    """Write a model package for ``model`` into ``out`` (new or empty). Returns the manifest.
+
+    ``text``: ``onnx`` (fail if the text tower does not export with parity), ``auto`` (fall back to
+    prompt embeddings only), ``none`` (prompt embeddings only).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out}: output folder exists and is not empty")
+    if text not in ("onnx", "auto", "none"):
+        raise ValueError(f"text must be onnx, auto or none, got {text!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    catalogue = load_catalogue()
+    prompts, rows = prompt_table(catalogue)
+
+    log(f"prompt embeddings: {len(prompts)} prompts of {len(catalogue)} findings")
+    from tqdm import tqdm
+
+    chunks = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(prompts), 16), desc="prompt embeddings", unit="batch", leave=False):
+            chunks.append(model.encode_texts(prompts[i:i + 16]).numpy())
+    prompt_emb = np.concatenate(chunks).astype(np.float32)
+    np.save(out / "prompt_embeddings.npy", prompt_emb)
+    dim = int(prompt_emb.shape[1])
+
+    log("image encoder -> ONNX")
+    parity_volumes = np.ascontiguousarray(parity_volumes, dtype=np.float32)
+    export_image_encoder(model, out / "image_encoder.onnx", torch.from_numpy(parity_volumes[:1]))
+    img_par = image_parity(model, out / "image_encoder.onnx", parity_volumes, prompt_emb, rows)
+    log(f"image parity: max |diff| {img_par['max_abs_diff']:.2e} over {img_par['inputs']} inputs at "
+        f"{img_par['spatial_sizes']}, decisions identical: {img_par['decisions_identical']}")
+    if not img_par["passed"]:
+        raise ExportError(f"image encoder parity failed: {img_par}; no package written")
+
+    text_rec: dict = {"file": None}
+    text_par = None
+    if text != "none":
+        window = _attention_window(model)
+        fixed = window if window > 1 else None  # Longformer: trace at exactly one window, pad to it
+        tok_info = write_tokenizer(model, out / "tokenizer.json", fixed)
+        tok = _deploy_tokenize(out / "tokenizer.json", prompts[:8])
+        log("text encoder -> ONNX" + (f" (fixed sequence length {fixed}: one attention window)" if fixed else ""))
+        failure = None
+        try:
+            export_text_encoder(model, out / "text_encoder.onnx",
+                                {k: torch.from_numpy(v) for k, v in tok.items()}, dynamic_sequence=fixed is None)
+            text_par = text_parity(model, out / "text_encoder.onnx", out / "tokenizer.json", prompts)
+            log(f"text parity: max |diff| {text_par['max_abs_diff']:.2e} over {len(prompts)} prompts, "
+                f"tokens identical: {text_par['tokens_identical']}")
+            if not text_par["passed"]:
+                failure = f"ONNX text encoder parity failed ({text_par})"
+        except Exception as exc:  # noqa: BLE001 - any exporter failure means: no ONNX text tower
+            failure = f"ONNX export of the text tower failed: {type(exc).__name__}: {exc}"
+        if failure is None:
+            text_rec = {"file": "text_encoder.onnx", "inputs": ["input_ids", "attention_mask"],
+                        "output": "embedding", "tokenizer": "tokenizer.json", **tok_info}
+        elif text == "onnx":
+            raise ExportError(failure)
+        else:
+            log(f"text encoder not shipped: {failure}")
+            for f in ("text_encoder.onnx", "tokenizer.json"):
+                (out / f).unlink(missing_ok=True)
+            text_rec = {"file": None, "absent_reason": failure[:2000] +
+                        "; the package carries precomputed prompt embeddings only; custom prompts need the "
+                        "torch model (training side)"}
+    else:
+        text_rec = {"file": None, "absent_reason": "not exported (text='none'); prompt embeddings only"}
+
+    if thresholds is None:
+        thresholds = np.full(len(catalogue), 0.5)
+    findings = []
+    for i, (f, r) in enumerate(zip(catalogue, rows)):
+        item = {"id": f.id, "display": f.display, "section": f.section,
+                "code": {"scheme": f.code.scheme, "value": f.code.value, "meaning": f.code.meaning},
+                "positive_prompts": list(f.positive_prompts), "negative_prompts": list(f.negative_prompts),
+                "prompt_rows": {"positive": list(r.positive), "negative": list(r.negative)},
+                "threshold": float(thresholds[i])}
+        if threshold_notes:
+            item["threshold_selection"] = threshold_notes[i]
+        findings.append(item)
+    log_scale = float(model.logit_scale.detach().clamp(max=math.log(100.0)))
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": name, "version": version, "uid": f"2.25.{uuid.uuid4().int}",
+                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+        "provenance": {"exporter": f"ct-zeroshot {__version__}", "code_commit": _git_commit(),
+                       "torch": torch.__version__, **provenance},
+        "preprocessing": spec.to_dict(),
+        "image_encoder": {"file": "image_encoder.onnx", "input": "image", "output": "embedding",
+                          "input_shape": ["batch", 1, "x", "y", "z"], "dtype": "float32", "opset": OPSET,
+                          "dynamic_spatial": True, "l2_normalised": True},
+        "text_encoder": text_rec,
+        "embedding_dim": dim,
+        "logit_scale": math.exp(log_scale),
+        "log_logit_scale": log_scale,
+        "text_normalisation": "merlin: lowercase, NLTK wordpunct tokens joined by single spaces "
+                              "(operators.textnorm.normalize_text); applied to prompts and custom text",
+        "prompt_embeddings": {"file": "prompt_embeddings.npy", "shape": list(prompt_emb.shape), "dtype": "float32",
+                              "computed_with": "torch reference model"},
+        "decision": {"rule": DESCRIPTION_RULE, "threshold_method": threshold_method},
+        "private_scheme": {"designator": catalogue.private_scheme.scheme, "version": catalogue.private_scheme.value,
+                           "name": catalogue.private_scheme.meaning},
+        "findings": findings,
+        "parity": {"image": img_par, "text": text_par},
+    }
+    manifest = write_manifest(out, manifest)
+    total = sum(v["bytes"] for v in manifest["files"].values())
+    log(f"package written: {out} ({total / 1e6:.1f} MB)")
+    return manifest
+
+
+def synthetic_inputs(spec: PreprocessSpec, n: int = 4, seed: int = 20261128) -> np.ndarray:
+    """``n`` procedural phantoms (tiny profile) preprocessed with ``spec``: parity inputs when no data
+    set is given (e.g. converting the Merlin checkpoint). Seeded apart from any corpus."""
+    from operators.preprocessing import build_transform, preprocess
+    from operators.volume import Volume
+
+    from .synth.corpus import make_grid
+    from .synth.patient import sample_patient
+    from .synth.phantom import build_phantom
+
+    transform = build_transform(spec)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        patient = sample_patient(rng, i)
+        grid, noise, blur = make_grid("tiny", patient, rng)
+        hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur)
+        out.append(preprocess(Volume(hu, grid.affine_ras()), spec, transform))
+    return np.stack(out).astype(np.float32)
+
+
+def _split_volumes(run_cfg, data, split: str, limit: int | None, cache_dir, progress: bool):
+    import os
+
+    from .cache import VolumeCache
+    from .data import load_studies
+    from .train import CachedVolumes, default_cache_dir
+
+    studies = [s for s in load_studies(data) if s.split == split]
+    if not studies:
+        raise ExportError(f"{data}: no studies in split {split!r}")
+    if limit:
+        studies = studies[:limit]
+    cache = VolumeCache(cache_dir or default_cache_dir(), run_cfg.spec)
+    cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
+    return studies, CachedVolumes(cache, studies)
+
+
+def export_run(run: str | Path, out: str | Path, data: str | Path, checkpoint: str = "best",
+               thresholds: str = "merlin", name: str | None = None, version: str = "0.1.0",
+               parity_studies: int = 8, cache_dir=None, progress: bool = True, text: str = "auto",
+               log: Callable[[str], None] = print) -> dict:
+    """Export a training run's checkpoint. ``data`` is the run's data set: its test split gives the
+    held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``)."""
+    from .evaluate import embed_images, prompt_embeddings, zero_shot_scores
+    from .train import load_run
+
+    run = Path(run)
+    if thresholds not in ("merlin", "validation"):
+        raise ValueError(f"thresholds must be merlin or validation, got {thresholds!r}")
+    model, cfg = load_run(run, checkpoint, "cpu")
+    _, test_vols = _split_volumes(cfg, data, "test", parity_studies, cache_dir, progress)
+    parity_volumes = np.stack([test_vols[i] for i in range(len(test_vols))]).astype(np.float32)
+
+    thr, notes, method = None, None, "merlin: probability 0.5 (positive mean similarity higher)"
+    if thresholds == "validation":
+        studies, vols = _split_volumes(cfg, data, "validation", None, cache_dir, progress)
+        labels = np.stack([s.labels for s in studies])
+        img = embed_images(model, vols, "cpu", cfg.train.batch_size)
+        prompt_emb, rows = prompt_embeddings(model, "cpu")
+        _, probs = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
+        thr, notes = choose_thresholds(probs, labels)
+        method = f"validation: per-finding probability threshold maximising F1 on {len(studies)} validation studies"
+
+    metrics = {}
+    for fname in ("metrics.json", "metrics_init.json"):
+        if (run / fname).exists():
+            m = json.loads((run / fname).read_text())
+            metrics["test" if fname == "metrics.json" else "test_before_training"] = {
+                "macro_f1": m["zero_shot"]["macro_f1"], "macro_auroc": m["zero_shot"]["macro_auroc"],
+                "retrieval": {k: v for k, v in m["retrieval"].items()}, "split": m.get("meta", {}).get("split")}
+    summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
+    provenance = {"source": "training run", "run": str(run), "checkpoint": checkpoint,
+                  "config_digest": cfg.digest(), "config": cfg.to_dict(), "data": str(data),
+                  "train_steps": summary.get("steps_done"), "best": summary.get("best"), "metrics": metrics}
+    return export_package(model, out, spec=cfg.spec, parity_volumes=parity_volumes,
+                          name=name or f"ct-zeroshot-{cfg.image.arch}", version=version, provenance=provenance,
+                          thresholds=thr, threshold_method=method, threshold_notes=notes, text=text, log=log)
