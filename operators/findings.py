@@ -37,6 +37,22 @@ class Finding:
     code: Code
     positive_prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
+    site: Code | None = None  # anatomic site (SNOMED CT, from pydicom's DICOM code dictionary)
+
+
+def _site(keyword: str | dict | None, fid: str) -> Code | None:
+    """A site given as a pydicom code-dictionary keyword (the catalogue) or as a code (a manifest)."""
+    if not keyword:
+        return None
+    if isinstance(keyword, dict):
+        return Code(str(keyword["scheme"]), str(keyword["value"]), str(keyword["meaning"]))
+    from pydicom.sr.codedict import codes
+
+    try:
+        c = getattr(codes.SCT, keyword)
+    except AttributeError:
+        raise ValueError(f"finding {fid!r}: site {keyword!r} is not a SNOMED CT keyword of pydicom's code dictionary")
+    return Code(c.scheme_designator, c.value, c.meaning)
 
 
 @dataclass(frozen=True)
@@ -75,7 +91,8 @@ def _parse(data: dict, origin: str) -> Catalogue:
                 raise ValueError(f"finding {item['id']!r} needs positive and negative prompts")
             findings.append(Finding(
                 id=item["id"], display=item["display"], section=section,
-                code=Code(**item["code"]), positive_prompts=pos, negative_prompts=neg))
+                code=Code(**item["code"]), positive_prompts=pos, negative_prompts=neg,
+                site=_site(item.get("site"), item["id"])))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{origin}: malformed finding catalogue ({exc!r})") from exc
     ids = [f.id for f in findings]

@@ -29,5 +29,31 @@ def corpus_copy(corpus200, tmp_path) -> Path:
     return out
 
 
+TINY_TRAIN = ["train.batch_size=8", "train.steps=6", "train.eval_every=3", "train.eval_studies=16",
+              "optim.warmup_steps=2", "text.vocab_size=400", "text.hidden=32", "text.layers=1", "text.heads=2",
+              "text.max_length=96"]
+
+
+@pytest.fixture(scope="session")
+def tiny_package(corpus200, tmp_path_factory) -> dict:
+    """A few-step run on the 200-study corpus, exported by the CLI with validation thresholds: a real
+    model package (weights barely trained) for the export, deploy and front-end tests."""
+    import subprocess
+    import sys
+
+    from training.config import TrainConfig
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("export")
+    cache = root / "cache"
+    train(corpus200, root / "run", TrainConfig.load("cpu-tiny", TINY_TRAIN), cache_dir=cache, progress=False)
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "export", "--run", str(root / "run"),
+                           "--data", str(corpus200), "--out", str(root / "pkg"), "--thresholds", "validation",
+                           "--cache", str(cache), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "image parity" in proc.stdout
+    return {"root": root, "run": root / "run", "pkg": root / "pkg", "cache": cache, "data": corpus200}
+
+
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None

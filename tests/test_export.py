@@ -11,29 +11,14 @@ import torch
 
 from operators.package import FORMAT_VERSION, PackageError, load_package, write_manifest
 from operators.zeroshot import ZeroShotModel, finding_scores
-from training.config import TrainConfig
 from training.data import load_studies
 from training.evaluate import prompt_embeddings, zero_shot_scores
 from training.export import choose_thresholds
-from training.train import load_run, train
-
-SMALL = ["train.batch_size=8", "train.steps=6", "train.eval_every=3", "train.eval_studies=16",
-         "optim.warmup_steps=2", "text.vocab_size=400", "text.hidden=32", "text.layers=1", "text.heads=2",
-         "text.max_length=96"]
-
+from training.train import load_run
 
 @pytest.fixture(scope="module")
-def exported(corpus200, tmp_path_factory):
-    """A few-step run on the 200-study corpus, exported by the CLI with validation thresholds."""
-    root = tmp_path_factory.mktemp("export")
-    cache = root / "cache"
-    train(corpus200, root / "run", TrainConfig.load("cpu-tiny", SMALL), cache_dir=cache, progress=False)
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "export", "--run", str(root / "run"),
-                           "--data", str(corpus200), "--out", str(root / "pkg"), "--thresholds", "validation",
-                           "--cache", str(cache), "--quiet"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "image parity" in proc.stdout
-    return {"root": root, "run": root / "run", "pkg": root / "pkg", "cache": cache, "data": corpus200}
+def exported(tiny_package):
+    return tiny_package
 
 
 def _copy(pkg, tmp_path):

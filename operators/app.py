@@ -1,0 +1,154 @@
+"""The MONAI Deploy application: DICOM studies in, one Comprehensive 3D SR (TID 1500) per study out.
+
+    study loader -> series selector -> series to tensor -> zero-shot -> SR writer
+
+Run it as ``python -m operators -i IN -o OUT -m MODELS`` or inside the MAP, where the paths come from
+``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH`` (flags win, then the
+variables, then ``input``, ``output``, ``models``). ``MODELS`` is a model package, or a folder holding
+exactly one (the MAP's ``/opt/holoscan/models/<name>``); without one the embedded demo model is used.
+
+The input is any folder tree of DICOM files holding one or more studies. Studies that cannot be
+processed end with a log line naming the study and the reason and get no SR; the exit status is
+non-zero only when no study at all could be processed (or the model cannot be loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .dicom_series import scan_tree
+from .package import MANIFEST, PackageError, default_package_dir, load_package
+from .pipeline import Preprocessor, StudyWork
+from .volume import VolumeError
+from .zeroshot import ZeroShotModel
+
+log = logging.getLogger("ct-zeroshot")
+
+
+def find_package(models: Path | None) -> Path:
+    """The package in ``models`` (itself, or its one sub-folder with a manifest); the embedded demo model
+    when ``models`` is None or does not exist."""
+    if models is None or not models.exists():
+        if models is not None:
+            log.warning("model path %s does not exist; using the embedded demo model", models)
+        return default_package_dir()
+    if (models / MANIFEST).is_file():
+        return models
+    found = sorted(p.parent for p in models.glob(f"*/{MANIFEST}"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise PackageError(f"{models}: no model package here (no {MANIFEST} in it or in a sub-folder)")
+    raise PackageError(f"{models}: holds {len(found)} model packages ({', '.join(p.name for p in found)}); "
+                       "pass one of them with -m")
+
+
+def discover(input_path: Path) -> list[StudyWork]:
+    """Every study under ``input_path`` (headers only); unreadable files are logged by name."""
+    scan = scan_tree(input_path)
+    for path, why in scan.unreadable:
+        log.warning("%s: skipped: %s", path, why)
+    return [StudyWork(uid, series) for uid, series in sorted(scan.studies().items())]
+
+
+def build_app(studies: list[StudyWork], model: ZeroShotModel, output: Path, results: list[StudyWork]):
+    from monai.deploy.conditions import CountCondition
+    from monai.deploy.core import Application
+
+    from .ops.series_selector import SeriesSelectorOperator
+    from .ops.series_to_volume import SeriesToTensorOperator
+    from .ops.sr_writer import SRWriterOperator
+    from .ops.study_loader import StudyLoaderOperator
+    from .ops.zero_shot import ZeroShotOperator
+
+    class CTZeroShotApp(Application):
+        """Zero-shot findings on abdominal CT as DICOM SR."""
+
+        name = "ct-zeroshot"
+        description = __doc__
+
+        def compose(self):
+            loader = StudyLoaderOperator(self, CountCondition(self, len(studies)), studies=studies,
+                                         name="study_loader")
+            selector = SeriesSelectorOperator(self, name="series_selector")
+            tensor = SeriesToTensorOperator(self, preprocessor=Preprocessor(model.package.spec), name="series_to_tensor")
+            zero_shot = ZeroShotOperator(self, model=model, name="zero_shot")
+            writer = SRWriterOperator(self, model=model, output_folder=output, results=results, name="sr_writer")
+            self.add_flow(loader, selector, {("study", "study")})
+            self.add_flow(selector, tensor, {("study", "study")})
+            self.add_flow(tensor, zero_shot, {("study", "study")})
+            self.add_flow(zero_shot, writer, {("study", "study")})
+
+    return CTZeroShotApp()
+
+
+def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
+    env = os.environ
+    inp = args.input or env.get("HOLOSCAN_INPUT_PATH") or "input"
+    out = args.output or env.get("HOLOSCAN_OUTPUT_PATH") or "output"
+    models = args.model or env.get("HOLOSCAN_MODEL_PATH")
+    if models is None and Path("models").exists():
+        models = "models"
+    return Path(inp), Path(out), Path(models) if models else None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m operators", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--input", help="DICOM folder tree (default: $HOLOSCAN_INPUT_PATH or ./input)")
+    p.add_argument("-o", "--output", help="SR output folder (default: $HOLOSCAN_OUTPUT_PATH or ./output)")
+    p.add_argument("-m", "--model", "--models", dest="model",
+                   help="model package or a folder with one (default: $HOLOSCAN_MODEL_PATH, ./models, "
+                        "else the embedded demo model)")
+    p.add_argument("-w", "--workdir", help="accepted for MAP compatibility; nothing is written there")
+    p.add_argument("-l", "--log-level", default=os.environ.get("HOLOSCAN_LOG_LEVEL", "INFO"),
+                   type=str.upper, choices=["DEBUG", "INFO", "WARN", "WARNING", "ERROR"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="ONNX Runtime device (auto: CUDA when its provider loads)")
+    return p
+
+
+def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level={"WARN": "WARNING"}.get(args.log_level, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-module copy notes are noise here
+    inp, out, models = resolve_paths(args)
+    t0 = time.perf_counter()
+    try:
+        package = load_package(find_package(models))
+    except PackageError as exc:
+        log.error("%s", exc)
+        return 2, []
+    model = ZeroShotModel(package, device=args.device)
+    log.info("model %s %s (%s); ONNX Runtime providers: %s", package.name, package.version, package.root,
+             ", ".join(model.providers))
+    if not inp.exists():
+        log.error("input %s does not exist", inp)
+        return 1, []
+    try:
+        studies = discover(inp)
+    except VolumeError as exc:
+        log.error("%s", exc)
+        return 1, []
+    if not studies:
+        log.error("input %s: no DICOM studies found; nothing to do", inp)
+        return 1, []
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[StudyWork] = []
+    build_app(studies, model, out, results).run()
+    ok = [w for w in results if not w.failed]
+    failed = [w for w in results if w.failed] + [w for w in studies if w not in results]
+    log.info("%d of %d studies reported (%.1f s); SRs in %s", len(ok), len(studies), time.perf_counter() - t0, out)
+    for w in failed:
+        log.warning("not reported: study %s: %s", w.study_uid, w.reason or "not processed")
+    return (0 if ok else 1), results
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argv)[0]

@@ -1,0 +1,25 @@
+"""Writes one Comprehensive 3D SR (TID 1500) per successful study and records every study's outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from ..pipeline import StudyWork, write_report
+from ..zeroshot import ZeroShotModel
+
+
+class SRWriterOperator(Operator):
+    def __init__(self, fragment: Fragment, *args, model: ZeroShotModel, output_folder: Path,
+                 results: list[StudyWork], **kwargs):
+        self._model = model
+        self._out = Path(output_folder)
+        self._results = results
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("study")
+
+    def compute(self, op_input, op_output, context):
+        self._results.append(write_report(op_input.receive("study"), self._model, self._out))

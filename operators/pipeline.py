@@ -1,0 +1,190 @@
+"""One study through the pipeline: series selection -> volume -> zero-shot -> SR, as plain functions.
+
+The MONAI Deploy operators (``operators/ops``), the batch front end and the PACS listener all call
+these stages, so they cannot drift. A stage that fails marks the study failed with a reason naming
+the study and, where there is one, the file; later stages pass it through; nothing is written for it.
+
+**Series selection rule** (documented in the README). A series is *eligible* when it is CT Image
+Storage, Modality CT, ImageType ORIGINAL\\PRIMARY and not LOCALIZER, axial (slice normal within ~25
+degrees of the patient's head-feet axis) and has at least ``MIN_SLICES`` instances. Among eligible series
+the model sees the one with the most instances (the longest or thinnest coverage); ties go to the
+thinner SliceThickness, then the lower SeriesNumber, then the Series Instance UID. A study without an
+eligible series ends with the reason for each series it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+
+from .dicom_series import SeriesFiles, series_to_volume
+from .preprocessing import build_transform, preprocess
+from .volume import VolumeError
+from .zeroshot import Findings, ZeroShotModel
+
+log = logging.getLogger("ct-zeroshot")
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MIN_SLICES = 8
+AXIAL_COS = 0.9  # |slice normal . z| at least this: within ~25 degrees of axial
+
+
+@dataclass
+class StudyWork:
+    """A study on its way through the stages; ``status`` is ok until a stage fails."""
+
+    study_uid: str
+    series: list[SeriesFiles]
+    status: str = "ok"
+    reason: str = ""
+    chosen: SeriesFiles | None = None
+    tensor: np.ndarray | None = None
+    findings: Findings | None = None
+    sr_path: Path | None = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.status != "ok"
+
+    def fail(self, reason: str) -> "StudyWork":
+        self.status, self.reason = "failed", reason
+        self.tensor = None
+        log.error("study %s: %s", self.study_uid, reason)
+        return self
+
+
+def series_problem(s: SeriesFiles) -> str | None:
+    """Why a series is not eligible, or None."""
+    ds = s.headers[0]
+    desc = f"series {s.series_uid} ({len(s.paths)} instances)"
+    if s.modality != "CT":
+        return f"{desc}: modality {s.modality or 'missing'}, not CT"
+    if str(ds.get("SOPClassUID", "")) != CT_IMAGE_STORAGE:
+        return f"{desc}: SOP class {ds.get('SOPClassUID', 'missing')} is not CT Image Storage"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return f"{desc}: a localizer"
+    if image_type[:2] != ["ORIGINAL", "PRIMARY"]:
+        shown = "\\".join(image_type) or "missing"
+        return f"{desc}: ImageType {shown} is not ORIGINAL\\PRIMARY"
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return f"{desc}: no ImageOrientationPatient"
+    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    if abs(normal[2]) < AXIAL_COS * max(np.linalg.norm(normal), 1e-9):
+        return f"{desc}: not axial (slice normal {np.round(normal, 3).tolist()})"
+    if len(s.paths) < MIN_SLICES:
+        return f"{desc}: {len(s.paths)} slice(s), a volume needs at least {MIN_SLICES}"
+    return None
+
+
+def select_series(work: StudyWork) -> StudyWork:
+    t = time.perf_counter()
+    eligible, reasons = [], []
+    for s in work.series:
+        why = series_problem(s)
+        (reasons.append(why) if why else eligible.append(s))
+    work.timings["select_s"] = time.perf_counter() - t
+    if not eligible:
+        return work.fail("no eligible series: " + "; ".join(reasons) if reasons else "no series")
+
+    def key(s: SeriesFiles):
+        ds = s.headers[0]
+        thick = float(ds.get("SliceThickness") or 1e9)
+        number = int(ds.get("SeriesNumber") or 1 << 30)
+        return (-len(s.paths), thick, number, s.series_uid)
+
+    work.chosen = sorted(eligible, key=key)[0]
+    log.info("study %s: series %s (%d slices) chosen of %d (%d eligible)", work.study_uid,
+             work.chosen.series_uid, len(work.chosen.paths), len(work.series), len(eligible))
+    return work
+
+
+class Preprocessor:
+    """The package's preprocessing, with the MONAI transform built once."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.transform = build_transform(spec)
+
+    def __call__(self, work: StudyWork) -> StudyWork:
+        if work.failed:
+            return work
+        t = time.perf_counter()
+        datasets, names = [], []
+        for p in work.chosen.paths:
+            try:
+                datasets.append(pydicom.dcmread(p))
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a bad file
+                return work.fail(f"{p}: not a readable DICOM instance ({type(exc).__name__}: {exc})")
+            names.append(str(p))
+        work.timings["read_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            vol = series_to_volume(datasets, names)
+        except VolumeError as exc:
+            return work.fail(str(exc))
+        del datasets
+        work.timings["decode_volume_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        work.tensor = preprocess(vol, self.spec, self.transform)
+        work.timings["preprocess_s"] = time.perf_counter() - t
+        return work
+
+
+def infer(work: StudyWork, model: ZeroShotModel) -> StudyWork:
+    if work.failed:
+        return work
+    t = time.perf_counter()
+    emb = model.embed_images(work.tensor[None])
+    work.timings["encoder_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    work.findings = model.decide(emb)[0]
+    work.timings["decide_s"] = time.perf_counter() - t
+    work.tensor = None
+    return work
+
+
+def sr_uids(study_uid: str, series_uid: str, model_uid: str) -> tuple[str, str]:
+    """(series UID, SOP instance UID) of the SR, derived from the study, the series and the model: the
+    same study scored again by the same model gets the same SR identity (a PACS dedupes it)."""
+    src = [study_uid, series_uid, model_uid]
+    return generate_uid(entropy_srcs=[*src, "series"]), generate_uid(entropy_srcs=[*src, "instance"])
+
+
+def sr_filename(study_uid: str) -> str:
+    return f"SR_{study_uid}.dcm"
+
+
+def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> StudyWork:
+    from .sr import build_sr, write_sr  # highdicom: imported when the first SR is written
+
+    if work.failed:
+        return work
+    t = time.perf_counter()
+    try:
+        series_uid, sop_uid = sr_uids(work.study_uid, work.chosen.series_uid, model.package.manifest["model"]["uid"])
+        sr = build_sr(work.chosen.headers, work.findings, model.package, series_uid, sop_uid)
+        work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
+    except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch
+        return work.fail(f"SR not written ({type(exc).__name__}: {exc})")
+    work.timings["sr_s"] = time.perf_counter() - t
+    present = [fid for fid, p in zip(work.findings.ids, work.findings.present) if p]
+    log.info("study %s: SR %s; present: %s; timings %s", work.study_uid, work.sr_path.name,
+             ", ".join(present) or "none", {k: round(v, 3) for k, v in work.timings.items()})
+    return work
+
+
+def run_study(work: StudyWork, model: ZeroShotModel, prep: Preprocessor, out_dir: str | Path) -> StudyWork:
+    """All stages for one study (the batch and listener path; the app runs them as operators)."""
+    t = time.perf_counter()
+    work = write_report(infer(prep(select_series(work)), model), model, out_dir)
+    work.timings["total_s"] = time.perf_counter() - t
+    return work

@@ -1,0 +1,130 @@
+"""DICOM SR for zero-shot findings: Comprehensive 3D SR, TID 1500 (Measurement Report), via highdicom.
+
+Written with highdicom rather than the App SDK's ``DICOMTextSRWriterOperator``, which makes a Basic
+Text SR with one free-text item (no coded findings; see ``shared/reference/deploy.md``). The document
+follows IHE AI Results:
+
+- observer: a device (the model: name, version, the package UID as device UID);
+- procedure reported: LOINC 25045-6 "CT unspecified body region";
+- one *Measurements and Qualitative Evaluations* group per finding (catalogue order): tracking
+  identifier (the finding id and a new UID), finding type (the finding's code), finding site where the
+  catalogue gives one, algorithm identification (name, version, threshold and rule as parameters), a
+  qualitative evaluation (finding code = Present SCT 52101004 / Absent SCT 272519000) and the
+  measurement "Certainty of Finding" (DCM 111012) = probability in %;
+- the algorithm also in Contributing Equipment (purpose 99IHE "Processing Algorithm");
+- the source series in the evidence (current requested procedure evidence), not in an image library;
+- patient and study attributes copied from the source by highdicom, new series and instance UIDs,
+  UTF-8 (ISO_IR 192), marked complete; the private coding scheme declared when used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from . import __version__
+from .findings import Code as FindingCode
+from .package import ModelPackage
+from .zeroshot import Findings
+
+PROCEDURE_CT = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
+PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+PRESENT = codes.SCT.Present
+ABSENT = codes.SCT.Absent
+SR_SERIES_NUMBER = 9100
+SR_SERIES_DESCRIPTION = "ct-zeroshot AI findings"
+
+
+def _coded(code: FindingCode) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def build_sr(source: Sequence[Dataset], findings: Findings, package: ModelPackage,
+             series_instance_uid: str | None = None, sop_instance_uid: str | None = None) -> hd.sr.Comprehensive3DSR:
+    """The SR for one study. ``source``: the headers of the series the model saw (pixel data not needed)."""
+    if not source:
+        raise ValueError("an SR needs the source series' headers")
+    algorithm = f"{package.name}"
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=package.manifest["model"]["uid"], name="ct-zeroshot", manufacturer_name="ct-zeroshot",
+        model_name=f"{package.name} {package.version}")
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device, observer_identifying_attributes=device))
+    groups = []
+    uses_private = False
+    for j, f in enumerate(package.catalogue):
+        code = _coded(f.code)
+        uses_private |= f.code.scheme == package.catalogue.private_scheme.scheme
+        algo = hd.sr.AlgorithmIdentification(
+            name=algorithm, version=package.version,
+            parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"])
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f.id),
+            finding_type=code,
+            algorithm_id=algo,
+            finding_sites=[hd.sr.FindingSite(_coded(f.site))] if f.site is not None else None,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=code, value=PRESENT if bool(findings.present[j]) else ABSENT)],
+            measurements=[hd.sr.Measurement(
+                name=codes.DCM.CertaintyOfFinding, value=round(float(findings.probabilities[j]) * 100.0, 4),
+                unit=codes.UCUM.Percent, algorithm_id=algo)],
+        ))
+    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE_CT,
+                                     imaging_measurements=groups)
+    schemes = [CodingSchemeIdentificationItem(designator="99IHE", name="IHE Radiology temporary codes")]
+    if uses_private:
+        ps = package.catalogue.private_scheme
+        schemes.append(CodingSchemeIdentificationItem(designator=ps.scheme, name=ps.meaning, version=ps.value))
+    # highdicom only accepts purposes from CID 7005; IHE AI Results asks for its "Processing Algorithm"
+    # (CID 7005 is extensible), so the equipment is built as processing equipment and the purpose replaced.
+    equipment = hd.ContributingEquipment(
+        manufacturer="ct-zeroshot", purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"{package.name} {package.version}",
+        software_versions=f"ct-zeroshot {__version__}",
+        contribution_description="zero-shot finding detection (image-text dual encoder, prompt similarities)")
+    equipment.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
+    return hd.sr.Comprehensive3DSR(
+        evidence=list(source), content=report,
+        series_instance_uid=series_instance_uid or generate_uid(), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1,
+        manufacturer="ct-zeroshot", is_complete=True, is_final=False, is_verified=False,
+        contributing_equipment=[equipment], coding_schemes=schemes,
+        series_description=SR_SERIES_DESCRIPTION, manufacturer_model_name=f"{package.name} {package.version}",
+        software_versions=f"ct-zeroshot {__version__}", specific_character_set="ISO_IR 192")
+
+
+def write_sr(sr: Dataset, out_dir: str | Path, name: str) -> Path:
+    """Write atomically: a reader never sees a half-written SR under its final name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / name
+    tmp = out_dir / f".{name}.partial"
+    try:
+        sr.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def read_findings(path: str | Path) -> dict[str, dict]:
+    """Read an SR back with highdicom: {tracking identifier (finding id): {code, present, certainty %}}."""
+    sr = hd.sr.srread(path)
+    report = hd.sr.MeasurementReport.from_sequence([sr], is_root=True)
+    out = {}
+    for g in report.get_image_measurement_groups():
+        finding = g.finding_type
+        qual = g.get_qualitative_evaluations()[0]
+        meas = g.get_measurements()[0]
+        out[g.tracking_identifier] = {"code": (finding.scheme_designator, finding.value, finding.meaning),
+                                      "present": qual.value == PRESENT, "certainty": float(meas.value),
+                                      "site": [s.value.value for s in g.finding_sites]}
+    return out

@@ -1,0 +1,192 @@
+"""The MONAI Deploy application end to end: DICOM tree in, validated TID 1500 SRs out, bad input handled."""
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from operators.dicom_series import scan_tree
+from operators.package import load_package
+from operators.pipeline import Preprocessor, StudyWork, select_series, sr_filename
+from operators.sr import read_findings
+from operators.zeroshot import ZeroShotModel
+from training.synth.dicom_writer import make_identity, write_ct_series
+from training.synth.raster import Grid
+
+from tests.sr_validators import have_validators, validate_all
+
+
+def _stack():
+    resource.setrlimit(resource.RLIMIT_STACK, (32 * 1024 * 1024, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
+
+def run_app(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "operators", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=_stack, timeout=600)
+
+
+def _small_study(root: Path, name: str, n: int = 12, shape=(24, 24)) -> list[Path]:
+    grid = Grid((*shape, n), (4.0, 4.0, 5.0), (-46.0, -46.0, 0.0))
+    hu = np.random.default_rng(len(name)).normal(0, 40, size=grid.shape).astype(np.float32)
+    return sorted(write_ct_series(hu, grid, root / name, make_identity(name, 0, 60, "F")))
+
+
+def _study_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def tree(corpus200, tmp_path_factory):
+    """Three good studies (HFS and FFS, nested in an odd layout) and one study per kind of bad input."""
+    root = tmp_path_factory.mktemp("input")
+    truth = [json.loads(line) for line in (corpus200 / "ground_truth.jsonl").read_text().splitlines()]
+    hfs = [t["study id"] for t in truth if t["position"] == "HFS"][:2]
+    ffs = [t["study id"] for t in truth if t["position"] == "FFS"][:1]
+    good = {}
+    for i, sid in enumerate(hfs + ffs):
+        dst = root / f"site{i % 2}" / "deep" / sid
+        shutil.copytree(corpus200 / "dicom" / sid, dst)
+        good[_study_uid(next(dst.iterdir()))] = sid
+    bad = {}
+    mr = _small_study(root, "BADMR")
+    for p in mr:
+        ds = pydicom.dcmread(p)
+        ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.save_as(p)
+    bad[_study_uid(mr[0])] = "modality MR, not CT"
+    one = _small_study(root, "BADONE", n=1)
+    bad[_study_uid(one[0])] = "1 slice(s)"
+    mixed = _small_study(root, "BADMIXED")
+    ds = pydicom.dcmread(mixed[3])
+    ds.Rows = 12
+    ds.PixelData = ds.PixelData[: 12 * 24 * 2]
+    ds.save_as(mixed[3])
+    bad[_study_uid(mixed[0])] = "different sizes"
+    dup = _small_study(root, "BADDUP")
+    ds = pydicom.dcmread(dup[2])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(dup[0].parent / "dup.dcm")
+    bad[_study_uid(dup[0])] = "share position"
+    trunc = _small_study(root, "BADTRUNC")
+    data = trunc[5].read_bytes()
+    trunc[5].write_bytes(data[: len(data) // 2])
+    bad[_study_uid(trunc[0])] = trunc[5].name
+    (root / "site0" / "README.txt").write_text("not DICOM: must be named in the log, not stop the run")
+    return {"root": root, "good": good, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def app_run(tree, tiny_package, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sr-out")
+    before = sorted((p, p.stat().st_mtime_ns) for p in tree["root"].rglob("*"))
+    proc = run_app("-i", tree["root"], "-o", out, "-m", tiny_package["pkg"])
+    after = sorted((p, p.stat().st_mtime_ns) for p in tree["root"].rglob("*"))
+    assert before == after  # inputs are never modified
+    return {"proc": proc, "out": out}
+
+
+def test_one_sr_per_good_study_and_nothing_else(app_run, tree):
+    proc, out = app_run["proc"], app_run["out"]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(sr_filename(uid) for uid in tree["good"])
+
+
+def test_every_bad_study_is_named_with_its_reason(app_run, tree):
+    log = app_run["proc"].stderr
+    for uid, reason in tree["bad"].items():
+        lines = [line for line in log.splitlines() if f"study {uid}:" in line and "ERROR" in line]
+        assert lines and reason in lines[0], f"{uid}: expected {reason!r} in {lines}"
+    assert "README.txt: skipped: not a readable DICOM instance" in log
+    assert f"{len(tree['good'])} of {len(tree['good']) + len(tree['bad'])} studies reported" in log
+
+
+@pytest.mark.skipif(not have_validators(), reason="dciodvfy, dsrdump and PixelMed (pixelmed-apps) needed")
+def test_srs_pass_dciodvfy_dsrdump_and_pixelmed(app_run):
+    problems = validate_all(sorted(app_run["out"].glob("*.dcm")))
+    assert not problems, json.dumps(problems, indent=1)[:4000]
+
+
+def test_sr_reads_back_with_the_operators_probabilities(app_run, tree, tiny_package):
+    pkg = load_package(tiny_package["pkg"])
+    model = ZeroShotModel(pkg, device="cpu")
+    prep = Preprocessor(pkg.spec)
+    scan = scan_tree(tree["root"]).studies()
+    for uid in tree["good"]:
+        work = prep(select_series(StudyWork(uid, scan[uid])))
+        expected = model.score(work.tensor)
+        sr = pydicom.dcmread(app_run["out"] / sr_filename(uid))
+        assert sr.StudyInstanceUID == uid and sr.PatientID == work.chosen.headers[0].PatientID
+        assert sr.SpecificCharacterSet == "ISO_IR 192" and sr.CompletionFlag == "COMPLETE"
+        assert sr.SeriesInstanceUID != work.chosen.series_uid
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence.SeriesInstanceUID == work.chosen.series_uid
+        back = read_findings(app_run["out"] / sr_filename(uid))
+        assert list(back) == pkg.catalogue.ids  # all 30, in catalogue order
+        for j, f in enumerate(pkg.catalogue):
+            assert back[f.id]["code"] == (f.code.scheme, f.code.value, f.code.meaning)
+            assert back[f.id]["certainty"] == pytest.approx(expected.probabilities[j] * 100, abs=1e-3)
+            assert back[f.id]["present"] == bool(expected.present[j])
+
+
+def test_map_environment_variables_and_stable_sr_identity(app_run, tree, tiny_package, tmp_path):
+    """As the MAP runs it: no flags, HOLOSCAN_* paths. Same study + model -> same SR UIDs."""
+    out = tmp_path / "out"
+    proc = run_app(env={"HOLOSCAN_INPUT_PATH": str(tree["root"]), "HOLOSCAN_OUTPUT_PATH": str(out),
+                        "HOLOSCAN_MODEL_PATH": str(tiny_package["pkg"].parent)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for uid in tree["good"]:
+        a = pydicom.dcmread(app_run["out"] / sr_filename(uid))
+        b = pydicom.dcmread(out / sr_filename(uid))
+        assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+
+
+def test_nothing_processable_exits_nonzero(tree, tiny_package, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_app("-i", tmp_path / "empty", "-o", tmp_path / "o1", "-m", tiny_package["pkg"])
+    assert proc.returncode == 1 and "no DICOM studies found" in proc.stderr
+    bad_only = tmp_path / "bad"
+    _small_study(bad_only, "ONLYONE", n=1)
+    proc = run_app("-i", bad_only, "-o", tmp_path / "o2", "-m", tiny_package["pkg"])
+    assert proc.returncode == 1 and "0 of 1 studies reported" in proc.stderr
+    assert not list((tmp_path / "o2").glob("*"))
+
+
+def test_a_tampered_model_is_refused(tiny_package, tree, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package["pkg"], pkg)
+    (pkg / "prompt_embeddings.npy").unlink()
+    proc = run_app("-i", tree["root"], "-o", tmp_path / "o", "-m", pkg)
+    assert proc.returncode == 2 and "prompt_embeddings.npy: listed in the manifest but missing" in proc.stderr
+
+
+@pytest.mark.skipif(not (shutil.which("dcmcjpeg") and shutil.which("dcmcrle")), reason="DCMTK needed")
+def test_jpeg_lossless_and_rle_give_the_same_findings(tree, tiny_package, tmp_path):
+    uid, sid = next(iter(tree["good"].items()))
+    src = next(p for p in tree["root"].rglob(sid) if p.is_dir())
+    outs = {}
+    for name, tool, ts in (("jpegll", ["dcmcjpeg", "+e1"], "1.2.840.10008.1.2.4.70"),
+                           ("rle", ["dcmcrle"], "1.2.840.10008.1.2.5")):
+        dst = tmp_path / name / sid
+        dst.mkdir(parents=True)
+        for f in sorted(src.iterdir()):
+            subprocess.run([*tool, str(f), str(dst / f.name)], check=True, capture_output=True)
+        assert str(pydicom.dcmread(next(dst.iterdir())).file_meta.TransferSyntaxUID) == ts
+        out = tmp_path / f"out-{name}"
+        proc = run_app("-i", dst, "-o", out, "-m", tiny_package["pkg"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[name] = read_findings(out / sr_filename(uid))
+    plain = tmp_path / "plain"
+    shutil.copytree(src, plain / sid)
+    proc = run_app("-i", plain, "-o", tmp_path / "out-plain", "-m", tiny_package["pkg"])
+    assert proc.returncode == 0
+    ref = read_findings(tmp_path / "out-plain" / sr_filename(uid))
+    for name, got in outs.items():
+        assert got == ref, name
