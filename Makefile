@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow demo corpus demo-model bench-onnx merlin-check clean
+.PHONY: venv test test-slow demo corpus demo-model bench-onnx bench-stages merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,17 +34,14 @@ venv: $(BIN)/.installed
 test: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The main job on the embedded default. Until the deploy application exists this generates a
-# small synthetic corpus with DICOM, shows its findings and preprocesses one DICOM study.
+# The main job on the embedded default: a few synthetic DICOM studies through the MONAI Deploy
+# application with the embedded demo model; prints each SR's findings beside the ground truth.
 demo: venv
 	rm -rf $(DEMO_DIR)
-	$(BIN)/ct-zeroshot-train synth $(DEMO_DIR)/corpus --studies 12 --seed 0 --dicom
-	@cat $(DEMO_DIR)/corpus/prevalence.md
-	@study=$$(ls $(DEMO_DIR)/corpus/dicom | head -1); \
-		$(BIN)/ct-zeroshot preprocess $(DEMO_DIR)/corpus/dicom/$$study --spec tiny --out $(DEMO_DIR)/$$study.npy; \
-		echo "report of $$study:"; $(BIN)/python -c "import csv,sys; \
-		print(next(r['Findings'] for r in csv.DictReader(open('$(DEMO_DIR)/corpus/reports_final.csv')) if r['study id']=='$$study'))"
-	@echo "montage of phantom slices: $(DEMO_DIR)/corpus/montage.png"
+	$(BIN)/ct-zeroshot-train synth $(DEMO_DIR)/corpus --studies 4 --seed 7 --dicom --quiet > /dev/null
+	ulimit -s 32768; $(BIN)/python -m operators -i $(DEMO_DIR)/corpus/dicom -o $(DEMO_DIR)/sr
+	$(BIN)/ct-zeroshot report $(DEMO_DIR)/sr --labels $(DEMO_DIR)/corpus/zero_shot_findings_disease_cls.csv --present-only
+	@echo; echo "SRs (Comprehensive 3D SR, TID 1500): $(DEMO_DIR)/sr"
 
 # The synthetic corpus the cpu-tiny results in the README use (4,000 tiny studies, 2,456 for training).
 corpus: venv
@@ -62,6 +59,10 @@ demo-model: venv
 	$(BIN)/ct-zeroshot-train export --run $(DEMO_RUN) --data data/synth-4k --out $(DEMO_RUN)/package \
 		--thresholds validation --name ct-zeroshot-demo --model-version 0.1.0
 	mkdir -p operators/models && cp -r $(DEMO_RUN)/package operators/models/demo
+
+# Stage timings of the application on a full-profile study (demo model and a Merlin-size encoder).
+bench-stages: venv
+	$(BIN)/python -m training.bench_stages --out results/bench --runs 3
 
 # Full-size Merlin image encoder on this machine: ONNX Runtime vs torch eager (results/bench).
 bench-onnx: venv

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from .findings import load_catalogue
 from .volume import VolumeError
 
 
@@ -61,6 +62,64 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels(path: str | None) -> dict[str, dict[str, int]]:
+    """Merlin-format labels (``zero_shot_findings_disease_cls.csv``: study id, one 1/0/-1 column per finding)."""
+    if not path:
+        return {}
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    ids = load_catalogue().ids
+    key = next(iter(rows[0])) if rows else "study id"
+    return {r[key]: {fid: int(float(r[fid])) for fid in ids if r.get(fid) not in (None, "")} for r in rows}
+
+
+def _report(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from .sr import read_findings
+
+    files = sorted(Path(args.sr).glob("*.dcm")) if Path(args.sr).is_dir() else [Path(args.sr)]
+    if not files:
+        raise ValueError(f"{args.sr}: no SR files")
+    labels = _labels(args.labels)
+    names = {f.id: f.display for f in load_catalogue()}
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        study = str(ds.get("AccessionNumber", "") or ds.StudyInstanceUID)
+        truth = labels.get(study, {})
+        print(f"\n{path.name}\n  study {ds.StudyInstanceUID} (accession {study})")
+        print(f"  {'finding':32s} {'prob.':>6s}  {'decision':8s} {'truth' if labels else ''}")
+        for fid, v in read_findings(path).items():
+            if args.present_only and not v["present"] and truth.get(fid) != 1:
+                continue
+            t = {1: "present", 0: "absent", -1: "-"}.get(truth.get(fid), "") if labels else ""
+            mark = "" if not t or t == "-" or (t == "present") == v["present"] else "  x"
+            print(f"  {names.get(fid, fid):32s} {v['certainty'] / 100:6.3f}  "
+                  f"{'PRESENT' if v['present'] else 'absent':8s} {t}{mark}")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import logging
+
+    from .batch import run_batch
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("ct-zeroshot").setLevel(logging.INFO)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    code, rows = run_batch(args.input, args.out, args.model, workers=args.workers, force=args.force,
+                           progress=not args.quiet)
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} studies ok; SRs in {Path(args.out) / 'sr'}; "
+          f"summary {Path(args.out) / 'summary.csv'}")
+    for r in failed:
+        print(f"FAILED {r['study_uid']}: {r['error']}")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ct-zeroshot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", required=True, help="output .npy file")
     pp.add_argument("--spec", default="merlin", help="'merlin' (default), 'tiny', or a spec JSON file")
     pp.set_defaults(func=_preprocess)
+    r = sub.add_parser("report", help="table of the findings in SR files (probability, decision, ground truth)")
+    r.add_argument("sr", help="an SR file or a folder of them")
+    r.add_argument("--labels", help="Merlin-format label CSV (study id = the SR's accession number) to compare")
+    r.add_argument("--present-only", action="store_true", help="only findings called present or labelled present")
+    r.set_defaults(func=_report)
+    i = sub.add_parser("infer", help="batch inference over a DICOM folder tree: SRs, summary.csv/json, resumable")
+    i.add_argument("input", help="folder tree of DICOM files (any layout; grouped by Study/Series UID)")
+    i.add_argument("--out", required=True, help="output folder: sr/, summary.csv, summary.json")
+    i.add_argument("--model", default=None, help="model package (default: the embedded demo model)")
+    i.add_argument("--workers", type=int, default=1, help="studies processed in parallel (default 1)")
+    i.add_argument("--force", action="store_true", help="redo studies that already have an SR")
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.add_argument("--verbose", action="store_true", help="log every stage of every study")
+    i.set_defaults(func=_infer)
     return p
 
 

@@ -66,12 +66,15 @@ class PreprocessSpec:
 
 def build_transform(spec: PreprocessSpec):
     """The MONAI transform chain for ``spec``; input a channel-first MetaTensor with its affine."""
+    import torch
     from monai.transforms import (CenterSpatialCrop, Compose, Orientation, ScaleIntensityRange,
                                   Spacing, SpatialPad)
 
     return Compose([
         Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacing(pixdim=spec.spacing, mode=spec.interpolation),
+        # float32 resampling: half the time of MONAI's float64 default on a 512x512x300 CT, and the
+        # tensors agree to ~1e-6 (far inside the 1e-3 the DICOM/NIfTI agreement tests allow).
+        Spacing(pixdim=spec.spacing, mode=spec.interpolation, dtype=torch.float32),
         ScaleIntensityRange(a_min=spec.hu_window[0], a_max=spec.hu_window[1],
                             b_min=spec.output_range[0], b_max=spec.output_range[1], clip=True),
         SpatialPad(spatial_size=spec.spatial_size),

@@ -6,9 +6,7 @@ import resource
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
@@ -17,9 +15,7 @@ from operators.package import load_package
 from operators.pipeline import Preprocessor, StudyWork, select_series, sr_filename
 from operators.sr import read_findings
 from operators.zeroshot import ZeroShotModel
-from training.synth.dicom_writer import make_identity, write_ct_series
-from training.synth.raster import Grid
-
+from tests.dicom_cases import broken_studies, small_study, study_uid
 from tests.sr_validators import have_validators, validate_all
 
 
@@ -30,16 +26,6 @@ def _stack():
 def run_app(*args, env=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "operators", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=_stack, timeout=600)
-
-
-def _small_study(root: Path, name: str, n: int = 12, shape=(24, 24)) -> list[Path]:
-    grid = Grid((*shape, n), (4.0, 4.0, 5.0), (-46.0, -46.0, 0.0))
-    hu = np.random.default_rng(len(name)).normal(0, 40, size=grid.shape).astype(np.float32)
-    return sorted(write_ct_series(hu, grid, root / name, make_identity(name, 0, 60, "F")))
-
-
-def _study_uid(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
 @pytest.fixture(scope="module")
@@ -53,32 +39,8 @@ def tree(corpus200, tmp_path_factory):
     for i, sid in enumerate(hfs + ffs):
         dst = root / f"site{i % 2}" / "deep" / sid
         shutil.copytree(corpus200 / "dicom" / sid, dst)
-        good[_study_uid(next(dst.iterdir()))] = sid
-    bad = {}
-    mr = _small_study(root, "BADMR")
-    for p in mr:
-        ds = pydicom.dcmread(p)
-        ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.save_as(p)
-    bad[_study_uid(mr[0])] = "modality MR, not CT"
-    one = _small_study(root, "BADONE", n=1)
-    bad[_study_uid(one[0])] = "1 slice(s)"
-    mixed = _small_study(root, "BADMIXED")
-    ds = pydicom.dcmread(mixed[3])
-    ds.Rows = 12
-    ds.PixelData = ds.PixelData[: 12 * 24 * 2]
-    ds.save_as(mixed[3])
-    bad[_study_uid(mixed[0])] = "different sizes"
-    dup = _small_study(root, "BADDUP")
-    ds = pydicom.dcmread(dup[2])
-    ds.SOPInstanceUID = pydicom.uid.generate_uid()
-    ds.save_as(dup[0].parent / "dup.dcm")
-    bad[_study_uid(dup[0])] = "share position"
-    trunc = _small_study(root, "BADTRUNC")
-    data = trunc[5].read_bytes()
-    trunc[5].write_bytes(data[: len(data) // 2])
-    bad[_study_uid(trunc[0])] = trunc[5].name
+        good[study_uid(next(dst.iterdir()))] = sid
+    bad = broken_studies(root)
     (root / "site0" / "README.txt").write_text("not DICOM: must be named in the log, not stop the run")
     return {"root": root, "good": good, "bad": bad}
 
@@ -153,7 +115,7 @@ def test_nothing_processable_exits_nonzero(tree, tiny_package, tmp_path):
     proc = run_app("-i", tmp_path / "empty", "-o", tmp_path / "o1", "-m", tiny_package["pkg"])
     assert proc.returncode == 1 and "no DICOM studies found" in proc.stderr
     bad_only = tmp_path / "bad"
-    _small_study(bad_only, "ONLYONE", n=1)
+    small_study(bad_only, "ONLYONE", n=1)
     proc = run_app("-i", bad_only, "-o", tmp_path / "o2", "-m", tiny_package["pkg"])
     assert proc.returncode == 1 and "0 of 1 studies reported" in proc.stderr
     assert not list((tmp_path / "o2").glob("*"))

@@ -290,6 +290,8 @@ def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec,
     findings = []
     for i, (f, r) in enumerate(zip(catalogue, rows)):
         item = {"id": f.id, "display": f.display, "section": f.section,
+                "site": None if f.site is None else {"scheme": f.site.scheme, "value": f.site.value,
+                                                     "meaning": f.site.meaning},
                 "code": {"scheme": f.code.scheme, "value": f.code.value, "meaning": f.code.meaning},
                 "positive_prompts": list(f.positive_prompts), "negative_prompts": list(f.negative_prompts),
                 "prompt_rows": {"positive": list(r.positive), "negative": list(r.negative)},
@@ -400,6 +402,15 @@ def export_run(run: str | Path, out: str | Path, data: str | Path, checkpoint: s
             metrics["test" if fname == "metrics.json" else "test_before_training"] = {
                 "macro_f1": m["zero_shot"]["macro_f1"], "macro_auroc": m["zero_shot"]["macro_auroc"],
                 "retrieval": {k: v for k, v in m["retrieval"].items()}, "split": m.get("meta", {}).get("split")}
+    preds = run / "metrics_predictions.npz"
+    if thr is not None and preds.exists() and "test" in metrics:
+        from .evaluate import macro_f1_from
+
+        d = np.load(preds)
+        prob = 1.0 / (1.0 + np.exp(-np.clip(model.scale().item() * d["margins"], -60, 60)))
+        metrics["test_with_package_thresholds"] = {
+            "macro_f1": macro_f1_from((prob >= thr[None, :]).astype(int), d["labels"]),
+            "note": "the same test predictions as 'test', decided with the package's per-finding thresholds"}
     summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
     provenance = {"source": "training run", "run": str(run), "checkpoint": checkpoint,
                   "config_digest": cfg.digest(), "config": cfg.to_dict(), "data": str(data),

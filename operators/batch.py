@@ -1,0 +1,143 @@
+"""``ct-zeroshot infer``: batch inference over a folder tree of DICOM studies.
+
+- Files are grouped by Study and Series Instance UID, whatever the folder layout.
+- Each study runs the application's stages (``operators.pipeline``) in a worker process; with N workers
+  N studies are decoded, preprocessed and encoded at once, so the stages overlap across studies.
+- SRs go to ``OUT/sr/`` (written atomically); the table of results to ``OUT/summary.csv`` and
+  ``OUT/summary.json`` (study, series used, status, error, per-finding probability and decision),
+  written when the batch ends, via temporary files, so a summary on disk is always a finished one.
+- Resumable: a study whose SR is already in ``OUT/sr/`` is skipped (its earlier summary row is kept)
+  unless ``--force``. One failed study never stops the rest; the exit status is 1 when any failed
+  (they are listed at the end), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+from .dicom_series import SeriesFiles, scan_tree
+from .package import default_package_dir, load_package
+from .pipeline import Preprocessor, StudyWork, run_study, sr_filename
+
+log = logging.getLogger("ct-zeroshot")
+
+_WORKER: dict = {}
+
+
+def _init_worker(package_dir: str, out_dir: str, threads: int, level: int) -> None:
+    import torch
+
+    from .zeroshot import ZeroShotModel
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    pkg = load_package(package_dir, verify=False)  # verified once by the parent
+    _WORKER.update(model=ZeroShotModel(pkg, device="auto", threads=threads), prep=Preprocessor(pkg.spec),
+                   out=Path(out_dir))
+
+
+def _process(study_uid: str, series: list[SeriesFiles]) -> dict:
+    try:
+        work = run_study(StudyWork(study_uid, series), _WORKER["model"], _WORKER["prep"], _WORKER["out"])
+    except Exception as exc:  # noqa: BLE001 - a bug on one study must not stop the batch
+        work = StudyWork(study_uid, series).fail(f"unexpected {type(exc).__name__}: {exc}")
+    return summary_row(work)
+
+
+def summary_row(work: StudyWork) -> dict:
+    row = {"study_uid": work.study_uid, "status": work.status, "error": work.reason,
+           "series_uid": work.chosen.series_uid if work.chosen else "",
+           "slices": len(work.chosen.paths) if work.chosen else 0,
+           "sr": str(work.sr_path.name) if work.sr_path else "",
+           "seconds": round(work.timings.get("total_s", 0.0), 3)}
+    if work.findings is not None:
+        for fid, p, present in zip(work.findings.ids, work.findings.probabilities, work.findings.present):
+            row[f"{fid}.probability"] = round(float(p), 6)
+            row[f"{fid}.present"] = int(bool(present))
+    return row
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_summary(out: Path, rows: list[dict], finding_ids: list[str], meta: dict) -> None:
+    base = ["study_uid", "status", "error", "series_uid", "slices", "sr", "seconds"]
+    cols = base + [f"{fid}.{k}" for fid in finding_ids for k in ("probability", "present")]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in sorted(rows, key=lambda r: r["study_uid"]):
+        w.writerow(r)
+    _write_atomic(out / "summary.csv", buf.getvalue())
+    _write_atomic(out / "summary.json", json.dumps({**meta, "studies": sorted(rows, key=lambda r: r["study_uid"])},
+                                                   indent=1))
+
+
+def _previous_rows(out: Path) -> dict[str, dict]:
+    try:
+        return {r["study_uid"]: r for r in json.loads((out / "summary.json").read_text())["studies"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def run_batch(input_path: str | Path, out: str | Path, model: str | Path | None = None, workers: int = 1,
+              force: bool = False, progress: bool = True) -> tuple[int, list[dict]]:
+    from tqdm import tqdm
+
+    inp, out = Path(input_path), Path(out)
+    if not inp.exists():
+        raise FileNotFoundError(f"{inp}: input folder does not exist")
+    package_dir = Path(model) if model else default_package_dir()
+    pkg = load_package(package_dir)
+    sr_dir = out / "sr"
+    sr_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    scan = scan_tree(inp)
+    for path, why in scan.unreadable:
+        log.warning("%s: skipped: %s", path, why)
+    studies = sorted(scan.studies().items())
+    previous = _previous_rows(out)
+    rows, todo = [], []
+    for uid, series in studies:
+        if not force and (sr_dir / sr_filename(uid)).exists():
+            rows.append({**previous.get(uid, {"study_uid": uid, "status": "ok", "sr": sr_filename(uid)}),
+                         "resumed": True})
+        else:
+            todo.append((uid, series))
+    log.info("%d studies in %s: %d to process, %d already done; %d worker(s)", len(studies), inp, len(todo),
+             len(rows), workers)
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    bar = tqdm(total=len(todo), unit="study", desc="infer", disable=not progress)
+    level = log.getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn"),
+                             initializer=_init_worker, initargs=(str(pkg.root), str(sr_dir), threads, level)) as pool:
+        futures = [pool.submit(_process, uid, series) for uid, series in todo]
+        for fut in as_completed(futures):
+            rows.append(fut.result())
+            bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    failed = [r for r in rows if r["status"] != "ok"]
+    meta = {"input": str(inp), "model": {"name": pkg.name, "version": pkg.version, "root": str(pkg.root)},
+            "workers": workers, "processed": len(todo), "resumed": len(rows) - len(todo), "failed": len(failed),
+            "seconds": round(elapsed, 2), "complete": True}
+    write_summary(out, rows, pkg.catalogue.ids, meta)
+    log.info("%d studies: %d ok, %d failed, %d skipped as done (%.1f s); summary %s", len(rows),
+             len(rows) - len(failed), len(failed), len(rows) - len(todo), elapsed, out / "summary.csv")
+    for r in failed:
+        log.error("failed: study %s: %s", r["study_uid"], r["error"])
+    return (1 if failed else 0), rows

@@ -1,0 +1,82 @@
+"""Batch inference: any layout, broken studies reported not fatal, resumable, summary tables."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from operators.pipeline import sr_filename
+from tests.dicom_cases import broken_studies, study_uid
+
+
+@pytest.fixture(scope="module")
+def archive(corpus200, tmp_path_factory):
+    """20 studies: 16 good ones from the corpus in a messy layout, and 4 broken ones."""
+    root = tmp_path_factory.mktemp("archive")
+    good = []
+    for i, sid in enumerate(sorted(p.name for p in (corpus200 / "dicom").iterdir())[:16]):
+        files = sorted((corpus200 / "dicom" / sid).iterdir())
+        for j, f in enumerate(files):  # slices of one study scattered over two folders
+            dst = root / f"disk{j % 2}" / f"batch{i % 3}" / f"{sid}_{j:03d}.dcm"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst)
+        good.append(study_uid(files[0]))
+    bad = broken_studies(root / "incoming")
+    bad.pop(next(iter(bad)))  # keep 4 of the 5 kinds: 20 studies in all
+    for p in (root / "incoming" / "BADMR").iterdir():
+        p.unlink()
+    (root / "incoming" / "BADMR").rmdir()
+    return {"root": root, "good": good, "bad": bad}
+
+
+def _infer(*args):
+    return subprocess.run([sys.executable, "-m", "operators.cli", "infer", *map(str, args), "--quiet"],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_batch_reports_broken_studies_and_resumes(archive, tiny_package, tmp_path):
+    out = tmp_path / "out"
+    proc = _infer(archive["root"], "--out", out, "--model", tiny_package["pkg"], "--workers", "2")
+    assert proc.returncode == 1, proc.stderr[-3000:]  # some failed
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["study_uid"]: r for r in summary["studies"]}
+    assert summary["complete"] and len(rows) == 20 and summary["failed"] == len(archive["bad"])
+    for uid in archive["good"]:
+        assert rows[uid]["status"] == "ok" and (out / "sr" / sr_filename(uid)).is_file()
+        assert 0.0 <= rows[uid]["ascites.probability"] <= 1.0 and rows[uid]["ascites.present"] in (0, 1)
+    for uid, reason in archive["bad"].items():
+        assert rows[uid]["status"] == "failed" and reason in rows[uid]["error"], rows[uid]
+        assert not (out / "sr" / sr_filename(uid)).exists()
+        assert f"FAILED {uid}" in proc.stdout
+    with open(out / "summary.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 20 and "hepatomegaly.probability" in table[0]
+    assert sorted(p.name for p in (out / "sr").iterdir()) == sorted(sr_filename(u) for u in archive["good"])
+
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "sr").iterdir()}
+    again = _infer(archive["root"], "--out", out, "--model", tiny_package["pkg"])
+    assert again.returncode == 1
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["processed"] == len(archive["bad"]) and s2["resumed"] == len(archive["good"])
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "sr").iterdir()} == before  # finished ones untouched
+    rows2 = {r["study_uid"]: r for r in s2["studies"]}
+    assert all(rows2[u]["ascites.probability"] == rows[u]["ascites.probability"] for u in archive["good"])
+
+
+def test_all_good_exits_zero_and_force_redoes(archive, tiny_package, tmp_path):
+    sub = tmp_path / "in"
+    shutil.copytree(archive["root"] / "disk0" / "batch0", sub / "a")
+    shutil.copytree(archive["root"] / "disk1" / "batch0", sub / "b")
+    out = tmp_path / "out"
+    assert _infer(sub, "--out", out, "--model", tiny_package["pkg"]).returncode == 0
+    forced = _infer(sub, "--out", out, "--model", tiny_package["pkg"], "--force")
+    assert forced.returncode == 0
+    assert json.loads((out / "summary.json").read_text())["resumed"] == 0
+
+
+def test_missing_input_is_a_clear_error(tmp_path, tiny_package):
+    proc = _infer(tmp_path / "nope", "--out", tmp_path / "o", "--model", tiny_package["pkg"])
+    assert proc.returncode == 2 and "input folder does not exist" in proc.stderr

@@ -1,0 +1,150 @@
+"""Benchmark: the application's stage timings on a full-profile CT study.
+
+``python -m training.bench_stages --out results/bench`` (``make bench-stages``): one synthetic study with
+clinical geometry (512x512, ~300 slices at 1.25 mm unless ``--slices``) written as a DICOM series,
+then the pipeline's stages (series selection, DICOM read, decode + geometry, preprocessing, image
+encoder, decision, SR) timed with
+
+- the embedded demo model (or ``--model PKG``), and
+- a Merlin-size encoder: Merlin's I3D ResNet-152 with random weights exported to ONNX, Merlin's
+  preprocessing (224x224x160 at 1.5x1.5x3 mm), random unit prompt embeddings of Merlin's width
+  (timing does not depend on the values).
+
+Each configuration runs ``--runs`` times in one process after a warm-up; medians are reported with the
+share of everything-but-the-encoder relative to the encoder. Writes ``stage_timings.json`` and
+``stage_timings.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from operators.dicom_series import scan_tree
+from operators.package import default_package_dir, load_package, write_manifest
+from operators.pipeline import Preprocessor, StudyWork, infer, select_series, write_report
+from operators.preprocessing import PreprocessSpec
+from operators.zeroshot import ZeroShotModel
+
+from .export import OPSET
+
+STAGES = ("select_s", "read_s", "decode_volume_s", "preprocess_s", "encoder_s", "decide_s", "sr_s")
+
+
+def full_profile_study(root: Path, slices: int, seed: int = 5) -> Path:
+    """One full-profile phantom written as DICOM (slice thickness chosen so the series has ~``slices``)."""
+    from .synth.corpus import make_grid
+    from .synth.dicom_writer import make_identity, write_ct_series
+    from .synth.patient import sample_patient
+    from .synth.phantom import build_phantom
+    from .synth.raster import Grid
+
+    rng = np.random.default_rng([seed, 0])
+    patient = sample_patient(rng, 0)
+    grid, noise, blur = make_grid("full", patient, rng)
+    dz = patient.body["length"] * 1.04 / slices
+    grid = Grid((grid.shape[0], grid.shape[1], slices), (grid.spacing[0], grid.spacing[1], dz), grid.origin)
+    hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur)
+    write_ct_series(hu, grid, root / "study", make_identity("BENCHFULL", seed, patient.age, patient.sex),
+                    position=patient.position)
+    return root / "study"
+
+
+def merlin_size_package(demo: Path, out: Path) -> Path:
+    """The demo package with Merlin's random-weight image encoder, preprocessing and embedding width."""
+    from .bench_onnx import image_tower
+
+    out.mkdir(parents=True)
+    spec = PreprocessSpec.merlin()
+    model = image_tower("i3_resnet152")
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.rand(1, 1, *spec.spatial_size),), str(out / "image_encoder.onnx"),
+                          input_names=["image"], output_names=["embedding"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"image": {0: "batch", 2: "x", 3: "y", 4: "z"}, "embedding": {0: "batch"}})
+    manifest = json.loads((demo / "manifest.json").read_text())
+    n = manifest["prompt_embeddings"]["shape"][0]
+    emb = np.random.default_rng(0).normal(size=(n, 512)).astype(np.float32)
+    np.save(out / "prompt_embeddings.npy", emb / np.linalg.norm(emb, axis=1, keepdims=True))
+    manifest.update({"preprocessing": spec.to_dict(), "embedding_dim": 512, "text_encoder": {"file": None,
+                     "absent_reason": "benchmark package: random prompt embeddings"},
+                     "model": {**manifest["model"], "name": "merlin-size-random", "version": "bench"}})
+    manifest["prompt_embeddings"]["shape"] = [n, 512]
+    manifest.pop("files", None)
+    write_manifest(out, manifest)
+    return out
+
+
+def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path) -> dict:
+    pkg = load_package(package)
+    model = ZeroShotModel(pkg, device="auto")
+    prep = Preprocessor(pkg.spec)
+    per_run = []
+    for i in range(runs + 1):  # the first is the warm-up
+        t = time.perf_counter()
+        (uid, series), = scan_tree(study_dir).studies().items()
+        scan_s = time.perf_counter() - t
+        work = write_report(infer(prep(select_series(StudyWork(uid, series))), model), model, sr_dir)
+        if work.failed:
+            raise RuntimeError(work.reason)
+        if i:
+            per_run.append({"scan_headers_s": scan_s, **{k: work.timings[k] for k in STAGES}})
+    med = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
+    other = sum(v for k, v in med.items() if k != "encoder_s")
+    return {"package": pkg.name, "spec": pkg.spec.to_dict(), "providers": model.providers, "median_s": med,
+            "runs": per_run, "non_encoder_s": other, "non_encoder_over_encoder": other / med["encoder_s"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.bench_stages", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--slices", type=int, default=300)
+    p.add_argument("--model", default=None, help="model package (default: the embedded demo model)")
+    p.add_argument("--skip-merlin", action="store_true", help="time only the given/demo model")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Path(args.model) if args.model else default_package_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"writing a full-profile study ({args.slices} slices of 512x512) ...", flush=True)
+        study = full_profile_study(tmp, args.slices)
+        configs = {"demo model": demo}
+        if not args.skip_merlin:
+            print("exporting a Merlin-size random-weight image encoder ...", flush=True)
+            configs["Merlin-size encoder"] = merlin_size_package(demo, tmp / "merlin-size")
+        results = {}
+        for name, pkg in configs.items():
+            print(f"timing: {name} ({args.runs} runs after a warm-up) ...", flush=True)
+            results[name] = time_stages(study, pkg, args.runs, tmp / "sr")
+    cmd = f"python -m training.bench_stages --out {args.out} --runs {args.runs} --slices {args.slices}" + \
+          (f" --model {args.model}" if args.model else "") + (" --skip-merlin" if args.skip_merlin else "")
+    doc = {"command": cmd, "study": f"512x512x{args.slices} CT Image Storage series (synthetic phantom)",
+           "cpu_count": os.cpu_count(), "machine": platform.platform(), "results": results}
+    (out / "stage_timings.json").write_text(json.dumps(doc, indent=1))
+    keys = ["scan_headers_s", *STAGES]
+    lines = [f"# Stage timings, one {doc['study']}", "", f"`{cmd}` on {os.cpu_count()} CPU cores; medians of "
+             f"{args.runs} runs after a warm-up, seconds.", "",
+             "| stage | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+    for k in keys:
+        lines.append(f"| {k[:-2]} | " + " | ".join(f"{r['median_s'][k]:.3f}" for r in results.values()) + " |")
+    lines.append("| **all but the encoder** | " + " | ".join(f"**{r['non_encoder_s']:.2f}**" for r in results.values()) + " |")
+    lines.append("| all but the encoder / encoder | " +
+                 " | ".join(f"{100 * r['non_encoder_over_encoder']:.0f} %" for r in results.values()) + " |")
+    (out / "stage_timings.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
