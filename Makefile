@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow demo corpus demo-model bench-onnx bench-stages merlin-check clean
+.PHONY: venv test test-slow demo corpus demo-model bench-onnx bench-stages bench-batch merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ demo-model: venv
 # Stage timings of the application on a full-profile study (demo model and a Merlin-size encoder).
 bench-stages: venv
 	$(BIN)/python -m training.bench_stages --out results/bench --runs 3
+
+# Batch throughput with the demo model at 1 and 2 workers (results/bench/batch_throughput.md).
+bench-batch: venv
+	$(BIN)/python -m training.bench_batch --out results/bench --studies 24 --workers 1,2
 
 # Full-size Merlin image encoder on this machine: ONNX Runtime vs torch eager (results/bench).
 bench-onnx: venv

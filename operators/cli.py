@@ -120,6 +120,18 @@ def _infer(args: argparse.Namespace) -> int:
     return code
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .listener import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("highdicom", "pynetdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return serve(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ct-zeroshot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.add_argument("--verbose", action="store_true", help="log every stage of every study")
     i.set_defaults(func=_infer)
+    sv = sub.add_parser("serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)")
+    sv.add_argument("--config", required=True, help="listener YAML (ae_title, port, allowed, destination, spool, ...)")
+    sv.set_defaults(func=_serve)
     return p
 
 

@@ -1,0 +1,226 @@
+"""The PACS listener against a real Orthanc (Debian `orthanc`, started here on loopback)."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from operators.sr import read_findings
+from tests.dicom_cases import small_study
+
+ORTHANC = "/usr/sbin/Orthanc"
+pytestmark = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Debian package orthanc needed")
+AUTH = "Basic " + base64.b64encode(b"ci:ci").decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OrthancServer:
+    def __init__(self, root: Path, listener_port: int):
+        self.http, self.dicom = free_port(), free_port()
+        cfg = {"Name": "ct-zeroshot-test", "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC",
+               "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {"ci": "ci"},
+               "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False,
+               "DicomModalities": {"ctzs": ["CTZEROSHOT", "127.0.0.1", listener_port]},
+               "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"), "Plugins": []}
+        (root / "conf").mkdir(parents=True)
+        (root / "conf" / "orthanc.json").write_text(json.dumps(cfg))
+        self.log = open(root / "orthanc.log", "w")
+        self.proc = subprocess.Popen([ORTHANC, str(root / "conf") + "/"], stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(100):
+            try:
+                self.get("/system")
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not start: " + (root / "orthanc.log").read_text()[-2000:])
+
+    def request(self, method, path, data=None, ctype="application/json"):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method=method,
+                                     headers={"Authorization": AUTH, "Content-Type": ctype})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            body = r.read()
+        return json.loads(body) if body and r.headers.get_content_type() == "application/json" else body
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def upload(self, files) -> str:
+        study = None
+        for f in files:
+            study = self.request("POST", "/instances", f.read_bytes(), "application/dicom")["ParentStudy"]
+        return study
+
+    def push(self, studies):
+        return self.request("POST", "/modalities/ctzs/store",
+                            json.dumps({"Resources": studies, "Synchronous": True}).encode())
+
+    def srs(self, study) -> list[str]:
+        out = []
+        for series in self.get(f"/studies/{study}/series"):
+            if series["MainDicomTags"].get("Modality") == "SR":
+                out += series["Instances"]
+        return out
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def start_listener(cfg_path: Path, log: Path):
+    def stack():
+        import resource
+        resource.setrlimit(resource.RLIMIT_STACK, (32 << 20, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+    fh = open(log, "a")
+    return subprocess.Popen([sys.executable, "-m", "operators.cli", "serve", "--config", str(cfg_path)],
+                            stdout=fh, stderr=subprocess.STDOUT, preexec_fn=stack)
+
+
+def wait_listening(port: int, proc, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        assert proc.poll() is None, "listener exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError("listener did not open its port")
+
+
+def wait_for(pred, timeout, what):
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return
+        time.sleep(1)
+    raise TimeoutError(what)
+
+
+@pytest.fixture
+def site(tmp_path, tiny_package):
+    """Orthanc, 10 small CT studies uploaded to it, and a listener config pointing back at it."""
+    lport = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", lport)
+    studies = []
+    for i in range(10):
+        files = small_study(tmp_path / "studies", f"PACS{i:02d}", n=10, shape=(20, 20))
+        studies.append(orthanc.upload(files))
+    cfg = {"ae_title": "CTZEROSHOT", "bind": "127.0.0.1", "port": lport,
+           "allowed": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
+           "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom},
+           "spool": str(tmp_path / "spool"), "model": str(tiny_package["pkg"]), "idle_timeout_s": 2.0,
+           "retries": 5, "backoff_s": 0.5}
+    (tmp_path / "listener.yaml").write_text(yaml.safe_dump(cfg))
+    yield {"orthanc": orthanc, "studies": studies, "cfg": tmp_path / "listener.yaml", "port": lport,
+           "log": tmp_path / "listener.log", "tmp": tmp_path}
+    orthanc.stop()
+
+
+def _one_sr_each(site) -> bool:
+    return all(len(site["orthanc"].srs(s)) == 1 for s in site["studies"])
+
+
+def test_two_senders_ten_studies_one_sr_each(site):
+    proc = start_listener(site["cfg"], site["log"])
+    try:
+        wait_listening(site["port"], proc)
+        # A caller not on the allow-list is rejected, and garbage on the socket does not stop the listener.
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        intruder = AE(ae_title="INTRUDER")
+        intruder.add_requested_context(Verification)
+        assoc = intruder.associate("127.0.0.1", site["port"], ae_title="CTZEROSHOT")
+        assert not assoc.is_established
+        with socket.create_connection(("127.0.0.1", site["port"])) as s:
+            s.sendall(b"\x01\x00garbage that is not an A-ASSOCIATE-RQ" * 10)
+        # Two concurrent senders, five studies each, through Orthanc's REST store.
+        errors = []
+
+        def send(chunk):
+            try:
+                for st in chunk:
+                    site["orthanc"].push([st])
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=send, args=(site["studies"][i::2],)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        wait_for(lambda: _one_sr_each(site), 300, "an SR for every study")
+        time.sleep(3)  # nothing more arrives
+        assert _one_sr_each(site)
+        # Orthanc's copy of one SR reads back with highdicom: 30 findings.
+        sr_id = site["orthanc"].srs(site["studies"][0])[0]
+        (site["tmp"] / "sr.dcm").write_bytes(site["orthanc"].get(f"/instances/{sr_id}/file"))
+        assert len(read_findings(site["tmp"] / "sr.dcm")) == 30
+        log = site["log"].read_text()
+        assert "association from INTRUDER@127.0.0.1 rejected" in log
+        assert "ORTHANC@127.0.0.1 rejected" not in log
+        assert "SYNTHETIC^" not in log and "SYN-PACS" not in log  # no patient names or IDs in the log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def test_killed_mid_queue_and_restarted_loses_nothing(site):
+    proc = start_listener(site["cfg"], site["log"])
+    wait_listening(site["port"], proc)
+    site["orthanc"].push(site["studies"])  # all 10 spooled (acknowledged) before this returns
+    wait_for(lambda: sum(bool(site["orthanc"].srs(s)) for s in site["studies"]) >= 2, 300, "the first SRs")
+    os.kill(proc.pid, signal.SIGKILL)  # mid-queue: some studies done, the rest in the spool
+    proc.wait()
+    done_before = sum(bool(site["orthanc"].srs(s)) for s in site["studies"])
+    assert done_before < len(site["studies"]), "the kill came too late to test anything"
+    proc = start_listener(site["cfg"], site["log"])
+    try:
+        wait_listening(site["port"], proc)
+        wait_for(lambda: _one_sr_each(site), 300, "an SR for every study after the restart")
+        time.sleep(3)
+        assert _one_sr_each(site)
+        assert "resuming from the spool" in site["log"].read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def test_non_ct_study_does_not_stop_the_listener(site, tmp_path):
+    import pydicom
+
+    files = small_study(tmp_path / "mr", "PACSMR", n=10, shape=(20, 20))
+    for p in files:
+        ds = pydicom.dcmread(p)
+        ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.save_as(p)
+    mr = site["orthanc"].upload(files)
+    proc = start_listener(site["cfg"], site["log"])
+    try:
+        wait_listening(site["port"], proc)
+        site["orthanc"].push([mr, site["studies"][0]])
+        wait_for(lambda: len(site["orthanc"].srs(site["studies"][0])) == 1, 300, "the CT study's SR")
+        wait_for(lambda: "modality MR, not CT" in site["log"].read_text(), 60, "the MR study's reason")
+        assert site["orthanc"].srs(mr) == [] and proc.poll() is None
+        reason = next((Path(site["tmp"]) / "spool" / "failed").glob("*/reason.txt")).read_text()
+        assert "modality MR" in reason
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
