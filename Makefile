@@ -66,7 +66,7 @@ bench-stages: venv
 
 # Batch throughput with the demo model at 1 and 2 workers (results/bench/batch_throughput.md).
 bench-batch: venv
-	$(BIN)/python -m training.bench_batch --out results/bench --studies 24 --workers 1,2
+	$(BIN)/python -m training.bench_batch --out results/bench --studies 96 --workers 1,2
 
 # Full-size Merlin image encoder on this machine: ONNX Runtime vs torch eager (results/bench).
 bench-onnx: venv

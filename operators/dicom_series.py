@@ -57,9 +57,14 @@ def scan_tree(root: str | Path) -> ScanResult:
         raise VolumeError(f"{root}: input folder does not exist")
     files = [root] if root.is_file() else sorted(
         Path(dp) / f for dp, _, fs in os.walk(root) for f in fs)
+    return scan_files(files)
+
+
+def scan_files(files: Iterable[str | Path]) -> ScanResult:
+    """Read the headers of ``files`` and group them by Series Instance UID."""
     series: dict[str, SeriesFiles] = {}
     unreadable: list[tuple[Path, str]] = []
-    for path in files:
+    for path in map(Path, files):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.bench_batch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/bench")
-    p.add_argument("--studies", type=int, default=24)
+    p.add_argument("--studies", type=int, default=96)
     p.add_argument("--profile", default="tiny", choices=["tiny", "full"])
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--model", default=None)
