@@ -80,7 +80,7 @@ def test_convert_merlin_end_to_end(longformer_dir, tmp_path):
     assert pkg.spec.spatial_size == (224, 224, 160) and pkg.spec.spacing == (1.5, 1.5, 3.0)
     assert pkg.embedding_dim == 512 and len(pkg.catalogue) == 30
     assert pkg.logit_scale == pytest.approx(np.exp(2.3), rel=1e-5)
-    assert pkg.text_encoder is None and "prompt embeddings only" in m["text_encoder"]["absent_reason"]
+    assert pkg.text_encoder is None and "custom prompts need the torch model" in m["text_encoder"]["absent_reason"]
     assert m["provenance"]["source"] == "official Merlin checkpoint" and m["provenance"]["tensors"] == 1208
     # The prompts are the catalogue's, normalised as Merlin does (lower case, wordpunct tokens).
     assert m["findings"][0]["positive_prompts"] == list(load_catalogue().findings[0].positive_prompts)

@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="package folder (new or empty)")
     c.add_argument("--text-model", required=True,
                    help="local folder with Clinical-Longformer's config.json and tokenizer files")
-    c.add_argument("--text", default="auto", choices=["auto", "onnx", "none"])
+    c.add_argument("--text", default="none", choices=["auto", "onnx", "none"],
+                   help="text encoder to ONNX: none (default: Longformer exports poorly; prompt embeddings only), "
+                        "auto (try, keep if parity holds), onnx (fail without it)")
     c.set_defaults(func=_convert_merlin)
     return p
 

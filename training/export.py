@@ -215,7 +215,8 @@ def choose_thresholds(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np
 def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec, parity_volumes: np.ndarray,
                    name: str, version: str, provenance: dict, thresholds: np.ndarray | None = None,
                    threshold_method: str = "merlin", threshold_notes: list[dict] | None = None,
-                   text: str = "auto", log: Callable[[str], None] = print) -> dict:
+                   text: str = "auto", log: Callable[[str], None] = print,
+                   text_absent_reason: str | None = None) -> dict:
     """Write a model package for ``model`` into ``out`` (new or empty). Returns the manifest.
 
     ``text``: ``onnx`` (fail if the text tower does not export with parity), ``auto`` (fall back to
@@ -283,7 +284,8 @@ def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec,
                         "; the package carries precomputed prompt embeddings only; custom prompts need the "
                         "torch model (training side)"}
     else:
-        text_rec = {"file": None, "absent_reason": "not exported (text='none'); prompt embeddings only"}
+        text_rec = {"file": None, "absent_reason": text_absent_reason or
+                    "not exported (text='none'); prompt embeddings only; custom prompts need the torch model"}
 
     if thresholds is None:
         thresholds = np.full(len(catalogue), 0.5)
