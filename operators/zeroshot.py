@@ -29,8 +29,20 @@ def finding_scores(image_emb: np.ndarray, prompt_emb: np.ndarray, rows: Sequence
     sim = np.asarray(image_emb, dtype=np.float64) @ np.asarray(prompt_emb, dtype=np.float64).T
     margins = np.stack([sim[:, r.positive[0]:r.positive[1]].mean(1) - sim[:, r.negative[0]:r.negative[1]].mean(1)
                         for r in rows], axis=1)
-    z = np.clip(scale * margins, -60.0, 60.0)
-    return margins, 1.0 / (1.0 + np.exp(-z))
+    return margins, margin_probability(margins, scale)
+
+
+def margin_probability(margins: np.ndarray, scale: float) -> np.ndarray:
+    """Two-way softmax of ``scale * [s+, s-]`` = ``sigmoid(scale * (s+ - s-))``."""
+    return 1.0 / (1.0 + np.exp(-np.clip(scale * np.asarray(margins, dtype=np.float64), -60.0, 60.0)))
+
+
+def tokenize(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Merlin's normalisation, then a ``tokenizers`` tokenizer (its file sets truncation and padding,
+    including a fixed sequence length for graphs traced at one length)."""
+    enc = tokenizer.encode_batch([normalize_text(t) for t in texts])
+    return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64)}
 
 
 def select_providers(device: str = "auto") -> list[str]:
@@ -128,12 +140,8 @@ class ZeroShotModel:
         return te
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Merlin's normalisation, then the package tokenizer (its file sets truncation and padding,
-        including a fixed sequence length for graphs traced at one length)."""
         self._text()
-        enc = self._tokenizer.encode_batch([normalize_text(t) for t in texts])
-        return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
-                "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64)}
+        return tokenize(self._tokenizer, texts)
 
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         te = self._text()

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import open_session, select_providers
 
-from .export import OPSET, synthetic_inputs
+from .export import export_image_onnx, synthetic_inputs
 from .merlin_stub import random_merlin_state_dict
 from .models.image import ImageEncoder
 
@@ -67,10 +67,7 @@ def run_benchmark(out: Path, runs: int = 5, device: str = "cpu", fp16: bool = Fa
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "image_encoder.onnx"
         t0 = time.perf_counter()
-        with torch.no_grad():
-            torch.onnx.export(model.cpu(), (torch.from_numpy(x),), str(onnx_path), input_names=["image"],
-                              output_names=["embedding"], opset_version=OPSET, dynamo=False,
-                              dynamic_axes={"image": {0: "batch", 2: "x", 3: "y", 4: "z"}, "embedding": {0: "batch"}})
+        export_image_onnx(model.cpu(), onnx_path, torch.from_numpy(x))
         export_s = time.perf_counter() - t0
         model = model.to(tdev)
         engines = {}

@@ -35,7 +35,7 @@ from operators.pipeline import Preprocessor, StudyWork, infer, select_series, wr
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import ZeroShotModel
 
-from .export import OPSET
+from .export import export_image_onnx
 
 STAGES = ("select_s", "read_s", "decode_volume_s", "preprocess_s", "encoder_s", "decide_s", "sr_s")
 
@@ -66,10 +66,7 @@ def merlin_size_package(demo: Path, out: Path) -> Path:
     out.mkdir(parents=True)
     spec = PreprocessSpec.merlin()
     model = image_tower("i3_resnet152")
-    with torch.no_grad():
-        torch.onnx.export(model, (torch.rand(1, 1, *spec.spatial_size),), str(out / "image_encoder.onnx"),
-                          input_names=["image"], output_names=["embedding"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"image": {0: "batch", 2: "x", 3: "y", 4: "z"}, "embedding": {0: "batch"}})
+    export_image_onnx(model, out / "image_encoder.onnx", torch.rand(1, 1, *spec.spatial_size))
     manifest = json.loads((demo / "manifest.json").read_text())
     n = manifest["prompt_embeddings"]["shape"][0]
     emb = np.random.default_rng(0).normal(size=(n, 512)).astype(np.float32)

@@ -39,8 +39,7 @@ from operators import __version__
 from operators.findings import load_catalogue
 from operators.package import FORMAT, FORMAT_VERSION, write_manifest
 from operators.preprocessing import PreprocessSpec
-from operators.textnorm import normalize_text
-from operators.zeroshot import finding_scores, open_session
+from operators.zeroshot import finding_scores, margin_probability, open_session, tokenize
 
 from .evaluate import prompt_table
 from .models.clip import DualEncoder
@@ -83,11 +82,16 @@ def _git_commit() -> str | None:
         return None
 
 
-def export_image_encoder(model: DualEncoder, path: Path, example: torch.Tensor) -> None:
+def export_image_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> None:
+    """``image`` (B,1,X,Y,Z) -> ``embedding`` (B,D), batch and spatial axes dynamic (also the benchmarks')."""
     with torch.no_grad():
-        torch.onnx.export(_ImageTower(model).eval(), (example,), str(path), input_names=["image"],
+        torch.onnx.export(module.eval(), (example,), str(path), input_names=["image"],
                           output_names=["embedding"], opset_version=OPSET, dynamo=False,
                           dynamic_axes={"image": {0: "batch", 2: "x", 3: "y", 4: "z"}, "embedding": {0: "batch"}})
+
+
+def export_image_encoder(model: DualEncoder, path: Path, example: torch.Tensor) -> None:
+    export_image_onnx(_ImageTower(model), path, example)
 
 
 def export_text_encoder(model: DualEncoder, path: Path, example: dict[str, torch.Tensor],
@@ -127,12 +131,10 @@ def write_tokenizer(model: DualEncoder, path: Path, fixed_length: int | None = N
 
 
 def _deploy_tokenize(tokenizer_file: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """What the deploy side does (``ZeroShotModel.tokenize``), without loading the package."""
+    """What the deploy side does (``operators.zeroshot.tokenize``), without loading the package."""
     from tokenizers import Tokenizer
 
-    enc = Tokenizer.from_file(str(tokenizer_file)).encode_batch([normalize_text(t) for t in texts])
-    return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64)}
+    return tokenize(Tokenizer.from_file(str(tokenizer_file)), texts)
 
 
 def _resized(volumes: np.ndarray) -> np.ndarray:
@@ -409,7 +411,7 @@ def export_run(run: str | Path, out: str | Path, data: str | Path, checkpoint: s
         from .evaluate import macro_f1_from
 
         d = np.load(preds)
-        prob = 1.0 / (1.0 + np.exp(-np.clip(model.scale().item() * d["margins"], -60, 60)))
+        prob = margin_probability(d["margins"], model.scale().item())
         metrics["test_with_package_thresholds"] = {
             "macro_f1": macro_f1_from((prob >= thr[None, :]).astype(int), d["labels"]),
             "note": "the same test predictions as 'test', decided with the package's per-finding thresholds"}
