@@ -88,7 +88,13 @@ def preprocess(volume: Volume, spec: PreprocessSpec, transform=None) -> np.ndarr
     from monai.data import MetaTensor
 
     transform = transform or build_transform(spec)
-    img = MetaTensor(torch.as_tensor(np.ascontiguousarray(volume.array, dtype=np.float32))[None],
-                     affine=torch.as_tensor(volume.affine, dtype=torch.float64))
+    array, affine = volume.array, volume.affine
+    if array.flags.f_contiguous and not array.flags.c_contiguous:
+        # Fortran order (nibabel's NIfTI arrays, DICOM slices stacked slice-major): hand MONAI the
+        # C-ordered transpose with its axes' affine columns swapped to match. Orientation puts the
+        # axes back, so the tensor is identical, without a 300 MB strided copy first (0.5-1 s).
+        array, affine = array.T, affine[:, [2, 1, 0, 3]]
+    img = MetaTensor(torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32))[None],
+                     affine=torch.as_tensor(affine, dtype=torch.float64))
     out = transform(img)
     return np.ascontiguousarray(out.detach().cpu().numpy().astype(np.float32, copy=False))
