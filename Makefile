@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow demo corpus demo-model bench-onnx bench-stages bench-batch merlin-check clean
+.PHONY: study venv test test-slow demo corpus demo-model bench-onnx bench-stages bench-batch merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ demo-model: venv
 	$(BIN)/ct-zeroshot-train export --run $(DEMO_RUN) --data data/synth-4k --out $(DEMO_RUN)/package \
 		--thresholds validation --name ct-zeroshot-demo --model-version 0.1.0
 	mkdir -p operators/models && cp -r $(DEMO_RUN)/package operators/models/demo
+
+# The paper's sampler study on a 2-core CPU (8 arms x 3 seeds; about 45 minutes): results/study-paper-cpu.
+# Interrupted? `make study STUDY_ARGS=--resume` continues and skips finished runs.
+study: venv
+	@test -d data/synth-4k || $(MAKE) corpus
+	$(BIN)/ct-zeroshot-train study --preset paper-cpu --data data/synth-4k --out results/study-paper-cpu $(STUDY_ARGS)
 
 # Stage timings of the application on a full-profile study (demo model and a Merlin-size encoder).
 bench-stages: venv

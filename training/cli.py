@@ -66,6 +66,12 @@ def _convert_merlin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .study import main_study
+
+    return main_study(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ct-zeroshot-train", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--cache", default=None)
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=_export)
+
+    st = sub.add_parser("study", help="the paper's sampler study: every arm x K seeds, statistics, plots")
+    st.add_argument("--preset", default="paper-cpu",
+                    help="study preset (paper-cpu, paper-merlin, smoke) or a YAML file (default paper-cpu)")
+    st.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV")
+    st.add_argument("--out", required=True, help="study folder: results.csv, summary.md, plots, runs/")
+    st.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's, 3)")
+    st.add_argument("--resume", action="store_true", help="continue a study in --out, skipping finished runs")
+    st.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the preset's)")
+    st.add_argument("--aggregate-only", action="store_true",
+                    help="only rewrite results.csv, summary.md and plots from the finished runs")
+    st.add_argument("--cache", default=None)
+    st.add_argument("--quiet", action="store_true")
+    st.set_defaults(func=_study)
 
     c = sub.add_parser("convert-merlin", help="official Merlin checkpoint -> model package")
     c.add_argument("--checkpoint", required=True, help="Merlin's .pt (flat state dict)")

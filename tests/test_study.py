@@ -1,0 +1,148 @@
+"""The sampler-study runner: the smoke preset end to end (killed and resumed), statistics, errors."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.config import ConfigError
+from training.study import ARMS, StudyPreset, paired_bootstrap, run_study, verdict
+
+ARM_NAMES = [a.name for a in ARMS]
+
+
+def _study_cmd(data, out, cache, *extra):
+    return [sys.executable, "-m", "training.cli", "study", "--preset", "smoke", "--data", str(data),
+            "--out", str(out), "--cache", str(cache), "--quiet", *extra]
+
+
+def _rows(path: Path) -> list[tuple]:
+    with open(path, newline="") as fh:
+        return [(r["arm"], r["seed"], r["metric"], r["value"]) for r in csv.DictReader(fh)
+                if not r["metric"].endswith("_seconds")]  # wall times differ between runs
+
+
+@pytest.fixture(scope="module")
+def smoke_study(corpus200, tmp_path_factory):
+    """The smoke study uninterrupted, and again killed after its first finished run and resumed."""
+    root = tmp_path_factory.mktemp("study")
+    cache = root / "cache"
+    t0 = time.time()
+    proc = subprocess.run(_study_cmd(corpus200, root / "whole", cache), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole_seconds = time.time() - t0
+
+    cut = root / "cut"
+    p = subprocess.Popen(_study_cmd(corpus200, cut, cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cut.glob("runs/*/*/study_run.json"))) < 3 and p.poll() is None:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)  # the study and its run, mid-way
+    p.wait()
+    finished_before = sorted(str(f.parent.relative_to(cut)) for f in cut.glob("runs/*/*/study_run.json"))
+    assert 0 < len(finished_before) < 16
+    assert not (cut / "results.csv").exists()  # nothing looks complete after a kill
+
+    again = subprocess.run(_study_cmd(corpus200, cut, cache), capture_output=True, text=True)
+    assert again.returncode != 0 and "--resume" in again.stderr  # an existing study is never overwritten
+    resumed = subprocess.run(_study_cmd(corpus200, cut, cache, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"whole": root / "whole", "cut": cut, "finished_before": finished_before, "seconds": whole_seconds,
+            "cache": cache, "data": corpus200}
+
+
+def test_smoke_outputs(smoke_study):
+    out = smoke_study["whole"]
+    assert smoke_study["seconds"] < 120 * (2 if os.environ.get("CI") else 1.5)  # "under 2 minutes" (CI slack)
+    rows = _rows(out / "results.csv")
+    assert {(a, s) for a, s, _, _ in rows} == {(a, str(s)) for a in ARM_NAMES for s in range(2)}
+    metrics = {m for a, s, m, _ in rows if (a, s) == ("random", "0")}
+    assert {"macro_f1", "macro_auroc", "unique_volumes_per_epoch", "pool_size"} <= metrics
+    assert sum(m.startswith("f1/") for m in metrics) == 30
+    for d in ("image_to_report", "report_to_image"):
+        assert {f"retrieval/{d}/R@{k}" for k in (1, 5, 10)} <= metrics
+    for lvl in ("0%", "25%", "50%"):
+        assert f"occlusion/{lvl}/macro_f1" in metrics and f"occlusion/{lvl}/retrieval/image_to_report/R@5" in metrics
+    values = {(a, s, m): float(v) for a, s, m, v in rows}
+    assert all(0 <= values[(a, "0", "macro_f1")] <= 1 for a in ARM_NAMES)
+    # Nested data fractions: the pools shrink 100 % > 40 % > 20 %; the full-data arms share one pool.
+    pool = {a: values[(a, "0", "pool_size")] for a in ARM_NAMES}
+    assert pool["subset-20"] < pool["subset-40"] < pool["subset-100"] < pool["random"] == pool["balanced-50-50"]
+
+    summary = (out / "summary.md").read_text()
+    for arm in ARMS:
+        assert f"`{arm.name}`" in summary and arm.paper in summary
+    assert "## The paper's comparisons" in summary and "## Data sensitivity per finding" in summary
+    assert "ct-zeroshot-train study --preset smoke" in summary
+    for name in ("arms.png", "scaling.png", "per_finding.png", "occlusion.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    # Every arm ran the same steps and the same schedule: the configs differ in sampler.* and seed only.
+    preset = StudyPreset.load("smoke")
+    base = preset.train_config(ARMS[0], 0).to_dict()
+    for arm in ARMS[1:]:
+        cfg = preset.train_config(arm, 0).to_dict()
+        assert {k for k in base if base[k] != cfg[k]} <= {"sampler"}, arm.name
+    run = out / "runs" / "balanced-25-75" / "seed1"
+    assert (run / "epochs.csv").exists() and json.loads((run / "study_run.json").read_text())["seed"] == 1
+
+
+def test_killed_study_resumes_to_the_same_results(smoke_study):
+    whole, cut = _rows(smoke_study["whole"] / "results.csv"), _rows(smoke_study["cut"] / "results.csv")
+    finished = {tuple(p.split("/")[1:]) for p in smoke_study["finished_before"]}
+    pick = lambda rows: [r for r in rows if (r[0], f"seed{r[1]}") in finished]  # noqa: E731
+    assert pick(cut) and pick(cut) == pick(whole)
+    assert cut == whole  # and the runs cut off mid-way resumed exactly, too
+    record = json.loads((smoke_study["cut"] / "study.json").read_text())
+    assert len(record["sessions"]) == 1 and record["sessions"][0]["runs"] < 16  # the resumed session skipped
+
+
+def test_aggregate_only_rewrites_the_same_results(smoke_study):
+    out = smoke_study["whole"]
+    before = (out / "results.csv").read_text()
+    proc = subprocess.run(_study_cmd(smoke_study["data"], out, smoke_study["cache"], "--aggregate-only"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "results.csv").read_text() == before
+
+
+def test_paired_bootstrap_and_verdicts():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (300, 30))
+    labels[rng.random(labels.shape) < 0.1] = -1
+    good = np.where(rng.random(labels.shape) < 0.85, labels.clip(0, 1), 1 - labels.clip(0, 1))
+    poor = np.where(rng.random(labels.shape) < 0.6, labels.clip(0, 1), 1 - labels.clip(0, 1))
+    same = paired_bootstrap([good, good], [good, good], labels, 100)
+    assert same == (0.0, 0.0, 0.0)
+    d, lo, hi = paired_bootstrap([good], [poor], labels, 200)
+    assert 0 < lo < d < hi
+    assert verdict((d, lo, hi), 0.02) == "same direction as the paper"
+    assert verdict((d, lo, hi), -0.02) == "opposite to the paper"
+    assert verdict((0.01, -0.01, 0.03), -0.02).startswith("inside the noise")
+
+
+def test_study_errors(tmp_path, corpus200):
+    with pytest.raises(ConfigError, match="study preset 'nope' does not exist; available: .*paper-cpu"):
+        StudyPreset.load("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_preset: cpu-tiny\noverrides: [sampler.ratio=abc]\n")
+    with pytest.raises(ConfigError, match="sampler.ratio 'abc' does not parse"):
+        StudyPreset.load(str(bad))
+    bad.write_text("train_preset: cpu-tiny\narms: [random, bigger-batches]\n")
+    with pytest.raises(ConfigError, match="bigger-batches"):
+        StudyPreset.load(str(bad))
+    for name in ("paper-cpu", "paper-merlin", "smoke"):
+        StudyPreset.load(name)  # every shipped preset resolves for every arm
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_study(StudyPreset.load("smoke"), corpus200, out, progress=False)
