@@ -13,7 +13,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from .volume import Volume, VolumeError
 
 # Orientation cosines must agree across a series to this tolerance.
+_TILE = 16
 _IOP_TOL = 1e-3
 # Slice gaps may vary by this fraction of the median gap before the series is refused.
 _GAP_TOL = 0.05
@@ -135,31 +136,73 @@ def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[n
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, order
 
 
-def series_to_volume(datasets: Sequence[Dataset], names: Sequence[str] | None = None) -> Volume:
-    """Build a HU volume (array[i=column, j=row, k=slice]) with its RAS affine from full datasets."""
+def _axis_flips(affine: np.ndarray, axcodes: str) -> list[bool] | None:
+    """Which voxel axes to reverse so that the array is in ``axcodes`` order, or None when that needs
+    an axis permutation too (left to the preprocessing's Orientation transform)."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    t = ornt_transform(io_orientation(affine), axcodes2ornt(axcodes))
+    if list(t[:, 0].astype(int)) != [0, 1, 2]:
+        return None
+    return [bool(v < 0) for v in t[:, 1]]
+
+
+def _flip_affine(affine: np.ndarray, flips: list[bool], shape: tuple[int, ...]) -> np.ndarray:
+    out = affine.copy()
+    for a, f in enumerate(flips):
+        if f:
+            out[:3, 3] += affine[:3, a] * (shape[a] - 1)
+            out[:3, a] = -affine[:3, a]
+    return out
+
+
+def series_to_volume(datasets: Sequence[Dataset], names: Sequence[str] | None = None,
+                     pixels: Callable[[int], np.ndarray] | None = None, axcodes: str | None = None,
+                     out: np.ndarray | None = None) -> Volume:
+    """Build a HU volume with its RAS affine: array[i=column, j=row, k=slice] or, with ``axcodes``
+    (e.g. "RAS"), the same axes reversed where that puts them in that orientation (no permutation).
+    ``datasets``: full datasets, or headers only with ``pixels(n)`` decoding instance n from its file.
+
+    The reversal happens while copying, so a volume in the model's orientation costs no extra pass:
+    MONAI's Orientation would flip a 512x512x300 LPS series into a new 300 MB tensor, ~75k page faults
+    (0.6-1 s of system time in this VM). ``out``: a float32 array to fill when it has the volume's
+    shape (a worker reusing one buffer across studies skips faulting in 300 MB per study)."""
     names = list(names) if names is not None else [str(getattr(d, "filename", f"instance {n}")) for n, d in enumerate(datasets)]
     affine, order = series_geometry(datasets, names)
     first = datasets[order[0]]
-    # Slices go into a slice-major buffer, each one contiguous write; the volume is its transposed
-    # view (I, J, K) in Fortran order, the layout nibabel gives for NIfTI. Writing slices into a
-    # C-ordered (I, J, K) array strides across the whole array: on a 512x512x300 series that cost
-    # 0.4-2 s, more than decoding.
-    buf = np.empty((len(order), int(first.Rows), int(first.Columns)), dtype=np.float32)
-    for n, idx in enumerate(order):
-        ds = datasets[idx]
-        try:
-            pix = ds.pixel_array
-        except Exception as exc:
-            raise VolumeError(f"{names[idx]}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
-        if pix.ndim != 2:
-            raise VolumeError(f"{names[idx]}: expected one 2D frame, found pixel array {pix.shape}")
-        slope = float(ds.get("RescaleSlope", 1.0))
-        intercept = float(ds.get("RescaleIntercept", 0.0))
-        buf[n] = pix  # integer -> float32 (a float32 loop below; int16 with a Python float would run in float64)
-        if slope != 1.0:
-            buf[n] *= np.float32(slope)
-        buf[n] += np.float32(intercept)
-    vol = buf.transpose(2, 1, 0)
+    shape = (int(first.Columns), int(first.Rows), len(order))
+    flips = (_axis_flips(affine, axcodes) if axcodes else None) or [False, False, False]
+    affine = _flip_affine(affine, flips, shape)
+    if flips[2]:
+        order = order[::-1]
+    ok = out is not None and out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous
+    vol = out if ok else np.empty(shape, dtype=np.float32)
+    dst = vol[::-1 if flips[0] else 1, ::-1 if flips[1] else 1, :]  # a view: writes land reversed
+    # (I, J, K) in C order has the slice axis fastest, so writing a decoded slice strides across the
+    # whole array. Slices are decoded _TILE at a time into a small slice-major block, which is then
+    # transposed into the volume in _TILE x _TILE tiles (measured on 512x512x300: one slice at a
+    # time 1.1-2.1 s; whole blocks of 8 slices 0.4-1.4 s; 16x16 tiles 0.26 s; torch's permuted copy
+    # 0.66 s). C order matters downstream: MONAI copies a permuted input before resampling.
+    rows, cols = int(first.Rows), int(first.Columns)
+    block = np.empty((_TILE, rows, cols), dtype=np.float32)
+    for b0 in range(0, len(order), _TILE):
+        chunk = order[b0:b0 + _TILE]
+        for n, idx in enumerate(chunk):
+            ds = datasets[idx]
+            try:
+                pix = pixels(idx) if pixels is not None else ds.pixel_array
+            except Exception as exc:
+                raise VolumeError(f"{names[idx]}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+            if pix.ndim != 2:
+                raise VolumeError(f"{names[idx]}: expected one 2D frame, found pixel array {pix.shape}")
+            block[n] = pix  # integer -> float32; the rescale below runs in float32
+            slope = float(ds.get("RescaleSlope", 1.0))
+            if slope != 1.0:
+                block[n] *= np.float32(slope)
+            block[n] += np.float32(float(ds.get("RescaleIntercept", 0.0)))
+        k = len(chunk)
+        for j0 in range(0, rows, _TILE):
+            dst[:, j0:j0 + _TILE, b0:b0 + k] = block[:k, j0:j0 + _TILE, :].transpose(2, 1, 0)
     return Volume(vol, affine, str(Path(names[order[0]]).parent))
 
 
