@@ -76,3 +76,30 @@ def test_spec_roundtrip_and_validation():
         PreprocessSpec(orientation="XYZ")
     with pytest.raises(ValueError, match="unknown preprocessing keys"):
         PreprocessSpec.from_dict({"spacing": [1, 1, 1], "colour": "red"})
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFS"])
+def test_deploy_path_matches_nifti_and_reuses_its_buffer(corpus200, position):
+    """The application's path (headers from the scan, pixels from the files, axes reversed into the
+    model's orientation while copying, one buffer reused across studies) gives the training path's tensor."""
+    from operators.dicom_series import scan_tree
+    from operators.pipeline import Preprocessor, StudyWork, select_series
+
+    spec = PreprocessSpec.tiny()
+    prep = Preprocessor(spec)
+    sids = _studies_by_position(corpus200)[position][:2]
+    seen, kept = {}, []
+    for sid in [sids[0], sids[0], sids[1], sids[0]]:  # the same size twice: the buffer is refilled
+        (uid, series), = scan_tree(corpus200 / "dicom" / sid).studies().items()
+        work = prep(select_series(StudyWork(uid, series)))
+        assert not work.failed, work.reason
+        nii = preprocess(load_nifti(corpus200 / "merlin_data" / f"{sid}.nii.gz"), spec)
+        assert np.abs(work.tensor - nii).max() <= 1e-3
+        assert np.array_equal(work.tensor, preprocess(load_dicom_folder(corpus200 / "dicom" / sid), spec))
+        if sid in seen:
+            assert np.array_equal(work.tensor, seen[sid])
+        seen[sid] = work.tensor.copy()
+        kept.append((work.tensor, seen[sid]))
+    assert prep._buffer is not None
+    for handed_out, copy in kept:  # no tensor handed out is a view of the buffer the next study refilled
+        assert np.array_equal(handed_out, copy)
