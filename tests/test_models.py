@@ -73,3 +73,18 @@ def test_dual_encoder_names_follow_merlin(tmp_path):
     assert "encode_text.linear_layer.weight" in names
     emb = model.encode_texts(["Liver: normal.", "spleen : mild splenomegaly"])
     assert emb.shape == (2, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("norm,image_centred,text_centred", [("none", False, False), ("batch", True, True),
+                                                             ("batch_affine", True, True), ("text", False, True)])
+def test_embed_norms_centre_the_towers_they_name(tmp_path, norm, image_centred, text_centred):
+    from training.config import TrainConfig
+    from training.models.clip import DualEncoder
+    from training.models.text import TextEncoder, build_small_text_model, train_wordpiece
+
+    assert TrainConfig.load("cpu-tiny", [f"joint.embed_norm={norm}"]).joint.embed_norm == norm
+    tok = train_wordpiece(["FINDINGS: Liver: Normal."] * 5, 40, tmp_path)
+    build_small_text_model(tok, hidden=16, layers=1, heads=2, max_len=32, out_dir=tmp_path)
+    model = DualEncoder(ImageEncoder("resnet10_tiny", 8), TextEncoder(tmp_path, 8, 30), embed_norm=norm)
+    assert isinstance(model.image_norm, torch.nn.BatchNorm1d) == image_centred
+    assert isinstance(model.text_norm, torch.nn.BatchNorm1d) == text_centred

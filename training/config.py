@@ -61,7 +61,7 @@ class TextCfg:
 
 @dataclass
 class JointCfg:
-    embed_norm: str = "none"  # none (Merlin) | batch | batch_affine (centre each tower's projection; see models/clip.py)
+    embed_norm: str = "none"  # none (Merlin) | batch | batch_affine | text (centre the towers' projections; models/clip.py)
     init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
 
 
@@ -169,8 +169,8 @@ class TrainConfig:
             raise ConfigError(f"batching.sections: unknown section(s) {bad}; known: {list(SECTIONS)}")
         if not 0 <= self.batching.full_report_prob <= 1:
             raise ConfigError("batching.full_report_prob must be in [0, 1]")
-        if self.joint.embed_norm not in ("none", "batch", "batch_affine"):
-            raise ConfigError(f"joint.embed_norm {self.joint.embed_norm!r}: expected none, batch or batch_affine")
+        if self.joint.embed_norm not in ("none", "batch", "batch_affine", "text"):
+            raise ConfigError(f"joint.embed_norm {self.joint.embed_norm!r}: expected none, batch, batch_affine or text")
         if self.text.pooling not in ("first", "mean"):
             raise ConfigError(f"text.pooling {self.text.pooling!r}: expected first or mean")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -12,7 +12,7 @@ from .image import ImageEncoder
 from .text import TextEncoder
 
 
-EMBED_NORMS = ("none", "batch", "batch_affine")
+EMBED_NORMS = ("none", "batch", "batch_affine", "text")
 
 
 class DualEncoder(nn.Module):
@@ -36,9 +36,11 @@ class DualEncoder(nn.Module):
         # img . (mean positive - mean negative prompt) is zero-mean too and Merlin's fixed threshold
         # calls ~50 % of studies positive whatever the prevalence (measured: 43-55 % for all 30
         # findings, prevalences 8-66 %). The offset lets the image->text loss carry the prior.
+        # "text": centre only the text tower; the image embeddings keep their mean, which is where a
+        # finding's prior can live under Merlin's rule (margin = img . (mean pos - mean neg prompt)).
         dim = image.i3_resnet.contrastive_head.out_channels
-        norm = {"none": None, "batch": False, "batch_affine": True}[embed_norm]
-        self.image_norm = nn.Identity() if norm is None else nn.BatchNorm1d(dim, affine=norm)
+        norm = {"none": None, "batch": False, "batch_affine": True, "text": False}[embed_norm]
+        self.image_norm = nn.Identity() if norm is None or embed_norm == "text" else nn.BatchNorm1d(dim, affine=norm)
         self.text_norm = nn.Identity() if norm is None else nn.BatchNorm1d(dim, affine=norm)
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
