@@ -22,11 +22,11 @@ from pydicom.dataset import Dataset
 from .volume import Volume, VolumeError
 
 # Orientation cosines must agree across a series to this tolerance.
-_TILE = 16
 _IOP_TOL = 1e-3
 # Slice gaps may vary by this fraction of the median gap before the series is refused.
 _GAP_TOL = 0.05
-# Slices decoded per block when assembling a volume (see series_to_volume).
+# Slices decoded per block, and the tile side, when assembling a volume (see series_to_volume).
+_TILE = 16
 
 
 @dataclass

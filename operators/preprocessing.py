@@ -90,7 +90,7 @@ def preprocess(volume: Volume, spec: PreprocessSpec, transform=None) -> np.ndarr
     transform = transform or build_transform(spec)
     array, affine = volume.array, volume.affine
     if array.flags.f_contiguous and not array.flags.c_contiguous:
-        # Fortran order (nibabel's NIfTI arrays, DICOM slices stacked slice-major): hand MONAI the
+        # Fortran order (nibabel's NIfTI arrays): hand MONAI the
         # C-ordered transpose with its axes' affine columns swapped to match. Orientation puts the
         # axes back, so the tensor is identical, without a 300 MB strided copy first (0.5-1 s).
         array, affine = array.T, affine[:, [2, 1, 0, 3]]

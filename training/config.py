@@ -21,6 +21,9 @@ from operators.findings import SECTIONS
 from operators.preprocessing import PreprocessSpec
 
 
+# How each tower's projection is normalised before the L2 norm (see models/clip.py).
+EMBED_NORMS = ("none", "batch", "batch_affine", "text")
+
 _RATIO = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")
 
 
@@ -169,8 +172,8 @@ class TrainConfig:
             raise ConfigError(f"batching.sections: unknown section(s) {bad}; known: {list(SECTIONS)}")
         if not 0 <= self.batching.full_report_prob <= 1:
             raise ConfigError("batching.full_report_prob must be in [0, 1]")
-        if self.joint.embed_norm not in ("none", "batch", "batch_affine", "text"):
-            raise ConfigError(f"joint.embed_norm {self.joint.embed_norm!r}: expected none, batch, batch_affine or text")
+        if self.joint.embed_norm not in EMBED_NORMS:
+            raise ConfigError(f"joint.embed_norm {self.joint.embed_norm!r}: expected one of {', '.join(EMBED_NORMS)}")
         if self.text.pooling not in ("first", "mean"):
             raise ConfigError(f"text.pooling {self.text.pooling!r}: expected first or mean")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -20,6 +20,7 @@ checkpoint, which the training loop does exactly. Runs are independent processes
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -161,11 +162,10 @@ def _rank() -> tuple[int, int]:
 def _run_one(job: dict) -> dict:
     """One arm x seed: train (or resume), evaluate on the split, write ``study_run.json`` last."""
     import torch
+    import transformers
 
     from .evaluate_run import evaluate_run
     from .train import train
-
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one study bar, not one per checkpoint load
     transformers.utils.logging.set_verbosity_error()
@@ -196,9 +196,7 @@ def _run_one(job: dict) -> dict:
             "macro_f1": metrics["zero_shot"]["macro_f1"], "best_step": summary["best"]["step"],
             "pool_size": summary["pool_size"], "sampler_shortfall": summary["sampler_shortfall"]}
     (rd / "error.txt").unlink(missing_ok=True)
-    tmp = rd / ".study_run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, rd / "study_run.json")
+    _write_json(rd / "study_run.json", info)
     return info
 
 
@@ -221,16 +219,14 @@ def run_study(preset: StudyPreset, data: str | Path, out: str | Path, seeds: int
     main = _rank()[0] == 0
     if _rank()[1] > 1:
         jobs = 1  # under torchrun: one run at a time across all ranks
-    if not main:
-        pass  # rank 0 owns the study folder and its checks
-    elif record_path.exists():
+    if main and record_path.exists():  # rank 0 owns the study folder and its checks
         prev = json.loads(record_path.read_text())
         if not resume:
             raise FileExistsError(f"{out}: holds a study already; pass --resume to continue it or use a new --out")
         if prev.get("preset_fields") != record["preset_fields"] or prev.get("data") != record["data"]:
             raise ValueError(f"{out}: holds a study with a different preset or data set; use a new --out")
         record = prev
-    elif out.exists() and any(out.iterdir()) and not resume:
+    elif main and out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out}: exists and is not empty; use a new --out")
     out.mkdir(parents=True, exist_ok=True)
     record["seeds"] = seeds
@@ -306,10 +302,15 @@ def run_study(preset: StudyPreset, data: str | Path, out: str | Path, seeds: int
     return record
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name and rename: a reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, json.dumps(obj, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,12 +404,11 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
                 continue
             finished.setdefault(arm.name, []).append(seed)
             rows += [(arm.name, seed, k, v) for k, v in run_metrics(rd)]
-    tmp = out / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["arm", "seed", "metric", "value"])
-        w.writerows((a, s, k, f"{v:.6g}") for a, s, k, v in rows)
-    os.replace(tmp, out / "results.csv")
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["arm", "seed", "metric", "value"])
+    w.writerows((a, s, k, f"{v:.6g}") for a, s, k, v in rows)
+    _write_atomic(out / "results.csv", buf.getvalue())
 
     table: dict[tuple[str, str], list[float]] = {}
     for a, _s, k, v in rows:
@@ -451,9 +451,7 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
     catalogue = load_catalogue()
     text = _summary_md(preset, out, seeds, record or {}, arms, finished, stat, deltas, comparisons, catalogue,
                        labels_ref)
-    tmp = out / ".summary.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "summary.md")
+    _write_atomic(out / "summary.md", text)
     _plots(preset, out, arms, stat, catalogue)
     if progress:
         print(f"results: {out / 'results.csv'}\nsummary: {out / 'summary.md'}", flush=True)

@@ -8,11 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import EMBED_NORMS
 from .image import ImageEncoder
 from .text import TextEncoder
-
-
-EMBED_NORMS = ("none", "batch", "batch_affine", "text")
 
 
 class DualEncoder(nn.Module):
@@ -39,9 +37,9 @@ class DualEncoder(nn.Module):
         # "text": centre only the text tower; the image embeddings keep their mean, which is where a
         # finding's prior can live under Merlin's rule (margin = img . (mean pos - mean neg prompt)).
         dim = image.i3_resnet.contrastive_head.out_channels
-        norm = {"none": None, "batch": False, "batch_affine": True, "text": False}[embed_norm]
-        self.image_norm = nn.Identity() if norm is None or embed_norm == "text" else nn.BatchNorm1d(dim, affine=norm)
-        self.text_norm = nn.Identity() if norm is None else nn.BatchNorm1d(dim, affine=norm)
+        affine = embed_norm == "batch_affine"
+        self.image_norm = nn.BatchNorm1d(dim, affine=affine) if embed_norm in ("batch", "batch_affine") else nn.Identity()
+        self.text_norm = nn.BatchNorm1d(dim, affine=affine) if embed_norm != "none" else nn.Identity()
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_norm(self.encode_image(images).float()), dim=-1)
