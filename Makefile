@@ -60,7 +60,7 @@ demo-model: venv
 		--thresholds validation --name ct-zeroshot-demo --model-version 0.1.0
 	mkdir -p operators/models && cp -r $(DEMO_RUN)/package operators/models/demo
 
-# The paper's sampler study on a 2-core CPU (8 arms x 3 seeds; about 45 minutes): results/study-paper-cpu.
+# The paper's sampler study on a 2-core CPU (8 arms x 3 seeds; 35 minutes measured): results/study-paper-cpu.
 # Interrupted? `make study STUDY_ARGS=--resume` continues and skips finished runs.
 study: venv
 	@test -d data/synth-4k || $(MAKE) corpus
