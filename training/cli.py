@@ -40,6 +40,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from .probe import probe_run
+
+    path, text = probe_run(args.run, args.data, checkpoint=args.checkpoint, split=args.split,
+                           train_limit=args.train_limit, supervised_steps=args.supervised_steps,
+                           cache_dir=args.cache, progress=not args.quiet)
+    print(text)
+    print(f"\nprobe: {path}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from operators.package import load_package
 
@@ -106,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
+
+    pr = sub.add_parser("probe", help="zero-shot AUROC beside a linear probe of the image embeddings and "
+                                      "(optionally) a supervised image tower of the same budget")
+    pr.add_argument("--run", required=True)
+    pr.add_argument("--data", required=True)
+    pr.add_argument("--split", default="test", choices=["validation", "test"])
+    pr.add_argument("--checkpoint", default="best", choices=["best", "last", "init"])
+    pr.add_argument("--train-limit", type=int, default=None,
+                    help="fit the probe (and the supervised reference) on the first N training studies")
+    pr.add_argument("--supervised-steps", type=int, default=0,
+                    help="also train the run's image architecture with BCE on the report labels for N steps")
+    pr.add_argument("--cache", default=None)
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=_probe)
 
     x = sub.add_parser("export", help="export a run to a model package (ONNX encoders, prompts, manifest)")
     x.add_argument("--run", required=True)

@@ -1,0 +1,70 @@
+"""``ct-zeroshot-train probe``: the linear probe and the supervised reference measure what they claim."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from training.probe import linear_probe, per_finding_auroc, train_supervised
+
+
+def test_linear_probe_finds_an_encoded_finding_and_not_a_random_one():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 8))
+    y = np.stack([(x[:, 0] + 0.3 * rng.normal(size=600) > 0.5).astype(int),  # encoded in dimension 0
+                  rng.integers(0, 2, size=600),                             # unrelated to x
+                  np.zeros(600, int)], axis=1)                              # one class in training
+    y[rng.random(600) < 0.3, 0] = -1                                        # unmentioned: dropped
+    y[400:, 2] = rng.integers(0, 2, size=200)
+    scores = linear_probe(x[:400], y[:400], x[400:])
+    auc = per_finding_auroc(scores, y[400:])
+    assert auc[0] > 0.95
+    assert 0.35 < auc[1] < 0.65
+    assert auc[2] is None  # nothing to fit on: reported as missing, not as a number
+
+
+def _toy_volumes(n, rng):
+    """(1, 16, 16, 16) volumes; finding 0 is a bright cube somewhere, finding 1 is never mentioned."""
+    vols = rng.normal(0.5, 0.05, size=(n, 1, 16, 16, 16)).astype(np.float32)
+    present = rng.random(n) < 0.4
+    for i in np.flatnonzero(present):
+        a, b, c = rng.integers(2, 11, size=3)
+        vols[i, 0, a:a + 4, b:b + 4, c:c + 4] += 0.4
+    labels = np.stack([present.astype(np.int8), np.full(n, -1, np.int8)], axis=1)
+    return vols, labels
+
+
+def test_supervised_reference_learns_a_visible_finding_and_ignores_unmentioned_labels():
+    rng = np.random.default_rng(1)
+    vols, labels = _toy_volumes(240, rng)
+    model = train_supervised("resnet10_tiny", vols[:160], labels[:160], steps=60, batch_size=16, lr=3e-3,
+                             weight_decay=0.0, progress=False)
+    import torch
+
+    with torch.no_grad():
+        scores = model(torch.from_numpy(vols[160:])).numpy()
+    auc = per_finding_auroc(scores, labels[160:])
+    assert auc[0] > 0.9
+    assert auc[1] is None
+
+
+def test_probe_command(tiny_package, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_package["run"], run)
+    base = [sys.executable, "-m", "training.cli", "probe", "--run", str(run), "--data", str(tiny_package["data"]),
+            "--cache", str(tiny_package["cache"]), "--quiet"]
+    proc = subprocess.run(base + ["--supervised-steps", "3"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "linear_probe" in proc.stdout and "supervised" in proc.stdout
+    result = json.loads((run / "probe.json").read_text())
+    assert len(result["per_finding"]) == 30
+    assert set(result["macro_auroc"]) == {"zero_shot", "linear_probe", "supervised"}
+    for value in result["macro_auroc"].values():
+        assert 0.0 <= value <= 1.0
+    assert result["meta"]["supervised_steps"] == 3 and result["meta"]["test_studies"] > 0
+
+    proc = subprocess.run(base + ["--train-limit", "1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--train-limit must be >= 2" in proc.stderr

@@ -1,0 +1,186 @@
+"""``ct-zeroshot-train probe``: how much of what could be seen in the images does zero-shot use?
+
+Beside a run's zero-shot AUROC per finding (Merlin's rule on its prompts), on the same split:
+
+- **linear probe**: a logistic regression per finding on the run's frozen image embeddings, fitted on
+  the training split's report labels (1 / 0; -1 dropped per finding): what the image embedding space
+  separates, whatever the text tower and the prompts make of it;
+- **supervised reference** (``--supervised-steps N``): a fresh image tower of the run's architecture
+  and input trained with binary cross-entropy on the same labels (-1 masked) for N steps of the run's
+  batch size: what the architecture learns from the labels themselves at that budget, an upper
+  reference for a contrastive run of N steps.
+
+Labels are the corpus's report labels, so this runs on the Merlin release as on the synthetic corpus.
+Results go to ``RUN/probe.json`` (or ``probe_<checkpoint>.json``) and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from operators.findings import load_catalogue
+
+from .cache import VolumeCache
+from .data import load_studies
+from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
+from .models.image import ImageEncoder
+from .train import CachedVolumes, default_cache_dir, load_run
+
+
+def _auroc(y: np.ndarray, score: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < y.size else None
+
+
+def per_finding_auroc(scores: np.ndarray, labels: np.ndarray) -> list[float | None]:
+    """AUROC of each column of ``scores`` against ``labels`` (1 / 0 / -1; -1 dropped per column)."""
+    out = []
+    for j in range(labels.shape[1]):
+        keep = labels[:, j] != -1
+        s = scores[keep, j]
+        out.append(None if np.isnan(s).any() else _auroc(labels[keep, j], s))
+    return out
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c: float = 1.0) -> np.ndarray:
+    """(N_test, n_findings) decision values of one logistic regression per finding, each fitted on the
+    training rows whose label is not -1; NaN columns where the training labels have a single class."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    tr, te = scaler.transform(train_x), scaler.transform(test_x)
+    out = np.full((test_x.shape[0], train_y.shape[1]), np.nan)
+    for j in range(train_y.shape[1]):
+        keep = train_y[:, j] != -1
+        y = train_y[keep, j]
+        if y.size == 0 or y.min() == y.max():
+            continue
+        clf = LogisticRegression(C=c, max_iter=2000).fit(tr[keep], y)
+        out[:, j] = clf.decision_function(te)
+    return out
+
+
+def train_supervised(arch: str, volumes, labels: np.ndarray, steps: int, batch_size: int, lr: float,
+                     weight_decay: float, seed: int = 0, progress: bool = True) -> ImageEncoder:
+    """A fresh ``arch`` image tower with one output per finding, trained with masked BCE on ``labels``
+    (-1 ignored) for ``steps`` steps of ``batch_size`` studies drawn without replacement per step."""
+    from tqdm import tqdm
+
+    if steps < 1:
+        raise ValueError(f"supervised steps must be >= 1, got {steps}")
+    torch.manual_seed(seed)
+    model = ImageEncoder(arch, labels.shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=min(0.1, 50 / steps))
+    rng = np.random.default_rng(seed)
+    y_all = torch.from_numpy(labels.astype(np.float32))
+    model.train()
+    bar = tqdm(range(steps), desc="supervised reference", unit="step", disable=not progress)
+    for _ in bar:
+        idx = rng.choice(len(volumes), size=min(batch_size, len(volumes)), replace=False)
+        x = torch.from_numpy(np.stack([volumes[int(i)] for i in idx]))
+        y = y_all[idx]
+        mask = (y != -1).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y.clamp(min=0), weight=mask,
+                                                                    reduction="sum") / mask.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def _predict(model: ImageEncoder, volumes, batch_size: int) -> np.ndarray:
+    out = []
+    for i in range(0, len(volumes), batch_size):
+        out.append(model(torch.from_numpy(np.stack([volumes[j] for j in range(i, min(i + batch_size, len(volumes)))]))))
+    return torch.cat(out).numpy()
+
+
+def probe_run(run: str | Path, data: str | Path, checkpoint: str = "best", split: str = "test",
+              train_limit: int | None = None, supervised_steps: int = 0, cache_dir=None, seed: int = 0,
+              progress: bool = True) -> tuple[Path, str]:
+    run = Path(run)
+    device = torch.device("cpu")
+    model, cfg = load_run(run, checkpoint, device)
+    studies = load_studies(data)
+    train_set = [s for s in studies if s.split == "train" and s.labels is not None]
+    test_set = [s for s in studies if s.split == split and s.labels is not None]
+    if not train_set:
+        raise ValueError(f"{data}: no labelled studies in split 'train' to fit the probe on")
+    if not test_set:
+        raise ValueError(f"{data}: no labelled studies in split {split!r}")
+    if train_limit is not None:
+        if train_limit < 2:
+            raise ValueError(f"--train-limit must be >= 2, got {train_limit}")
+        train_set = train_set[:train_limit]
+    cache = VolumeCache(cache_dir or default_cache_dir(), cfg.spec)
+    cache.build(train_set + test_set, workers=min(os.cpu_count() or 1, 8), progress=progress)
+    vol_tr, vol_te = CachedVolumes(cache, train_set), CachedVolumes(cache, test_set)
+    y_tr = np.stack([s.labels for s in train_set])
+    y_te = np.stack([s.labels for s in test_set])
+    bs = cfg.train.batch_size
+
+    t0 = time.perf_counter()
+    emb_tr = embed_images(model, vol_tr, device, bs).numpy()
+    emb_te = embed_images(model, vol_te, device, bs)
+    prompt_emb, rows = prompt_embeddings(model, device)
+    margins, _ = zero_shot_scores(emb_te, prompt_emb, rows, model.scale().item())
+    zs = zero_shot_metrics(margins, y_te)
+    probe_auc = per_finding_auroc(linear_probe(emb_tr, y_tr, emb_te.numpy()), y_te)
+    columns = {"zero_shot": [zs["per_finding"][f]["auroc"] for f in load_catalogue().ids],
+               "linear_probe": probe_auc}
+    seconds = {"probe": time.perf_counter() - t0}
+    if supervised_steps:
+        t0 = time.perf_counter()
+        sup = train_supervised(cfg.image.arch, vol_tr, y_tr, supervised_steps, bs, cfg.optim.lr,
+                               cfg.optim.weight_decay, seed=seed, progress=progress)
+        columns["supervised"] = per_finding_auroc(_predict(sup, vol_te, bs), y_te)
+        seconds["supervised"] = time.perf_counter() - t0
+
+    ids = load_catalogue().ids
+    result = {
+        "meta": {"run": str(run), "checkpoint": checkpoint, "split": split, "data": str(data),
+                 "train_studies": len(train_set), "test_studies": len(test_set),
+                 "supervised_steps": supervised_steps, "batch_size": bs, "arch": cfg.image.arch,
+                 "seconds": seconds, "config_digest": cfg.digest()},
+        "macro_auroc": {k: _nanmean(v) for k, v in columns.items()},
+        "per_finding": {fid: {k: v[j] for k, v in columns.items()} | {
+            "test_n": int((y_te[:, j] != -1).sum()), "test_positives": int((y_te[:, j] == 1).sum())}
+            for j, fid in enumerate(ids)},
+    }
+    name = "probe.json" if checkpoint == "best" else f"probe_{checkpoint}.json"
+    path = run / name
+    tmp = run / f".{name}.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return path, format_probe(result)
+
+
+def _nanmean(values) -> float:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def format_probe(result: dict) -> str:
+    cols = list(result["macro_auroc"])
+    fmt = lambda x: "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.3f}"  # noqa: E731
+    lines = [f"AUROC on {result['meta']['split']} ({result['meta']['test_studies']} studies), probe fitted on "
+             f"{result['meta']['train_studies']} training studies"
+             + (f", supervised reference: {result['meta']['supervised_steps']} steps" if "supervised" in cols else ""),
+             f"{'finding':32s}" + "".join(f"{c:>14s}" for c in cols)]
+    for fid, row in result["per_finding"].items():
+        lines.append(f"{fid:32s}" + "".join(f"{fmt(row[c]):>14s}" for c in cols))
+    lines.append(f"{'macro':32s}" + "".join(f"{fmt(result['macro_auroc'][c]):>14s}" for c in cols))
+    return "\n".join(lines)
