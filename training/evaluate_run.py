@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from .cache import VolumeCache
 from .data import load_studies
 from .evaluate import evaluate_model, format_tables
+from .files import write_json
 from .train import CachedVolumes, default_cache_dir, load_run, read_run_config
 
 
@@ -38,9 +38,7 @@ def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpo
                        "data": str(data), "config_digest": cfg.digest()}
     name = "metrics.json" if checkpoint == "best" else f"metrics_{checkpoint}.json"
     path = run / name
-    tmp = run / f".{name}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, path)
+    write_json(path, metrics)
     np.savez_compressed(run / name.replace(".json", "_predictions.npz"), margins=margins, labels=labels,
                         study_ids=np.array([s.study_id for s in studies]))
     return path, format_tables(metrics)

@@ -16,7 +16,6 @@ Results go to ``RUN/probe.json`` (or ``probe_<checkpoint>.json``) and are printe
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -30,6 +29,7 @@ from operators.findings import load_catalogue
 from .cache import VolumeCache
 from .data import load_studies
 from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
+from .files import write_json
 from .models.image import ImageEncoder
 from .train import CachedVolumes, default_cache_dir, load_run
 
@@ -162,9 +162,7 @@ def probe_run(run: str | Path, data: str | Path, checkpoint: str = "best", split
     }
     name = "probe.json" if checkpoint == "best" else f"probe_{checkpoint}.json"
     path = run / name
-    tmp = run / f".{name}.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    write_json(path, result)
     return path, format_probe(result)
 
 

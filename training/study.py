@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from .config import ConfigError, TrainConfig
+from .files import write_atomic, write_json
 
 SUBSET_FRACTION = 4362 / 15331  # the paper's subset of Merlin's training split
 
@@ -196,7 +197,7 @@ def _run_one(job: dict) -> dict:
             "macro_f1": metrics["zero_shot"]["macro_f1"], "best_step": summary["best"]["step"],
             "pool_size": summary["pool_size"], "sampler_shortfall": summary["sampler_shortfall"]}
     (rd / "error.txt").unlink(missing_ok=True)
-    _write_json(rd / "study_run.json", info)
+    write_json(rd / "study_run.json", info)
     return info
 
 
@@ -232,7 +233,7 @@ def run_study(preset: StudyPreset, data: str | Path, out: str | Path, seeds: int
     record["seeds"] = seeds
     record.setdefault("sessions", [])
     if main:
-        _write_json(record_path, record)
+        write_json(record_path, record)
 
     studies = load_studies(data)
     if preset.split not in {s.split for s in studies}:
@@ -294,23 +295,12 @@ def run_study(preset: StudyPreset, data: str | Path, out: str | Path, seeds: int
                                "runs": len(todo), "jobs": jobs, "threads": preset.threads,
                                "seconds": round(time.time() - t0, 1)})
     record["failures"] = failures
-    _write_json(record_path, record)
+    write_json(record_path, record)
     aggregate(preset, out, seeds, record, progress=progress)
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed: " + "; ".join(f"{f['arm']} seed {f['seed']}: {f['error']}"
                                                                           for f in failures))
     return record
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name and rename: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, json.dumps(obj, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +398,7 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
     w = csv.writer(buf)
     w.writerow(["arm", "seed", "metric", "value"])
     w.writerows((a, s, k, f"{v:.6g}") for a, s, k, v in rows)
-    _write_atomic(out / "results.csv", buf.getvalue())
+    write_atomic(out / "results.csv", buf.getvalue())
 
     table: dict[tuple[str, str], list[float]] = {}
     for a, _s, k, v in rows:
@@ -451,7 +441,7 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
     catalogue = load_catalogue()
     text = _summary_md(preset, out, seeds, record or {}, arms, finished, stat, deltas, comparisons, catalogue,
                        labels_ref)
-    _write_atomic(out / "summary.md", text)
+    write_atomic(out / "summary.md", text)
     _plots(preset, out, arms, stat, catalogue)
     if progress:
         print(f"results: {out / 'results.csv'}\nsummary: {out / 'summary.md'}", flush=True)

@@ -13,7 +13,6 @@ volumes seen per epoch), ``val.csv``, ``train_summary.json`` (written last).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import random
@@ -28,6 +27,7 @@ from .cache import VolumeCache
 from .config import TrainConfig
 from .data import Study, load_studies
 from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
+from .files import write_json
 from .loss import clip_loss
 from .models.clip import DualEncoder
 from .models.image import ImageEncoder
@@ -312,9 +312,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, cache_dir: str | 
     if main and finished:
         if not (ckpt_dir / "best.pt").exists():  # no validation labels: the last weights are the selection
             _save(ckpt_dir / "best.pt", {"model": model.state_dict(), "step": end, "val": None})
-        tmp = run / ".train_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, run / "train_summary.json")
+        write_json(run / "train_summary.json", summary)
     if world > 1:
         torch.distributed.barrier()
     return summary
