@@ -82,8 +82,15 @@ def zero_shot_scores(image_emb: torch.Tensor, prompt_emb: torch.Tensor, rows: li
     return finding_scores(image_emb.numpy(), prompt_emb.numpy(), rows, scale)
 
 
+def finding_auroc(y: np.ndarray, score: np.ndarray) -> float | None:
+    """AUROC of one finding over studies whose label is 1 or 0; None when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < y.size else None
+
+
 def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
-    from sklearn.metrics import f1_score, roc_auc_score
+    from sklearn.metrics import f1_score
 
     ids = load_catalogue().ids
     per = {}
@@ -94,7 +101,7 @@ def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
             per[fid] = {"f1": None, "auroc": None, "n": 0, "positives": 0}
             continue
         pred = (margins[keep, j] > 0).astype(int)
-        auroc = float(roc_auc_score(y, margins[keep, j])) if 0 < y.sum() < y.size else None
+        auroc = finding_auroc(y, margins[keep, j])
         per[fid] = {"f1": float(f1_score(y, pred, zero_division=0)), "auroc": auroc, "n": int(y.size),
                     "positives": int(y.sum())}
     f1s = [v["f1"] for v in per.values() if v["f1"] is not None]

@@ -28,16 +28,10 @@ from operators.findings import load_catalogue
 
 from .cache import VolumeCache
 from .data import load_studies
-from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
+from .evaluate import embed_images, finding_auroc, prompt_embeddings, zero_shot_metrics, zero_shot_scores
 from .files import write_json
 from .models.image import ImageEncoder
 from .train import CachedVolumes, default_cache_dir, load_run
-
-
-def _auroc(y: np.ndarray, score: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, score)) if 0 < y.sum() < y.size else None
 
 
 def per_finding_auroc(scores: np.ndarray, labels: np.ndarray) -> list[float | None]:
@@ -46,7 +40,7 @@ def per_finding_auroc(scores: np.ndarray, labels: np.ndarray) -> list[float | No
     for j in range(labels.shape[1]):
         keep = labels[:, j] != -1
         s = scores[keep, j]
-        out.append(None if np.isnan(s).any() else _auroc(labels[keep, j], s))
+        out.append(None if np.isnan(s).any() else finding_auroc(labels[keep, j], s))
     return out
 
 
@@ -139,7 +133,8 @@ def probe_run(run: str | Path, data: str | Path, checkpoint: str = "best", split
     margins, _ = zero_shot_scores(emb_te, prompt_emb, rows, model.scale().item())
     zs = zero_shot_metrics(margins, y_te)
     probe_auc = per_finding_auroc(linear_probe(emb_tr, y_tr, emb_te.numpy()), y_te)
-    columns = {"zero_shot": [zs["per_finding"][f]["auroc"] for f in load_catalogue().ids],
+    ids = load_catalogue().ids
+    columns = {"zero_shot": [zs["per_finding"][f]["auroc"] for f in ids],
                "linear_probe": probe_auc}
     seconds = {"probe": time.perf_counter() - t0}
     if supervised_steps:
@@ -149,7 +144,6 @@ def probe_run(run: str | Path, data: str | Path, checkpoint: str = "best", split
         columns["supervised"] = per_finding_auroc(_predict(sup, vol_te, bs), y_te)
         seconds["supervised"] = time.perf_counter() - t0
 
-    ids = load_catalogue().ids
     result = {
         "meta": {"run": str(run), "checkpoint": checkpoint, "split": split, "data": str(data),
                  "train_studies": len(train_set), "test_studies": len(test_set),
@@ -173,7 +167,10 @@ def _nanmean(values) -> float:
 
 def format_probe(result: dict) -> str:
     cols = list(result["macro_auroc"])
-    fmt = lambda x: "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.3f}"  # noqa: E731
+
+    def fmt(x) -> str:
+        return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.3f}"
+
     lines = [f"AUROC on {result['meta']['split']} ({result['meta']['test_studies']} studies), probe fitted on "
              f"{result['meta']['train_studies']} training studies"
              + (f", supervised reference: {result['meta']['supervised_steps']} steps" if "supervised" in cols else ""),
