@@ -68,19 +68,19 @@ study: venv
 
 # Stage timings of the application on a full-profile study (demo model and a Merlin-size encoder).
 bench-stages: venv
-	$(BIN)/python -m training.bench_stages --out results/bench --runs 3
+	$(BIN)/python -m benchmarks.bench_stages --out results/bench --runs 3
 
 # Batch throughput with the demo model at 1 and 2 workers (results/bench/batch_throughput.md).
 bench-batch: venv
-	$(BIN)/python -m training.bench_batch --out results/bench --studies 96 --workers 1,2
+	$(BIN)/python -m benchmarks.bench_batch --out results/bench --studies 96 --workers 1,2
 
 # Full-size Merlin image encoder on this machine: ONNX Runtime vs torch eager (results/bench).
 bench-onnx: venv
-	$(BIN)/python -m training.bench_onnx --out results/bench --runs 5
+	$(BIN)/python -m benchmarks.bench_onnx --out results/bench --runs 5
 
 # The converter at Merlin's size on random weights (no official files needed); keeps the manifest.
 merlin-check: venv
-	$(BIN)/python -m training.merlin_stub --out cache/merlin-stub
+	$(BIN)/python -m benchmarks.merlin_stub --out cache/merlin-stub
 	rm -rf cache/merlin-stub/package
 	$(BIN)/ct-zeroshot-train convert-merlin --checkpoint cache/merlin-stub/merlin_random.pt \
 		--text-model cache/merlin-stub/clinical-longformer --out cache/merlin-stub/package

@@ -12,7 +12,7 @@ import torch
 from operators.findings import load_catalogue
 from operators.package import load_package
 from training.convert_merlin import ConversionError, build_merlin_model, load_merlin_state, read_checkpoint
-from training.merlin_stub import merlin_shapes, random_merlin_state_dict, write_longformer_stub
+from benchmarks.merlin_stub import merlin_shapes, random_merlin_state_dict, write_longformer_stub
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,8 @@ def test_longformer_text_tower_ships_only_with_parity(longformer_dir, tmp_path):
     window when ONNX Runtime reproduces it, otherwise left out with the reason in the manifest."""
     from operators.preprocessing import PreprocessSpec
     from operators.zeroshot import ZeroShotModel
-    from training.export import export_package, synthetic_inputs
+    from training.export import export_package
+    from training.synth.inputs import synthetic_inputs
     from training.models.clip import DualEncoder
     from training.models.image import ImageEncoder
     from training.models.text import TextEncoder

@@ -14,7 +14,7 @@ from operators.zeroshot import ZeroShotModel, finding_scores
 from training.data import load_studies
 from training.evaluate import prompt_embeddings, zero_shot_scores
 from training.export import choose_thresholds
-from training.train import load_run
+from training.runs import load_run
 
 @pytest.fixture(scope="module")
 def exported(tiny_package):
@@ -48,7 +48,7 @@ def test_package_scores_equal_the_torch_evaluation(exported):
     pkg = load_package(exported["pkg"])
     model, cfg = load_run(exported["run"])
     from training.cache import VolumeCache
-    from training.train import CachedVolumes
+    from training.runs import CachedVolumes
 
     studies = [s for s in load_studies(exported["data"]) if s.split == "test"][:6]
     cache = VolumeCache(exported["cache"], cfg.spec)
@@ -175,7 +175,7 @@ def test_merlin_rule_probability_is_the_two_way_softmax():
 
 def test_onnx_benchmark_smoke(tmp_path):
     """The benchmark command's structure, on a small architecture (the real run is `make bench-onnx`)."""
-    proc = subprocess.run([sys.executable, "-m", "training.bench_onnx", "--out", str(tmp_path), "--runs", "2",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_onnx", "--out", str(tmp_path), "--runs", "2",
                            "--arch", "resnet10_tiny"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "onnx_vs_torch.json").read_text())

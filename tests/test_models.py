@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.merlin_stub import random_merlin_state_dict
+from benchmarks.merlin_stub import random_merlin_state_dict
 from training.models.image import ARCHS, ImageEncoder
 
 

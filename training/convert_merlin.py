@@ -25,7 +25,8 @@ import torch
 
 from operators.preprocessing import PreprocessSpec
 
-from .export import export_package, synthetic_inputs
+from .export import export_package
+from .synth.inputs import synthetic_inputs
 from .models.clip import DualEncoder
 from .models.image import ImageEncoder
 from .models.text import TextEncoder

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cache import VolumeCache
-from .data import load_studies
 from .evaluate import evaluate_model, format_tables
 from .files import write_json
-from .train import CachedVolumes, default_cache_dir, load_run, read_run_config
+from .runs import load_run, read_run_config, split_volumes
 
 
 def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpoint: str = "best",
@@ -20,17 +17,11 @@ def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpo
     run = Path(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = read_run_config(run)
-    studies = [s for s in load_studies(data) if s.split == split]
-    if not studies:
-        raise ValueError(f"{data}: no studies in split {split!r}")
-    if any(s.labels is None for s in studies):
-        raise ValueError(f"{data}: split {split!r} has studies without finding labels")
-    cache = VolumeCache(cache_dir or default_cache_dir(), cfg.spec)
-    cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
+    studies, volumes = split_volumes(cfg, data, split, cache_dir=cache_dir, progress=progress, labelled=True)
     model, cfg = load_run(run, checkpoint, device)
     labels = np.stack([s.labels for s in studies])
     kw = {} if occlusion_levels is None else {"occlusion_levels": occlusion_levels}
-    metrics = evaluate_model(model, CachedVolumes(cache, studies), [s.findings_text for s in studies], labels,
+    metrics = evaluate_model(model, volumes, [s.findings_text for s in studies], labels,
                              device, seed=seed, batch_size=cfg.train.batch_size, progress=progress, **kw)
     margins = metrics.pop("_margins")
     metrics.pop("_probabilities")

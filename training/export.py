@@ -335,44 +335,6 @@ def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec,
     return manifest
 
 
-def synthetic_inputs(spec: PreprocessSpec, n: int = 4, seed: int = 20261128) -> np.ndarray:
-    """``n`` procedural phantoms (tiny profile) preprocessed with ``spec``: parity inputs when no data
-    set is given (e.g. converting the Merlin checkpoint). Seeded apart from any corpus."""
-    from operators.preprocessing import build_transform, preprocess
-    from operators.volume import Volume
-
-    from .synth.corpus import make_grid
-    from .synth.patient import sample_patient
-    from .synth.phantom import build_phantom
-
-    transform = build_transform(spec)
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        patient = sample_patient(rng, i)
-        grid, noise, blur = make_grid("tiny", patient, rng)
-        hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur)
-        out.append(preprocess(Volume(hu, grid.affine_ras()), spec, transform))
-    return np.stack(out).astype(np.float32)
-
-
-def _split_volumes(run_cfg, data, split: str, limit: int | None, cache_dir, progress: bool):
-    import os
-
-    from .cache import VolumeCache
-    from .data import load_studies
-    from .train import CachedVolumes, default_cache_dir
-
-    studies = [s for s in load_studies(data) if s.split == split]
-    if not studies:
-        raise ExportError(f"{data}: no studies in split {split!r}")
-    if limit:
-        studies = studies[:limit]
-    cache = VolumeCache(cache_dir or default_cache_dir(), run_cfg.spec)
-    cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
-    return studies, CachedVolumes(cache, studies)
-
-
 def export_run(run: str | Path, out: str | Path, data: str | Path, checkpoint: str = "best",
                thresholds: str = "merlin", name: str | None = None, version: str = "0.1.0",
                parity_studies: int = 8, cache_dir=None, progress: bool = True, text: str = "auto",
@@ -380,18 +342,22 @@ def export_run(run: str | Path, out: str | Path, data: str | Path, checkpoint: s
     """Export a training run's checkpoint. ``data`` is the run's data set: its test split gives the
     held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``)."""
     from .evaluate import embed_images, prompt_embeddings, zero_shot_scores
-    from .train import load_run
+    from .runs import load_run, split_volumes
 
     run = Path(run)
     if thresholds not in ("merlin", "validation"):
         raise ValueError(f"thresholds must be merlin or validation, got {thresholds!r}")
     model, cfg = load_run(run, checkpoint, "cpu")
-    _, test_vols = _split_volumes(cfg, data, "test", parity_studies, cache_dir, progress)
+    try:
+        _, test_vols = split_volumes(cfg, data, "test", limit=parity_studies, cache_dir=cache_dir, progress=progress)
+        if thresholds == "validation":
+            studies, vols = split_volumes(cfg, data, "validation", cache_dir=cache_dir, progress=progress)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     parity_volumes = np.stack([test_vols[i] for i in range(len(test_vols))]).astype(np.float32)
 
     thr, notes, method = None, None, "merlin: probability 0.5 (positive mean similarity higher)"
     if thresholds == "validation":
-        studies, vols = _split_volumes(cfg, data, "validation", None, cache_dir, progress)
         labels = np.stack([s.labels for s in studies])
         img = embed_images(model, vols, "cpu", cfg.train.batch_size)
         prompt_emb, rows = prompt_embeddings(model, "cpu")

@@ -17,7 +17,6 @@ Results go to ``RUN/probe.json`` (or ``probe_<checkpoint>.json``) and are printe
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -26,12 +25,11 @@ import torch
 
 from operators.findings import load_catalogue
 
-from .cache import VolumeCache
 from .data import load_studies
 from .evaluate import embed_images, finding_auroc, prompt_embeddings, zero_shot_metrics, zero_shot_scores
 from .files import write_json
 from .models.image import ImageEncoder
-from .train import CachedVolumes, default_cache_dir, load_run
+from .runs import CachedVolumes, build_cache, load_run, volume_cache
 
 
 def per_finding_auroc(scores: np.ndarray, labels: np.ndarray) -> list[float | None]:
@@ -119,8 +117,8 @@ def probe_run(run: str | Path, data: str | Path, checkpoint: str = "best", split
         if train_limit < 2:
             raise ValueError(f"--train-limit must be >= 2, got {train_limit}")
         train_set = train_set[:train_limit]
-    cache = VolumeCache(cache_dir or default_cache_dir(), cfg.spec)
-    cache.build(train_set + test_set, workers=min(os.cpu_count() or 1, 8), progress=progress)
+    cache = volume_cache(cfg.spec, cache_dir)
+    build_cache(cache, train_set + test_set, progress)
     vol_tr, vol_te = CachedVolumes(cache, train_set), CachedVolumes(cache, test_set)
     y_tr = np.stack([s.labels for s in train_set])
     y_te = np.stack([s.labels for s in test_set])

@@ -125,8 +125,9 @@ class BatchPlanner:
         use_full = rng.random(len(idx)) < p if p > 0 else np.zeros(len(idx), bool)
         return [Item(int(i), FULL if f else kind) for i, f in zip(idx, use_full)]
 
-    def local_items(self, step: int, rank: int = 0) -> list[Item]:
-        items = self.global_items(step)
+    def local_items(self, step: int, rank: int = 0, items: list[Item] | None = None) -> list[Item]:
+        """Rank ``rank``'s slice of the step's global batch (``items``: that batch, already drawn)."""
+        items = self.global_items(step) if items is None else items
         b = self.cfg.train.batch_size
         return items[rank * b:(rank + 1) * b]
 

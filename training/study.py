@@ -209,7 +209,7 @@ def run_study(preset: StudyPreset, data: str | Path, out: str | Path, seeds: int
 
     from .cache import VolumeCache
     from .data import load_studies
-    from .train import default_cache_dir
+    from .runs import default_cache_dir
 
     out = Path(out)
     data = Path(data).resolve()

@@ -1,6 +1,6 @@
 """Benchmark: the application's stage timings on a full-profile CT study.
 
-``python -m training.bench_stages --out results/bench`` (``make bench-stages``): one synthetic study with
+``python -m benchmarks.bench_stages --out results/bench`` (``make bench-stages``): one synthetic study with
 clinical geometry (512x512, ~300 slices at 1.25 mm unless ``--slices``) written as a DICOM series,
 then the pipeline's stages (series selection, DICOM read, decode + geometry, preprocessing, image
 encoder, decision, SR) timed with
@@ -35,18 +35,18 @@ from operators.pipeline import Preprocessor, StudyWork, infer, select_series, wr
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import ZeroShotModel
 
-from .export import export_image_onnx
+from training.export import export_image_onnx
 
 STAGES = ("select_s", "decode_volume_s", "preprocess_s", "encoder_s", "decide_s", "sr_s")
 
 
 def full_profile_study(root: Path, slices: int, seed: int = 5) -> Path:
     """One full-profile phantom written as DICOM (slice thickness chosen so the series has ~``slices``)."""
-    from .synth.corpus import make_grid
-    from .synth.dicom_writer import make_identity, write_ct_series
-    from .synth.patient import sample_patient
-    from .synth.phantom import build_phantom
-    from .synth.raster import Grid
+    from training.synth.corpus import make_grid
+    from training.synth.dicom_writer import make_identity, write_ct_series
+    from training.synth.patient import sample_patient
+    from training.synth.phantom import build_phantom
+    from training.synth.raster import Grid
 
     rng = np.random.default_rng([seed, 0])
     patient = sample_patient(rng, 0)
@@ -61,7 +61,7 @@ def full_profile_study(root: Path, slices: int, seed: int = 5) -> Path:
 
 def merlin_size_package(demo: Path, out: Path) -> Path:
     """The demo package with Merlin's random-weight image encoder, preprocessing and embedding width."""
-    from .bench_onnx import image_tower
+    from benchmarks.bench_onnx import image_tower
 
     out.mkdir(parents=True)
     spec = PreprocessSpec.merlin()
@@ -107,7 +107,7 @@ def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path) -> dict
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_stages", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_stages", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--runs", type=int, default=3)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         for name, pkg in configs.items():
             print(f"timing: {name} ({args.runs} runs after a warm-up) ...", flush=True)
             results[name] = time_stages(study, pkg, args.runs, tmp / "sr")
-    cmd = f"python -m training.bench_stages --out {args.out} --runs {args.runs} --slices {args.slices}" + \
+    cmd = f"python -m benchmarks.bench_stages --out {args.out} --runs {args.runs} --slices {args.slices}" + \
           (f" --model {args.model}" if args.model else "") + (" --skip-merlin" if args.skip_merlin else "")
     doc = {"command": cmd, "study": f"512x512x{args.slices} CT Image Storage series (synthetic phantom)",
            "cpu_count": os.cpu_count(), "machine": platform.platform(), "results": results}

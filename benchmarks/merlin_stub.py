@@ -82,7 +82,7 @@ def write_random_checkpoint(path: str | Path, seed: int = 0) -> Path:
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m training.merlin_stub",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.merlin_stub",
                                 description="write a random-weight checkpoint in Merlin's layout and a "
                                             "Clinical-Longformer stand-in folder")
     p.add_argument("--out", required=True, help="folder: merlin_random.pt and clinical-longformer/ are written here")

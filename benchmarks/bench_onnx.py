@@ -1,6 +1,6 @@
 """Benchmark: Merlin's full-size image encoder, ONNX Runtime vs torch eager, in one process.
 
-``python -m training.bench_onnx --out results/bench`` (``make bench-onnx``): random weights in Merlin's
+``python -m benchmarks.bench_onnx --out results/bench`` (``make bench-onnx``): random weights in Merlin's
 layout (timing does not depend on the values), one preprocessed input of Merlin's size
 (1,1,224,224,160) made from a synthetic phantom, a warm-up pass per engine, then ``--runs`` timed
 passes per engine, interleaved so that drifting machine load hits both alike. Reports medians, the
@@ -31,9 +31,10 @@ from tqdm import tqdm
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import open_session, select_providers
 
-from .export import export_image_onnx, synthetic_inputs
-from .merlin_stub import random_merlin_state_dict
-from .models.image import ImageEncoder
+from training.export import export_image_onnx
+from training.synth.inputs import synthetic_inputs
+from benchmarks.merlin_stub import random_merlin_state_dict
+from training.models.image import ImageEncoder
 
 
 class _Normalised(nn.Module):
@@ -110,7 +111,7 @@ def run_benchmark(out: Path, runs: int = 5, device: str = "cpu", fp16: bool = Fa
         "export_s": export_s, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "onnxruntime": __import__("onnxruntime").__version__, "cpu_count": os.cpu_count(),
         "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "command": (f"python -m training.bench_onnx --out {out} --runs {runs} --device {device}"
+        "command": (f"python -m benchmarks.bench_onnx --out {out} --runs {runs} --device {device}"
                     + (" --fp16" if fp16 else "") + (f" --arch {arch}" if arch != "i3_resnet152" else "")),
     }
     if torch.cuda.is_available() and device == "cuda":
@@ -130,7 +131,7 @@ def run_benchmark(out: Path, runs: int = 5, device: str = "cpu", fp16: bool = Fa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_onnx", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_onnx", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--runs", type=int, default=5)

@@ -1,6 +1,6 @@
 """Benchmark: batch inference throughput (studies per hour) at 1 and 2 workers, in one run.
 
-``python -m training.bench_batch --out results/bench`` (``make bench-batch``): ``--studies`` synthetic
+``python -m benchmarks.bench_batch --out results/bench`` (``make bench-batch``): ``--studies`` synthetic
 DICOM studies (tiny profile unless ``--profile full``), then ``ct-zeroshot infer`` over them with the
 embedded demo model (or ``--model``) at each worker count, from scratch each time (``--force``).
 Writes ``batch_throughput.json`` and ``batch_throughput.md``.
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from operators.batch import run_batch
 
-from .synth.corpus import SynthConfig, generate_corpus
+from training.synth.corpus import SynthConfig, generate_corpus
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_batch", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_batch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--studies", type=int, default=96)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     base = results[counts[0]]["studies_per_hour"]
     for r in results.values():
         r["speedup"] = r["studies_per_hour"] / base
-    cmd = f"python -m training.bench_batch --out {args.out} --studies {args.studies} --profile {args.profile} " \
+    cmd = f"python -m benchmarks.bench_batch --out {args.out} --studies {args.studies} --profile {args.profile} " \
           f"--workers {args.workers}" + (f" --model {args.model}" if args.model else "")
     doc = {"command": cmd, "cpu_count": os.cpu_count(), "machine": platform.platform(), "results": results,
            "note": "each worker count processes every study from scratch (--force); wall time includes "

@@ -1,0 +1,174 @@
+"""The run folder: one reader and one writer for what a training run leaves behind.
+
+A run folder holds ``config.yaml`` (the resolved config), ``text_model/`` (the offline tokenizer and
+text-encoder init when no text model is given) and ``checkpoints/{init,last,best}.pt``. Everything
+that reads a run (evaluation, export, the probe, the study runner) goes through this module rather
+than through the training loop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import VolumeCache
+from .config import TrainConfig
+from .data import Study, load_studies
+from .models.clip import DualEncoder
+from .models.image import ImageEncoder
+from .models.text import TextEncoder, build_small_text_model, train_wordpiece
+
+CHECKPOINTS = ("best", "last", "init")
+
+
+class CachedVolumes:
+    """Sequence view of preprocessed volumes for a list of studies."""
+
+    def __init__(self, cache: VolumeCache, studies: list[Study]):
+        self.cache, self.studies = cache, studies
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.cache.get(self.studies[i])
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ct-zeroshot" / "volumes"
+
+
+def volume_cache(spec, cache_dir: str | Path | None) -> VolumeCache:
+    return VolumeCache(cache_dir or default_cache_dir(), spec)
+
+
+def build_cache(cache: VolumeCache, studies: list[Study], progress: bool) -> None:
+    cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
+
+
+def split_volumes(cfg: TrainConfig, data: str | Path, split: str, *, limit: int | None = None,
+                  cache_dir: str | Path | None = None, progress: bool = True, labelled: bool = False,
+                  studies: list[Study] | None = None) -> tuple[list[Study], CachedVolumes]:
+    """The studies of one split (the first ``limit``), their volumes cached under ``cfg``'s spec.
+
+    ``labelled``: refuse a split with studies lacking finding labels. ``studies``: already loaded."""
+    chosen = [s for s in (studies if studies is not None else load_studies(data)) if s.split == split]
+    if not chosen:
+        raise ValueError(f"{data}: no studies in split {split!r}")
+    if labelled and any(s.labels is None for s in chosen):
+        raise ValueError(f"{data}: split {split!r} has studies without finding labels")
+    if limit:
+        chosen = chosen[:limit]
+    cache = volume_cache(cfg.spec, cache_dir)
+    build_cache(cache, chosen, progress)
+    return chosen, CachedVolumes(cache, chosen)
+
+
+def config_path(run: Path) -> Path:
+    return run / "config.yaml"
+
+
+def read_run_config(run: str | Path) -> TrainConfig:
+    run = Path(run)
+    if not config_path(run).exists():
+        raise ValueError(f"{run}: not a training run (no config.yaml)")
+    return TrainConfig.load(str(config_path(run)))
+
+
+def write_run_config(run: Path, cfg: TrainConfig) -> None:
+    """Save the resolved config; refuse a folder whose checkpointed run has another config."""
+    saved = config_path(run)
+    if saved.exists() and checkpoint_path(run, "last").exists():
+        prev = TrainConfig.load(str(saved))
+        if prev.digest() != cfg.digest():
+            raise ValueError(f"{run}: holds a run with a different config; use a new --out to start afresh")
+    cfg.save(saved)
+
+
+def text_model_dir(cfg: TrainConfig, run: Path) -> Path:
+    """The given Hugging Face folder, or the run's own offline text model."""
+    return Path(cfg.text.model) if cfg.text.model else run / "text_model"
+
+
+def ensure_text_model(cfg: TrainConfig, run: Path, train_studies: list[Study]) -> None:
+    """Offline (no ``text.model``): learn the tokenizer and build the small text encoder in RUN, once."""
+    text_dir = text_model_dir(cfg, run)
+    if cfg.text.model or (text_dir / "config.json").exists():
+        return
+    corpus = []
+    for s in train_studies:
+        corpus.append(s.findings_text)
+        corpus.extend(s.sections.values())
+    tok = train_wordpiece(corpus, cfg.text.vocab_size, text_dir)
+    torch.manual_seed(cfg.train.seed)
+    build_small_text_model(tok, cfg.text.hidden, cfg.text.layers, cfg.text.heads, cfg.text.max_length + 2, text_dir)
+
+
+def make_model(cfg: TrainConfig, run: Path) -> DualEncoder:
+    """The dual encoder of ``cfg`` (image tower seeded by the run seed; text tower from its folder)."""
+    torch.manual_seed(cfg.train.seed)
+    image = ImageEncoder(cfg.image.arch, cfg.image.embed_dim)
+    text = TextEncoder(text_model_dir(cfg, run), cfg.image.embed_dim, cfg.text.max_length, cfg.text.pooling)
+    return DualEncoder(image, text, cfg.joint.init_logit_scale, cfg.joint.embed_norm)
+
+
+def checkpoint_path(run: Path, name: str) -> Path:
+    return run / "checkpoints" / f"{name}.pt"
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint file. ``init`` and ``best`` hold the model only; ``last`` holds what resume needs
+    (optimiser, schedule, RNG, best-so-far, the config digest)."""
+
+    model: dict[str, Any]
+    step: int
+    val: float | None = None
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    best: dict[str, Any] = field(default_factory=dict)
+    config_digest: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "step": self.step}
+        if self.optimizer is None:
+            if self.step > 0 or self.val is not None:
+                out["val"] = self.val
+            return out
+        out.update(optimizer=self.optimizer, scheduler=self.scheduler, rng=self.rng, best=self.best,
+                   config_digest=self.config_digest)
+        return out
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self.to_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        if not path.exists():
+            raise ValueError(f"{path}: checkpoint does not exist")
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(d, dict) or "model" not in d or "step" not in d:
+            raise ValueError(f"{path}: not a ct-zeroshot checkpoint (no model state or step)")
+        return cls(model=d["model"], step=int(d["step"]), val=d.get("val"), optimizer=d.get("optimizer"),
+                   scheduler=d.get("scheduler"), rng=d.get("rng"), best=d.get("best", {}),
+                   config_digest=d.get("config_digest"))
+
+
+def load_run(run: str | Path, checkpoint: str = "best", device=None) -> tuple[DualEncoder, TrainConfig]:
+    """(model, config) of a finished or partial run; ``checkpoint`` is best, last or init."""
+    run = Path(run)
+    cfg = read_run_config(run)
+    state = Checkpoint.load(checkpoint_path(run, checkpoint))
+    model = make_model(cfg, run)
+    model.load_state_dict(state.model)
+    return model.to(device or "cpu").eval(), cfg
