@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: study venv test test-slow demo corpus demo-model bench-onnx bench-stages bench-batch merlin-check clean
+.PHONY: study venv lint test test-slow demo corpus demo-model bench-onnx bench-stages bench-batch merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+# Lint, format and type checks (CI runs these before the tests).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The test suite (what CI runs). pytest exits non-zero on failures and with 5 when no test ran.
 test: venv

@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from benchmarks.merlin_stub import random_merlin_state_dict
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import open_session, select_providers
-
 from training.export import export_image_onnx
-from training.synth.inputs import synthetic_inputs
-from benchmarks.merlin_stub import random_merlin_state_dict
 from training.models.image import ImageEncoder
+from training.synth.inputs import synthetic_inputs
 
 
 class _Normalised(nn.Module):
@@ -52,13 +51,14 @@ def image_tower(arch: str = "i3_resnet152") -> nn.Module:
     if arch != "i3_resnet152":
         return _Normalised(ImageEncoder(arch, 128)).eval()
     enc = ImageEncoder("i3_resnet152", 512, n_classes=1692)
-    sd = {k[len("encode_image."):]: v for k, v in random_merlin_state_dict().items() if k.startswith("encode_image.")}
+    sd = {k[len("encode_image.") :]: v for k, v in random_merlin_state_dict().items() if k.startswith("encode_image.")}
     enc.load_state_dict(sd, strict=True)
     return _Normalised(enc).eval()
 
 
-def run_benchmark(out: Path, runs: int = 5, device: str = "cpu", fp16: bool = False,
-                  arch: str = "i3_resnet152") -> dict:
+def run_benchmark(
+    out: Path, runs: int = 5, device: str = "cpu", fp16: bool = False, arch: str = "i3_resnet152"
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     spec = PreprocessSpec.merlin() if arch == "i3_resnet152" else PreprocessSpec.tiny()
     x = synthetic_inputs(spec, n=1)
@@ -76,8 +76,8 @@ def run_benchmark(out: Path, runs: int = 5, device: str = "cpu", fp16: bool = Fa
         sess = open_session(onnx_path, providers)
         engines["onnxruntime"] = lambda: sess.run(["embedding"], {"image": x})[0]
         if fp16:
-            from onnxruntime.transformers.float16 import convert_float_to_float16
             import onnx
+            from onnxruntime.transformers.float16 import convert_float_to_float16
 
             half = Path(tmp) / "image_encoder_fp16.onnx"
             onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(half))
@@ -102,37 +102,61 @@ def run_benchmark(out: Path, runs: int = 5, device: str = "cpu", fp16: bool = Fa
                 times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(v) for name, v in times.items()}
     result = {
-        "what": (f"Merlin I3D ResNet-152 image encoder (random weights, Merlin's layout), one CT of {x.shape}"
-                 if arch == "i3_resnet152" else f"{arch} image encoder, one input of {x.shape}"),
-        "device": device, "providers": sess.get_providers(), "runs_per_engine": runs,
-        "median_s": med, "all_s": times,
+        "what": (
+            f"Merlin I3D ResNet-152 image encoder (random weights, Merlin's layout), one CT of {x.shape}"
+            if arch == "i3_resnet152"
+            else f"{arch} image encoder, one input of {x.shape}"
+        ),
+        "device": device,
+        "providers": sess.get_providers(),
+        "runs_per_engine": runs,
+        "median_s": med,
+        "all_s": times,
         "speedup_torch_over_onnxruntime": med["torch_eager"] / med["onnxruntime"],
         "parity_max_abs_diff": float(np.abs(outputs["torch_eager"] - outputs["onnxruntime"]).max()),
-        "export_s": export_s, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "onnxruntime": __import__("onnxruntime").__version__, "cpu_count": os.cpu_count(),
-        "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "command": (f"python -m benchmarks.bench_onnx --out {out} --runs {runs} --device {device}"
-                    + (" --fp16" if fp16 else "") + (f" --arch {arch}" if arch != "i3_resnet152" else "")),
+        "export_s": export_s,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "command": (
+            f"python -m benchmarks.bench_onnx --out {out} --runs {runs} --device {device}"
+            + (" --fp16" if fp16 else "")
+            + (f" --arch {arch}" if arch != "i3_resnet152" else "")
+        ),
     }
     if torch.cuda.is_available() and device == "cuda":
         result["gpu"] = torch.cuda.get_device_name(0)
     (out / "onnx_vs_torch.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# ONNX Runtime vs torch eager: {result['what']}", "",
-             f"`{result['command']}` on {result['cpu_count']} CPU cores ({result['processor']}), "
-             f"torch {result['torch']} ({result['torch_threads']} threads), onnxruntime {result['onnxruntime']} "
-             f"({', '.join(result['providers'])}).", "",
-             "| engine | median s/CT | runs |", "|---|---:|---:|"]
+    lines = [
+        f"# ONNX Runtime vs torch eager: {result['what']}",
+        "",
+        f"`{result['command']}` on {result['cpu_count']} CPU cores ({result['processor']}), "
+        f"torch {result['torch']} ({result['torch_threads']} threads), onnxruntime {result['onnxruntime']} "
+        f"({', '.join(result['providers'])}).",
+        "",
+        "| engine | median s/CT | runs |",
+        "|---|---:|---:|",
+    ]
     for name, m in med.items():
         lines.append(f"| {name} | {m:.2f} | {len(times[name])} |")
-    lines += ["", f"torch / ONNX Runtime: **{result['speedup_torch_over_onnxruntime']:.2f}x**; "
-                  f"max |embedding difference| {result['parity_max_abs_diff']:.1e}; export took {export_s:.0f} s."]
+    lines += [
+        "",
+        f"torch / ONNX Runtime: **{result['speedup_torch_over_onnxruntime']:.2f}x**; "
+        f"max |embedding difference| {result['parity_max_abs_diff']:.1e}; export took {export_s:.0f} s.",
+    ]
     (out / "onnx_vs_torch.md").write_text("\n".join(lines) + "\n")
     return result
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_onnx", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_onnx",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="results/bench")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -34,7 +34,6 @@ from operators.package import default_package_dir, load_package, write_manifest
 from operators.pipeline import Preprocessor, StudyWork, infer, select_series, write_report
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import ZeroShotModel
-
 from training.export import export_image_onnx
 
 STAGES = ("select_s", "decode_volume_s", "preprocess_s", "encoder_s", "decide_s", "sr_s")
@@ -54,8 +53,9 @@ def full_profile_study(root: Path, slices: int, seed: int = 5) -> Path:
     dz = patient.body["length"] * 1.04 / slices
     grid = Grid((grid.shape[0], grid.shape[1], slices), (grid.spacing[0], grid.spacing[1], dz), grid.origin)
     hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur)
-    write_ct_series(hu, grid, root / "study", make_identity("BENCHFULL", seed, patient.age, patient.sex),
-                    position=patient.position)
+    write_ct_series(
+        hu, grid, root / "study", make_identity("BENCHFULL", seed, patient.age, patient.sex), position=patient.position
+    )
     return root / "study"
 
 
@@ -71,9 +71,14 @@ def merlin_size_package(demo: Path, out: Path) -> Path:
     n = manifest["prompt_embeddings"]["shape"][0]
     emb = np.random.default_rng(0).normal(size=(n, 512)).astype(np.float32)
     np.save(out / "prompt_embeddings.npy", emb / np.linalg.norm(emb, axis=1, keepdims=True))
-    manifest.update({"preprocessing": spec.to_dict(), "embedding_dim": 512, "text_encoder": {"file": None,
-                     "absent_reason": "benchmark package: random prompt embeddings"},
-                     "model": {**manifest["model"], "name": "merlin-size-random", "version": "bench"}})
+    manifest.update(
+        {
+            "preprocessing": spec.to_dict(),
+            "embedding_dim": 512,
+            "text_encoder": {"file": None, "absent_reason": "benchmark package: random prompt embeddings"},
+            "model": {**manifest["model"], "name": "merlin-size-random", "version": "bench"},
+        }
+    )
     manifest["prompt_embeddings"]["shape"] = [n, 512]
     manifest.pop("files", None)
     write_manifest(out, manifest)
@@ -87,7 +92,7 @@ def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path) -> dict
     per_run = []
     for i in range(runs + 1):  # the first is the warm-up
         t = time.perf_counter()
-        (uid, series), = scan_tree(study_dir).studies().items()
+        ((uid, series),) = scan_tree(study_dir).studies().items()
         scan_s = time.perf_counter() - t
         work = write_report(infer(prep(select_series(StudyWork(uid, series))), model), model, sr_dir)
         if work.failed:
@@ -100,15 +105,26 @@ def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path) -> dict
     med = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
     other = sum(v for k, v in med.items() if k != "encoder_s")
     first_other = sum(v for k, v in first.items() if k != "encoder_s")
-    return {"package": pkg.name, "spec": pkg.spec.to_dict(), "providers": model.providers, "median_s": med,
-            "runs": per_run, "non_encoder_s": other, "non_encoder_over_encoder": other / med["encoder_s"],
-            "first_study": first, "first_study_non_encoder_s": first_other,
-            "first_study_non_encoder_over_encoder": first_other / first["encoder_s"]}
+    return {
+        "package": pkg.name,
+        "spec": pkg.spec.to_dict(),
+        "providers": model.providers,
+        "median_s": med,
+        "runs": per_run,
+        "non_encoder_s": other,
+        "non_encoder_over_encoder": other / med["encoder_s"],
+        "first_study": first,
+        "first_study_non_encoder_s": first_other,
+        "first_study_non_encoder_over_encoder": first_other / first["encoder_s"],
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_stages", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_stages",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="results/bench")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--slices", type=int, default=300)
@@ -130,23 +146,47 @@ def main(argv=None) -> int:
         for name, pkg in configs.items():
             print(f"timing: {name} ({args.runs} runs after a warm-up) ...", flush=True)
             results[name] = time_stages(study, pkg, args.runs, tmp / "sr")
-    cmd = f"python -m benchmarks.bench_stages --out {args.out} --runs {args.runs} --slices {args.slices}" + \
-          (f" --model {args.model}" if args.model else "") + (" --skip-merlin" if args.skip_merlin else "")
-    doc = {"command": cmd, "study": f"512x512x{args.slices} CT Image Storage series (synthetic phantom)",
-           "cpu_count": os.cpu_count(), "machine": platform.platform(), "results": results}
+    cmd = (
+        f"python -m benchmarks.bench_stages --out {args.out} --runs {args.runs} --slices {args.slices}"
+        + (f" --model {args.model}" if args.model else "")
+        + (" --skip-merlin" if args.skip_merlin else "")
+    )
+    doc = {
+        "command": cmd,
+        "study": f"512x512x{args.slices} CT Image Storage series (synthetic phantom)",
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "results": results,
+    }
     (out / "stage_timings.json").write_text(json.dumps(doc, indent=1))
     keys = ["scan_headers_s", *STAGES]
-    lines = [f"# Stage timings, one {doc['study']}", "", f"`{cmd}` on {os.cpu_count()} CPU cores; medians of "
-             f"{args.runs} runs after a warm-up, seconds.", "",
-             "| stage | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+    lines = [
+        f"# Stage timings, one {doc['study']}",
+        "",
+        f"`{cmd}` on {os.cpu_count()} CPU cores; medians of {args.runs} runs after a warm-up, seconds.",
+        "",
+        "| stage | " + " | ".join(results) + " |",
+        "|---|" + "---:|" * len(results),
+    ]
     for k in keys:
         lines.append(f"| {k[:-2]} | " + " | ".join(f"{r['median_s'][k]:.3f}" for r in results.values()) + " |")
-    lines.append("| **all but the encoder** | " + " | ".join(f"**{r['non_encoder_s']:.2f}**" for r in results.values()) + " |")
-    lines.append("| all but the encoder / encoder | " +
-                 " | ".join(f"{100 * r['non_encoder_over_encoder']:.0f} %" for r in results.values()) + " |")
-    lines.append("| first study of the process (the warm-up): all but the encoder / encoder | " + " | ".join(
-        f"{r['first_study_non_encoder_s']:.2f} s / {r['first_study']['encoder_s']:.2f} s = "
-        f"{100 * r['first_study_non_encoder_over_encoder']:.0f} %" for r in results.values()) + " |")
+    lines.append(
+        "| **all but the encoder** | " + " | ".join(f"**{r['non_encoder_s']:.2f}**" for r in results.values()) + " |"
+    )
+    lines.append(
+        "| all but the encoder / encoder | "
+        + " | ".join(f"{100 * r['non_encoder_over_encoder']:.0f} %" for r in results.values())
+        + " |"
+    )
+    lines.append(
+        "| first study of the process (the warm-up): all but the encoder / encoder | "
+        + " | ".join(
+            f"{r['first_study_non_encoder_s']:.2f} s / {r['first_study']['encoder_s']:.2f} s = "
+            f"{100 * r['first_study_non_encoder_over_encoder']:.0f} %"
+            for r in results.values()
+        )
+        + " |"
+    )
     (out / "stage_timings.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -20,10 +20,21 @@ import torch
 
 from operators.findings import load_catalogue
 
-CLINICAL_LONGFORMER = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                           intermediate_size=3072, max_position_embeddings=4098, attention_window=512,
-                           type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, sep_token_id=2,
-                           layer_norm_eps=1e-5)
+CLINICAL_LONGFORMER = dict(
+    vocab_size=50265,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=4098,
+    attention_window=512,
+    type_vocab_size=1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    sep_token_id=2,
+    layer_norm_eps=1e-5,
+)
 
 
 def merlin_shapes() -> dict[str, tuple]:
@@ -66,9 +77,17 @@ def write_longformer_stub(out: str | Path, **overrides) -> Path:
     bpe.train_from_iterator(texts * 3, vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     backend = bpe._tokenizer
     backend.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>", mask_token="<mask>", sep_token="</s>", cls_token="<s>",
-                            model_max_length=4096).save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        sep_token="</s>",
+        cls_token="<s>",
+        model_max_length=4096,
+    ).save_pretrained(out)
     return out
 
 
@@ -82,9 +101,10 @@ def write_random_checkpoint(path: str | Path, seed: int = 0) -> Path:
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.merlin_stub",
-                                description="write a random-weight checkpoint in Merlin's layout and a "
-                                            "Clinical-Longformer stand-in folder")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.merlin_stub",
+        description="write a random-weight checkpoint in Merlin's layout and a Clinical-Longformer stand-in folder",
+    )
     p.add_argument("--out", required=True, help="folder: merlin_random.pt and clinical-longformer/ are written here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -44,8 +44,9 @@ def find_package(models: Path | None) -> Path:
         return found[0]
     if not found:
         raise PackageError(f"{models}: no model package here (no {MANIFEST} in it or in a sub-folder)")
-    raise PackageError(f"{models}: holds {len(found)} model packages ({', '.join(p.name for p in found)}); "
-                       "pass one of them with -m")
+    raise PackageError(
+        f"{models}: holds {len(found)} model packages ({', '.join(p.name for p in found)}); pass one of them with -m"
+    )
 
 
 def discover(input_path: Path) -> list[StudyWork]:
@@ -73,10 +74,11 @@ def build_app(studies: list[StudyWork], model: ZeroShotModel, output: Path, resu
         description = __doc__
 
         def compose(self):
-            loader = StudyLoaderOperator(self, CountCondition(self, len(studies)), studies=studies,
-                                         name="study_loader")
+            loader = StudyLoaderOperator(self, CountCondition(self, len(studies)), studies=studies, name="study_loader")
             selector = SeriesSelectorOperator(self, name="series_selector")
-            tensor = SeriesToTensorOperator(self, preprocessor=Preprocessor(model.package.spec), name="series_to_tensor")
+            tensor = SeriesToTensorOperator(
+                self, preprocessor=Preprocessor(model.package.spec), name="series_to_tensor"
+            )
             zero_shot = ZeroShotOperator(self, model=model, name="zero_shot")
             writer = SRWriterOperator(self, model=model, output_folder=output, results=results, name="sr_writer")
             self.add_flow(loader, selector, {("study", "study")})
@@ -98,25 +100,43 @@ def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m operators", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m operators", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-i", "--input", help="DICOM folder tree (default: $HOLOSCAN_INPUT_PATH or ./input)")
     p.add_argument("-o", "--output", help="SR output folder (default: $HOLOSCAN_OUTPUT_PATH or ./output)")
-    p.add_argument("-m", "--model", "--models", dest="model",
-                   help="model package or a folder with one (default: $HOLOSCAN_MODEL_PATH, ./models, "
-                        "else the embedded demo model)")
+    p.add_argument(
+        "-m",
+        "--model",
+        "--models",
+        dest="model",
+        help="model package or a folder with one (default: $HOLOSCAN_MODEL_PATH, ./models, "
+        "else the embedded demo model)",
+    )
     p.add_argument("-w", "--workdir", help="accepted for MAP compatibility; nothing is written there")
-    p.add_argument("-l", "--log-level", default=os.environ.get("HOLOSCAN_LOG_LEVEL", "INFO"),
-                   type=str.upper, choices=["DEBUG", "INFO", "WARN", "WARNING", "ERROR"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="ONNX Runtime device (auto: CUDA when its provider loads)")
+    p.add_argument(
+        "-l",
+        "--log-level",
+        default=os.environ.get("HOLOSCAN_LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARN", "WARNING", "ERROR"],
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="ONNX Runtime device (auto: CUDA when its provider loads)",
+    )
     return p
 
 
 def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
     args = parser().parse_args(argv)
-    logging.basicConfig(level={"WARN": "WARNING"}.get(args.log_level, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level={"WARN": "WARNING"}.get(args.log_level, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-module copy notes are noise here
     inp, out, models = resolve_paths(args)
     t0 = time.perf_counter()
@@ -126,8 +146,13 @@ def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
         log.error("%s", exc)
         return 2, []
     model = ZeroShotModel(package, device=args.device)
-    log.info("model %s %s (%s); ONNX Runtime providers: %s", package.name, package.version, package.root,
-             ", ".join(model.providers))
+    log.info(
+        "model %s %s (%s); ONNX Runtime providers: %s",
+        package.name,
+        package.version,
+        package.root,
+        ", ".join(model.providers),
+    )
     if not inp.exists():
         log.error("input %s does not exist", inp)
         return 1, []

@@ -41,8 +41,9 @@ def _init_worker(package_dir: str, out_dir: str, threads: int, level: int) -> No
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     pkg = load_package(package_dir, verify=False)  # verified once by the parent
-    _WORKER.update(model=ZeroShotModel(pkg, device="auto", threads=threads), prep=Preprocessor(pkg.spec),
-                   out=Path(out_dir))
+    _WORKER.update(
+        model=ZeroShotModel(pkg, device="auto", threads=threads), prep=Preprocessor(pkg.spec), out=Path(out_dir)
+    )
 
 
 def _process(study_uid: str, paths: list[str]) -> dict:
@@ -58,11 +59,15 @@ def _process(study_uid: str, paths: list[str]) -> dict:
 
 
 def summary_row(work: StudyWork) -> dict:
-    row = {"study_uid": work.study_uid, "status": work.status, "error": work.reason,
-           "series_uid": work.chosen.series_uid if work.chosen else "",
-           "slices": len(work.chosen.paths) if work.chosen else 0,
-           "sr": str(work.sr_path.name) if work.sr_path else "",
-           "seconds": round(work.timings.get("total_s", 0.0), 3)}
+    row = {
+        "study_uid": work.study_uid,
+        "status": work.status,
+        "error": work.reason,
+        "series_uid": work.chosen.series_uid if work.chosen else "",
+        "slices": len(work.chosen.paths) if work.chosen else 0,
+        "sr": str(work.sr_path.name) if work.sr_path else "",
+        "seconds": round(work.timings.get("total_s", 0.0), 3),
+    }
     if work.findings is not None:
         for fid, p, present in zip(work.findings.ids, work.findings.probabilities, work.findings.present):
             row[f"{fid}.probability"] = round(float(p), 6)
@@ -87,8 +92,9 @@ def write_summary(out: Path, rows: list[dict], finding_ids: list[str], meta: dic
     for r in sorted(rows, key=lambda r: r["study_uid"]):
         w.writerow(r)
     _write_atomic(out / "summary.csv", buf.getvalue())
-    _write_atomic(out / "summary.json", json.dumps({**meta, "studies": sorted(rows, key=lambda r: r["study_uid"])},
-                                                   indent=1))
+    _write_atomic(
+        out / "summary.json", json.dumps({**meta, "studies": sorted(rows, key=lambda r: r["study_uid"])}, indent=1)
+    )
 
 
 def _previous_rows(out: Path) -> dict[str, dict]:
@@ -98,8 +104,14 @@ def _previous_rows(out: Path) -> dict[str, dict]:
         return {}
 
 
-def run_batch(input_path: str | Path, out: str | Path, model: str | Path | None = None, workers: int = 1,
-              force: bool = False, progress: bool = True) -> tuple[int, list[dict]]:
+def run_batch(
+    input_path: str | Path,
+    out: str | Path,
+    model: str | Path | None = None,
+    workers: int = 1,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[int, list[dict]]:
     from tqdm import tqdm
 
     inp, out = Path(input_path), Path(out)
@@ -118,17 +130,28 @@ def run_batch(input_path: str | Path, out: str | Path, model: str | Path | None 
     rows, todo = [], []
     for uid, series in studies:
         if not force and (sr_dir / sr_filename(uid)).exists():
-            rows.append({**previous.get(uid, {"study_uid": uid, "status": "ok", "sr": sr_filename(uid)}),
-                         "resumed": True})
+            rows.append(
+                {**previous.get(uid, {"study_uid": uid, "status": "ok", "sr": sr_filename(uid)}), "resumed": True}
+            )
         else:
             todo.append((uid, series))
-    log.info("%d studies in %s: %d to process, %d already done; %d worker(s)", len(studies), inp, len(todo),
-             len(rows), workers)
+    log.info(
+        "%d studies in %s: %d to process, %d already done; %d worker(s)",
+        len(studies),
+        inp,
+        len(todo),
+        len(rows),
+        workers,
+    )
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     bar = tqdm(total=len(todo), unit="study", desc="infer", disable=not progress)
     level = log.getEffectiveLevel()
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn"),
-                             initializer=_init_worker, initargs=(str(pkg.root), str(sr_dir), threads, level)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=max(1, workers),
+        mp_context=get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(pkg.root), str(sr_dir), threads, level),
+    ) as pool:
         futures = [pool.submit(_process, uid, [str(p) for s in series for p in s.paths]) for uid, series in todo]
         for fut in as_completed(futures):
             rows.append(fut.result())
@@ -136,12 +159,26 @@ def run_batch(input_path: str | Path, out: str | Path, model: str | Path | None 
     bar.close()
     elapsed = time.perf_counter() - t0
     failed = [r for r in rows if r["status"] != "ok"]
-    meta = {"input": str(inp), "model": {"name": pkg.name, "version": pkg.version, "root": str(pkg.root)},
-            "workers": workers, "processed": len(todo), "resumed": len(rows) - len(todo), "failed": len(failed),
-            "seconds": round(elapsed, 2), "complete": True}
+    meta = {
+        "input": str(inp),
+        "model": {"name": pkg.name, "version": pkg.version, "root": str(pkg.root)},
+        "workers": workers,
+        "processed": len(todo),
+        "resumed": len(rows) - len(todo),
+        "failed": len(failed),
+        "seconds": round(elapsed, 2),
+        "complete": True,
+    }
     write_summary(out, rows, pkg.catalogue.ids, meta)
-    log.info("%d studies: %d ok, %d failed, %d skipped as done (%.1f s); summary %s", len(rows),
-             len(rows) - len(failed), len(failed), len(rows) - len(todo), elapsed, out / "summary.csv")
+    log.info(
+        "%d studies: %d ok, %d failed, %d skipped as done (%.1f s); summary %s",
+        len(rows),
+        len(rows) - len(failed),
+        len(failed),
+        len(rows) - len(todo),
+        elapsed,
+        out / "summary.csv",
+    )
     for r in failed:
         log.error("failed: study %s: %s", r["study_uid"], r["error"])
     return (1 if failed else 0), rows

@@ -21,14 +21,26 @@ def _findings(args: argparse.Namespace) -> int:
 
     cat = load_catalogue()
     if args.json:
-        print(json.dumps([{"id": f.id, "display": f.display, "section": f.section,
-                           "code": [f.code.scheme, f.code.value, f.code.meaning],
-                           "positive_prompts": f.positive_prompts, "negative_prompts": f.negative_prompts}
-                          for f in cat], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": f.id,
+                        "display": f.display,
+                        "section": f.section,
+                        "code": [f.code.scheme, f.code.value, f.code.meaning],
+                        "positive_prompts": f.positive_prompts,
+                        "negative_prompts": f.negative_prompts,
+                    }
+                    for f in cat
+                ],
+                indent=1,
+            )
+        )
         return 0
     print(f"{'id':32s} {'section':16s} code")
     for f in cat:
-        print(f"{f.id:32s} {f.section:16s} ({f.code.scheme}, {f.code.value}, \"{f.code.meaning}\")")
+        print(f'{f.id:32s} {f.section:16s} ({f.code.scheme}, {f.code.value}, "{f.code.meaning}")')
     return 0
 
 
@@ -57,8 +69,10 @@ def _preprocess(args: argparse.Namespace) -> int:
     vol = load_dicom_folder(src) if src.is_dir() else load_nifti(src)
     arr = preprocess(vol, spec)
     np.save(args.out, arr)
-    print(f"{src}: {vol.array.shape} voxels, spacing {tuple(round(s, 3) for s in vol.spacing)} mm, "
-          f"orientation {vol.axcodes} -> {args.out}: {arr.shape} float32 in [{arr.min():.3f}, {arr.max():.3f}]")
+    print(
+        f"{src}: {vol.array.shape} voxels, spacing {tuple(round(s, 3) for s in vol.spacing)} mm, "
+        f"orientation {vol.axcodes} -> {args.out}: {arr.shape} float32 in [{arr.min():.3f}, {arr.max():.3f}]"
+    )
     return 0
 
 
@@ -94,10 +108,12 @@ def _report(args: argparse.Namespace) -> int:
         for fid, v in read_findings(path).items():
             if args.present_only and not v["present"] and truth.get(fid) != 1:
                 continue
-            t = {1: "present", 0: "absent", -1: "-"}.get(truth.get(fid), "") if labels else ""
+            t = {1: "present", 0: "absent", -1: "-"}.get(truth.get(fid, 2), "") if labels else ""
             mark = "" if not t or t == "-" or (t == "present") == v["present"] else "  x"
-            print(f"  {names.get(fid, fid):32s} {v['certainty'] / 100:6.3f}  "
-                  f"{'PRESENT' if v['present'] else 'absent':8s} {t}{mark}")
+            print(
+                f"  {names.get(fid, fid):32s} {v['certainty'] / 100:6.3f}  "
+                f"{'PRESENT' if v['present'] else 'absent':8s} {t}{mark}"
+            )
     return 0
 
 
@@ -106,15 +122,21 @@ def _infer(args: argparse.Namespace) -> int:
 
     from .batch import run_batch
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("ct-zeroshot").setLevel(logging.INFO)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
-    code, rows = run_batch(args.input, args.out, args.model, workers=args.workers, force=args.force,
-                           progress=not args.quiet)
+    code, rows = run_batch(
+        args.input, args.out, args.model, workers=args.workers, force=args.force, progress=not args.quiet
+    )
     failed = [r for r in rows if r["status"] != "ok"]
-    print(f"{len(rows) - len(failed)} of {len(rows)} studies ok; SRs in {Path(args.out) / 'sr'}; "
-          f"summary {Path(args.out) / 'summary.csv'}")
+    print(
+        f"{len(rows) - len(failed)} of {len(rows)} studies ok; SRs in {Path(args.out) / 'sr'}; "
+        f"summary {Path(args.out) / 'summary.csv'}"
+    )
     for r in failed:
         print(f"FAILED {r['study_uid']}: {r['error']}")
     return code
@@ -125,16 +147,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .listener import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("highdicom", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return serve(args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ct-zeroshot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ct-zeroshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("findings", help="list the 30 findings with their sections and codes")
     f.add_argument("--json", action="store_true", help="full catalogue with prompts, as JSON")
@@ -158,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.add_argument("--verbose", action="store_true", help="log every stage of every study")
     i.set_defaults(func=_infer)
-    sv = sub.add_parser("serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)")
+    sv = sub.add_parser(
+        "serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)"
+    )
     sv.add_argument("--config", required=True, help="listener YAML (ae_title, port, allowed, destination, spool, ...)")
     sv.set_defaults(func=_serve)
     return p

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
@@ -55,8 +55,7 @@ def scan_tree(root: str | Path) -> ScanResult:
     root = Path(root)
     if not root.exists():
         raise VolumeError(f"{root}: input folder does not exist")
-    files = [root] if root.is_file() else sorted(
-        Path(dp) / f for dp, _, fs in os.walk(root) for f in fs)
+    files = [root] if root.is_file() else sorted(Path(dp) / f for dp, _, fs in os.walk(root) for f in fs)
     return scan_files(files)
 
 
@@ -123,7 +122,8 @@ def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[n
         a, b = order[dup[0]], order[dup[0] + 1]
         raise VolumeError(
             f"{names[a]} and {names[b]}: two slices share position {pos[a]:.3f} mm along the normal "
-            "(multi-phase or duplicated series); refusing to guess which to keep")
+            "(multi-phase or duplicated series); refusing to guess which to keep"
+        )
     gap = float(np.median(gaps))
     if np.abs(gaps - gap).max() > _GAP_TOL * gap:
         raise VolumeError(f"{names[order[0]]}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm)")
@@ -156,9 +156,13 @@ def _flip_affine(affine: np.ndarray, flips: list[bool], shape: tuple[int, ...]) 
     return out
 
 
-def series_to_volume(datasets: Sequence[Dataset], names: Sequence[str] | None = None,
-                     pixels: Callable[[int], np.ndarray] | None = None, axcodes: str | None = None,
-                     out: np.ndarray | None = None) -> Volume:
+def series_to_volume(
+    datasets: Sequence[Dataset],
+    names: Sequence[str] | None = None,
+    pixels: Callable[[int], np.ndarray] | None = None,
+    axcodes: str | None = None,
+    out: np.ndarray | None = None,
+) -> Volume:
     """Build a HU volume with its RAS affine: array[i=column, j=row, k=slice] or, with ``axcodes``
     (e.g. "RAS"), the same axes reversed where that puts them in that orientation (no permutation).
     ``datasets``: full datasets, or headers only with ``pixels(n)`` decoding instance n from its file.
@@ -167,7 +171,11 @@ def series_to_volume(datasets: Sequence[Dataset], names: Sequence[str] | None = 
     MONAI's Orientation would flip a 512x512x300 LPS series into a new 300 MB tensor, ~75k page faults
     (0.6-1 s of system time in this VM). ``out``: a float32 array to fill when it has the volume's
     shape (a worker reusing one buffer across studies skips faulting in 300 MB per study)."""
-    names = list(names) if names is not None else [str(getattr(d, "filename", f"instance {n}")) for n, d in enumerate(datasets)]
+    names = (
+        list(names)
+        if names is not None
+        else [str(getattr(d, "filename", f"instance {n}")) for n, d in enumerate(datasets)]
+    )
     affine, order = series_geometry(datasets, names)
     first = datasets[order[0]]
     shape = (int(first.Columns), int(first.Rows), len(order))
@@ -176,8 +184,8 @@ def series_to_volume(datasets: Sequence[Dataset], names: Sequence[str] | None = 
     if flips[2]:
         order = order[::-1]
     ok = out is not None and out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous
-    vol = out if ok else np.empty(shape, dtype=np.float32)
-    dst = vol[::-1 if flips[0] else 1, ::-1 if flips[1] else 1, :]  # a view: writes land reversed
+    vol: np.ndarray = out if (ok and out is not None) else np.empty(shape, dtype=np.float32)
+    dst = vol[:: -1 if flips[0] else 1, :: -1 if flips[1] else 1, :]  # a view: writes land reversed
     # (I, J, K) in C order has the slice axis fastest, so writing a decoded slice strides across the
     # whole array. Slices are decoded _TILE at a time into a small slice-major block, which is then
     # transposed into the volume in _TILE x _TILE tiles (measured on 512x512x300: one slice at a
@@ -186,7 +194,7 @@ def series_to_volume(datasets: Sequence[Dataset], names: Sequence[str] | None = 
     rows, cols = int(first.Rows), int(first.Columns)
     block = np.empty((_TILE, rows, cols), dtype=np.float32)
     for b0 in range(0, len(order), _TILE):
-        chunk = order[b0:b0 + _TILE]
+        chunk = order[b0 : b0 + _TILE]
         for n, idx in enumerate(chunk):
             ds = datasets[idx]
             try:
@@ -202,7 +210,7 @@ def series_to_volume(datasets: Sequence[Dataset], names: Sequence[str] | None = 
             block[n] += np.float32(float(ds.get("RescaleIntercept", 0.0)))
         k = len(chunk)
         for j0 in range(0, rows, _TILE):
-            dst[:, j0:j0 + _TILE, b0:b0 + k] = block[:k, j0:j0 + _TILE, :].transpose(2, 1, 0)
+            dst[:, j0 : j0 + _TILE, b0 : b0 + k] = block[:k, j0 : j0 + _TILE, :].transpose(2, 1, 0)
     return Volume(vol, affine, str(Path(names[order[0]]).parent))
 
 

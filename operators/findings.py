@@ -15,8 +15,19 @@ from importlib import resources
 from .textnorm import normalize_text
 
 SECTIONS: tuple[str, ...] = (
-    "lower thorax", "liver", "gallbladder", "spleen", "pancreas", "adrenal glands", "kidneys",
-    "bowel", "peritoneum", "pelvic", "circulatory", "lymph nodes", "musculoskeletal",
+    "lower thorax",
+    "liver",
+    "gallbladder",
+    "spleen",
+    "pancreas",
+    "adrenal glands",
+    "kidneys",
+    "bowel",
+    "peritoneum",
+    "pelvic",
+    "circulatory",
+    "lymph nodes",
+    "musculoskeletal",
 )
 
 
@@ -51,7 +62,9 @@ def _site(keyword: str | dict | None, fid: str) -> Code | None:
     try:
         c = getattr(codes.SCT, keyword)
     except AttributeError:
-        raise ValueError(f"finding {fid!r}: site {keyword!r} is not a SNOMED CT keyword of pydicom's code dictionary")
+        raise ValueError(
+            f"finding {fid!r}: site {keyword!r} is not a SNOMED CT keyword of pydicom's code dictionary"
+        ) from None
     return Code(c.scheme_designator, c.value, c.meaning)
 
 
@@ -89,10 +102,17 @@ def _parse(data: dict, origin: str) -> Catalogue:
             neg = tuple(dict.fromkeys(normalize_text(p) for p in item["negative_prompts"]))
             if not pos or not neg:
                 raise ValueError(f"finding {item['id']!r} needs positive and negative prompts")
-            findings.append(Finding(
-                id=item["id"], display=item["display"], section=section,
-                code=Code(**item["code"]), positive_prompts=pos, negative_prompts=neg,
-                site=_site(item.get("site"), item["id"])))
+            findings.append(
+                Finding(
+                    id=item["id"],
+                    display=item["display"],
+                    section=section,
+                    code=Code(**item["code"]),
+                    positive_prompts=pos,
+                    negative_prompts=neg,
+                    site=_site(item.get("site"), item["id"]),
+                )
+            )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{origin}: malformed finding catalogue ({exc!r})") from exc
     ids = [f.id for f in findings]

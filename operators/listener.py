@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -56,7 +57,7 @@ class ListenerConfig:
     log_patient_identifiers: bool = False
 
     @classmethod
-    def load(cls, path: str | Path) -> "ListenerConfig":
+    def load(cls, path: str | Path) -> ListenerConfig:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
@@ -103,9 +104,9 @@ class Listener:
         self.model = ZeroShotModel(pkg, device="auto")
         self.prep = Preprocessor(pkg.spec)
         self.lock = threading.Lock()
-        self.last_seen: dict[str, float] = {}          # study UID -> time of its last instance
-        self.open_assoc: dict[int, set[str]] = {}      # association id -> studies it delivered
-        self.queue: "queue.Queue[str]" = queue.Queue()
+        self.last_seen: dict[str, float] = {}  # study UID -> time of its last instance
+        self.open_assoc: dict[int, set[str]] = {}  # association id -> studies it delivered
+        self.queue: queue.Queue[str] = queue.Queue()
         self.stop = threading.Event()
         self.server = None
         self.processed: list[dict] = []
@@ -118,8 +119,11 @@ class Listener:
 
     def on_rejected(self, event):
         req = event.assoc.requestor
-        log.warning("association from %s@%s rejected (calling AE title not on the allow-list)",
-                    str(req.ae_title).strip(), req.address)
+        log.warning(
+            "association from %s@%s rejected (calling AE title not on the allow-list)",
+            str(req.ae_title).strip(),
+            req.address,
+        )
 
     def on_accepted(self, event):
         if not self._allowed(event.assoc):
@@ -191,6 +195,8 @@ class Listener:
         from pynetdicom import AE
 
         dest = self.cfg.destination
+        if dest is None or dest.host is None or dest.port is None:
+            raise RuntimeError("listener has no destination configured")
         ds = pydicom.dcmread(sr_path)
         delay = self.cfg.backoff_s
         for attempt in range(1, self.cfg.retries + 1):
@@ -204,11 +210,22 @@ class Listener:
                 if code == 0x0000:
                     log.info("study %s: SR %s sent to %s (attempt %d)", uid, ds.SOPInstanceUID, dest.ae_title, attempt)
                     return True
-                log.warning("study %s: %s answered C-STORE with status %s", uid, dest.ae_title,
-                            hex(code) if code is not None else "none")
+                log.warning(
+                    "study %s: %s answered C-STORE with status %s",
+                    uid,
+                    dest.ae_title,
+                    hex(code) if code is not None else "none",
+                )
             else:
-                log.warning("study %s: cannot associate with %s@%s:%s (attempt %d of %d)", uid, dest.ae_title,
-                            dest.host, dest.port, attempt, self.cfg.retries)
+                log.warning(
+                    "study %s: cannot associate with %s@%s:%s (attempt %d of %d)",
+                    uid,
+                    dest.ae_title,
+                    dest.host,
+                    dest.port,
+                    attempt,
+                    self.cfg.retries,
+                )
             if attempt < self.cfg.retries and self.stop.wait(delay):
                 return False
             delay *= 2
@@ -221,7 +238,7 @@ class Listener:
         ready = self.spool / "ready" / uid
         out = self.spool / "out" / uid
         sr = out / sr_filename(uid)
-        record = {"study_uid": uid}
+        record: dict[str, Any] = {"study_uid": uid}
         if not sr.exists():  # not processed before a restart
             studies = scan_tree(ready).studies()
             if uid not in studies:
@@ -280,18 +297,31 @@ class Listener:
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
         ae.require_calling_aet = [p.ae_title for p in self.cfg.allowed]
-        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ACCEPTED, self.on_accepted),
-                    (evt.EVT_REJECTED, self.on_rejected),
-                    (evt.EVT_RELEASED, self.on_closed), (evt.EVT_ABORTED, self.on_closed)]
+        handlers = [
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_RELEASED, self.on_closed),
+            (evt.EVT_ABORTED, self.on_closed),
+        ]
         self.recover()
         self.server = ae.start_server((self.cfg.bind, self.cfg.port), block=False, evt_handlers=handlers)
-        self.threads = [threading.Thread(target=self._watch, daemon=True, name="completion"),
-                        threading.Thread(target=self._work, daemon=True, name="pipeline")]
+        self.threads = [
+            threading.Thread(target=self._watch, daemon=True, name="completion"),
+            threading.Thread(target=self._work, daemon=True, name="pipeline"),
+        ]
         for t in self.threads:
             t.start()
-        log.info("listening as %s on %s:%d; allowed callers: %s; SRs to %s@%s:%d", self.cfg.ae_title, self.cfg.bind,
-                 self.cfg.port, ", ".join(p.ae_title for p in self.cfg.allowed), self.cfg.destination.ae_title,
-                 self.cfg.destination.host, self.cfg.destination.port)
+        log.info(
+            "listening as %s on %s:%d; allowed callers: %s; SRs to %s@%s:%d",
+            self.cfg.ae_title,
+            self.cfg.bind,
+            self.cfg.port,
+            ", ".join(p.ae_title for p in self.cfg.allowed),
+            self.cfg.destination.ae_title,
+            self.cfg.destination.host,
+            self.cfg.destination.port,
+        )
 
     def shutdown(self):
         self.stop.set()

@@ -58,8 +58,9 @@ def write_manifest(root: str | Path, manifest: dict) -> dict:
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = dict(manifest)
-    manifest["files"] = {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                         for p in files}
+    manifest["files"] = {
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files
+    }
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(root / MANIFEST)
@@ -81,9 +82,9 @@ class ModelPackage:
     spec: PreprocessSpec
     catalogue: Catalogue
     rows: tuple[FindingRows, ...]
-    thresholds: np.ndarray          # (n_findings,) probability thresholds
-    prompt_embeddings: np.ndarray   # (P, D) float32
-    logit_scale: float              # the multiplier (exp of the stored log scale)
+    thresholds: np.ndarray  # (n_findings,) probability thresholds
+    prompt_embeddings: np.ndarray  # (P, D) float32
+    logit_scale: float  # the multiplier (exp of the stored log scale)
 
     @property
     def name(self) -> str:
@@ -143,8 +144,11 @@ def read_manifest(root: str | Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _fail(root, f"manifest.json: 'format_version' must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
-        raise _fail(root, f"manifest.json: format version {version} is newer than this ct-zeroshot reads "
-                          f"(up to {FORMAT_VERSION}); upgrade ct-zeroshot to use this package")
+        raise _fail(
+            root,
+            f"manifest.json: format version {version} is newer than this ct-zeroshot reads "
+            f"(up to {FORMAT_VERSION}); upgrade ct-zeroshot to use this package",
+        )
     return manifest
 
 
@@ -160,12 +164,15 @@ def verify_files(root: Path, manifest: dict) -> None:
         if not isinstance(rec, dict) or "sha256" not in rec:
             raise _fail(root, f"manifest.json: no sha256 recorded for {rel}")
         if "bytes" in rec and p.stat().st_size != rec["bytes"]:
-            raise _fail(root, f"{rel}: {p.stat().st_size} bytes, the manifest says {rec['bytes']} "
-                              "(truncated or modified)")
+            raise _fail(
+                root, f"{rel}: {p.stat().st_size} bytes, the manifest says {rec['bytes']} (truncated or modified)"
+            )
         if sha256_file(p) != rec["sha256"]:
             raise _fail(root, f"{rel}: sha256 does not match the manifest (modified or corrupted)")
-    required = [_need(manifest["image_encoder"], "file", "image_encoder.", root),
-                _need(manifest["prompt_embeddings"], "file", "prompt_embeddings.", root)]
+    required = [
+        _need(manifest["image_encoder"], "file", "image_encoder.", root),
+        _need(manifest["prompt_embeddings"], "file", "prompt_embeddings.", root),
+    ]
     te = manifest.get("text_encoder") or {}
     if te.get("file"):
         required += [te["file"], _need(te, "tokenizer", "text_encoder.", root)]
@@ -178,8 +185,17 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
     """Open and check a model package; see the module docstring for what is refused."""
     root = Path(root)
     manifest = read_manifest(root)
-    for key in ("model", "preprocessing", "image_encoder", "prompt_embeddings", "embedding_dim",
-                "logit_scale", "decision", "findings", "private_scheme"):
+    for key in (
+        "model",
+        "preprocessing",
+        "image_encoder",
+        "prompt_embeddings",
+        "embedding_dim",
+        "logit_scale",
+        "decision",
+        "findings",
+        "private_scheme",
+    ):
         _need(manifest, key, "", root)
     if verify:
         verify_files(root, manifest)
@@ -210,8 +226,11 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
             raise _fail(root, f"manifest.json: finding {fid!r} lacks prompt_rows or threshold ({exc!r})") from exc
         for a, b in (fr.positive, fr.negative):
             if not (0 <= a < b <= emb.shape[0]):
-                raise _fail(root, f"manifest.json: finding {fid!r} prompt rows [{a}, {b}) outside "
-                                  f"the {emb.shape[0]} prompt embeddings")
+                raise _fail(
+                    root,
+                    f"manifest.json: finding {fid!r} prompt rows [{a}, {b}) outside "
+                    f"the {emb.shape[0]} prompt embeddings",
+                )
         if not (0.0 < thr < 1.0):
             raise _fail(root, f"manifest.json: finding {fid!r} threshold {thr} is not a probability in (0, 1)")
         rows.append(fr)
@@ -219,15 +238,23 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
     scale = float(manifest["logit_scale"])
     if not math.isfinite(scale) or scale <= 0:
         raise _fail(root, f"manifest.json: logit_scale must be a positive number, got {scale}")
-    return ModelPackage(root=root, manifest=manifest, spec=spec, catalogue=catalogue, rows=tuple(rows),
-                        thresholds=np.asarray(thresholds, dtype=np.float64), prompt_embeddings=emb,
-                        logit_scale=scale)
+    return ModelPackage(
+        root=root,
+        manifest=manifest,
+        spec=spec,
+        catalogue=catalogue,
+        rows=tuple(rows),
+        thresholds=np.asarray(thresholds, dtype=np.float64),
+        prompt_embeddings=emb,
+        logit_scale=scale,
+    )
 
 
 def default_package_dir() -> Path:
     """The embedded demo model (``operators/models/demo``), used when no model is given."""
     path = Path(str(resources.files(__package__).joinpath("models", DEMO_PACKAGE)))
     if not (path / MANIFEST).is_file():
-        raise PackageError(f"the embedded demo model is missing from {path}; build it with `make demo-model` "
-                           "or pass a model package")
+        raise PackageError(
+            f"the embedded demo model is missing from {path}; build it with `make demo-model` or pass a model package"
+        )
     return path

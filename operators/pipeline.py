@@ -53,7 +53,13 @@ class StudyWork:
     def failed(self) -> bool:
         return self.status != "ok"
 
-    def fail(self, reason: str) -> "StudyWork":
+    def series_chosen(self) -> SeriesFiles:
+        """The selected series (a stage after selection runs only on a study that has one)."""
+        if self.chosen is None:
+            raise RuntimeError(f"study {self.study_uid}: no series selected")
+        return self.chosen
+
+    def fail(self, reason: str) -> StudyWork:
         self.status, self.reason = "failed", reason
         self.tensor = None
         log.error("study %s: %s", self.study_uid, reason)
@@ -78,7 +84,7 @@ def series_problem(s: SeriesFiles) -> str | None:
     if iop is None or len(iop) != 6:
         return f"{desc}: no ImageOrientationPatient"
     normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-    if abs(normal[2]) < AXIAL_COS * max(np.linalg.norm(normal), 1e-9):
+    if abs(normal[2]) < AXIAL_COS * max(float(np.linalg.norm(normal)), 1e-9):
         return f"{desc}: not axial (slice normal {np.round(normal, 3).tolist()})"
     if len(s.paths) < MIN_SLICES:
         return f"{desc}: {len(s.paths)} slice(s), a volume needs at least {MIN_SLICES}"
@@ -102,8 +108,14 @@ def select_series(work: StudyWork) -> StudyWork:
         return (-len(s.paths), thick, number, s.series_uid)
 
     work.chosen = sorted(eligible, key=key)[0]
-    log.info("study %s: series %s (%d slices) chosen of %d (%d eligible)", work.study_uid,
-             work.chosen.series_uid, len(work.chosen.paths), len(work.series), len(eligible))
+    log.info(
+        "study %s: series %s (%d slices) chosen of %d (%d eligible)",
+        work.study_uid,
+        work.chosen.series_uid,
+        len(work.chosen.paths),
+        len(work.series),
+        len(eligible),
+    )
     return work
 
 
@@ -123,11 +135,17 @@ class Preprocessor:
             return work
         # Geometry from the headers the scan already read; pixels decoded straight from each file
         # (pydicom.pixels.pixel_array), without holding every full dataset and its cached array.
-        names = [str(p) for p in work.chosen.paths]
+        chosen = work.series_chosen()
+        names = [str(p) for p in chosen.paths]
         t = time.perf_counter()
         try:
-            vol = series_to_volume(work.chosen.headers, names, pixels=lambda n: pixel_array(names[n]),
-                                   axcodes=self.spec.orientation, out=self._buffer)
+            vol = series_to_volume(
+                chosen.headers,
+                names,
+                pixels=lambda n: pixel_array(names[n]),
+                axcodes=self.spec.orientation,
+                out=self._buffer,
+            )
             self._buffer = vol.array  # preprocessing copies out of it; the next study may refill it
         except VolumeError as exc:
             return work.fail(str(exc))
@@ -143,6 +161,8 @@ class Preprocessor:
 def infer(work: StudyWork, model: ZeroShotModel) -> StudyWork:
     if work.failed:
         return work
+    if work.tensor is None:
+        raise RuntimeError(f"study {work.study_uid}: no model input")
     t = time.perf_counter()
     emb = model.embed_images(work.tensor[None])
     work.timings["encoder_s"] = time.perf_counter() - t
@@ -169,17 +189,25 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
 
     if work.failed:
         return work
+    chosen, findings = work.series_chosen(), work.findings
+    if findings is None:
+        raise RuntimeError(f"study {work.study_uid}: no findings to report")
     t = time.perf_counter()
     try:
-        series_uid, sop_uid = sr_uids(work.study_uid, work.chosen.series_uid, model.package.manifest["model"]["uid"])
-        sr = build_sr(work.chosen.headers, work.findings, model.package, series_uid, sop_uid)
+        series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.manifest["model"]["uid"])
+        sr = build_sr(chosen.headers, findings, model.package, series_uid, sop_uid)
         work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch
         return work.fail(f"SR not written ({type(exc).__name__}: {exc})")
     work.timings["sr_s"] = time.perf_counter() - t
-    present = [fid for fid, p in zip(work.findings.ids, work.findings.present) if p]
-    log.info("study %s: SR %s; present: %s; timings %s", work.study_uid, work.sr_path.name,
-             ", ".join(present) or "none", {k: round(v, 3) for k, v in work.timings.items()})
+    present = [fid for fid, p in zip(findings.ids, findings.present) if p]
+    log.info(
+        "study %s: SR %s; present: %s; timings %s",
+        work.study_uid,
+        work.sr_path.name,
+        ", ".join(present) or "none",
+        {k: round(v, 3) for k, v in work.timings.items()},
+    )
     return work
 
 

@@ -20,8 +20,8 @@ follows IHE AI Results:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -46,38 +46,60 @@ def _coded(code: FindingCode) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
-def build_sr(source: Sequence[Dataset], findings: Findings, package: ModelPackage,
-             series_instance_uid: str | None = None, sop_instance_uid: str | None = None) -> hd.sr.Comprehensive3DSR:
+def build_sr(
+    source: Sequence[Dataset],
+    findings: Findings,
+    package: ModelPackage,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
     """The SR for one study. ``source``: the headers of the series the model saw (pixel data not needed)."""
     if not source:
         raise ValueError("an SR needs the source series' headers")
     algorithm = f"{package.name}"
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=package.manifest["model"]["uid"], name="ct-zeroshot", manufacturer_name="ct-zeroshot",
-        model_name=f"{package.name} {package.version}")
-    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device, observer_identifying_attributes=device))
+        uid=package.manifest["model"]["uid"],
+        name="ct-zeroshot",
+        manufacturer_name="ct-zeroshot",
+        model_name=f"{package.name} {package.version}",
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
     groups = []
     uses_private = False
     for j, f in enumerate(package.catalogue):
         code = _coded(f.code)
         uses_private |= f.code.scheme == package.catalogue.private_scheme.scheme
         algo = hd.sr.AlgorithmIdentification(
-            name=algorithm, version=package.version,
-            parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"])
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f.id),
-            finding_type=code,
-            algorithm_id=algo,
-            finding_sites=[hd.sr.FindingSite(_coded(f.site))] if f.site is not None else None,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                name=code, value=PRESENT if bool(findings.present[j]) else ABSENT)],
-            measurements=[hd.sr.Measurement(
-                name=codes.DCM.CertaintyOfFinding, value=round(float(findings.probabilities[j]) * 100.0, 4),
-                unit=codes.UCUM.Percent, algorithm_id=algo)],
-        ))
-    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE_CT,
-                                     imaging_measurements=groups)
+            name=algorithm,
+            version=package.version,
+            parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"],
+        )
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f.id),
+                finding_type=code,
+                algorithm_id=algo,
+                finding_sites=[hd.sr.FindingSite(_coded(f.site))] if f.site is not None else None,
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(name=code, value=PRESENT if bool(findings.present[j]) else ABSENT)
+                ],
+                measurements=[
+                    hd.sr.Measurement(
+                        name=codes.DCM.CertaintyOfFinding,
+                        value=round(float(findings.probabilities[j]) * 100.0, 4),
+                        unit=codes.UCUM.Percent,
+                        algorithm_id=algo,
+                    )
+                ],
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=PROCEDURE_CT, imaging_measurements=groups
+    )
     schemes = [CodingSchemeIdentificationItem(designator="99IHE", name="IHE Radiology temporary codes")]
     if uses_private:
         ps = package.catalogue.private_scheme
@@ -85,19 +107,31 @@ def build_sr(source: Sequence[Dataset], findings: Findings, package: ModelPackag
     # highdicom only accepts purposes from CID 7005; IHE AI Results asks for its "Processing Algorithm"
     # (CID 7005 is extensible), so the equipment is built as processing equipment and the purpose replaced.
     equipment = hd.ContributingEquipment(
-        manufacturer="ct-zeroshot", purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer="ct-zeroshot",
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=f"{package.name} {package.version}",
         software_versions=f"ct-zeroshot {__version__}",
-        contribution_description="zero-shot finding detection (image-text dual encoder, prompt similarities)")
+        contribution_description="zero-shot finding detection (image-text dual encoder, prompt similarities)",
+    )
     equipment.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
     return hd.sr.Comprehensive3DSR(
-        evidence=list(source), content=report,
-        series_instance_uid=series_instance_uid or generate_uid(), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1,
-        manufacturer="ct-zeroshot", is_complete=True, is_final=False, is_verified=False,
-        contributing_equipment=[equipment], coding_schemes=schemes,
-        series_description=SR_SERIES_DESCRIPTION, manufacturer_model_name=f"{package.name} {package.version}",
-        software_versions=f"ct-zeroshot {__version__}", specific_character_set="ISO_IR 192")
+        evidence=list(source),
+        content=report,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=1,
+        manufacturer="ct-zeroshot",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[equipment],
+        coding_schemes=schemes,
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=f"{package.name} {package.version}",
+        software_versions=f"ct-zeroshot {__version__}",
+        specific_character_set="ISO_IR 192",
+    )
 
 
 def write_sr(sr: Dataset, out_dir: str | Path, name: str) -> Path:
@@ -122,9 +156,14 @@ def read_findings(path: str | Path) -> dict[str, dict]:
     out = {}
     for g in report.get_image_measurement_groups():
         finding = g.finding_type
+        if finding is None:
+            raise ValueError("SR measurement group without a finding code")
         qual = g.get_qualitative_evaluations()[0]
         meas = g.get_measurements()[0]
-        out[g.tracking_identifier] = {"code": (finding.scheme_designator, finding.value, finding.meaning),
-                                      "present": qual.value == PRESENT, "certainty": float(meas.value),
-                                      "site": [s.value.value for s in g.finding_sites]}
+        out[str(g.tracking_identifier)] = {
+            "code": (finding.scheme_designator, finding.value, finding.meaning),
+            "present": qual.value == PRESENT,
+            "certainty": float(meas.value),
+            "site": [s.value.value for s in g.finding_sites],
+        }
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,8 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        x, y, z = (float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return x, y, z
 
     @property
     def axcodes(self) -> str:
@@ -43,7 +45,7 @@ def load_nifti(path: str | Path) -> Volume:
     if not path.exists():
         raise VolumeError(f"{path}: NIfTI file does not exist")
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # a spatial image; nibabel's stubs say FileBasedImage
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise VolumeError(f"{path}: cannot be read as NIfTI ({exc})") from exc

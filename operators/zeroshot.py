@@ -11,9 +11,9 @@ so the numbers a run reports are the numbers the deployed package produces.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -23,12 +23,15 @@ from .textnorm import normalize_text
 log = logging.getLogger(__name__)
 
 
-def finding_scores(image_emb: np.ndarray, prompt_emb: np.ndarray, rows: Sequence[FindingRows],
-                   scale: float) -> tuple[np.ndarray, np.ndarray]:
+def finding_scores(
+    image_emb: np.ndarray, prompt_emb: np.ndarray, rows: Sequence[FindingRows], scale: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(margins, probabilities), each (N, n_findings), from L2-normalised embeddings."""
     sim = np.asarray(image_emb, dtype=np.float64) @ np.asarray(prompt_emb, dtype=np.float64).T
-    margins = np.stack([sim[:, r.positive[0]:r.positive[1]].mean(1) - sim[:, r.negative[0]:r.negative[1]].mean(1)
-                        for r in rows], axis=1)
+    margins = np.stack(
+        [sim[:, r.positive[0] : r.positive[1]].mean(1) - sim[:, r.negative[0] : r.negative[1]].mean(1) for r in rows],
+        axis=1,
+    )
     return margins, margin_probability(margins, scale)
 
 
@@ -41,8 +44,10 @@ def tokenize(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
     """Merlin's normalisation, then a ``tokenizers`` tokenizer (its file sets truncation and padding,
     including a fixed sequence length for graphs traced at one length)."""
     enc = tokenizer.encode_batch([normalize_text(t) for t in texts])
-    return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64)}
+    return {
+        "input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64),
+    }
 
 
 def select_providers(device: str = "auto") -> list[str]:
@@ -84,7 +89,7 @@ class Findings:
     ids: list[str]
     probabilities: np.ndarray  # (n_findings,)
     margins: np.ndarray
-    present: np.ndarray        # bool (n_findings,)
+    present: np.ndarray  # bool (n_findings,)
     thresholds: np.ndarray
 
 
@@ -113,11 +118,16 @@ class ZeroShotModel:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         return self.image_session.run([self._image_out], {self._image_in: x})[0]
 
-    def decide(self, image_emb: np.ndarray, prompt_emb: np.ndarray | None = None,
-               rows: Sequence[FindingRows] | None = None) -> list[Findings]:
+    def decide(
+        self, image_emb: np.ndarray, prompt_emb: np.ndarray | None = None, rows: Sequence[FindingRows] | None = None
+    ) -> list[Findings]:
         pkg = self.package
-        margins, probs = finding_scores(image_emb, pkg.prompt_embeddings if prompt_emb is None else prompt_emb,
-                                        pkg.rows if rows is None else rows, pkg.logit_scale)
+        margins, probs = finding_scores(
+            image_emb,
+            pkg.prompt_embeddings if prompt_emb is None else prompt_emb,
+            pkg.rows if rows is None else rows,
+            pkg.logit_scale,
+        )
         thr = pkg.thresholds
         return [Findings(pkg.catalogue.ids, probs[i], margins[i], probs[i] >= thr, thr) for i in range(len(probs))]
 
@@ -130,8 +140,10 @@ class ZeroShotModel:
         te = self.package.text_encoder
         if te is None:
             reason = (self.package.manifest.get("text_encoder") or {}).get("absent_reason", "not exported")
-            raise RuntimeError(f"model package {self.package.root} has no text encoder ({reason}); "
-                               "custom prompts need the training side's torch model")
+            raise RuntimeError(
+                f"model package {self.package.root} has no text encoder ({reason}); "
+                "custom prompts need the training side's torch model"
+            )
         if self._text_session is None:
             from tokenizers import Tokenizer
 
@@ -145,8 +157,10 @@ class ZeroShotModel:
 
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         te = self._text()
-        out = []
+        out: list[np.ndarray] = []
         for i in range(0, len(texts), batch_size):
-            feed = self.tokenize(texts[i:i + batch_size])
-            out.append(self._text_session.run([te["output"]], {k: feed[k] for k in te["inputs"]})[0])
+            feed = self.tokenize(texts[i : i + batch_size])
+            session = self._text_session
+            assert session is not None  # opened by _text()
+            out.append(session.run([te["output"]], {k: feed[k] for k in te["inputs"]})[0])
         return np.concatenate(out) if out else np.zeros((0, self.package.embedding_dim), np.float32)

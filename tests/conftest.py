@@ -13,8 +13,9 @@ WORKERS = min(os.cpu_count() or 1, 2)
 def corpus200(tmp_path_factory) -> Path:
     """The issue's reference corpus: 200 tiny studies with DICOM, seed 0."""
     out = tmp_path_factory.mktemp("corpus") / "c200"
-    generate_corpus(SynthConfig(out=str(out), studies=200, seed=0, profile="tiny", dicom=True, workers=WORKERS),
-                    progress=False)
+    generate_corpus(
+        SynthConfig(out=str(out), studies=200, seed=0, profile="tiny", dicom=True, workers=WORKERS), progress=False
+    )
     return out
 
 
@@ -29,9 +30,18 @@ def corpus_copy(corpus200, tmp_path) -> Path:
     return out
 
 
-TINY_TRAIN = ["train.batch_size=8", "train.steps=6", "train.eval_every=3", "train.eval_studies=16",
-              "optim.warmup_steps=2", "text.vocab_size=400", "text.hidden=32", "text.layers=1", "text.heads=2",
-              "text.max_length=96"]
+TINY_TRAIN = [
+    "train.batch_size=8",
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.eval_studies=16",
+    "optim.warmup_steps=2",
+    "text.vocab_size=400",
+    "text.hidden=32",
+    "text.layers=1",
+    "text.heads=2",
+    "text.max_length=96",
+]
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +57,27 @@ def tiny_package(corpus200, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("export")
     cache = root / "cache"
     train(corpus200, root / "run", TrainConfig.load("cpu-tiny", TINY_TRAIN), cache_dir=cache, progress=False)
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "export", "--run", str(root / "run"),
-                           "--data", str(corpus200), "--out", str(root / "pkg"), "--thresholds", "validation",
-                           "--cache", str(cache), "--quiet"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "export",
+            "--run",
+            str(root / "run"),
+            "--data",
+            str(corpus200),
+            "--out",
+            str(root / "pkg"),
+            "--thresholds",
+            "validation",
+            "--cache",
+            str(cache),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "image parity" in proc.stdout
     return {"root": root, "run": root / "run", "pkg": root / "pkg", "cache": cache, "data": corpus200}

@@ -28,12 +28,26 @@ def dsrdump(path: Path) -> list[str]:
 
 
 def pixelmed(path: Path) -> list[str]:
-    p = subprocess.run(["java", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathExprOpLimit=0",
-                        "-Djdk.xml.xpathTotalOpLimit=0", "-cp", str(PIXELMED_JAR),
-                        "com.pixelmed.validate.DicomSRValidator", str(path)], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            "java",
+            "-Djdk.xml.xpathExprGrpLimit=0",
+            "-Djdk.xml.xpathExprOpLimit=0",
+            "-Djdk.xml.xpathTotalOpLimit=0",
+            "-cp",
+            str(PIXELMED_JAR),
+            "com.pixelmed.validate.DicomSRValidator",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     out = (p.stdout + p.stderr).splitlines()
-    problems = [line for line in out if line.strip() and (line.startswith("Error") or
-                                                            (line.startswith("Warning") and PIXELMED_KNOWN not in line))]
+    problems = [
+        line
+        for line in out
+        if line.strip() and (line.startswith("Error") or (line.startswith("Warning") and PIXELMED_KNOWN not in line))
+    ]
     if not any("Root Template Validation Complete" in line for line in out):
         problems.append("PixelMed did not complete TID 1500 validation: " + " | ".join(out[-5:]))
     return problems

@@ -24,8 +24,15 @@ def _stack():
 
 
 def run_app(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "operators", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=_stack, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "operators", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        preexec_fn=_stack,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +108,14 @@ def test_sr_reads_back_with_the_operators_probabilities(app_run, tree, tiny_pack
 def test_map_environment_variables_and_stable_sr_identity(app_run, tree, tiny_package, tmp_path):
     """As the MAP runs it: no flags, HOLOSCAN_* paths. Same study + model -> same SR UIDs."""
     out = tmp_path / "out"
-    proc = run_app(env={"HOLOSCAN_INPUT_PATH": str(tree["root"]), "HOLOSCAN_OUTPUT_PATH": str(out),
-                        "HOLOSCAN_MODEL_PATH": str(tiny_package["pkg"].parent)}, cwd=tmp_path)
+    proc = run_app(
+        env={
+            "HOLOSCAN_INPUT_PATH": str(tree["root"]),
+            "HOLOSCAN_OUTPUT_PATH": str(out),
+            "HOLOSCAN_MODEL_PATH": str(tiny_package["pkg"].parent),
+        },
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for uid in tree["good"]:
         a = pydicom.dcmread(app_run["out"] / sr_filename(uid))
@@ -134,8 +147,10 @@ def test_jpeg_lossless_and_rle_give_the_same_findings(tree, tiny_package, tmp_pa
     uid, sid = next(iter(tree["good"].items()))
     src = next(p for p in tree["root"].rglob(sid) if p.is_dir())
     outs = {}
-    for name, tool, ts in (("jpegll", ["dcmcjpeg", "+e1"], "1.2.840.10008.1.2.4.70"),
-                           ("rle", ["dcmcrle"], "1.2.840.10008.1.2.5")):
+    for name, tool, ts in (
+        ("jpegll", ["dcmcjpeg", "+e1"], "1.2.840.10008.1.2.4.70"),
+        ("rle", ["dcmcrle"], "1.2.840.10008.1.2.5"),
+    ):
         dst = tmp_path / name / sid
         dst.mkdir(parents=True)
         for f in sorted(src.iterdir()):

@@ -33,8 +33,12 @@ def archive(corpus200, tmp_path_factory):
 
 
 def _infer(*args):
-    return subprocess.run([sys.executable, "-m", "operators.cli", "infer", *map(str, args), "--quiet"],
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "operators.cli", "infer", *map(str, args), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_batch_reports_broken_studies_and_resumes(archive, tiny_package, tmp_path):

@@ -18,7 +18,15 @@ def test_synth_command(tmp_path):
 
 def test_preprocess_and_findings_commands(corpus200, tmp_path):
     sid = sorted((corpus200 / "dicom").iterdir())[0].name
-    p = run("operators.cli", "preprocess", str(corpus200 / "dicom" / sid), "--spec", "tiny", "--out", str(tmp_path / "x.npy"))
+    p = run(
+        "operators.cli",
+        "preprocess",
+        str(corpus200 / "dicom" / sid),
+        "--spec",
+        "tiny",
+        "--out",
+        str(tmp_path / "x.npy"),
+    )
     assert p.returncode == 0, p.stderr
     assert np.load(tmp_path / "x.npy").shape == (1, 64, 56, 56)
     p = run("operators.cli", "preprocess", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "y.npy"))
@@ -28,9 +36,11 @@ def test_preprocess_and_findings_commands(corpus200, tmp_path):
 
 
 def test_operators_never_import_training():
-    code = ("import sys, operators.cli, operators.preprocessing, operators.dicom_series, operators.findings, "
-            "operators.app, operators.pipeline, operators.package, operators.zeroshot, operators.sr; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'transformers', 'tokenizers')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, operators.cli, operators.preprocessing, operators.dicom_series, operators.findings, "
+        "operators.app, operators.pipeline, operators.package, operators.zeroshot, operators.sr; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'transformers', 'tokenizers')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

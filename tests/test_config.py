@@ -5,8 +5,10 @@ from training.config import ConfigError, TrainConfig, parse_ratio
 
 def test_presets_load_and_resolve(tmp_path):
     assert {"cpu-tiny", "merlin"} <= set(TrainConfig.presets())
-    cfg = TrainConfig.load("cpu-tiny", ["train.steps=7", "sampler.kind=balanced", "sampler.ratio=25:75",
-                                        "batching.sections=[liver, spleen]"])
+    cfg = TrainConfig.load(
+        "cpu-tiny",
+        ["train.steps=7", "sampler.kind=balanced", "sampler.ratio=25:75", "batching.sections=[liver, spleen]"],
+    )
     assert cfg.train.steps == 7 and cfg.sampler.kind == "balanced" and cfg.batching.sections == ["liver", "spleen"]
     cfg.save(tmp_path / "c.yaml")
     again = TrainConfig.load(str(tmp_path / "c.yaml"))
@@ -15,22 +17,26 @@ def test_presets_load_and_resolve(tmp_path):
     assert merlin.image.arch == "i3_resnet152" and merlin.spec.spatial_size == (224, 224, 160)
 
 
-@pytest.mark.parametrize("value,expected", [("25:75", (0.25, 0.75)), ("1:1", (0.5, 0.5)), ("3:1", (0.75, 0.25)),
-                                            ([50, 50], (0.5, 0.5))])
+@pytest.mark.parametrize(
+    "value,expected", [("25:75", (0.25, 0.75)), ("1:1", (0.5, 0.5)), ("3:1", (0.75, 0.25)), ([50, 50], (0.5, 0.5))]
+)
 def test_ratio(value, expected):
     assert parse_ratio(value) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["sampler.ratio=fifty-fifty"], "sampler.ratio 'fifty-fifty' does not parse"),
-    (["sampler.ratio=0:0"], "not both 0"),
-    (["batching.sections=[liver, brain]"], r"unknown section\(s\) \['brain'\]"),
-    (["sampler.kind=stratified"], "sampler.kind 'stratified'"),
-    (["train.steps=many"], "train.steps: expected an integer"),
-    (["train.colour=red"], r"unknown config key\(s\) \['train.colour'\]"),
-    (["sampler.data_fraction=1.5"], r"sampler.data_fraction must be in \(0, 1\]"),
-    (["trainsteps"], "must be key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["sampler.ratio=fifty-fifty"], "sampler.ratio 'fifty-fifty' does not parse"),
+        (["sampler.ratio=0:0"], "not both 0"),
+        (["batching.sections=[liver, brain]"], r"unknown section\(s\) \['brain'\]"),
+        (["sampler.kind=stratified"], "sampler.kind 'stratified'"),
+        (["train.steps=many"], "train.steps: expected an integer"),
+        (["train.colour=red"], r"unknown config key\(s\) \['train.colour'\]"),
+        (["sampler.data_fraction=1.5"], r"sampler.data_fraction must be in \(0, 1\]"),
+        (["trainsteps"], "must be key=value"),
+    ],
+)
 def test_clear_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.load("cpu-tiny", overrides)

@@ -48,8 +48,9 @@ def test_entry_point_runs_the_app_as_the_image_would(corpus200, tiny_package, tm
     at("/var/holoscan/output").mkdir(parents=True)
     run_env = {"PATH": str(Path(sys.executable).parent), **{k: str(at(v)) for k, v in env.items()}}
     cmd = [sys.executable if entry[0] == "python3" else entry[0], str(at(entry[1]))]
-    proc = subprocess.run(cmd, env=run_env, cwd=at("/var/holoscan"), capture_output=True, text=True,
-                          preexec_fn=_stack, timeout=600)
+    proc = subprocess.run(
+        cmd, env=run_env, cwd=at("/var/holoscan"), capture_output=True, text=True, preexec_fn=_stack, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model ct-zeroshot-resnet10_tiny" in proc.stderr  # the mounted package, not the demo model
     out = sorted(p.name for p in at("/var/holoscan/output").iterdir())

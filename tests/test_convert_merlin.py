@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.merlin_stub import merlin_shapes, random_merlin_state_dict, write_longformer_stub
 from operators.findings import load_catalogue
 from operators.package import load_package
 from training.convert_merlin import ConversionError, build_merlin_model, load_merlin_state, read_checkpoint
-from benchmarks.merlin_stub import merlin_shapes, random_merlin_state_dict, write_longformer_stub
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,12 @@ def test_every_key_and_shape_of_merlins_checkpoint_loads_strictly(merlin_model):
     sd = random_merlin_state_dict()
     load_merlin_state(merlin_model, sd)
     got = merlin_model.state_dict()
-    for k in ("encode_image.i3_resnet.layer3.35.conv2.weight", "encode_text.text_encoder.encoder.layer.11.output.dense.bias",
-              "encode_text.linear_layer.weight", "logit_scale"):
+    for k in (
+        "encode_image.i3_resnet.layer3.35.conv2.weight",
+        "encode_text.text_encoder.encoder.layer.11.output.dense.bias",
+        "encode_text.linear_layer.weight",
+        "logit_scale",
+    ):
         assert torch.equal(got[k], sd[k]), k
 
 
@@ -70,9 +74,24 @@ def test_convert_merlin_end_to_end(longformer_dir, tmp_path):
     """Full-size random-weight checkpoint -> package with Merlin's preprocessing and prompts; parity recorded."""
     ckpt = tmp_path / "merlin.pt"
     torch.save({f"module.{k}": v for k, v in random_merlin_state_dict(1).items()}, ckpt)  # DDP-saved form too
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "convert-merlin", "--checkpoint", str(ckpt),
-                           "--out", str(tmp_path / "pkg"), "--text-model", str(longformer_dir), "--text", "none"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "convert-merlin",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "pkg"),
+            "--text-model",
+            str(longformer_dir),
+            "--text",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     pkg = load_package(tmp_path / "pkg")
     m = pkg.manifest
@@ -93,19 +112,35 @@ def test_longformer_text_tower_ships_only_with_parity(longformer_dir, tmp_path):
     from operators.preprocessing import PreprocessSpec
     from operators.zeroshot import ZeroShotModel
     from training.export import export_package
-    from training.synth.inputs import synthetic_inputs
     from training.models.clip import DualEncoder
     from training.models.image import ImageEncoder
     from training.models.text import TextEncoder
+    from training.synth.inputs import synthetic_inputs
 
-    small = write_longformer_stub(tmp_path / "small-longformer", vocab_size=700, hidden_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                  max_position_embeddings=1026, attention_window=64)
+    small = write_longformer_stub(
+        tmp_path / "small-longformer",
+        vocab_size=700,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=1026,
+        attention_window=64,
+    )
     torch.manual_seed(0)
     model = DualEncoder(ImageEncoder("resnet10_tiny", 32), TextEncoder(small, 32, 1024, "first"), 1.0, "none").eval()
     spec = PreprocessSpec.tiny()
-    m = export_package(model, tmp_path / "pkg", spec=spec, parity_volumes=synthetic_inputs(spec, 2), name="t",
-                       version="0", provenance={}, text="auto", log=lambda s: None)
+    m = export_package(
+        model,
+        tmp_path / "pkg",
+        spec=spec,
+        parity_volumes=synthetic_inputs(spec, 2),
+        name="t",
+        version="0",
+        provenance={},
+        text="auto",
+        log=lambda s: None,
+    )
     pkg = load_package(tmp_path / "pkg")
     if pkg.text_encoder is not None:
         assert m["parity"]["text"]["passed"] and pkg.text_encoder["sequence_length"] == 64

@@ -60,8 +60,10 @@ def test_malformed_csv(corpus_copy):
 
 
 def test_bad_label_value(corpus_copy):
-    _rewrite(corpus_copy / "zero_shot_findings_disease_cls.csv",
-             lambda rows: [rows[0], [rows[1][0], "2", *rows[1][2:]], *rows[2:]])
+    _rewrite(
+        corpus_copy / "zero_shot_findings_disease_cls.csv",
+        lambda rows: [rows[0], [rows[1][0], "2", *rows[1][2:]], *rows[2:]],
+    )
     with pytest.raises(DataError, match=r"zero_shot_findings_disease_cls.csv line 2: label 'submucosal_edema' is 2"):
         read_merlin_release(corpus_copy)
 
@@ -70,6 +72,7 @@ def test_report_without_findings_section(corpus_copy):
     def mutate(rows):
         rows[5][1] = "IMPRESSION: 1. No acute abnormality."
         return rows
+
     _rewrite(corpus_copy / "reports_final.csv", mutate)
     with pytest.raises(DataError, match=r"reports_final.csv line 6: .*no 'FINDINGS:' section"):
         read_merlin_release(corpus_copy)
@@ -79,6 +82,7 @@ def test_missing_nifti(corpus_copy, tmp_path):
     def mutate(rows):
         rows[3][0] = "SYmissing"
         return rows
+
     _rewrite(corpus_copy / "reports_final.csv", mutate)
     with pytest.raises(DataError, match=r"line 4: image .*SYmissing.nii.gz does not exist"):
         read_merlin_release(corpus_copy)

@@ -16,6 +16,7 @@ from training.evaluate import prompt_embeddings, zero_shot_scores
 from training.export import choose_thresholds
 from training.runs import load_run
 
+
 @pytest.fixture(scope="module")
 def exported(tiny_package):
     return tiny_package
@@ -74,7 +75,7 @@ def test_custom_prompts_through_the_onnx_text_encoder(exported):
     f = pkg.catalogue.findings[3]
     r = pkg.rows[3]
     emb = zs.embed_texts(list(f.positive_prompts) + list(f.negative_prompts))
-    assert np.abs(emb - pkg.prompt_embeddings[r.positive[0]:r.negative[1]]).max() < 1e-4
+    assert np.abs(emb - pkg.prompt_embeddings[r.positive[0] : r.negative[1]]).max() < 1e-4
     # Unnormalised input is normalised the same way as training ("Liver: Normal." -> "liver : normal .").
     a, b = zs.embed_texts(["Small Bowel Obstruction."]), zs.embed_texts(["small bowel obstruction ."])
     assert np.abs(a - b).max() < 1e-6
@@ -135,9 +136,25 @@ def test_a_rewritten_manifest_is_still_checked_for_consistency(exported, tmp_pat
 def test_export_refuses_a_non_empty_folder(exported, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "export", "--run", str(exported["run"]),
-                           "--data", str(exported["data"]), "--out", str(tmp_path / "out"),
-                           "--cache", str(exported["cache"]), "--quiet"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "export",
+            "--run",
+            str(exported["run"]),
+            "--data",
+            str(exported["data"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(exported["cache"]),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 
@@ -149,9 +166,11 @@ def test_validation_thresholds_maximise_f1():
     y[:, 2] = 0  # a finding with no validation positives keeps Merlin's 0.5
     thr, notes = choose_thresholds(p, y)
     for j in range(2):
-        def f1(t):
+
+        def f1(t, j=j):
             pred = p[:, j] >= t
             return 2 * (pred & (y[:, j] == 1)).sum() / (pred.sum() + y[:, j].sum())
+
         grid = np.linspace(0.01, 0.99, 400)
         assert f1(thr[j]) >= max(f1(t) for t in grid) - 1e-9
         assert notes[j]["validation_f1"] == pytest.approx(f1(thr[j]))
@@ -175,8 +194,21 @@ def test_merlin_rule_probability_is_the_two_way_softmax():
 
 def test_onnx_benchmark_smoke(tmp_path):
     """The benchmark command's structure, on a small architecture (the real run is `make bench-onnx`)."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_onnx", "--out", str(tmp_path), "--runs", "2",
-                           "--arch", "resnet10_tiny"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_onnx",
+            "--out",
+            str(tmp_path),
+            "--runs",
+            "2",
+            "--arch",
+            "resnet10_tiny",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "onnx_vs_torch.json").read_text())
     assert set(r["median_s"]) == {"onnxruntime", "torch_eager"} and all(len(v) == 2 for v in r["all_s"].values())

@@ -32,11 +32,21 @@ def free_port() -> int:
 class OrthancServer:
     def __init__(self, root: Path, listener_port: int):
         self.http, self.dicom = free_port(), free_port()
-        cfg = {"Name": "ct-zeroshot-test", "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC",
-               "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {"ci": "ci"},
-               "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False,
-               "DicomModalities": {"ctzs": ["CTZEROSHOT", "127.0.0.1", listener_port]},
-               "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"), "Plugins": []}
+        cfg = {
+            "Name": "ct-zeroshot-test",
+            "HttpPort": self.http,
+            "DicomPort": self.dicom,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {"ci": "ci"},
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": False,
+            "DicomModalities": {"ctzs": ["CTZEROSHOT", "127.0.0.1", listener_port]},
+            "StorageDirectory": str(root / "db"),
+            "IndexDirectory": str(root / "db"),
+            "Plugins": [],
+        }
         (root / "conf").mkdir(parents=True)
         (root / "conf" / "orthanc.json").write_text(json.dumps(cfg))
         self.log = open(root / "orthanc.log", "w")
@@ -50,8 +60,12 @@ class OrthancServer:
         raise RuntimeError("Orthanc did not start: " + (root / "orthanc.log").read_text()[-2000:])
 
     def request(self, method, path, data=None, ctype="application/json"):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method=method,
-                                     headers={"Authorization": AUTH, "Content-Type": ctype})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http}{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": AUTH, "Content-Type": ctype},
+        )
         with urllib.request.urlopen(req, timeout=300) as r:
             body = r.read()
         return json.loads(body) if body and r.headers.get_content_type() == "application/json" else body
@@ -66,8 +80,9 @@ class OrthancServer:
         return study
 
     def push(self, studies):
-        return self.request("POST", "/modalities/ctzs/store",
-                            json.dumps({"Resources": studies, "Synchronous": True}).encode())
+        return self.request(
+            "POST", "/modalities/ctzs/store", json.dumps({"Resources": studies, "Synchronous": True}).encode()
+        )
 
     def srs(self, study) -> list[str]:
         out = []
@@ -85,10 +100,16 @@ class OrthancServer:
 def start_listener(cfg_path: Path, log: Path):
     def stack():
         import resource
+
         resource.setrlimit(resource.RLIMIT_STACK, (32 << 20, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
     fh = open(log, "a")
-    return subprocess.Popen([sys.executable, "-m", "operators.cli", "serve", "--config", str(cfg_path)],
-                            stdout=fh, stderr=subprocess.STDOUT, preexec_fn=stack)
+    return subprocess.Popen(
+        [sys.executable, "-m", "operators.cli", "serve", "--config", str(cfg_path)],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        preexec_fn=stack,
+    )
 
 
 def wait_listening(port: int, proc, timeout=120):
@@ -120,14 +141,27 @@ def site(tmp_path, tiny_package):
     for i in range(10):
         files = small_study(tmp_path / "studies", f"PACS{i:02d}", n=10, shape=(20, 20))
         studies.append(orthanc.upload(files))
-    cfg = {"ae_title": "CTZEROSHOT", "bind": "127.0.0.1", "port": lport,
-           "allowed": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
-           "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom},
-           "spool": str(tmp_path / "spool"), "model": str(tiny_package["pkg"]), "idle_timeout_s": 2.0,
-           "retries": 5, "backoff_s": 0.5}
+    cfg = {
+        "ae_title": "CTZEROSHOT",
+        "bind": "127.0.0.1",
+        "port": lport,
+        "allowed": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
+        "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom},
+        "spool": str(tmp_path / "spool"),
+        "model": str(tiny_package["pkg"]),
+        "idle_timeout_s": 2.0,
+        "retries": 5,
+        "backoff_s": 0.5,
+    }
     (tmp_path / "listener.yaml").write_text(yaml.safe_dump(cfg))
-    yield {"orthanc": orthanc, "studies": studies, "cfg": tmp_path / "listener.yaml", "port": lport,
-           "log": tmp_path / "listener.log", "tmp": tmp_path}
+    yield {
+        "orthanc": orthanc,
+        "studies": studies,
+        "cfg": tmp_path / "listener.yaml",
+        "port": lport,
+        "log": tmp_path / "listener.log",
+        "tmp": tmp_path,
+    }
     orthanc.stop()
 
 

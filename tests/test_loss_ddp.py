@@ -27,7 +27,9 @@ class Toy(nn.Module):
 
 def _data():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(WORLD * LOCAL, 8, generator=g, dtype=torch.float64), torch.randn(WORLD * LOCAL, 6, generator=g, dtype=torch.float64)
+    return torch.randn(WORLD * LOCAL, 8, generator=g, dtype=torch.float64), torch.randn(
+        WORLD * LOCAL, 6, generator=g, dtype=torch.float64
+    )
 
 
 def _worker(rank, port, out):
@@ -61,7 +63,9 @@ def test_two_process_gradients_equal_single_process():
     mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         for k, g in ref.items():
-            assert torch.allclose(out[rank][k], g, atol=1e-5, rtol=0), f"rank {rank} {k}: {(out[rank][k] - g).abs().max()}"
+            assert torch.allclose(out[rank][k], g, atol=1e-5, rtol=0), (
+                f"rank {rank} {k}: {(out[rank][k] - g).abs().max()}"
+            )
 
 
 def test_single_process_loss_is_symmetric_infonce():

@@ -14,12 +14,12 @@ def test_merlin_layout_state_dict_loads_strictly():
     assert len(sd) > 900
     enc = ImageEncoder("i3_resnet152", embed_dim=512, n_classes=1692)
     prefix = "encode_image."
-    result = enc.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=True)
+    result = enc.load_state_dict({k[len(prefix) :]: v for k, v in sd.items()}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     got = enc.state_dict()
     assert set(prefix + k for k in got) == set(sd)
     for k, v in sd.items():
-        assert torch.equal(got[k[len(prefix):]], v)
+        assert torch.equal(got[k[len(prefix) :]], v)
     n = sum(p.numel() for p in enc.parameters())
     assert 120e6 < n < 124e6  # ~121.9 M with the phecode classifier
 
@@ -75,8 +75,10 @@ def test_dual_encoder_names_follow_merlin(tmp_path):
     assert emb.shape == (2, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-@pytest.mark.parametrize("norm,image_centred,text_centred", [("none", False, False), ("batch", True, True),
-                                                             ("batch_affine", True, True), ("text", False, True)])
+@pytest.mark.parametrize(
+    "norm,image_centred,text_centred",
+    [("none", False, False), ("batch", True, True), ("batch_affine", True, True), ("text", False, True)],
+)
 def test_embed_norms_centre_the_towers_they_name(tmp_path, norm, image_centred, text_centred):
     from training.config import TrainConfig
     from training.models.clip import DualEncoder

@@ -90,7 +90,7 @@ def test_deploy_path_matches_nifti_and_reuses_its_buffer(corpus200, position):
     sids = _studies_by_position(corpus200)[position][:2]
     seen, kept = {}, []
     for sid in [sids[0], sids[0], sids[1], sids[0]]:  # the same size twice: the buffer is refilled
-        (uid, series), = scan_tree(corpus200 / "dicom" / sid).studies().items()
+        ((uid, series),) = scan_tree(corpus200 / "dicom" / sid).studies().items()
         work = prep(select_series(StudyWork(uid, series)))
         assert not work.failed, work.reason
         nii = preprocess(load_nifti(corpus200 / "merlin_data" / f"{sid}.nii.gz"), spec)

@@ -13,10 +13,15 @@ from training.probe import linear_probe, per_finding_auroc, train_supervised
 def test_linear_probe_finds_an_encoded_finding_and_not_a_random_one():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 8))
-    y = np.stack([(x[:, 0] + 0.3 * rng.normal(size=600) > 0.5).astype(int),  # encoded in dimension 0
-                  rng.integers(0, 2, size=600),                             # unrelated to x
-                  np.zeros(600, int)], axis=1)                              # one class in training
-    y[rng.random(600) < 0.3, 0] = -1                                        # unmentioned: dropped
+    y = np.stack(
+        [
+            (x[:, 0] + 0.3 * rng.normal(size=600) > 0.5).astype(int),  # encoded in dimension 0
+            rng.integers(0, 2, size=600),  # unrelated to x
+            np.zeros(600, int),
+        ],
+        axis=1,
+    )  # one class in training
+    y[rng.random(600) < 0.3, 0] = -1  # unmentioned: dropped
     y[400:, 2] = rng.integers(0, 2, size=200)
     scores = linear_probe(x[:400], y[:400], x[400:])
     auc = per_finding_auroc(scores, y[400:])
@@ -31,7 +36,7 @@ def _toy_volumes(n, rng):
     present = rng.random(n) < 0.4
     for i in np.flatnonzero(present):
         a, b, c = rng.integers(2, 11, size=3)
-        vols[i, 0, a:a + 4, b:b + 4, c:c + 4] += 0.4
+        vols[i, 0, a : a + 4, b : b + 4, c : c + 4] += 0.4
     labels = np.stack([present.astype(np.int8), np.full(n, -1, np.int8)], axis=1)
     return vols, labels
 
@@ -39,8 +44,9 @@ def _toy_volumes(n, rng):
 def test_supervised_reference_learns_a_visible_finding_and_ignores_unmentioned_labels():
     rng = np.random.default_rng(1)
     vols, labels = _toy_volumes(240, rng)
-    model = train_supervised("resnet10_tiny", vols[:160], labels[:160], steps=60, batch_size=16, lr=3e-3,
-                             weight_decay=0.0, progress=False)
+    model = train_supervised(
+        "resnet10_tiny", vols[:160], labels[:160], steps=60, batch_size=16, lr=3e-3, weight_decay=0.0, progress=False
+    )
     import torch
 
     with torch.no_grad():
@@ -53,8 +59,19 @@ def test_supervised_reference_learns_a_visible_finding_and_ignores_unmentioned_l
 def test_probe_command(tiny_package, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_package["run"], run)
-    base = [sys.executable, "-m", "training.cli", "probe", "--run", str(run), "--data", str(tiny_package["data"]),
-            "--cache", str(tiny_package["cache"]), "--quiet"]
+    base = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "probe",
+        "--run",
+        str(run),
+        "--data",
+        str(tiny_package["data"]),
+        "--cache",
+        str(tiny_package["cache"]),
+        "--quiet",
+    ]
     proc = subprocess.run(base + ["--supervised-steps", "3"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "linear_probe" in proc.stdout and "supervised" in proc.stdout

@@ -16,9 +16,21 @@ MERLIN_STYLE = (
 
 def test_thirteen_sections_and_impression():
     r = parse_report(MERLIN_STYLE)
-    assert set(r.sections) == {"lower thorax", "liver", "gallbladder", "spleen", "pancreas", "adrenal glands",
-                               "kidneys", "bowel", "peritoneum", "pelvic", "circulatory", "lymph nodes",
-                               "musculoskeletal"}
+    assert set(r.sections) == {
+        "lower thorax",
+        "liver",
+        "gallbladder",
+        "spleen",
+        "pancreas",
+        "adrenal glands",
+        "kidneys",
+        "bowel",
+        "peritoneum",
+        "pelvic",
+        "circulatory",
+        "lymph nodes",
+        "musculoskeletal",
+    }
     assert r.sections["liver"] == "Diffuse hepatic steatosis. No biliary ductal dilation."
     # Two headers feed the pelvic system.
     assert r.sections["pelvic"] == "Unremarkable. Mild prostatomegaly."
@@ -28,12 +40,19 @@ def test_thirteen_sections_and_impression():
 
 
 def test_other_spellings_newlines_and_missing_sections():
-    text = ("EXAM: CT abdomen and pelvis with contrast.\nFINDINGS:\nLUNG BASES: Clear.\nLIVER: Normal.\n"
-            "GI tract: Normal caliber bowel loops. Appendix: Normal.\nGU: Left renal cyst.\n"
-            "Bones/soft tissues: No acute fracture.\nIMPRESSION:\n1. Left renal cyst.")
+    text = (
+        "EXAM: CT abdomen and pelvis with contrast.\nFINDINGS:\nLUNG BASES: Clear.\nLIVER: Normal.\n"
+        "GI tract: Normal caliber bowel loops. Appendix: Normal.\nGU: Left renal cyst.\n"
+        "Bones/soft tissues: No acute fracture.\nIMPRESSION:\n1. Left renal cyst."
+    )
     r = parse_report(text)
-    assert r.sections == {"lower thorax": "Clear.", "liver": "Normal.", "bowel": "Normal caliber bowel loops.",
-                          "kidneys": "Left renal cyst.", "musculoskeletal": "No acute fracture."}
+    assert r.sections == {
+        "lower thorax": "Clear.",
+        "liver": "Normal.",
+        "bowel": "Normal caliber bowel loops.",
+        "kidneys": "Left renal cyst.",
+        "musculoskeletal": "No acute fracture.",
+    }
     # "Appendix:" is not a system header: it ends the bowel section without starting one.
     assert r.unknown_headers == ["Appendix"]
     assert "spleen" not in r.sections  # missing sections are simply absent
@@ -52,12 +71,22 @@ def test_report_without_findings_is_refused():
         parse_report("   ")
 
 
-@pytest.mark.parametrize("body,normal", [
-    ("Normal.", True), ("Unremarkable.", True), ("Within normal limits.", True), ("normal", True),
-    ("Normal. Unremarkable.", True), ("No acute abnormality.", True),
-    ("No hydronephrosis.", False), ("Normal. Small cyst.", False), ("Mild splenomegaly.", False),
-    ("Normal in size.", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "body,normal",
+    [
+        ("Normal.", True),
+        ("Unremarkable.", True),
+        ("Within normal limits.", True),
+        ("normal", True),
+        ("Normal. Unremarkable.", True),
+        ("No acute abnormality.", True),
+        ("No hydronephrosis.", False),
+        ("Normal. Small cyst.", False),
+        ("Mild splenomegaly.", False),
+        ("Normal in size.", False),
+        ("", False),
+    ],
+)
 def test_normal_section_rule(body, normal):
     assert is_normal_section(body) is normal
 

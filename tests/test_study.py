@@ -19,14 +19,31 @@ ARM_NAMES = [a.name for a in ARMS]
 
 
 def _study_cmd(data, out, cache, *extra):
-    return [sys.executable, "-m", "training.cli", "study", "--preset", "smoke", "--data", str(data),
-            "--out", str(out), "--cache", str(cache), "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "study",
+        "--preset",
+        "smoke",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--cache",
+        str(cache),
+        "--quiet",
+        *extra,
+    ]
 
 
 def _rows(path: Path) -> list[tuple]:
     with open(path, newline="") as fh:
-        return [(r["arm"], r["seed"], r["metric"], r["value"]) for r in csv.DictReader(fh)
-                if not r["metric"].endswith("_seconds")]  # wall times differ between runs
+        return [
+            (r["arm"], r["seed"], r["metric"], r["value"])
+            for r in csv.DictReader(fh)
+            if not r["metric"].endswith("_seconds")
+        ]  # wall times differ between runs
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +57,9 @@ def smoke_study(corpus200, tmp_path_factory):
     whole_seconds = time.time() - t0
 
     cut = root / "cut"
-    p = subprocess.Popen(_study_cmd(corpus200, cut, cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        _study_cmd(corpus200, cut, cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list(cut.glob("runs/*/*/study_run.json"))) < 3 and p.poll() is None:
         time.sleep(0.2)
@@ -55,8 +73,14 @@ def smoke_study(corpus200, tmp_path_factory):
     assert again.returncode != 0 and "--resume" in again.stderr  # an existing study is never overwritten
     resumed = subprocess.run(_study_cmd(corpus200, cut, cache, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return {"whole": root / "whole", "cut": cut, "finished_before": finished_before, "seconds": whole_seconds,
-            "cache": cache, "data": corpus200}
+    return {
+        "whole": root / "whole",
+        "cut": cut,
+        "finished_before": finished_before,
+        "seconds": whole_seconds,
+        "cache": cache,
+        "data": corpus200,
+    }
 
 
 def test_smoke_outputs(smoke_study):
@@ -108,8 +132,9 @@ def test_killed_study_resumes_to_the_same_results(smoke_study):
 def test_aggregate_only_rewrites_the_same_results(smoke_study):
     out = smoke_study["whole"]
     before = (out / "results.csv").read_text()
-    proc = subprocess.run(_study_cmd(smoke_study["data"], out, smoke_study["cache"], "--aggregate-only"),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        _study_cmd(smoke_study["data"], out, smoke_study["cache"], "--aggregate-only"), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "results.csv").read_text() == before
 

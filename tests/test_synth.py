@@ -90,7 +90,9 @@ def test_every_series_passes_dciodvfy(corpus200):
 
 
 def test_dicom_series_attributes(corpus200):
-    truth = {json.loads(x)["study id"]: json.loads(x) for x in (corpus200 / "ground_truth.jsonl").read_text().splitlines()}
+    truth = {
+        json.loads(x)["study id"]: json.loads(x) for x in (corpus200 / "ground_truth.jsonl").read_text().splitlines()
+    }
     positions = {"HFS": 0, "FFS": 0}
     for sid in list(truth)[:30]:
         files = sorted((corpus200 / "dicom" / sid).glob("*.dcm"))
@@ -119,7 +121,9 @@ def test_deterministic_and_independent_of_workers(tmp_path):
         vb = np.asarray(nib.load(tmp_path / "b" / "merlin_data" / f.name).dataobj)
         assert np.array_equal(va, vb)
     c = generate_corpus(SynthConfig(out=str(tmp_path / "c"), studies=6, seed=4), progress=False)
-    assert c and (tmp_path / "c" / "reports_final.csv").read_bytes() != (tmp_path / "a" / "reports_final.csv").read_bytes()
+    assert (
+        c and (tmp_path / "c" / "reports_final.csv").read_bytes() != (tmp_path / "a" / "reports_final.csv").read_bytes()
+    )
 
 
 def test_refuses_existing_corpus(corpus200):
@@ -133,20 +137,35 @@ def _count(lab, *tissues):
 
 # What each finding must change in the phantom: (tissue or check, minimum ratio or "new").
 SIGNATURES = {
-    "submucosal_edema": ("new", T.EDEMA_WALL), "renal_hypodensities": ("new", T.HYPODENSITY),
-    "aortic_valve_calcification": ("new", T.CALCIUM), "coronary_calcification": ("new", T.CALCIUM),
-    "atherosclerosis": ("new", T.CALCIUM), "thrombosis": ("new", T.THROMBUS),
-    "metastatic_disease": ("new", T.METASTASIS), "renal_cyst": ("new", T.CYST),
-    "atelectasis": ("new", T.ATELECTASIS), "anasarca": ("new", T.SUBQ_EDEMA),
-    "biliary_ductal_dilation": ("new", T.BILE), "appendicitis": ("new", T.STRANDING),
-    "gallstones": ("new", T.STONE), "free_air": ("new", T.FREE_AIR), "fracture": ("new", T.SCLEROSIS),
-    "abdominal_aortic_aneurysm": ("new", T.THROMBUS), "surgically_absent_gallbladder": ("new", T.METAL),
-    "pancreatic_atrophy": ("shrinks", T.PANCREAS), "splenomegaly": ("grows", T.SPLEEN),
-    "hepatomegaly": ("grows", T.LIVER), "cardiomegaly": ("grows", T.MYOCARDIUM),
-    "prostatomegaly": ("grows", T.PROSTATE), "lymphadenopathy": ("grows", T.NODE),
-    "hydronephrosis": ("grows", T.URINE), "bowel_obstruction": ("grows", T.BOWEL_FLUID),
-    "ascites": ("grows", T.FLUID), "pleural_effusion": ("grows", T.FLUID),
-    "hiatal_hernia": ("site", None), "hepatic_steatosis": ("hu_drops", T.LIVER),
+    "submucosal_edema": ("new", T.EDEMA_WALL),
+    "renal_hypodensities": ("new", T.HYPODENSITY),
+    "aortic_valve_calcification": ("new", T.CALCIUM),
+    "coronary_calcification": ("new", T.CALCIUM),
+    "atherosclerosis": ("new", T.CALCIUM),
+    "thrombosis": ("new", T.THROMBUS),
+    "metastatic_disease": ("new", T.METASTASIS),
+    "renal_cyst": ("new", T.CYST),
+    "atelectasis": ("new", T.ATELECTASIS),
+    "anasarca": ("new", T.SUBQ_EDEMA),
+    "biliary_ductal_dilation": ("new", T.BILE),
+    "appendicitis": ("new", T.STRANDING),
+    "gallstones": ("new", T.STONE),
+    "free_air": ("new", T.FREE_AIR),
+    "fracture": ("new", T.SCLEROSIS),
+    "abdominal_aortic_aneurysm": ("new", T.THROMBUS),
+    "surgically_absent_gallbladder": ("new", T.METAL),
+    "pancreatic_atrophy": ("shrinks", T.PANCREAS),
+    "splenomegaly": ("grows", T.SPLEEN),
+    "hepatomegaly": ("grows", T.LIVER),
+    "cardiomegaly": ("grows", T.MYOCARDIUM),
+    "prostatomegaly": ("grows", T.PROSTATE),
+    "lymphadenopathy": ("grows", T.NODE),
+    "hydronephrosis": ("grows", T.URINE),
+    "bowel_obstruction": ("grows", T.BOWEL_FLUID),
+    "ascites": ("grows", T.FLUID),
+    "pleural_effusion": ("grows", T.FLUID),
+    "hiatal_hernia": ("site", None),
+    "hepatic_steatosis": ("hu_drops", T.LIVER),
     "osteopenia": ("hu_drops", T.TRABECULAR_BONE),
 }
 

@@ -9,9 +9,19 @@ from training.config import TrainConfig
 from training.data import DataError
 from training.train import train
 
-SMALL = ["train.batch_size=8", "train.steps=6", "train.eval_every=3", "train.eval_studies=16", "train.log_every=1",
-         "optim.warmup_steps=2", "text.vocab_size=400", "text.hidden=32", "text.layers=1", "text.heads=2",
-         "text.max_length=96"]
+SMALL = [
+    "train.batch_size=8",
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.eval_studies=16",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "text.vocab_size=400",
+    "text.hidden=32",
+    "text.layers=1",
+    "text.heads=2",
+    "text.max_length=96",
+]
 
 
 def _weights(run):
@@ -58,20 +68,32 @@ def test_wrong_data_format(tmp_path):
 def test_train_and_evaluate_commands(corpus200, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "training.cli"]
-    p = subprocess.run([*cmd, "train", "--data", str(corpus200), "--out", str(run), "--cache", str(tmp_path / "c"),
-                        "--quiet", *SMALL], capture_output=True, text=True)
+    p = subprocess.run(
+        [*cmd, "train", "--data", str(corpus200), "--out", str(run), "--cache", str(tmp_path / "c"), "--quiet", *SMALL],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
-    p = subprocess.run([*cmd, "evaluate", "--run", str(run), "--data", str(corpus200), "--cache", str(tmp_path / "c"),
-                        "--quiet"], capture_output=True, text=True)
+    p = subprocess.run(
+        [*cmd, "evaluate", "--run", str(run), "--data", str(corpus200), "--cache", str(tmp_path / "c"), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     assert "zero-shot macro F1" in p.stdout and "occlusion" in p.stdout
     m = json.loads((run / "metrics.json").read_text())
     assert 0 <= m["zero_shot"]["macro_f1"] <= 1 and len(m["zero_shot"]["per_finding"]) == 30
     assert set(m["retrieval"]) == {"image_to_report", "report_to_image", "n"}
     assert set(m["occlusion"]) == {"0%", "10%", "25%", "50%"}
-    p = subprocess.run([*cmd, "train", "--data", str(corpus200), "--out", str(tmp_path / "x"), "--preset", "nope"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [*cmd, "train", "--data", str(corpus200), "--out", str(tmp_path / "x"), "--preset", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "preset 'nope' does not exist" in p.stderr
-    p = subprocess.run([*cmd, "train", "--data", str(corpus200), "--out", str(tmp_path / "x"), "sampler.ratio=abc"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [*cmd, "train", "--data", str(corpus200), "--out", str(tmp_path / "x"), "sampler.ratio=abc"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "does not parse" in p.stderr

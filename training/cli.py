@@ -11,8 +11,9 @@ import sys
 def _synth(args: argparse.Namespace) -> int:
     from .synth.corpus import SynthConfig, generate_corpus
 
-    cfg = SynthConfig(out=args.out, studies=args.studies, seed=args.seed, profile=args.profile,
-                      dicom=args.dicom, workers=args.workers)
+    cfg = SynthConfig(
+        out=args.out, studies=args.studies, seed=args.seed, profile=args.profile, dicom=args.dicom, workers=args.workers
+    )
     summary = generate_corpus(cfg, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
     print(f"per-finding prevalence: {args.out}/prevalence.md; montage: {summary['montage']}")
@@ -24,8 +25,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = TrainConfig.load(args.preset, args.overrides)
-    summary = train(args.data, args.out, cfg, cache_dir=args.cache, stop_after=args.stop_after,
-                    progress=not args.quiet)
+    summary = train(args.data, args.out, cfg, cache_dir=args.cache, stop_after=args.stop_after, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -33,8 +33,9 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate_run import evaluate_run
 
-    metrics_path, text = evaluate_run(args.run, args.data, split=args.split, checkpoint=args.checkpoint,
-                                      cache_dir=args.cache, progress=not args.quiet)
+    metrics_path, text = evaluate_run(
+        args.run, args.data, split=args.split, checkpoint=args.checkpoint, cache_dir=args.cache, progress=not args.quiet
+    )
     print(text)
     print(f"\nmetrics: {metrics_path}")
     return 0
@@ -43,9 +44,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from .probe import probe_run
 
-    path, text = probe_run(args.run, args.data, checkpoint=args.checkpoint, split=args.split,
-                           train_limit=args.train_limit, supervised_steps=args.supervised_steps,
-                           cache_dir=args.cache, progress=not args.quiet)
+    path, text = probe_run(
+        args.run,
+        args.data,
+        checkpoint=args.checkpoint,
+        split=args.split,
+        train_limit=args.train_limit,
+        supervised_steps=args.supervised_steps,
+        cache_dir=args.cache,
+        progress=not args.quiet,
+    )
     print(text)
     print(f"\nprobe: {path}")
     return 0
@@ -56,12 +64,23 @@ def _export(args: argparse.Namespace) -> int:
 
     from .export import export_run
 
-    export_run(args.run, args.out, args.data, checkpoint=args.checkpoint, thresholds=args.thresholds,
-               name=args.name, version=args.model_version, cache_dir=args.cache, progress=not args.quiet,
-               text=args.text)
+    export_run(
+        args.run,
+        args.out,
+        args.data,
+        checkpoint=args.checkpoint,
+        thresholds=args.thresholds,
+        name=args.name,
+        version=args.model_version,
+        cache_dir=args.cache,
+        progress=not args.quiet,
+        text=args.text,
+    )
     pkg = load_package(args.out)  # the deploy side's loader must accept what was written
-    print(f"model package {pkg.root}: {pkg.name} {pkg.version}, {len(pkg.catalogue)} findings, "
-          f"thresholds: {pkg.threshold_method}")
+    print(
+        f"model package {pkg.root}: {pkg.name} {pkg.version}, {len(pkg.catalogue)} findings, "
+        f"thresholds: {pkg.threshold_method}"
+    )
     return 0
 
 
@@ -72,15 +91,40 @@ def _convert_merlin(args: argparse.Namespace) -> int:
 
     convert_merlin(args.checkpoint, args.out, args.text_model, text=args.text)
     pkg = load_package(args.out)
-    print(f"model package {pkg.root}: {pkg.name} {pkg.version}; text encoder: "
-          f"{'ONNX' if pkg.text_encoder else 'not shipped (prompt embeddings only)'}")
+    print(
+        f"model package {pkg.root}: {pkg.name} {pkg.version}; text encoder: "
+        f"{'ONNX' if pkg.text_encoder else 'not shipped (prompt embeddings only)'}"
+    )
     return 0
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import main_study
+    from pathlib import Path
 
-    return main_study(args)
+    from .study import StudyPreset, aggregate, run_study
+
+    preset = StudyPreset.load(args.preset)
+    if args.aggregate_only:
+        record = json.loads((Path(args.out) / "study.json").read_text())
+        aggregate(
+            preset, Path(args.out), args.seeds or record.get("seeds", preset.seeds), record, progress=not args.quiet
+        )
+        return 0
+    try:
+        run_study(
+            preset,
+            args.data,
+            args.out,
+            seeds=args.seeds,
+            resume=args.resume,
+            cache_dir=args.cache,
+            jobs=args.jobs,
+            progress=not args.quiet,
+        )
+    except RuntimeError as exc:
+        print(f"ct-zeroshot-train study: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,11 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="output folder (new or empty)")
     s.add_argument("--studies", type=int, default=200, help="number of studies (default 200)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--profile", choices=["tiny", "full"], default="tiny",
-                   help="tiny: ~5 mm voxels for CPU training; full: 512x512 clinical geometry")
+    s.add_argument(
+        "--profile",
+        choices=["tiny", "full"],
+        default="tiny",
+        help="tiny: ~5 mm voxels for CPU training; full: 512x512 clinical geometry",
+    )
     s.add_argument("--dicom", action="store_true", help="also write a CT Image Storage series per study")
-    s.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="worker processes (default: all cores; the output does not depend on it)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="worker processes (default: all cores; the output does not depend on it)",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
 
@@ -112,22 +164,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    e.add_argument("--checkpoint", default="best", choices=["best", "last", "init"],
-                   help="init = the same model before training")
+    e.add_argument(
+        "--checkpoint", default="best", choices=["best", "last", "init"], help="init = the same model before training"
+    )
     e.add_argument("--cache", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
 
-    pr = sub.add_parser("probe", help="zero-shot AUROC beside a linear probe of the image embeddings and "
-                                      "(optionally) a supervised image tower of the same budget")
+    pr = sub.add_parser(
+        "probe",
+        help="zero-shot AUROC beside a linear probe of the image embeddings and "
+        "(optionally) a supervised image tower of the same budget",
+    )
     pr.add_argument("--run", required=True)
     pr.add_argument("--data", required=True)
     pr.add_argument("--split", default="test", choices=["validation", "test"])
     pr.add_argument("--checkpoint", default="best", choices=["best", "last", "init"])
-    pr.add_argument("--train-limit", type=int, default=None,
-                    help="fit the probe (and the supervised reference) on the first N training studies")
-    pr.add_argument("--supervised-steps", type=int, default=0,
-                    help="also train the run's image architecture with BCE on the report labels for N steps")
+    pr.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="fit the probe (and the supervised reference) on the first N training studies",
+    )
+    pr.add_argument(
+        "--supervised-steps",
+        type=int,
+        default=0,
+        help="also train the run's image architecture with BCE on the report labels for N steps",
+    )
     pr.add_argument("--cache", default=None)
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_probe)
@@ -135,13 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run to a model package (ONNX encoders, prompts, manifest)")
     x.add_argument("--run", required=True)
     x.add_argument("--out", required=True, help="package folder (new or empty)")
-    x.add_argument("--data", required=True,
-                   help="the run's data set: test split = parity inputs, validation split = thresholds")
+    x.add_argument(
+        "--data", required=True, help="the run's data set: test split = parity inputs, validation split = thresholds"
+    )
     x.add_argument("--checkpoint", default="best", choices=["best", "last", "init"])
-    x.add_argument("--thresholds", default="merlin", choices=["merlin", "validation"],
-                   help="merlin: 0.5 for every finding; validation: per-finding F1-optimal on the validation split")
-    x.add_argument("--text", default="auto", choices=["auto", "onnx", "none"],
-                   help="text encoder: auto = ONNX if parity holds, else prompt embeddings only")
+    x.add_argument(
+        "--thresholds",
+        default="merlin",
+        choices=["merlin", "validation"],
+        help="merlin: 0.5 for every finding; validation: per-finding F1-optimal on the validation split",
+    )
+    x.add_argument(
+        "--text",
+        default="auto",
+        choices=["auto", "onnx", "none"],
+        help="text encoder: auto = ONNX if parity holds, else prompt embeddings only",
+    )
     x.add_argument("--name", default=None, help="model name in the manifest")
     x.add_argument("--model-version", default="0.1.0")
     x.add_argument("--cache", default=None)
@@ -149,15 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_export)
 
     st = sub.add_parser("study", help="the paper's sampler study: every arm x K seeds, statistics, plots")
-    st.add_argument("--preset", default="paper-cpu",
-                    help="study preset (paper-cpu, paper-merlin, smoke) or a YAML file (default paper-cpu)")
+    st.add_argument(
+        "--preset",
+        default="paper-cpu",
+        help="study preset (paper-cpu, paper-merlin, smoke) or a YAML file (default paper-cpu)",
+    )
     st.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV")
     st.add_argument("--out", required=True, help="study folder: results.csv, summary.md, plots, runs/")
     st.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's, 3)")
     st.add_argument("--resume", action="store_true", help="continue a study in --out, skipping finished runs")
     st.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the preset's)")
-    st.add_argument("--aggregate-only", action="store_true",
-                    help="only rewrite results.csv, summary.md and plots from the finished runs")
+    st.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="only rewrite results.csv, summary.md and plots from the finished runs",
+    )
     st.add_argument("--cache", default=None)
     st.add_argument("--quiet", action="store_true")
     st.set_defaults(func=_study)
@@ -165,11 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert-merlin", help="official Merlin checkpoint -> model package")
     c.add_argument("--checkpoint", required=True, help="Merlin's .pt (flat state dict)")
     c.add_argument("--out", required=True, help="package folder (new or empty)")
-    c.add_argument("--text-model", required=True,
-                   help="local folder with Clinical-Longformer's config.json and tokenizer files")
-    c.add_argument("--text", default="none", choices=["auto", "onnx", "none"],
-                   help="text encoder to ONNX: none (default: Longformer exports poorly; prompt embeddings only), "
-                        "auto (try, keep if parity holds), onnx (fail without it)")
+    c.add_argument(
+        "--text-model", required=True, help="local folder with Clinical-Longformer's config.json and tokenizer files"
+    )
+    c.add_argument(
+        "--text",
+        default="none",
+        choices=["auto", "onnx", "none"],
+        help="text encoder to ONNX: none (default: Longformer exports poorly; prompt embeddings only), "
+        "auto (try, keep if parity holds), onnx (fail without it)",
+    )
     c.set_defaults(func=_convert_merlin)
     return p
 

@@ -20,7 +20,6 @@ import yaml
 from operators.findings import SECTIONS
 from operators.preprocessing import PreprocessSpec
 
-
 # How each tower's projection is normalised before the L2 norm (see models/clip.py).
 EMBED_NORMS = ("none", "batch", "batch_affine", "text")
 
@@ -64,7 +63,9 @@ class TextCfg:
 
 @dataclass
 class JointCfg:
-    embed_norm: str = "none"  # none (Merlin) | batch | batch_affine | text (centre the towers' projections; models/clip.py)
+    embed_norm: str = (
+        "none"  # none (Merlin) | batch | batch_affine | text (centre the towers' projections; models/clip.py)
+    )
     init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
 
 
@@ -129,7 +130,7 @@ class TrainConfig:
         return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
     @classmethod
-    def load(cls, preset: str, overrides: list[str] | None = None) -> "TrainConfig":
+    def load(cls, preset: str, overrides: list[str] | None = None) -> TrainConfig:
         path = Path(preset)
         if path.suffix in (".yaml", ".yml") and path.exists():
             data = yaml.safe_load(path.read_text()) or {}
@@ -179,7 +180,9 @@ class TrainConfig:
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision {self.train.precision!r}: expected auto, fp32, bf16 or fp16")
         if self.train.steps < 1 or self.train.batch_size < 2:
-            raise ConfigError("train.steps must be >= 1 and train.batch_size >= 2 (a contrastive batch needs negatives)")
+            raise ConfigError(
+                "train.steps must be >= 1 and train.batch_size >= 2 (a contrastive batch needs negatives)"
+            )
         try:
             PreprocessSpec.from_dict(self.preprocess)
         except (TypeError, ValueError) as exc:
@@ -208,7 +211,7 @@ def _build(cls, data: dict, prefix: str):
         raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}")
     kwargs = {}
     defaults = cls()
-    for name, f in known.items():
+    for name in known:
         if name not in data:
             continue
         value = data[name]
@@ -235,7 +238,7 @@ def _coerce(value, default, key):
         return float(value)
     if isinstance(default, str):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and ":" in str(default):
-            raise ConfigError(f"{key}: YAML read the ratio as the number {value}; quote it, e.g. \"50:50\"")
+            raise ConfigError(f'{key}: YAML read the ratio as the number {value}; quote it, e.g. "50:50"')
         return str(value)
     if isinstance(default, (list, dict)):
         if not isinstance(value, type(default)):

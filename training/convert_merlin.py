@@ -18,26 +18,28 @@ traced at one attention window and keeps it only if parity holds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from operators.preprocessing import PreprocessSpec
 
 from .export import export_package
-from .synth.inputs import synthetic_inputs
 from .models.clip import DualEncoder
 from .models.image import ImageEncoder
 from .models.text import TextEncoder
+from .synth.inputs import synthetic_inputs
 
 MERLIN_EMBED_DIM = 512
 MERLIN_PHECODES = 1692
 MERLIN_TEXT_MAX_LENGTH = 1024
 MERLIN_PREFIXES = ("encode_image.i3_resnet.", "encode_text.text_encoder.", "encode_text.linear_layer.")
 # Buffers some transformers versions save and others do not; their values are fixed, not learned.
-_OPTIONAL_BUFFERS = ("encode_text.text_encoder.embeddings.position_ids",
-                     "encode_text.text_encoder.embeddings.token_type_ids")
+_OPTIONAL_BUFFERS = (
+    "encode_text.text_encoder.embeddings.position_ids",
+    "encode_text.text_encoder.embeddings.token_type_ids",
+)
 
 
 class ConversionError(ValueError):
@@ -58,7 +60,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConversionError(f"{path}: expected a state dict of tensors")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
     if not any(k.startswith("encode_image.i3_resnet.") for k in sd) or "logit_scale" not in sd:
         raise ConversionError(f"{path}: not a Merlin checkpoint (no encode_image.i3_resnet.* keys or logit_scale)")
     return sd
@@ -68,8 +70,10 @@ def build_merlin_model(text_model: str | Path) -> DualEncoder:
     """Merlin's architecture with random weights (the image tower seeded; the text tower from config)."""
     text_model = Path(text_model)
     if not (text_model / "config.json").is_file():
-        raise ConversionError(f"{text_model}: --text-model must be a local folder with Clinical-Longformer's "
-                              "config.json and tokenizer files (no hub downloads here)")
+        raise ConversionError(
+            f"{text_model}: --text-model must be a local folder with Clinical-Longformer's "
+            "config.json and tokenizer files (no hub downloads here)"
+        )
     torch.manual_seed(0)
     image = ImageEncoder("i3_resnet152", MERLIN_EMBED_DIM, n_classes=MERLIN_PHECODES)
     try:
@@ -92,28 +96,41 @@ def load_merlin_state(model: DualEncoder, sd: dict[str, torch.Tensor], origin: s
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
     if missing or unexpected or shapes:
+
         def few(keys):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing: {few(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected: {few(unexpected)}")
         if shapes:
-            parts.append(f"{len(shapes)} with other shapes: " +
-                         few([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]))
+            parts.append(
+                f"{len(shapes)} with other shapes: "
+                + few([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shapes])
+            )
         raise ConversionError(f"{origin}: does not match Merlin's architecture: " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
 
 
-LONGFORMER_NOTE = ("Clinical-Longformer is not exported to ONNX by default: traced at one attention window a "
-                   "scaled-down Longformer missed parity (2.6e-4 > 1e-4) and the full-size trace exceeded 24 GB of "
-                   "memory on a CPU machine; the package carries the 30 findings' prompt embeddings, and custom "
-                   "prompts need the torch model (training side). Try --text auto on a larger machine.")
+LONGFORMER_NOTE = (
+    "Clinical-Longformer is not exported to ONNX by default: traced at one attention window a "
+    "scaled-down Longformer missed parity (2.6e-4 > 1e-4) and the full-size trace exceeded 24 GB of "
+    "memory on a CPU machine; the package carries the 30 findings' prompt embeddings, and custom "
+    "prompts need the torch model (training side). Try --text auto on a larger machine."
+)
 
 
-def convert_merlin(checkpoint: str | Path, out: str | Path, text_model: str | Path, text: str = "none",
-                   parity_inputs: int = 2, version: str = "1.0.0", log: Callable[[str], None] = print) -> dict:
+def convert_merlin(
+    checkpoint: str | Path,
+    out: str | Path,
+    text_model: str | Path,
+    text: str = "none",
+    parity_inputs: int = 2,
+    version: str = "1.0.0",
+    log: Callable[[str], None] = print,
+) -> dict:
     log(f"reading {checkpoint}")
     sd = read_checkpoint(checkpoint)
     model = build_merlin_model(text_model)
@@ -122,9 +139,23 @@ def convert_merlin(checkpoint: str | Path, out: str | Path, text_model: str | Pa
     log(f"loaded {len(sd)} tensors strictly; logit scale {math.exp(float(sd['logit_scale'])):.3f}")
     spec = PreprocessSpec.merlin()
     volumes = synthetic_inputs(spec, n=parity_inputs)
-    provenance = {"source": "official Merlin checkpoint", "checkpoint": Path(checkpoint).name,
-                  "text_model": str(text_model), "tensors": len(sd),
-                  "note": "weights as published by Merlin (Blankemeier et al.); preprocessing and prompts "
-                          "per Merlin's code; parity inputs are synthetic phantoms"}
-    return export_package(model, out, spec=spec, parity_volumes=volumes, name="merlin", version=version,
-                          provenance=provenance, text=text, log=log, text_absent_reason=LONGFORMER_NOTE)
+    provenance = {
+        "source": "official Merlin checkpoint",
+        "checkpoint": Path(checkpoint).name,
+        "text_model": str(text_model),
+        "tensors": len(sd),
+        "note": "weights as published by Merlin (Blankemeier et al.); preprocessing and prompts "
+        "per Merlin's code; parity inputs are synthetic phantoms",
+    }
+    return export_package(
+        model,
+        out,
+        spec=spec,
+        parity_volumes=volumes,
+        name="merlin",
+        version=version,
+        provenance=provenance,
+        text=text,
+        log=log,
+        text_absent_reason=LONGFORMER_NOTE,
+    )

@@ -27,8 +27,16 @@ from operators.findings import load_catalogue
 from .reports import ParsedReport, ReportError, parse_report, section_status
 
 SPLITS = ("train", "validation", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
-                  "valid": "validation", "dev": "validation", "test": "test", "testing": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
 
 
 class DataError(ValueError):
@@ -110,7 +118,11 @@ def _read_xlsx(path: Path, required: list[str]) -> list[dict[str, str]]:
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {header}")
-    return [{h: ("" if v is None else str(v)) for h, v in zip(header, r)} for r in rows_iter if any(v is not None for v in r)]
+    return [
+        {h: ("" if v is None else str(v)) for h, v in zip(header, r)}
+        for r in rows_iter
+        if any(v is not None for v in r)
+    ]
 
 
 def _split(value: str, where: str) -> str:
@@ -166,9 +178,20 @@ def read_merlin_release(root: str | Path, check_images: bool = True) -> list[Stu
         image = root / "merlin_data" / f"{sid}.nii.gz"
         if check_images and not image.exists():
             raise DataError(f"{where}: image {image} does not exist")
-        studies.append(_checked(Study(sid, _split(row["Split"], where), row["Findings"], image, labels.get(sid),
-                                      row.get("Few Shot", "").strip() in ("1", "True", "true", "yes"), str(rpath)),
-                                where))
+        studies.append(
+            _checked(
+                Study(
+                    sid,
+                    _split(row["Split"], where),
+                    row["Findings"],
+                    image,
+                    labels.get(sid),
+                    row.get("Few Shot", "").strip() in ("1", "True", "true", "yes"),
+                    str(rpath),
+                ),
+                where,
+            )
+        )
     if not studies:
         raise DataError(f"{rpath}: no studies")
     return studies
@@ -202,8 +225,20 @@ def read_manifest(path: str | Path, check_images: bool = True) -> list[Study]:
         if sid in seen:
             raise DataError(f"{where}: duplicate study id {sid!r}")
         seen.add(sid)
-        studies.append(_checked(Study(sid, _split(row["split"], where), row["report"], image,
-                                      _labels(row, where) if has_labels else None, False, str(path)), where))
+        studies.append(
+            _checked(
+                Study(
+                    sid,
+                    _split(row["split"], where),
+                    row["report"],
+                    image,
+                    _labels(row, where) if has_labels else None,
+                    False,
+                    str(path),
+                ),
+                where,
+            )
+        )
     if not studies:
         raise DataError(f"{path}: no studies")
     return studies

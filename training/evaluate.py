@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,19 +34,22 @@ def occlude(volume: np.ndarray, fraction: float, rng: np.random.Generator) -> np
     shape = np.array(out.shape[1:])
     side = np.maximum(1, np.round(shape * fraction ** (1 / 3))).astype(int)
     start = [int(rng.integers(0, s - d + 1)) for s, d in zip(shape, side)]
-    out[:, start[0]:start[0] + side[0], start[1]:start[1] + side[1], start[2]:start[2] + side[2]] = 0.0
+    out[:, start[0] : start[0] + side[0], start[1] : start[1] + side[1], start[2] : start[2] + side[2]] = 0.0
     return out
 
 
 @torch.no_grad()
-def embed_images(model, volumes: Sequence, device, batch_size: int = 16, occlusion: float = 0.0,
-                 seed: int = 0, progress=None) -> torch.Tensor:
+def embed_images(
+    model, volumes: Sequence, device, batch_size: int = 16, occlusion: float = 0.0, seed: int = 0, progress=None
+) -> torch.Tensor:
     """L2-normalised image embeddings; ``volumes`` yields (1, X, Y, Z) arrays (e.g. the cache)."""
     model.eval()
     out = []
     for i in range(0, len(volumes), batch_size):
-        chunk = [occlude(volumes[j], occlusion, np.random.default_rng([seed, j, int(occlusion * 1000)]))
-                 for j in range(i, min(i + batch_size, len(volumes)))]
+        chunk = [
+            occlude(volumes[j], occlusion, np.random.default_rng([seed, j, int(occlusion * 1000)]))
+            for j in range(i, min(i + batch_size, len(volumes)))
+        ]
         x = torch.from_numpy(np.stack(chunk)).to(device)
         out.append(model.image_embeddings(x).cpu())
         if progress is not None:
@@ -75,8 +78,9 @@ def prompt_embeddings(model, device) -> tuple[torch.Tensor, list[FindingRows]]:
     return model.encode_texts(prompts, device).cpu(), rows
 
 
-def zero_shot_scores(image_emb: torch.Tensor, prompt_emb: torch.Tensor, rows: list[FindingRows],
-                     scale: float) -> tuple[np.ndarray, np.ndarray]:
+def zero_shot_scores(
+    image_emb: torch.Tensor, prompt_emb: torch.Tensor, rows: list[FindingRows], scale: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(margin, probability) arrays of shape (N, n_findings); present iff margin > 0. The deploy side's
     function, so that evaluation and the deployed package apply the same rule."""
     return finding_scores(image_emb.numpy(), prompt_emb.numpy(), rows, scale)
@@ -102,12 +106,19 @@ def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
             continue
         pred = (margins[keep, j] > 0).astype(int)
         auroc = finding_auroc(y, margins[keep, j])
-        per[fid] = {"f1": float(f1_score(y, pred, zero_division=0)), "auroc": auroc, "n": int(y.size),
-                    "positives": int(y.sum())}
+        per[fid] = {
+            "f1": float(f1_score(y, pred, zero_division=0)),
+            "auroc": auroc,
+            "n": int(y.size),
+            "positives": int(y.sum()),
+        }
     f1s = [v["f1"] for v in per.values() if v["f1"] is not None]
     aucs = [v["auroc"] for v in per.values() if v["auroc"] is not None]
-    return {"macro_f1": float(np.mean(f1s)) if f1s else math.nan,
-            "macro_auroc": float(np.mean(aucs)) if aucs else math.nan, "per_finding": per}
+    return {
+        "macro_f1": float(np.mean(f1s)) if f1s else math.nan,
+        "macro_auroc": float(np.mean(aucs)) if aucs else math.nan,
+        "per_finding": per,
+    }
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
@@ -134,9 +145,17 @@ def macro_f1_from(pred: np.ndarray, labels: np.ndarray) -> float:
     return float(f1[has].mean()) if has.any() else math.nan
 
 
-def evaluate_model(model, volumes: Sequence, texts: list[str], labels: np.ndarray, device,
-                   occlusion_levels=OCCLUSION_LEVELS, seed: int = 0, batch_size: int = 16,
-                   progress: bool = True) -> dict:
+def evaluate_model(
+    model,
+    volumes: Sequence,
+    texts: list[str],
+    labels: np.ndarray,
+    device,
+    occlusion_levels=OCCLUSION_LEVELS,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
     """All metrics for one split. ``volumes[i]`` is study i's model input; labels (N, 30) in 1/0/-1."""
     from tqdm import tqdm
 
@@ -153,8 +172,11 @@ def evaluate_model(model, volumes: Sequence, texts: list[str], labels: np.ndarra
         zs = zero_shot_metrics(margins, labels)
         rt = retrieval_metrics(img, text_emb)
         key = f"{int(round(level * 100))}%"
-        results["occlusion"][key] = {"macro_f1": zs["macro_f1"], "macro_auroc": zs["macro_auroc"],
-                                     "retrieval": {k: v for k, v in rt.items() if k != "n"}}
+        results["occlusion"][key] = {
+            "macro_f1": zs["macro_f1"],
+            "macro_auroc": zs["macro_auroc"],
+            "retrieval": {k: v for k, v in rt.items() if k != "n"},
+        }
         if level == 0.0:
             results["zero_shot"] = zs
             results["retrieval"] = rt
@@ -167,8 +189,11 @@ def evaluate_model(model, volumes: Sequence, texts: list[str], labels: np.ndarra
 def format_tables(metrics: dict) -> str:
     """Human-readable tables of a metrics dict."""
     zs = metrics["zero_shot"]
-    lines = [f"zero-shot macro F1 {zs['macro_f1']:.4f}   macro AUROC {zs['macro_auroc']:.4f}", "",
-             f"{'finding':32s} {'F1':>6s} {'AUROC':>6s} {'n':>5s} {'pos':>4s}"]
+    lines = [
+        f"zero-shot macro F1 {zs['macro_f1']:.4f}   macro AUROC {zs['macro_auroc']:.4f}",
+        "",
+        f"{'finding':32s} {'F1':>6s} {'AUROC':>6s} {'n':>5s} {'pos':>4s}",
+    ]
     for fid, v in zs["per_finding"].items():
         f1 = "-" if v["f1"] is None else f"{v['f1']:.3f}"
         auc = "-" if v["auroc"] is None else f"{v['auroc']:.3f}"
@@ -179,6 +204,8 @@ def format_tables(metrics: dict) -> str:
         lines.append(f"  {d:28s} " + "  ".join(f"{rt[d][f'R@{k}']:.3f}" for k in RECALL_AT))
     lines += ["", "occlusion   macro F1  AUROC   i->r R@5  r->i R@5"]
     for lvl, v in metrics["occlusion"].items():
-        lines.append(f"  {lvl:>4s}      {v['macro_f1']:.4f}   {v['macro_auroc']:.4f}  "
-                     f"{v['retrieval']['image_to_report']['R@5']:.3f}     {v['retrieval']['report_to_image']['R@5']:.3f}")
+        lines.append(
+            f"  {lvl:>4s}      {v['macro_f1']:.4f}   {v['macro_auroc']:.4f}  "
+            f"{v['retrieval']['image_to_report']['R@5']:.3f}     {v['retrieval']['report_to_image']['R@5']:.3f}"
+        )
     return "\n".join(lines)

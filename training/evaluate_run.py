@@ -12,8 +12,16 @@ from .files import write_json
 from .runs import load_run, read_run_config, split_volumes
 
 
-def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpoint: str = "best",
-                 cache_dir=None, progress: bool = True, occlusion_levels=None, seed: int = 0) -> tuple[Path, str]:
+def evaluate_run(
+    run: str | Path,
+    data: str | Path,
+    split: str = "test",
+    checkpoint: str = "best",
+    cache_dir=None,
+    progress: bool = True,
+    occlusion_levels=None,
+    seed: int = 0,
+) -> tuple[Path, str]:
     run = Path(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = read_run_config(run)
@@ -21,15 +29,34 @@ def evaluate_run(run: str | Path, data: str | Path, split: str = "test", checkpo
     model, cfg = load_run(run, checkpoint, device)
     labels = np.stack([s.labels for s in studies])
     kw = {} if occlusion_levels is None else {"occlusion_levels": occlusion_levels}
-    metrics = evaluate_model(model, volumes, [s.findings_text for s in studies], labels,
-                             device, seed=seed, batch_size=cfg.train.batch_size, progress=progress, **kw)
+    metrics = evaluate_model(
+        model,
+        volumes,
+        [s.findings_text for s in studies],
+        labels,
+        device,
+        seed=seed,
+        batch_size=cfg.train.batch_size,
+        progress=progress,
+        **kw,
+    )
     margins = metrics.pop("_margins")
     metrics.pop("_probabilities")
-    metrics["meta"] = {"run": str(run), "checkpoint": checkpoint, "split": split, "studies": len(studies),
-                       "data": str(data), "config_digest": cfg.digest()}
+    metrics["meta"] = {
+        "run": str(run),
+        "checkpoint": checkpoint,
+        "split": split,
+        "studies": len(studies),
+        "data": str(data),
+        "config_digest": cfg.digest(),
+    }
     name = "metrics.json" if checkpoint == "best" else f"metrics_{checkpoint}.json"
     path = run / name
     write_json(path, metrics)
-    np.savez_compressed(run / name.replace(".json", "_predictions.npz"), margins=margins, labels=labels,
-                        study_ids=np.array([s.study_id for s in studies]))
+    np.savez_compressed(
+        run / name.replace(".json", "_predictions.npz"),
+        margins=margins,
+        labels=labels,
+        study_ids=np.array([s.study_id for s in studies]),
+    )
     return path, format_tables(metrics)

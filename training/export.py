@@ -7,7 +7,8 @@ What is written, in this order (the manifest last, so an interrupted export is r
 2. ``text_encoder.onnx`` + ``tokenizer.json``: ``input_ids``, ``attention_mask`` -> ``embedding``; dynamic
    batch and sequence. Text towers that do not export faithfully (Merlin's Longformer, whose sliding
    window is traced into fixed-size chunking) are traced at exactly one attention window, and the shipped
-   tokenizer pads every text to that length (longer custom texts are truncated to it); when parity fails the package ships prompt embeddings only and says why in the manifest.
+   tokenizer pads every text to that length (longer custom texts are truncated to it); when parity fails
+   the package ships prompt embeddings only and says why in the manifest.
 3. ``prompt_embeddings.npy``: every finding's prompts embedded by the torch model (the reference).
 4. ``manifest.json``.
 
@@ -28,165 +29,51 @@ import json
 import math
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from operators import __version__
 from operators.findings import load_catalogue
 from operators.package import FORMAT, FORMAT_VERSION, write_manifest
 from operators.preprocessing import PreprocessSpec
-from operators.zeroshot import finding_scores, margin_probability, open_session, tokenize
+from operators.zeroshot import margin_probability
 
 from .evaluate import prompt_table
 from .models.clip import DualEncoder
+from .onnx_export import (
+    OPSET,
+    ExportError,
+    attention_window,
+    deploy_tokenize,
+    export_image_encoder,
+    export_text_encoder,
+    image_parity,
+    text_parity,
+    write_tokenizer,
+)
 
-PARITY_TOLERANCE = 1e-4
-OPSET = 17
-DESCRIPTION_RULE = ("Merlin: per finding, mean cosine similarity to positive prompts (s+) and to negative prompts "
-                    "(s-); probability = softmax(logit_scale * [s+, s-])[0] = sigmoid(logit_scale * (s+ - s-)); "
-                    "present iff probability >= threshold")
-
-
-class ExportError(ValueError):
-    """The export could not produce a package that behaves like the torch model."""
-
-
-class _ImageTower(nn.Module):
-    def __init__(self, model: DualEncoder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.image_embeddings(image)
-
-
-class _TextTower(nn.Module):
-    def __init__(self, model: DualEncoder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.text_embeddings(input_ids, attention_mask)
+DESCRIPTION_RULE = (
+    "Merlin: per finding, mean cosine similarity to positive prompts (s+) and to negative prompts "
+    "(s-); probability = softmax(logit_scale * [s+, s-])[0] = sigmoid(logit_scale * (s+ - s-)); "
+    "present iff probability >= threshold"
+)
 
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def export_image_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> None:
-    """``image`` (B,1,X,Y,Z) -> ``embedding`` (B,D), batch and spatial axes dynamic (also the benchmarks')."""
-    with torch.no_grad():
-        torch.onnx.export(module.eval(), (example,), str(path), input_names=["image"],
-                          output_names=["embedding"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"image": {0: "batch", 2: "x", 3: "y", 4: "z"}, "embedding": {0: "batch"}})
-
-
-def export_image_encoder(model: DualEncoder, path: Path, example: torch.Tensor) -> None:
-    export_image_onnx(_ImageTower(model), path, example)
-
-
-def export_text_encoder(model: DualEncoder, path: Path, example: dict[str, torch.Tensor],
-                        dynamic_sequence: bool = True) -> None:
-    axes = {0: "batch", 1: "sequence"} if dynamic_sequence else {0: "batch"}
-    with torch.no_grad():
-        torch.onnx.export(_TextTower(model).eval(), (example["input_ids"], example["attention_mask"]), str(path),
-                          input_names=["input_ids", "attention_mask"], output_names=["embedding"],
-                          opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "embedding": {0: "batch"}})
-
-
-def _attention_window(model: DualEncoder) -> int:
-    """The (largest) attention window of a Longformer-style tower; 1 for full-attention encoders."""
-    window = getattr(model.encode_text.text_encoder.config, "attention_window", None)
-    if window is None:
-        return 1
-    return int(max(window) if isinstance(window, (list, tuple)) else window)
-
-
-def write_tokenizer(model: DualEncoder, path: Path, fixed_length: int | None = None) -> dict:
-    """The training tokenizer as a ``tokenizers`` file with truncation and padding as the ONNX graph needs:
-    padded to the longest text, or to exactly ``fixed_length`` tokens (a traced Longformer)."""
-    hf = model.encode_text.tokenizer
-    backend = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
-    if backend is None:
-        raise ExportError("the text tower's tokenizer is not a fast (tokenizers-backed) tokenizer; "
-                          "it cannot be shipped to the deploy side")
-    tok = backend.__class__.from_str(backend.to_str())
-    max_length = int(model.encode_text.max_length)
-    if fixed_length:
-        max_length = min(max_length, fixed_length)
-    tok.enable_truncation(max_length=max_length)
-    tok.enable_padding(pad_id=int(hf.pad_token_id), pad_token=str(hf.pad_token), length=fixed_length)
-    tok.save(str(path))
-    return {"pad_token_id": int(hf.pad_token_id), "max_length": max_length, "sequence_length": fixed_length}
-
-
-def _deploy_tokenize(tokenizer_file: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """What the deploy side does (``operators.zeroshot.tokenize``), without loading the package."""
-    from tokenizers import Tokenizer
-
-    return tokenize(Tokenizer.from_file(str(tokenizer_file)), texts)
-
-
-def _resized(volumes: np.ndarray) -> np.ndarray:
-    """The same inputs cropped by a few voxels per axis: a second spatial size for the dynamic-axes check."""
-    x, y, z = volumes.shape[2:]
-    return np.ascontiguousarray(volumes[:, :, : x - max(2, x // 8), : y - max(2, y // 8), : z - max(2, z // 8)])
-
-
-@torch.no_grad()
-def image_parity(model: DualEncoder, onnx_path: Path, volumes: np.ndarray, prompt_emb: np.ndarray, rows,
-                 batch_size: int = 4) -> dict:
-    """ORT vs torch image embeddings (two spatial sizes) and the zero-shot decisions they lead to."""
-    session = open_session(onnx_path, ["CPUExecutionProvider"])
-    scale = model.scale().item()
-    worst, sizes = 0.0, []
-    decisions_equal = True
-    for vols in (volumes, _resized(volumes)):
-        ref, got = [], []
-        for i in range(0, len(vols), batch_size):
-            x = vols[i:i + batch_size]
-            ref.append(model.image_embeddings(torch.from_numpy(x)).numpy())
-            got.append(session.run(["embedding"], {"image": x})[0])
-        ref, got = np.concatenate(ref), np.concatenate(got)
-        worst = max(worst, float(np.abs(ref - got).max()))
-        sizes.append(list(vols.shape[2:]))
-        _, p_ref = finding_scores(ref, prompt_emb, rows, scale)
-        _, p_got = finding_scores(got, prompt_emb, rows, scale)
-        decisions_equal &= bool(np.array_equal(p_ref >= 0.5, p_got >= 0.5))
-    return {"max_abs_diff": worst, "inputs": int(len(volumes)), "spatial_sizes": sizes,
-            "decisions_identical": decisions_equal, "tolerance": PARITY_TOLERANCE,
-            "passed": worst <= PARITY_TOLERANCE and decisions_equal}
-
-
-@torch.no_grad()
-def text_parity(model: DualEncoder, onnx_path: Path, tokenizer_file: Path, texts: Sequence[str]) -> dict:
-    """Deploy tokenizer vs training tokenizer (same ids for the unpadded tokens of every text), then ORT
-    vs torch embeddings."""
-    ref_tok = model.encode_text.tokenize(list(texts))
-    dep_tok = _deploy_tokenize(tokenizer_file, texts)
-
-    def unpadded(ids, mask):
-        return [list(np.asarray(i)[np.asarray(m) == 1]) for i, m in zip(ids, mask)]
-
-    tokens_equal = (unpadded(ref_tok["input_ids"].numpy(), ref_tok["attention_mask"].numpy())
-                    == unpadded(dep_tok["input_ids"], dep_tok["attention_mask"]))
-    ref = model.text_embeddings(**ref_tok).numpy()
-    session = open_session(onnx_path, ["CPUExecutionProvider"])
-    got = np.concatenate([session.run(["embedding"], {k: v[i:i + 32] for k, v in dep_tok.items()})[0]
-                          for i in range(0, len(texts), 32)])
-    worst = float(np.abs(ref - got).max())
-    return {"max_abs_diff": worst, "texts": len(texts), "tokens_identical": bool(tokens_equal),
-            "tolerance": PARITY_TOLERANCE, "passed": bool(tokens_equal and worst <= PARITY_TOLERANCE)}
 
 
 def choose_thresholds(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
@@ -214,11 +101,22 @@ def choose_thresholds(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np
     return np.asarray(thr), notes
 
 
-def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec, parity_volumes: np.ndarray,
-                   name: str, version: str, provenance: dict, thresholds: np.ndarray | None = None,
-                   threshold_method: str = "merlin", threshold_notes: list[dict] | None = None,
-                   text: str = "auto", log: Callable[[str], None] = print,
-                   text_absent_reason: str | None = None) -> dict:
+def export_package(
+    model: DualEncoder,
+    out: str | Path,
+    *,
+    spec: PreprocessSpec,
+    parity_volumes: np.ndarray,
+    name: str,
+    version: str,
+    provenance: dict,
+    thresholds: np.ndarray | None = None,
+    threshold_method: str = "merlin",
+    threshold_notes: list[dict] | None = None,
+    text: str = "auto",
+    log: Callable[[str], None] = print,
+    text_absent_reason: str | None = None,
+) -> dict:
     """Write a model package for ``model`` into ``out`` (new or empty). Returns the manifest.
 
     ``text``: ``onnx`` (fail if the text tower does not export with parity), ``auto`` (fall back to
@@ -240,7 +138,7 @@ def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec,
     chunks = []
     with torch.no_grad():
         for i in tqdm(range(0, len(prompts), 16), desc="prompt embeddings", unit="batch", leave=False):
-            chunks.append(model.encode_texts(prompts[i:i + 16]).numpy())
+            chunks.append(model.encode_texts(prompts[i : i + 16]).numpy())
     prompt_emb = np.concatenate(chunks).astype(np.float32)
     np.save(out / "prompt_embeddings.npy", prompt_emb)
     dim = int(prompt_emb.shape[1])
@@ -249,57 +147,82 @@ def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec,
     parity_volumes = np.ascontiguousarray(parity_volumes, dtype=np.float32)
     export_image_encoder(model, out / "image_encoder.onnx", torch.from_numpy(parity_volumes[:1]))
     img_par = image_parity(model, out / "image_encoder.onnx", parity_volumes, prompt_emb, rows)
-    log(f"image parity: max |diff| {img_par['max_abs_diff']:.2e} over {img_par['inputs']} inputs at "
-        f"{img_par['spatial_sizes']}, decisions identical: {img_par['decisions_identical']}")
+    log(
+        f"image parity: max |diff| {img_par['max_abs_diff']:.2e} over {img_par['inputs']} inputs at "
+        f"{img_par['spatial_sizes']}, decisions identical: {img_par['decisions_identical']}"
+    )
     if not img_par["passed"]:
         raise ExportError(f"image encoder parity failed: {img_par}; no package written")
 
     text_rec: dict = {"file": None}
     text_par = None
     if text != "none":
-        window = _attention_window(model)
+        window = attention_window(model)
         fixed = window if window > 1 else None  # Longformer: trace at exactly one window, pad to it
         tok_info = write_tokenizer(model, out / "tokenizer.json", fixed)
-        tok = _deploy_tokenize(out / "tokenizer.json", prompts[:8])
+        tok = deploy_tokenize(out / "tokenizer.json", prompts[:8])
         log("text encoder -> ONNX" + (f" (fixed sequence length {fixed}: one attention window)" if fixed else ""))
         failure = None
         try:
-            export_text_encoder(model, out / "text_encoder.onnx",
-                                {k: torch.from_numpy(v) for k, v in tok.items()}, dynamic_sequence=fixed is None)
+            export_text_encoder(
+                model,
+                out / "text_encoder.onnx",
+                {k: torch.from_numpy(v) for k, v in tok.items()},
+                dynamic_sequence=fixed is None,
+            )
             text_par = text_parity(model, out / "text_encoder.onnx", out / "tokenizer.json", prompts)
-            log(f"text parity: max |diff| {text_par['max_abs_diff']:.2e} over {len(prompts)} prompts, "
-                f"tokens identical: {text_par['tokens_identical']}")
+            log(
+                f"text parity: max |diff| {text_par['max_abs_diff']:.2e} over {len(prompts)} prompts, "
+                f"tokens identical: {text_par['tokens_identical']}"
+            )
             if not text_par["passed"]:
                 failure = f"ONNX text encoder parity failed ({text_par})"
         except Exception as exc:  # noqa: BLE001 - any exporter failure means: no ONNX text tower
             failure = f"ONNX export of the text tower failed: {type(exc).__name__}: {exc}"
         if failure is None:
-            text_rec = {"file": "text_encoder.onnx", "inputs": ["input_ids", "attention_mask"],
-                        "output": "embedding", "tokenizer": "tokenizer.json", **tok_info}
+            text_rec = {
+                "file": "text_encoder.onnx",
+                "inputs": ["input_ids", "attention_mask"],
+                "output": "embedding",
+                "tokenizer": "tokenizer.json",
+                **tok_info,
+            }
         elif text == "onnx":
             raise ExportError(failure)
         else:
             log(f"text encoder not shipped: {failure}")
             for f in ("text_encoder.onnx", "tokenizer.json"):
                 (out / f).unlink(missing_ok=True)
-            text_rec = {"file": None, "absent_reason": failure[:2000] +
-                        "; the package carries precomputed prompt embeddings only; custom prompts need the "
-                        "torch model (training side)"}
+            text_rec = {
+                "file": None,
+                "absent_reason": failure[:2000]
+                + "; the package carries precomputed prompt embeddings only; custom prompts need the "
+                "torch model (training side)",
+            }
     else:
-        text_rec = {"file": None, "absent_reason": text_absent_reason or
-                    "not exported (text='none'); prompt embeddings only; custom prompts need the torch model"}
+        text_rec = {
+            "file": None,
+            "absent_reason": text_absent_reason
+            or "not exported (text='none'); prompt embeddings only; custom prompts need the torch model",
+        }
 
     if thresholds is None:
         thresholds = np.full(len(catalogue), 0.5)
     findings = []
     for i, (f, r) in enumerate(zip(catalogue, rows)):
-        item = {"id": f.id, "display": f.display, "section": f.section,
-                "site": None if f.site is None else {"scheme": f.site.scheme, "value": f.site.value,
-                                                     "meaning": f.site.meaning},
-                "code": {"scheme": f.code.scheme, "value": f.code.value, "meaning": f.code.meaning},
-                "positive_prompts": list(f.positive_prompts), "negative_prompts": list(f.negative_prompts),
-                "prompt_rows": {"positive": list(r.positive), "negative": list(r.negative)},
-                "threshold": float(thresholds[i])}
+        item = {
+            "id": f.id,
+            "display": f.display,
+            "section": f.section,
+            "site": None
+            if f.site is None
+            else {"scheme": f.site.scheme, "value": f.site.value, "meaning": f.site.meaning},
+            "code": {"scheme": f.code.scheme, "value": f.code.value, "meaning": f.code.meaning},
+            "positive_prompts": list(f.positive_prompts),
+            "negative_prompts": list(f.negative_prompts),
+            "prompt_rows": {"positive": list(r.positive), "negative": list(r.negative)},
+            "threshold": float(thresholds[i]),
+        }
         if threshold_notes:
             item["threshold_selection"] = threshold_notes[i]
         findings.append(item)
@@ -307,25 +230,47 @@ def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec,
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {"name": name, "version": version, "uid": f"2.25.{uuid.uuid4().int}",
-                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
-        "provenance": {"exporter": f"ct-zeroshot {__version__}", "code_commit": _git_commit(),
-                       "torch": torch.__version__, **provenance},
+        "model": {
+            "name": name,
+            "version": version,
+            "uid": f"2.25.{uuid.uuid4().int}",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "provenance": {
+            "exporter": f"ct-zeroshot {__version__}",
+            "code_commit": _git_commit(),
+            "torch": torch.__version__,
+            **provenance,
+        },
         "preprocessing": spec.to_dict(),
-        "image_encoder": {"file": "image_encoder.onnx", "input": "image", "output": "embedding",
-                          "input_shape": ["batch", 1, "x", "y", "z"], "dtype": "float32", "opset": OPSET,
-                          "dynamic_spatial": True, "l2_normalised": True},
+        "image_encoder": {
+            "file": "image_encoder.onnx",
+            "input": "image",
+            "output": "embedding",
+            "input_shape": ["batch", 1, "x", "y", "z"],
+            "dtype": "float32",
+            "opset": OPSET,
+            "dynamic_spatial": True,
+            "l2_normalised": True,
+        },
         "text_encoder": text_rec,
         "embedding_dim": dim,
         "logit_scale": math.exp(log_scale),
         "log_logit_scale": log_scale,
         "text_normalisation": "merlin: lowercase, NLTK wordpunct tokens joined by single spaces "
-                              "(operators.textnorm.normalize_text); applied to prompts and custom text",
-        "prompt_embeddings": {"file": "prompt_embeddings.npy", "shape": list(prompt_emb.shape), "dtype": "float32",
-                              "computed_with": "torch reference model"},
+        "(operators.textnorm.normalize_text); applied to prompts and custom text",
+        "prompt_embeddings": {
+            "file": "prompt_embeddings.npy",
+            "shape": list(prompt_emb.shape),
+            "dtype": "float32",
+            "computed_with": "torch reference model",
+        },
         "decision": {"rule": DESCRIPTION_RULE, "threshold_method": threshold_method},
-        "private_scheme": {"designator": catalogue.private_scheme.scheme, "version": catalogue.private_scheme.value,
-                           "name": catalogue.private_scheme.meaning},
+        "private_scheme": {
+            "designator": catalogue.private_scheme.scheme,
+            "version": catalogue.private_scheme.value,
+            "name": catalogue.private_scheme.meaning,
+        },
         "findings": findings,
         "parity": {"image": img_par, "text": text_par},
     }
@@ -335,10 +280,20 @@ def export_package(model: DualEncoder, out: str | Path, *, spec: PreprocessSpec,
     return manifest
 
 
-def export_run(run: str | Path, out: str | Path, data: str | Path, checkpoint: str = "best",
-               thresholds: str = "merlin", name: str | None = None, version: str = "0.1.0",
-               parity_studies: int = 8, cache_dir=None, progress: bool = True, text: str = "auto",
-               log: Callable[[str], None] = print) -> dict:
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    data: str | Path,
+    checkpoint: str = "best",
+    thresholds: str = "merlin",
+    name: str | None = None,
+    version: str = "0.1.0",
+    parity_studies: int = 8,
+    cache_dir=None,
+    progress: bool = True,
+    text: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict:
     """Export a training run's checkpoint. ``data`` is the run's data set: its test split gives the
     held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``)."""
     from .evaluate import embed_images, prompt_embeddings, zero_shot_scores
@@ -370,8 +325,11 @@ def export_run(run: str | Path, out: str | Path, data: str | Path, checkpoint: s
         if (run / fname).exists():
             m = json.loads((run / fname).read_text())
             metrics["test" if fname == "metrics.json" else "test_before_training"] = {
-                "macro_f1": m["zero_shot"]["macro_f1"], "macro_auroc": m["zero_shot"]["macro_auroc"],
-                "retrieval": {k: v for k, v in m["retrieval"].items()}, "split": m.get("meta", {}).get("split")}
+                "macro_f1": m["zero_shot"]["macro_f1"],
+                "macro_auroc": m["zero_shot"]["macro_auroc"],
+                "retrieval": {k: v for k, v in m["retrieval"].items()},
+                "split": m.get("meta", {}).get("split"),
+            }
     preds = run / "metrics_predictions.npz"
     if thr is not None and preds.exists() and "test" in metrics:
         from .evaluate import macro_f1_from
@@ -380,11 +338,31 @@ def export_run(run: str | Path, out: str | Path, data: str | Path, checkpoint: s
         prob = margin_probability(d["margins"], model.scale().item())
         metrics["test_with_package_thresholds"] = {
             "macro_f1": macro_f1_from((prob >= thr[None, :]).astype(int), d["labels"]),
-            "note": "the same test predictions as 'test', decided with the package's per-finding thresholds"}
+            "note": "the same test predictions as 'test', decided with the package's per-finding thresholds",
+        }
     summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
-    provenance = {"source": "training run", "run": str(run), "checkpoint": checkpoint,
-                  "config_digest": cfg.digest(), "config": cfg.to_dict(), "data": str(data),
-                  "train_steps": summary.get("steps_done"), "best": summary.get("best"), "metrics": metrics}
-    return export_package(model, out, spec=cfg.spec, parity_volumes=parity_volumes,
-                          name=name or f"ct-zeroshot-{cfg.image.arch}", version=version, provenance=provenance,
-                          thresholds=thr, threshold_method=method, threshold_notes=notes, text=text, log=log)
+    provenance = {
+        "source": "training run",
+        "run": str(run),
+        "checkpoint": checkpoint,
+        "config_digest": cfg.digest(),
+        "config": cfg.to_dict(),
+        "data": str(data),
+        "train_steps": summary.get("steps_done"),
+        "best": summary.get("best"),
+        "metrics": metrics,
+    }
+    return export_package(
+        model,
+        out,
+        spec=cfg.spec,
+        parity_volumes=parity_volumes,
+        name=name or f"ct-zeroshot-{cfg.image.arch}",
+        version=version,
+        provenance=provenance,
+        thresholds=thr,
+        threshold_method=method,
+        threshold_notes=notes,
+        text=text,
+        log=log,
+    )

@@ -61,8 +61,17 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c
     return out
 
 
-def train_supervised(arch: str, volumes, labels: np.ndarray, steps: int, batch_size: int, lr: float,
-                     weight_decay: float, seed: int = 0, progress: bool = True) -> ImageEncoder:
+def train_supervised(
+    arch: str,
+    volumes,
+    labels: np.ndarray,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int = 0,
+    progress: bool = True,
+) -> ImageEncoder:
     """A fresh ``arch`` image tower with one output per finding, trained with masked BCE on ``labels``
     (-1 ignored) for ``steps`` steps of ``batch_size`` studies drawn without replacement per step."""
     from tqdm import tqdm
@@ -82,8 +91,9 @@ def train_supervised(arch: str, volumes, labels: np.ndarray, steps: int, batch_s
         x = torch.from_numpy(np.stack([volumes[int(i)] for i in idx]))
         y = y_all[idx]
         mask = (y != -1).float()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y.clamp(min=0), weight=mask,
-                                                                    reduction="sum") / mask.sum().clamp(min=1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model(x), y.clamp(min=0), weight=mask, reduction="sum"
+        ) / mask.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -100,9 +110,17 @@ def _predict(model: ImageEncoder, volumes, batch_size: int) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def probe_run(run: str | Path, data: str | Path, checkpoint: str = "best", split: str = "test",
-              train_limit: int | None = None, supervised_steps: int = 0, cache_dir=None, seed: int = 0,
-              progress: bool = True) -> tuple[Path, str]:
+def probe_run(
+    run: str | Path,
+    data: str | Path,
+    checkpoint: str = "best",
+    split: str = "test",
+    train_limit: int | None = None,
+    supervised_steps: int = 0,
+    cache_dir=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Path, str]:
     run = Path(run)
     device = torch.device("cpu")
     model, cfg = load_run(run, checkpoint, device)
@@ -132,25 +150,44 @@ def probe_run(run: str | Path, data: str | Path, checkpoint: str = "best", split
     zs = zero_shot_metrics(margins, y_te)
     probe_auc = per_finding_auroc(linear_probe(emb_tr, y_tr, emb_te.numpy()), y_te)
     ids = load_catalogue().ids
-    columns = {"zero_shot": [zs["per_finding"][f]["auroc"] for f in ids],
-               "linear_probe": probe_auc}
+    columns = {"zero_shot": [zs["per_finding"][f]["auroc"] for f in ids], "linear_probe": probe_auc}
     seconds = {"probe": time.perf_counter() - t0}
     if supervised_steps:
         t0 = time.perf_counter()
-        sup = train_supervised(cfg.image.arch, vol_tr, y_tr, supervised_steps, bs, cfg.optim.lr,
-                               cfg.optim.weight_decay, seed=seed, progress=progress)
+        sup = train_supervised(
+            cfg.image.arch,
+            vol_tr,
+            y_tr,
+            supervised_steps,
+            bs,
+            cfg.optim.lr,
+            cfg.optim.weight_decay,
+            seed=seed,
+            progress=progress,
+        )
         columns["supervised"] = per_finding_auroc(_predict(sup, vol_te, bs), y_te)
         seconds["supervised"] = time.perf_counter() - t0
 
     result = {
-        "meta": {"run": str(run), "checkpoint": checkpoint, "split": split, "data": str(data),
-                 "train_studies": len(train_set), "test_studies": len(test_set),
-                 "supervised_steps": supervised_steps, "batch_size": bs, "arch": cfg.image.arch,
-                 "seconds": seconds, "config_digest": cfg.digest()},
+        "meta": {
+            "run": str(run),
+            "checkpoint": checkpoint,
+            "split": split,
+            "data": str(data),
+            "train_studies": len(train_set),
+            "test_studies": len(test_set),
+            "supervised_steps": supervised_steps,
+            "batch_size": bs,
+            "arch": cfg.image.arch,
+            "seconds": seconds,
+            "config_digest": cfg.digest(),
+        },
         "macro_auroc": {k: _nanmean(v) for k, v in columns.items()},
-        "per_finding": {fid: {k: v[j] for k, v in columns.items()} | {
-            "test_n": int((y_te[:, j] != -1).sum()), "test_positives": int((y_te[:, j] == 1).sum())}
-            for j, fid in enumerate(ids)},
+        "per_finding": {
+            fid: {k: v[j] for k, v in columns.items()}
+            | {"test_n": int((y_te[:, j] != -1).sum()), "test_positives": int((y_te[:, j] == 1).sum())}
+            for j, fid in enumerate(ids)
+        },
     }
     name = "probe.json" if checkpoint == "best" else f"probe_{checkpoint}.json"
     path = run / name
@@ -169,10 +206,12 @@ def format_probe(result: dict) -> str:
     def fmt(x) -> str:
         return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.3f}"
 
-    lines = [f"AUROC on {result['meta']['split']} ({result['meta']['test_studies']} studies), probe fitted on "
-             f"{result['meta']['train_studies']} training studies"
-             + (f", supervised reference: {result['meta']['supervised_steps']} steps" if "supervised" in cols else ""),
-             f"{'finding':32s}" + "".join(f"{c:>14s}" for c in cols)]
+    lines = [
+        f"AUROC on {result['meta']['split']} ({result['meta']['test_studies']} studies), probe fitted on "
+        f"{result['meta']['train_studies']} training studies"
+        + (f", supervised reference: {result['meta']['supervised_steps']} steps" if "supervised" in cols else ""),
+        f"{'finding':32s}" + "".join(f"{c:>14s}" for c in cols),
+    ]
     for fid, row in result["per_finding"].items():
         lines.append(f"{fid:32s}" + "".join(f"{fmt(row[c]):>14s}" for c in cols))
     lines.append(f"{'macro':32s}" + "".join(f"{fmt(result['macro_auroc'][c]):>14s}" for c in cols))

@@ -24,24 +24,88 @@ class ReportError(ValueError):
 # Header spelling (lowercase, single spaces) -> system. From Merlin's mapping, plus common variants.
 HEADER_TO_SYSTEM: dict[str, str] = {
     **{h: "lower thorax" for h in ["lower thorax", "lower chest", "lung bases", "thorax", "chest", "lungs"]},
-    **{h: "liver" for h in ["liver", "liver and biliary tree", "biliary system", "liver/biliary tree",
-                            "liver and biliary system", "hepatobiliary", "biliary tree", "liver & biliary tree"]},
+    **{
+        h: "liver"
+        for h in [
+            "liver",
+            "liver and biliary tree",
+            "biliary system",
+            "liver/biliary tree",
+            "liver and biliary system",
+            "hepatobiliary",
+            "biliary tree",
+            "liver & biliary tree",
+        ]
+    },
     **{h: "gallbladder" for h in ["gallbladder", "gall bladder"]},
     "spleen": "spleen",
     "pancreas": "pancreas",
     **{h: "adrenal glands" for h in ["adrenal glands", "adrenals", "adrenal gland", "adrenal"]},
-    **{h: "kidneys" for h in ["kidneys", "kidneys and ureters", "gu", "kidneys/ureters", "kidney", "kidneys, ureters",
-                              "genitourinary", "urinary tract"]},
-    **{h: "bowel" for h in ["gastrointestinal tract", "gi", "gi tract", "bowel", "bowel/mesentery",
-                            "bowel and mesentery", "stomach and bowel", "gastrointestinal"]},
-    **{h: "peritoneum" for h in ["peritoneal space", "peritoneal cavity", "peritoneum", "abdominal wall",
-                                 "peritoneum/retroperitoneum", "retroperitoneum"]},
-    **{h: "pelvic" for h in ["pelvic organs", "bladder", "prostate and seminal vesicles", "pelvis", "uterus and ovaries",
-                             "prostate", "reproductive organs", "urinary bladder", "uterus and adnexa"]},
+    **{
+        h: "kidneys"
+        for h in [
+            "kidneys",
+            "kidneys and ureters",
+            "gu",
+            "kidneys/ureters",
+            "kidney",
+            "kidneys, ureters",
+            "genitourinary",
+            "urinary tract",
+        ]
+    },
+    **{
+        h: "bowel"
+        for h in [
+            "gastrointestinal tract",
+            "gi",
+            "gi tract",
+            "bowel",
+            "bowel/mesentery",
+            "bowel and mesentery",
+            "stomach and bowel",
+            "gastrointestinal",
+        ]
+    },
+    **{
+        h: "peritoneum"
+        for h in [
+            "peritoneal space",
+            "peritoneal cavity",
+            "peritoneum",
+            "abdominal wall",
+            "peritoneum/retroperitoneum",
+            "retroperitoneum",
+        ]
+    },
+    **{
+        h: "pelvic"
+        for h in [
+            "pelvic organs",
+            "bladder",
+            "prostate and seminal vesicles",
+            "pelvis",
+            "uterus and ovaries",
+            "prostate",
+            "reproductive organs",
+            "urinary bladder",
+            "uterus and adnexa",
+        ]
+    },
     **{h: "circulatory" for h in ["vasculature", "vessels", "vascular", "vascular structures"]},
     **{h: "lymph nodes" for h in ["lymph nodes", "lymphatics", "lymph node", "nodes"]},
-    **{h: "musculoskeletal" for h in ["musculoskeletal", "bones", "osseous structures", "bones and soft tissues",
-                                      "bones/soft tissues", "skeleton", "osseous"]},
+    **{
+        h: "musculoskeletal"
+        for h in [
+            "musculoskeletal",
+            "bones",
+            "osseous structures",
+            "bones and soft tissues",
+            "bones/soft tissues",
+            "skeleton",
+            "osseous",
+        ]
+    },
 }
 assert set(HEADER_TO_SYSTEM.values()) == set(SECTIONS)
 
@@ -51,9 +115,20 @@ _FINDINGS = re.compile(r"\bfindings\s*:", re.I)
 _IMPRESSION = re.compile(r"\b(?:impression|conclusion|summary)\s*:", re.I)
 
 NORMAL_STATEMENTS = {
-    "normal", "unremarkable", "within normal limits", "normal in appearance", "normal appearance",
-    "no abnormality", "no abnormalities", "no acute abnormality", "no significant abnormality",
-    "negative", "normal limits", "no acute findings", "grossly unremarkable", "grossly normal",
+    "normal",
+    "unremarkable",
+    "within normal limits",
+    "normal in appearance",
+    "normal appearance",
+    "no abnormality",
+    "no abnormalities",
+    "no acute abnormality",
+    "no significant abnormality",
+    "negative",
+    "normal limits",
+    "no acute findings",
+    "grossly unremarkable",
+    "grossly normal",
 }
 
 
@@ -79,10 +154,10 @@ def parse_report(text: str, source: str = "<report>") -> ParsedReport:
     m = _FINDINGS.search(text)
     if m is None:
         raise ReportError(f"{source}: report has no 'FINDINGS:' section")
-    rest = text[m.end():]
+    rest = text[m.end() :]
     imp = _IMPRESSION.search(rest)
     findings = rest[: imp.start()] if imp else rest
-    impression = rest[imp.end():].strip() if imp else ""
+    impression = rest[imp.end() :].strip() if imp else ""
     out = ParsedReport(findings=" ".join(findings.split()), impression=" ".join(impression.split()))
     bodies: dict[str, list[str]] = {}
     heads = []
@@ -92,7 +167,7 @@ def parse_report(text: str, source: str = "<report>") -> ParsedReport:
             heads.append(h)
     for i, h in enumerate(heads):
         end = heads[i + 1].start() if i + 1 < len(heads) else len(findings)
-        body = " ".join(findings[h.end():end].split())
+        body = " ".join(findings[h.end() : end].split())
         key = _header_key(h.group(1))
         system = HEADER_TO_SYSTEM.get(key)
         if system is None:

@@ -52,9 +52,17 @@ def build_cache(cache: VolumeCache, studies: list[Study], progress: bool) -> Non
     cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
 
 
-def split_volumes(cfg: TrainConfig, data: str | Path, split: str, *, limit: int | None = None,
-                  cache_dir: str | Path | None = None, progress: bool = True, labelled: bool = False,
-                  studies: list[Study] | None = None) -> tuple[list[Study], CachedVolumes]:
+def split_volumes(
+    cfg: TrainConfig,
+    data: str | Path,
+    split: str,
+    *,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    labelled: bool = False,
+    studies: list[Study] | None = None,
+) -> tuple[list[Study], CachedVolumes]:
     """The studies of one split (the first ``limit``), their volumes cached under ``cfg``'s spec.
 
     ``labelled``: refuse a split with studies lacking finding labels. ``studies``: already loaded."""
@@ -142,8 +150,13 @@ class Checkpoint:
             if self.step > 0 or self.val is not None:
                 out["val"] = self.val
             return out
-        out.update(optimizer=self.optimizer, scheduler=self.scheduler, rng=self.rng, best=self.best,
-                   config_digest=self.config_digest)
+        out.update(
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            rng=self.rng,
+            best=self.best,
+            config_digest=self.config_digest,
+        )
         return out
 
     def save(self, path: Path) -> None:
@@ -159,9 +172,16 @@ class Checkpoint:
         d = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(d, dict) or "model" not in d or "step" not in d:
             raise ValueError(f"{path}: not a ct-zeroshot checkpoint (no model state or step)")
-        return cls(model=d["model"], step=int(d["step"]), val=d.get("val"), optimizer=d.get("optimizer"),
-                   scheduler=d.get("scheduler"), rng=d.get("rng"), best=d.get("best", {}),
-                   config_digest=d.get("config_digest"))
+        return cls(
+            model=d["model"],
+            step=int(d["step"]),
+            val=d.get("val"),
+            optimizer=d.get("optimizer"),
+            scheduler=d.get("scheduler"),
+            rng=d.get("rng"),
+            best=d.get("best", {}),
+            config_digest=d.get("config_digest"),
+        )
 
 
 def load_run(run: str | Path, checkpoint: str = "best", device=None) -> tuple[DualEncoder, TrainConfig]:

@@ -49,19 +49,25 @@ class BatchPlanner:
         s = cfg.sampler
         self.pool = nested_subset(len(studies), s.subset_fraction, s.data_fraction, s.subset_seed)
         if len(self.pool) < self.global_batch:
-            raise ValueError(f"the sampled training pool has {len(self.pool)} studies, fewer than the global batch "
-                             f"{self.global_batch}; lower train.batch_size or raise the data fraction")
+            raise ValueError(
+                f"the sampled training pool has {len(self.pool)} studies, fewer than the global batch "
+                f"{self.global_batch}; lower train.batch_size or raise the data fraction"
+            )
         self.ratio = parse_ratio(s.ratio)
-        self.sections = [sec for sec in cfg.batching.sections
-                         if sum(sec in studies[i].sections for i in self.pool) >= 2]
+        self.sections = [
+            sec for sec in cfg.batching.sections if sum(sec in studies[i].sections for i in self.pool) >= 2
+        ]
         if cfg.batching.schedule != "full" and not self.sections:
             raise ValueError("no training report has any of the configured sections; use batching.schedule=full")
         self.has = {sec: np.array([i for i in self.pool if sec in studies[i].sections]) for sec in self.sections}
-        self.normal = {sec: np.array([i for i in self.has[sec] if studies[i].section_status[sec] == "normal"])
-                       for sec in self.sections}
+        self.normal = {
+            sec: np.array([i for i in self.has[sec] if studies[i].section_status[sec] == "normal"])
+            for sec in self.sections
+        }
         self.abnormal = {sec: np.setdiff1d(self.has[sec], self.normal[sec]) for sec in self.sections}
-        self.report_normal = np.array([i for i in self.pool
-                                       if all(v == "normal" for v in studies[i].section_status.values())])
+        self.report_normal = np.array(
+            [i for i in self.pool if all(v == "normal" for v in studies[i].section_status.values())]
+        )
         self.report_abnormal = np.setdiff1d(self.pool, self.report_normal)
         self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(studies) // self.global_batch)
         self.shortfall: Counter = Counter()  # draws made with replacement, by batch kind
@@ -104,7 +110,9 @@ class BatchPlanner:
         if len(abnormal) == 0:
             n, a = self.global_batch, 0
             self.shortfall[kind + ":no-abnormal"] += 1
-        idx = np.concatenate([self._draw(normal, n, rng, kind + ":normal"), self._draw(abnormal, a, rng, kind + ":abnormal")])
+        idx = np.concatenate(
+            [self._draw(normal, n, rng, kind + ":normal"), self._draw(abnormal, a, rng, kind + ":abnormal")]
+        )
         return rng.permutation(idx)
 
     def global_items(self, step: int) -> list[Item]:
@@ -129,7 +137,7 @@ class BatchPlanner:
         """Rank ``rank``'s slice of the step's global batch (``items``: that batch, already drawn)."""
         items = self.global_items(step) if items is None else items
         b = self.cfg.train.batch_size
-        return items[rank * b:(rank + 1) * b]
+        return items[rank * b : (rank + 1) * b]
 
     def text_of(self, item: Item) -> str:
         st = self.studies[item.index]

@@ -35,8 +35,16 @@ from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_s
 from .files import write_json
 from .loss import clip_loss
 from .models.clip import DualEncoder
-from .runs import (CachedVolumes, Checkpoint, build_cache, checkpoint_path, ensure_text_model, make_model,
-                   volume_cache, write_run_config)
+from .runs import (
+    CachedVolumes,
+    Checkpoint,
+    build_cache,
+    checkpoint_path,
+    ensure_text_model,
+    make_model,
+    volume_cache,
+    write_run_config,
+)
 from .sampling import BatchPlanner
 
 
@@ -87,11 +95,13 @@ def _optimizer(model: DualEncoder, cfg: TrainConfig):
         else:
             groups["image"].append(p)
     o = cfg.optim
-    opt = torch.optim.AdamW([
-        {"params": groups["image"], "lr": o.lr, "weight_decay": o.weight_decay},
-        {"params": groups["text"], "lr": o.text_lr, "weight_decay": o.weight_decay},
-        {"params": groups["none"], "lr": o.lr, "weight_decay": 0.0},
-    ])
+    opt = torch.optim.AdamW(
+        [
+            {"params": groups["image"], "lr": o.lr, "weight_decay": o.weight_decay},
+            {"params": groups["text"], "lr": o.text_lr, "weight_decay": o.weight_decay},
+            {"params": groups["none"], "lr": o.lr, "weight_decay": 0.0},
+        ]
+    )
     total = cfg.train.steps
 
     def schedule(step: int) -> float:  # linear warm-up, cosine decay to 0
@@ -99,6 +109,7 @@ def _optimizer(model: DualEncoder, cfg: TrainConfig):
             return (step + 1) / o.warmup_steps
         t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
@@ -192,10 +203,28 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
     model.set_gradient_checkpointing(cfg.train.grad_checkpointing)
     opt, sched = _optimizer(model, cfg)
     autocast, scaler = _autocast(cfg, device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    r = _Run(cfg, run, rank, world, device, planner, model, ddp, opt, sched, autocast, scaler,
-             CachedVolumes(cache, train_st), CachedVolumes(cache, val_st), val_labels)
+    ddp = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
+    r = _Run(
+        cfg,
+        run,
+        rank,
+        world,
+        device,
+        planner,
+        model,
+        ddp,
+        opt,
+        sched,
+        autocast,
+        scaler,
+        CachedVolumes(cache, train_st),
+        CachedVolumes(cache, val_st),
+        val_labels,
+    )
 
     last = checkpoint_path(run, "last")
     if last.exists():
@@ -248,30 +277,55 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
     """Logs, epoch accounting, validation and checkpoints after ``step``."""
     cfg, run, planner = r.cfg, r.run, r.planner
     if r.main and (step % cfg.train.log_every == 0 or step == end - 1):
-        _append_csv(run / "log.csv", {"step": step, "epoch": planner.epoch(step), "kind": planner.kind(step),
-                                      "loss": f"{loss.item():.5f}", "lr": f"{r.sched.get_last_lr()[0]:.3e}",
-                                      "logit_scale": f"{scale.item():.3f}", "seconds": f"{time.time() - t0:.1f}"})
+        _append_csv(
+            run / "log.csv",
+            {
+                "step": step,
+                "epoch": planner.epoch(step),
+                "kind": planner.kind(step),
+                "loss": f"{loss.item():.5f}",
+                "lr": f"{r.sched.get_last_lr()[0]:.3e}",
+                "logit_scale": f"{scale.item():.3f}",
+                "seconds": f"{time.time() - t0:.1f}",
+            },
+        )
     next_step = step + 1
     if r.main and (next_step % planner.steps_per_epoch == 0 or next_step == cfg.train.steps):
-        _append_csv(run / "epochs.csv", {"epoch": planner.epoch(step), "last_step": step,
-                                         "unique_volumes": len(r.seen), "pool": len(planner.pool)})
+        _append_csv(
+            run / "epochs.csv",
+            {"epoch": planner.epoch(step), "last_step": step, "unique_volumes": len(r.seen), "pool": len(planner.pool)},
+        )
         r.seen = set()
     evaluate_now = next_step % cfg.train.eval_every == 0 or next_step == cfg.train.steps
     if evaluate_now and r.main and r.val_labels is not None:
         m = validation_f1(r.model, r.val_volumes, r.val_labels, r.device, cfg.train.batch_size)
-        _append_csv(run / "val.csv", {"step": next_step, "macro_f1": f"{m['macro_f1']:.5f}",
-                                      "macro_auroc": f"{m['macro_auroc']:.5f}"})
+        _append_csv(
+            run / "val.csv",
+            {"step": next_step, "macro_f1": f"{m['macro_f1']:.5f}", "macro_auroc": f"{m['macro_auroc']:.5f}"},
+        )
         if m["macro_f1"] > r.best["macro_f1"]:
             r.best = {"step": next_step, "macro_f1": m["macro_f1"]}
             Checkpoint(model=r.model.state_dict(), step=next_step, val=m["macro_f1"]).save(checkpoint_path(run, "best"))
     if r.main and (evaluate_now or next_step == end):
-        Checkpoint(model=r.model.state_dict(), step=next_step, optimizer=r.opt.state_dict(),
-                   scheduler=r.sched.state_dict(), rng={"torch": torch.get_rng_state()}, best=r.best,
-                   config_digest=cfg.digest()).save(checkpoint_path(run, "last"))
+        Checkpoint(
+            model=r.model.state_dict(),
+            step=next_step,
+            optimizer=r.opt.state_dict(),
+            scheduler=r.sched.state_dict(),
+            rng={"torch": torch.get_rng_state()},
+            best=r.best,
+            config_digest=cfg.digest(),
+        ).save(checkpoint_path(run, "last"))
 
 
-def train(data: str | Path, out: str | Path, cfg: TrainConfig, cache_dir: str | Path | None = None,
-          stop_after: int | None = None, progress: bool = True) -> dict:
+def train(
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    cache_dir: str | Path | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Train (or resume) a run; returns the summary. ``stop_after`` ends early after that many steps."""
     from tqdm import tqdm
 
@@ -287,11 +341,20 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, cache_dir: str | 
         bar.set_postfix(loss=f"{loss.item():.3f}", kind=r.planner.kind(step)[:8])
     bar.close()
     finished = end == cfg.train.steps
-    summary = {"finished": finished, "steps_done": end, "steps": cfg.train.steps, "best": r.best,
-               "world_size": r.world, "device": str(r.device), "seconds_this_process": round(time.time() - t0, 1),
-               "pool_size": len(r.planner.pool), "train_studies": len(r.volumes),
-               "steps_per_epoch": r.planner.steps_per_epoch, "sampler_shortfall": dict(r.planner.shortfall),
-               "config_digest": cfg.digest()}
+    summary = {
+        "finished": finished,
+        "steps_done": end,
+        "steps": cfg.train.steps,
+        "best": r.best,
+        "world_size": r.world,
+        "device": str(r.device),
+        "seconds_this_process": round(time.time() - t0, 1),
+        "pool_size": len(r.planner.pool),
+        "train_studies": len(r.volumes),
+        "steps_per_epoch": r.planner.steps_per_epoch,
+        "sampler_shortfall": dict(r.planner.shortfall),
+        "config_digest": cfg.digest(),
+    }
     if r.main and finished:
         best = checkpoint_path(run, "best")
         if not best.exists():  # no validation labels: the last weights are the selection

@@ -11,8 +11,9 @@ from ..zeroshot import ZeroShotModel
 
 
 class SRWriterOperator(Operator):
-    def __init__(self, fragment: Fragment, *args, model: ZeroShotModel, output_folder: Path,
-                 results: list[StudyWork], **kwargs):
+    def __init__(
+        self, fragment: Fragment, *args, model: ZeroShotModel, output_folder: Path, results: list[StudyWork], **kwargs
+    ):
         self._model = model
         self._out = Path(output_folder)
         self._results = results

@@ -17,8 +17,13 @@ class DualEncoder(nn.Module):
     """State-dict names follow Merlin: ``encode_image.i3_resnet.*``, ``encode_text.text_encoder.*``,
     ``encode_text.linear_layer.*``, ``logit_scale`` (log space; the scale is ``exp(logit_scale)``)."""
 
-    def __init__(self, image: ImageEncoder, text: TextEncoder, init_logit_scale: float = math.log(1 / 0.07),
-                 embed_norm: str = "none"):
+    def __init__(
+        self,
+        image: ImageEncoder,
+        text: TextEncoder,
+        init_logit_scale: float = math.log(1 / 0.07),
+        embed_norm: str = "none",
+    ):
         super().__init__()
         self.encode_image = image
         self.encode_text = text
@@ -38,7 +43,9 @@ class DualEncoder(nn.Module):
         # finding's prior can live under Merlin's rule (margin = img . (mean pos - mean neg prompt)).
         dim = image.i3_resnet.contrastive_head.out_channels
         affine = embed_norm == "batch_affine"
-        self.image_norm = nn.BatchNorm1d(dim, affine=affine) if embed_norm in ("batch", "batch_affine") else nn.Identity()
+        self.image_norm = (
+            nn.BatchNorm1d(dim, affine=affine) if embed_norm in ("batch", "batch_affine") else nn.Identity()
+        )
         self.text_norm = nn.BatchNorm1d(dim, affine=affine) if embed_norm != "none" else nn.Identity()
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
@@ -50,7 +57,7 @@ class DualEncoder(nn.Module):
     def encode_texts(self, texts: list[str], device=None, batch_size: int = 64) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), batch_size):
-            tok = self.encode_text.tokenize(texts[i:i + batch_size], device)
+            tok = self.encode_text.tokenize(texts[i : i + batch_size], device)
             out.append(self.text_embeddings(**tok))
         return torch.cat(out) if out else torch.empty(0)
 

@@ -52,10 +52,18 @@ class I3ResNet(ResNet):
 
     def __init__(self, arch: ImageArch, embed_dim: int, n_classes: int = 0):
         super().__init__(
-            block=ResNetBottleneck if arch.block == "bottleneck" else ResNetBlock, layers=list(arch.layers),
-            block_inplanes=list(arch.inplanes), spatial_dims=3, n_input_channels=arch.in_channels,
-            conv1_t_size=arch.stem_kernel, conv1_t_stride=arch.stem_stride, no_max_pool=arch.no_max_pool,
-            shortcut_type="B", feed_forward=False, bias_downsample=False)
+            block=ResNetBottleneck if arch.block == "bottleneck" else ResNetBlock,
+            layers=list(arch.layers),
+            block_inplanes=list(arch.inplanes),
+            spatial_dims=3,
+            n_input_channels=arch.in_channels,
+            conv1_t_size=arch.stem_kernel,
+            conv1_t_stride=arch.stem_stride,
+            no_max_pool=arch.no_max_pool,
+            shortcut_type="B",
+            feed_forward=False,
+            bias_downsample=False,
+        )
         self.contrastive_head = nn.Conv3d(arch.feature_dim, embed_dim, kernel_size=1)
         self.classifier = nn.Conv3d(arch.feature_dim, n_classes, kernel_size=1) if n_classes else None
         self.gradient_checkpointing = False

@@ -3,7 +3,8 @@
 ``TextEncoder`` wraps any ``AutoModel`` (BERT-class by default; Longformer as in Merlin) with
 first-token pooling (Merlin's; or masked mean pooling, which a from-scratch encoder learns much
 faster with: its first-token output is nearly input-independent at initialisation, and a
-contrastive run stalled at log(batch) for 200 steps on it) and a linear projection to the joint space, under Merlin's names
+contrastive run stalled at log(batch) for 200 steps on it) and a linear projection to the joint space,
+under Merlin's names
 (``text_encoder``, ``linear_layer``). Offline, ``train_wordpiece`` learns a WordPiece
 vocabulary from the training reports (tokenised with ``tokenizers``) and builds a small BERT from a config, so
 nothing is downloaded. Text is normalised with Merlin's rule before tokenising.
@@ -11,8 +12,8 @@ nothing is downloaded. Text is normalised with Merlin's rule before tokenising.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -53,10 +54,18 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     tok.decoder = decoders.WordPiece()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
@@ -67,8 +76,15 @@ def build_small_text_model(tokenizer, hidden: int, layers: int, heads: int, max_
     """A small BERT built from a config (random init), saved beside its tokenizer."""
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=hidden * 4, max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = BertModel(cfg)
     model.save_pretrained(out_dir)
     return model
@@ -98,8 +114,13 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
 
     def tokenize(self, texts: list[str], device=None) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer([normalize_text(t) for t in texts], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            [normalize_text(t) for t in texts],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

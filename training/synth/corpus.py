@@ -123,11 +123,19 @@ def generate_study(args: tuple) -> dict:
     split = split_of(cfg.seed, index)
     few_shot = int(split == "train" and np.random.default_rng([cfg.seed, index, 9]).random() < 0.1)
     truth = {
-        "study id": sid, "split": split, "age": patient.age, "sex": patient.sex, "position": patient.position,
-        "normal": not patient.findings, "conditions": list(patient.conditions),
-        "spacing": list(grid.spacing), "shape": list(grid.shape),
-        "findings": {fid: {"severity": f.severity, "side": f.side, "reported": f.reported,
-                           "site_lps_mm": f.site} for fid, f in patient.findings.items()},
+        "study id": sid,
+        "split": split,
+        "age": patient.age,
+        "sex": patient.sex,
+        "position": patient.position,
+        "normal": not patient.findings,
+        "conditions": list(patient.conditions),
+        "spacing": list(grid.spacing),
+        "shape": list(grid.shape),
+        "findings": {
+            fid: {"severity": f.severity, "side": f.side, "reported": f.reported, "site_lps_mm": f.site}
+            for fid, f in patient.findings.items()
+        },
     }
     return {"id": sid, "report": text, "split": split, "few_shot": few_shot, "labels": labels, "truth": truth}
 
@@ -250,8 +258,11 @@ def generate_corpus(cfg: SynthConfig, progress: bool = True) -> dict:
     ids = load_catalogue().ids
     report_rows = [[r["id"], r["report"], r["split"], r["few_shot"]] for r in results]
     header = ["study id", "Findings", "Split", "Few Shot"]
-    _write_csv(out / "zero_shot_findings_disease_cls.csv", ["study id", *ids],
-               [[r["id"], *[r["labels"][f] for f in ids]] for r in results])
+    _write_csv(
+        out / "zero_shot_findings_disease_cls.csv",
+        ["study id", *ids],
+        [[r["id"], *[r["labels"][f] for f in ids]] for r in results],
+    )
     xlsx = _write_xlsx(out / "reports_final.xlsx", header, report_rows)
     with open(out / ".ground_truth.jsonl.tmp", "w", encoding="utf-8") as fh:
         for r in results:
@@ -261,18 +272,29 @@ def generate_corpus(cfg: SynthConfig, progress: bool = True) -> dict:
     _write_csv(out / "prevalence.csv", list(prev[0]), [list(p.values()) for p in prev])
     md = ["| finding | prevalence | labels 1 / 0 / -1 (all) | train 1 / 0 | test 1 / 0 |", "|---|---|---|---|---|"]
     for p in prev:
-        md.append(f"| {p['finding']} | {100 * p['prevalence']:.1f}% | {p['all_pos']} / {p['all_neg']} / "
-                  f"{p['all_unmentioned']} | {p['train_pos']} / {p['train_neg']} | {p['test_pos']} / {p['test_neg']} |")
+        md.append(
+            f"| {p['finding']} | {100 * p['prevalence']:.1f}% | {p['all_pos']} / {p['all_neg']} / "
+            f"{p['all_unmentioned']} | {p['train_pos']} / {p['train_neg']} | {p['test_pos']} / {p['test_neg']} |"
+        )
     normal = sum(r["truth"]["normal"] for r in results) / len(results)
-    md.append(f"\n{len(results)} studies; {100 * normal:.1f}% entirely normal; "
-              f"splits: " + ", ".join(f"{s} {sum(r['split'] == s for r in results)}" for s in SPLIT_FRACTIONS))
+    md.append(
+        f"\n{len(results)} studies; {100 * normal:.1f}% entirely normal; "
+        f"splits: " + ", ".join(f"{s} {sum(r['split'] == s for r in results)}" for s in SPLIT_FRACTIONS)
+    )
     (out / "prevalence.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     montage = write_montage(out, results, cfg.profile)
     # The reports table and corpus.json last: their presence marks a complete corpus.
     _write_csv(out / "reports_final.csv", header, report_rows)
-    summary = {"format": CORPUS_FORMAT, "generator": f"ct-zeroshot {__version__}", "config": asdict(cfg),
-               "studies": len(results), "normal_fraction": normal, "seconds": round(time.time() - t0, 1),
-               "xlsx": xlsx, "montage": str(montage) if montage else None}
+    summary = {
+        "format": CORPUS_FORMAT,
+        "generator": f"ct-zeroshot {__version__}",
+        "config": asdict(cfg),
+        "studies": len(results),
+        "normal_fraction": normal,
+        "seconds": round(time.time() - t0, 1),
+        "xlsx": xlsx,
+        "montage": str(montage) if montage else None,
+    }
     tmp = out / ".corpus.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     os.replace(tmp, out / "corpus.json")

@@ -47,15 +47,24 @@ def make_identity(study_id: str, seed: int, age: int, sex: str) -> SeriesIdentit
     birth = study_day - timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
     ent = [str(seed), study_id]
     return SeriesIdentity(
-        study_id=study_id, patient_name=f"SYNTHETIC^{study_id}", patient_id=f"SYN-{study_id}",
-        birth_date=birth.strftime("%Y%m%d"), sex=sex, age=age, study_date=study_day.strftime("%Y%m%d"),
+        study_id=study_id,
+        patient_name=f"SYNTHETIC^{study_id}",
+        patient_id=f"SYN-{study_id}",
+        birth_date=birth.strftime("%Y%m%d"),
+        sex=sex,
+        age=age,
+        study_date=study_day.strftime("%Y%m%d"),
         study_time=f"{int(rng.integers(7, 20)):02d}{int(rng.integers(0, 60)):02d}00",
-        study_uid=generate_uid(UID_PREFIX, ent + ["study"]), series_uid=generate_uid(UID_PREFIX, ent + ["series"]),
-        frame_uid=generate_uid(UID_PREFIX, ent + ["frame"]), accession=study_id[-16:])
+        study_uid=generate_uid(UID_PREFIX, ent + ["study"]),
+        series_uid=generate_uid(UID_PREFIX, ent + ["series"]),
+        frame_uid=generate_uid(UID_PREFIX, ent + ["frame"]),
+        accession=study_id[-16:],
+    )
 
 
-def write_ct_series(hu: np.ndarray, grid: Grid, out_dir: str | Path, ident: SeriesIdentity, position: str = "HFS",
-                    seed: int = 0) -> list[Path]:
+def write_ct_series(
+    hu: np.ndarray, grid: Grid, out_dir: str | Path, ident: SeriesIdentity, position: str = "HFS", seed: int = 0
+) -> list[Path]:
     """Write ``hu`` (indexed [x, y, z] in LPS on ``grid``) as a CT series; returns the file paths."""
     if position not in ("HFS", "FFS"):
         raise ValueError(f"position must be HFS or FFS, got {position!r}")

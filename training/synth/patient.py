@@ -17,35 +17,104 @@ import numpy as np
 
 # Baseline probability per finding for an "ordinary" adult, before latent-condition multipliers.
 BASE_RATE = {
-    "submucosal_edema": 0.015, "renal_hypodensities": 0.12, "aortic_valve_calcification": 0.03,
-    "coronary_calcification": 0.10, "thrombosis": 0.02, "metastatic_disease": 0.01,
-    "pancreatic_atrophy": 0.03, "renal_cyst": 0.14, "osteopenia": 0.08,
-    "surgically_absent_gallbladder": 0.10, "atelectasis": 0.16, "abdominal_aortic_aneurysm": 0.015,
-    "anasarca": 0.01, "hiatal_hernia": 0.08, "lymphadenopathy": 0.03, "prostatomegaly": 0.10,
-    "biliary_ductal_dilation": 0.04, "cardiomegaly": 0.03, "splenomegaly": 0.03, "hepatomegaly": 0.03,
-    "atherosclerosis": 0.18, "ascites": 0.02, "pleural_effusion": 0.04, "hepatic_steatosis": 0.14,
-    "appendicitis": 0.014, "gallstones": 0.09, "hydronephrosis": 0.05, "bowel_obstruction": 0.012,
-    "free_air": 0.014, "fracture": 0.04,
+    "submucosal_edema": 0.015,
+    "renal_hypodensities": 0.12,
+    "aortic_valve_calcification": 0.03,
+    "coronary_calcification": 0.10,
+    "thrombosis": 0.02,
+    "metastatic_disease": 0.01,
+    "pancreatic_atrophy": 0.03,
+    "renal_cyst": 0.14,
+    "osteopenia": 0.08,
+    "surgically_absent_gallbladder": 0.10,
+    "atelectasis": 0.16,
+    "abdominal_aortic_aneurysm": 0.015,
+    "anasarca": 0.01,
+    "hiatal_hernia": 0.08,
+    "lymphadenopathy": 0.03,
+    "prostatomegaly": 0.10,
+    "biliary_ductal_dilation": 0.04,
+    "cardiomegaly": 0.03,
+    "splenomegaly": 0.03,
+    "hepatomegaly": 0.03,
+    "atherosclerosis": 0.18,
+    "ascites": 0.02,
+    "pleural_effusion": 0.04,
+    "hepatic_steatosis": 0.14,
+    "appendicitis": 0.014,
+    "gallstones": 0.09,
+    "hydronephrosis": 0.05,
+    "bowel_obstruction": 0.012,
+    "free_air": 0.014,
+    "fracture": 0.04,
 }
 
 # Multipliers applied when a latent condition is present.
 CONDITIONS = {
-    "liver_disease": (0.08, {"hepatic_steatosis": 3.0, "hepatomegaly": 8.0, "splenomegaly": 8.0, "ascites": 7.0,
-                             "thrombosis": 4.0, "submucosal_edema": 3.0, "biliary_ductal_dilation": 1.5}),
-    "malignancy": (0.09, {"metastatic_disease": 60.0, "lymphadenopathy": 8.0, "ascites": 5.0, "pleural_effusion": 4.0,
-                          "thrombosis": 4.0, "biliary_ductal_dilation": 3.0, "hydronephrosis": 2.0, "fracture": 1.5}),
-    "fluid_overload": (0.05, {"anasarca": 40.0, "pleural_effusion": 9.0, "ascites": 8.0, "cardiomegaly": 8.0,
-                              "atelectasis": 2.0, "submucosal_edema": 3.0}),
-    "acute_abdomen": (0.07, {"bowel_obstruction": 25.0, "free_air": 14.0, "appendicitis": 20.0,
-                             "submucosal_edema": 8.0, "atelectasis": 1.5}),
+    "liver_disease": (
+        0.08,
+        {
+            "hepatic_steatosis": 3.0,
+            "hepatomegaly": 8.0,
+            "splenomegaly": 8.0,
+            "ascites": 7.0,
+            "thrombosis": 4.0,
+            "submucosal_edema": 3.0,
+            "biliary_ductal_dilation": 1.5,
+        },
+    ),
+    "malignancy": (
+        0.09,
+        {
+            "metastatic_disease": 60.0,
+            "lymphadenopathy": 8.0,
+            "ascites": 5.0,
+            "pleural_effusion": 4.0,
+            "thrombosis": 4.0,
+            "biliary_ductal_dilation": 3.0,
+            "hydronephrosis": 2.0,
+            "fracture": 1.5,
+        },
+    ),
+    "fluid_overload": (
+        0.05,
+        {
+            "anasarca": 40.0,
+            "pleural_effusion": 9.0,
+            "ascites": 8.0,
+            "cardiomegaly": 8.0,
+            "atelectasis": 2.0,
+            "submucosal_edema": 3.0,
+        },
+    ),
+    "acute_abdomen": (
+        0.07,
+        {
+            "bowel_obstruction": 25.0,
+            "free_air": 14.0,
+            "appendicitis": 20.0,
+            "submucosal_edema": 8.0,
+            "atelectasis": 1.5,
+        },
+    ),
 }
 
 # Findings whose probability rises with age (multiplier at 85 years relative to 55 years).
 AGE_EFFECT = {
-    "atherosclerosis": 3.0, "coronary_calcification": 3.5, "aortic_valve_calcification": 5.0,
-    "abdominal_aortic_aneurysm": 5.0, "osteopenia": 4.0, "fracture": 3.0, "renal_cyst": 2.5,
-    "renal_hypodensities": 1.8, "prostatomegaly": 3.0, "cardiomegaly": 2.5, "hiatal_hernia": 2.0,
-    "pancreatic_atrophy": 3.0, "surgically_absent_gallbladder": 1.8, "gallstones": 1.5,
+    "atherosclerosis": 3.0,
+    "coronary_calcification": 3.5,
+    "aortic_valve_calcification": 5.0,
+    "abdominal_aortic_aneurysm": 5.0,
+    "osteopenia": 4.0,
+    "fracture": 3.0,
+    "renal_cyst": 2.5,
+    "renal_hypodensities": 1.8,
+    "prostatomegaly": 3.0,
+    "cardiomegaly": 2.5,
+    "hiatal_hernia": 2.0,
+    "pancreatic_atrophy": 3.0,
+    "surgically_absent_gallbladder": 1.8,
+    "gallstones": 1.5,
 }
 
 SEVERITIES = ("mild", "moderate", "severe")
@@ -81,8 +150,13 @@ def _age(rng: np.random.Generator) -> int:
     return int(np.clip(round(18 + 74 * rng.beta(2.6, 2.0)), 18, 95))
 
 
-def sample_patient(rng: np.random.Generator, index: int, normal_fraction: float = 0.12,
-                   ffs_fraction: float = 0.15, unreported_rate: float = 0.03) -> Patient:
+def sample_patient(
+    rng: np.random.Generator,
+    index: int,
+    normal_fraction: float = 0.12,
+    ffs_fraction: float = 0.15,
+    unreported_rate: float = 0.03,
+) -> Patient:
     """Draw one patient. ``rng`` should be seeded per study so studies are order-independent."""
     age = _age(rng)
     sex = "M" if rng.random() < 0.5 else "F"

@@ -12,8 +12,8 @@ primitives are deliberately few (ellipsoids, swept ellipses/annuli, chains of sp
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -86,8 +86,9 @@ class Canvas:
             mask &= (xi * xi + yi * yi + zi * zi) > 1.0
         self._apply(sl, mask, label, where)
 
-    def sweep(self, z_lo: float, z_hi: float, section: Callable[[float], tuple | None], label: int,
-              where: Where = None) -> None:
+    def sweep(
+        self, z_lo: float, z_hi: float, section: Callable[[float], tuple | None], label: int, where: Where = None
+    ) -> None:
         """Paint, slice by slice, the 2D shape ``section(z)`` returns.
 
         ``section(z)`` returns ``(cx, cy, rx, ry)`` for a filled ellipse, ``(cx, cy, rx, ry, t)``

@@ -34,73 +34,153 @@ HEADERS = {
     "musculoskeletal": ["Musculoskeletal", "Bones", "Osseous structures", "MUSCULOSKELETAL"],
 }
 PELVIC_SPLIT = {"M": ["Bladder", "Prostate and seminal vesicles"], "F": ["Bladder", "Uterus and ovaries"]}
-ORDER = ["lower thorax", "liver", "gallbladder", "spleen", "pancreas", "adrenal glands", "kidneys", "bowel",
-         "peritoneum", "abdominal wall", "pelvic", "circulatory", "lymph nodes", "musculoskeletal"]
+ORDER = [
+    "lower thorax",
+    "liver",
+    "gallbladder",
+    "spleen",
+    "pancreas",
+    "adrenal glands",
+    "kidneys",
+    "bowel",
+    "peritoneum",
+    "abdominal wall",
+    "pelvic",
+    "circulatory",
+    "lymph nodes",
+    "musculoskeletal",
+]
 NORMAL_STATEMENTS = ["Normal.", "Unremarkable.", "Within normal limits.", "Normal in appearance.", "Normal."]
 
 # Where each finding's sentence goes (the section of its text, not always its catalogue section).
 REPORT_SECTION = {
-    "aortic_valve_calcification": "lower thorax", "coronary_calcification": "lower thorax",
-    "cardiomegaly": "lower thorax", "atelectasis": "lower thorax", "pleural_effusion": "lower thorax",
-    "hiatal_hernia": "lower thorax", "hepatic_steatosis": "liver", "hepatomegaly": "liver",
-    "biliary_ductal_dilation": "liver", "metastatic_disease": "liver", "gallstones": "gallbladder",
-    "surgically_absent_gallbladder": "gallbladder", "splenomegaly": "spleen", "pancreatic_atrophy": "pancreas",
-    "renal_cyst": "kidneys", "renal_hypodensities": "kidneys", "hydronephrosis": "kidneys",
-    "bowel_obstruction": "bowel", "submucosal_edema": "bowel", "appendicitis": "bowel",
-    "ascites": "peritoneum", "free_air": "peritoneum", "anasarca": "abdominal wall", "prostatomegaly": "pelvic",
-    "thrombosis": "circulatory", "abdominal_aortic_aneurysm": "circulatory", "atherosclerosis": "circulatory",
-    "lymphadenopathy": "lymph nodes", "osteopenia": "musculoskeletal", "fracture": "musculoskeletal",
+    "aortic_valve_calcification": "lower thorax",
+    "coronary_calcification": "lower thorax",
+    "cardiomegaly": "lower thorax",
+    "atelectasis": "lower thorax",
+    "pleural_effusion": "lower thorax",
+    "hiatal_hernia": "lower thorax",
+    "hepatic_steatosis": "liver",
+    "hepatomegaly": "liver",
+    "biliary_ductal_dilation": "liver",
+    "metastatic_disease": "liver",
+    "gallstones": "gallbladder",
+    "surgically_absent_gallbladder": "gallbladder",
+    "splenomegaly": "spleen",
+    "pancreatic_atrophy": "pancreas",
+    "renal_cyst": "kidneys",
+    "renal_hypodensities": "kidneys",
+    "hydronephrosis": "kidneys",
+    "bowel_obstruction": "bowel",
+    "submucosal_edema": "bowel",
+    "appendicitis": "bowel",
+    "ascites": "peritoneum",
+    "free_air": "peritoneum",
+    "anasarca": "abdominal wall",
+    "prostatomegaly": "pelvic",
+    "thrombosis": "circulatory",
+    "abdominal_aortic_aneurysm": "circulatory",
+    "atherosclerosis": "circulatory",
+    "lymphadenopathy": "lymph nodes",
+    "osteopenia": "musculoskeletal",
+    "fracture": "musculoskeletal",
 }
 
 SIZE = {"mild": "small", "moderate": "moderate", "severe": "large"}
 
 # {sev}: mild/moderate/severe; {size}: small/moderate/large; {side}: left/right/bilateral.
 POSITIVE = {
-    "submucosal_edema": ["{Sev} diffuse submucosal edema of the colon.", "There is submucosal edema of the colonic wall.",
-                         "Colonic wall thickening with {sev} submucosal edema."],
-    "renal_hypodensities": ["Subcentimeter hypodensities in the {side} kidney, too small to characterize.",
-                            "Multiple {side} renal hypodensities.", "Small hypodensities in the {side} kidney."],
+    "submucosal_edema": [
+        "{Sev} diffuse submucosal edema of the colon.",
+        "There is submucosal edema of the colonic wall.",
+        "Colonic wall thickening with {sev} submucosal edema.",
+    ],
+    "renal_hypodensities": [
+        "Subcentimeter hypodensities in the {side} kidney, too small to characterize.",
+        "Multiple {side} renal hypodensities.",
+        "Small hypodensities in the {side} kidney.",
+    ],
     "aortic_valve_calcification": ["Aortic valve calcification.", "{Sev} aortic valvular calcification."],
-    "coronary_calcification": ["{Sev} coronary calcification.", "Coronary artery calcifications are present.",
-                               "There is {sev} coronary artery calcification."],
-    "thrombosis": ["There is thrombosis with a filling defect in the vessel.", "Partial thrombosis is present.",
-                   "Filling defect consistent with venous thrombosis."],
-    "metastatic_disease": ["Multiple hypodense hepatic lesions, consistent with metastatic disease.",
-                           "Innumerable liver lesions concerning for metastatic disease."],
+    "coronary_calcification": [
+        "{Sev} coronary calcification.",
+        "Coronary artery calcifications are present.",
+        "There is {sev} coronary artery calcification.",
+    ],
+    "thrombosis": [
+        "There is thrombosis with a filling defect in the vessel.",
+        "Partial thrombosis is present.",
+        "Filling defect consistent with venous thrombosis.",
+    ],
+    "metastatic_disease": [
+        "Multiple hypodense hepatic lesions, consistent with metastatic disease.",
+        "Innumerable liver lesions concerning for metastatic disease.",
+    ],
     "pancreatic_atrophy": ["{Sev} pancreatic parenchymal atrophy.", "The pancreas is atrophic."],
-    "renal_cyst": ["{Size} {side} renal cyst.", "Simple cyst in the {side} kidney measuring up to {mm} mm.",
-                   "{Side} renal cyst."],
+    "renal_cyst": [
+        "{Size} {side} renal cyst.",
+        "Simple cyst in the {side} kidney measuring up to {mm} mm.",
+        "{Side} renal cyst.",
+    ],
     "osteopenia": ["{Sev} diffuse osteopenia.", "Osteopenia.", "Diffuse osteopenia of the visualized bones."],
-    "surgically_absent_gallbladder": ["Surgically absent.", "Status post cholecystectomy.",
-                                      "The gallbladder is surgically absent."],
-    "atelectasis": ["{Side} lower lobe atelectasis.", "{Sev} bibasilar atelectasis.", "Dependent atelectasis at the {side} lung base."],
-    "abdominal_aortic_aneurysm": ["Infrarenal abdominal aortic aneurysm measuring {mm} mm.",
-                                  "Abdominal aortic aneurysm with mural thrombus, maximal diameter {mm} mm."],
+    "surgically_absent_gallbladder": [
+        "Surgically absent.",
+        "Status post cholecystectomy.",
+        "The gallbladder is surgically absent.",
+    ],
+    "atelectasis": [
+        "{Side} lower lobe atelectasis.",
+        "{Sev} bibasilar atelectasis.",
+        "Dependent atelectasis at the {side} lung base.",
+    ],
+    "abdominal_aortic_aneurysm": [
+        "Infrarenal abdominal aortic aneurysm measuring {mm} mm.",
+        "Abdominal aortic aneurysm with mural thrombus, maximal diameter {mm} mm.",
+    ],
     "anasarca": ["Anasarca.", "Diffuse subcutaneous edema compatible with anasarca."],
     "hiatal_hernia": ["{Size} hiatal hernia.", "There is a {size} sliding hiatal hernia."],
-    "lymphadenopathy": ["Retroperitoneal lymphadenopathy, largest node {mm} mm.", "Mesenteric and retroperitoneal lymphadenopathy.",
-                        "Enlarged lymph nodes consistent with lymphadenopathy."],
+    "lymphadenopathy": [
+        "Retroperitoneal lymphadenopathy, largest node {mm} mm.",
+        "Mesenteric and retroperitoneal lymphadenopathy.",
+        "Enlarged lymph nodes consistent with lymphadenopathy.",
+    ],
     "prostatomegaly": ["{Sev} prostatomegaly.", "The prostate is enlarged."],
-    "biliary_ductal_dilation": ["{Sev} intrahepatic and extrahepatic biliary ductal dilation.",
-                                "{Sev} biliary ductal dilation."],
+    "biliary_ductal_dilation": [
+        "{Sev} intrahepatic and extrahepatic biliary ductal dilation.",
+        "{Sev} biliary ductal dilation.",
+    ],
     "cardiomegaly": ["{Sev} cardiomegaly.", "The heart is enlarged."],
     "splenomegaly": ["{Sev} splenomegaly.", "The spleen is enlarged, measuring {mm} mm craniocaudally."],
     "hepatomegaly": ["{Sev} hepatomegaly.", "The liver is enlarged."],
-    "atherosclerosis": ["{Sev} atherosclerosis of the aorta and iliac arteries.", "Atherosclerotic calcifications of the aorta.",
-                        "{Sev} atherosclerosis."],
+    "atherosclerosis": [
+        "{Sev} atherosclerosis of the aorta and iliac arteries.",
+        "Atherosclerotic calcifications of the aorta.",
+        "{Sev} atherosclerosis.",
+    ],
     "ascites": ["{Size} volume ascites.", "There is {size} volume ascites throughout the abdomen and pelvis."],
     "pleural_effusion": ["{Size} {side} pleural effusion.", "{Side} pleural effusion."],
-    "hepatic_steatosis": ["{Sev} hepatic steatosis.", "Diffusely decreased hepatic attenuation consistent with {sev} steatosis."],
-    "appendicitis": ["The appendix is dilated to {mm} mm with periappendiceal fat stranding, consistent with acute appendicitis.",
-                     "Findings consistent with acute appendicitis."],
-    "gallstones": ["Gallstones present without evidence of cholecystitis.", "Cholelithiasis.",
-                   "Multiple dense gallstones in the gallbladder."],
+    "hepatic_steatosis": [
+        "{Sev} hepatic steatosis.",
+        "Diffusely decreased hepatic attenuation consistent with {sev} steatosis.",
+    ],
+    "appendicitis": [
+        "The appendix is dilated to {mm} mm with periappendiceal fat stranding, consistent with acute appendicitis.",
+        "Findings consistent with acute appendicitis.",
+    ],
+    "gallstones": [
+        "Gallstones present without evidence of cholecystitis.",
+        "Cholelithiasis.",
+        "Multiple dense gallstones in the gallbladder.",
+    ],
     "hydronephrosis": ["{Sev} {side} hydronephrosis.", "{Side} hydronephrosis and hydroureter."],
-    "bowel_obstruction": ["Dilated fluid-filled small bowel loops with air-fluid levels, compatible with small bowel obstruction.",
-                          "{Sev} small bowel obstruction."],
+    "bowel_obstruction": [
+        "Dilated fluid-filled small bowel loops with air-fluid levels, compatible with small bowel obstruction.",
+        "{Sev} small bowel obstruction.",
+    ],
     "free_air": ["There is free air in the anterior abdomen.", "Foci of free intraperitoneal air."],
-    "fracture": ["Compression fracture of a lower thoracic vertebral body with {pct}% height loss.",
-                 "Vertebral compression fracture."],
+    "fracture": [
+        "Compression fracture of a lower thoracic vertebral body with {pct}% height loss.",
+        "Vertebral compression fracture.",
+    ],
 }
 
 NEGATIVE = {
@@ -120,7 +200,10 @@ NEGATIVE = {
     "hiatal_hernia": ["No hiatal hernia."],
     "lymphadenopathy": ["No lymphadenopathy.", "No enlarged lymph nodes."],
     "prostatomegaly": ["No prostatomegaly.", "The prostate is normal in size."],
-    "biliary_ductal_dilation": ["No biliary ductal dilation.", "No intrahepatic or extrahepatic biliary ductal dilation."],
+    "biliary_ductal_dilation": [
+        "No biliary ductal dilation.",
+        "No intrahepatic or extrahepatic biliary ductal dilation.",
+    ],
     "cardiomegaly": ["No cardiomegaly.", "The heart is normal in size."],
     "splenomegaly": ["No splenomegaly.", "The spleen is normal in size."],
     "hepatomegaly": ["No hepatomegaly.", "The liver is normal in size."],
@@ -138,30 +221,72 @@ NEGATIVE = {
 
 # Extra, label-neutral sentences that real reports carry.
 FILLER = {
-    "liver": ["Patent portal and hepatic veins."], "kidneys": ["Symmetric enhancement."],
-    "bowel": ["Normal caliber bowel loops."], "circulatory": ["Patent major vessels."],
-    "musculoskeletal": ["Degenerative changes of the lumbar spine."], "adrenal glands": ["No adrenal nodules."],
+    "liver": ["Patent portal and hepatic veins."],
+    "kidneys": ["Symmetric enhancement."],
+    "bowel": ["Normal caliber bowel loops."],
+    "circulatory": ["Patent major vessels."],
+    "musculoskeletal": ["Degenerative changes of the lumbar spine."],
+    "adrenal glands": ["No adrenal nodules."],
 }
 
 # Order of the impression: acute findings first.
-IMPRESSION_ORDER = ["free_air", "bowel_obstruction", "appendicitis", "thrombosis", "metastatic_disease",
-                    "abdominal_aortic_aneurysm", "hydronephrosis", "biliary_ductal_dilation", "ascites", "fracture",
-                    "submucosal_edema", "pleural_effusion", "lymphadenopathy", "splenomegaly", "hepatomegaly",
-                    "cardiomegaly", "anasarca", "hepatic_steatosis", "gallstones", "pancreatic_atrophy", "hiatal_hernia",
-                    "prostatomegaly", "renal_cyst", "osteopenia", "atelectasis", "coronary_calcification",
-                    "aortic_valve_calcification", "atherosclerosis", "renal_hypodensities", "surgically_absent_gallbladder"]
+IMPRESSION_ORDER = [
+    "free_air",
+    "bowel_obstruction",
+    "appendicitis",
+    "thrombosis",
+    "metastatic_disease",
+    "abdominal_aortic_aneurysm",
+    "hydronephrosis",
+    "biliary_ductal_dilation",
+    "ascites",
+    "fracture",
+    "submucosal_edema",
+    "pleural_effusion",
+    "lymphadenopathy",
+    "splenomegaly",
+    "hepatomegaly",
+    "cardiomegaly",
+    "anasarca",
+    "hepatic_steatosis",
+    "gallstones",
+    "pancreatic_atrophy",
+    "hiatal_hernia",
+    "prostatomegaly",
+    "renal_cyst",
+    "osteopenia",
+    "atelectasis",
+    "coronary_calcification",
+    "aortic_valve_calcification",
+    "atherosclerosis",
+    "renal_hypodensities",
+    "surgically_absent_gallbladder",
+]
 
 
 def _fill(template: str, f, rng: np.random.Generator) -> str:
     sev, side = f.severity, f.side or "bilateral"
     mm = {"mild": rng.integers(12, 25), "moderate": rng.integers(25, 40), "severe": rng.integers(40, 65)}[sev]
-    text = template.format(sev=sev, Sev=sev.capitalize(), size=SIZE[sev], Size=SIZE[sev].capitalize(),
-                           side=side, Side=side.capitalize(), mm=int(mm), pct={"mild": 35, "moderate": 50, "severe": 65}[sev])
+    text = template.format(
+        sev=sev,
+        Sev=sev.capitalize(),
+        size=SIZE[sev],
+        Size=SIZE[sev].capitalize(),
+        side=side,
+        Side=side.capitalize(),
+        mm=int(mm),
+        pct={"mild": 35, "moderate": 50, "severe": 65}[sev],
+    )
     return text[0].upper() + text[1:]
 
 
-def write_report(patient: Patient, rng: np.random.Generator, negation_rate: float = 0.45,
-                 quiet_rate: float = 0.5, omit_section_rate: float = 0.04) -> tuple[str, dict[str, int]]:
+def write_report(
+    patient: Patient,
+    rng: np.random.Generator,
+    negation_rate: float = 0.45,
+    quiet_rate: float = 0.5,
+    omit_section_rate: float = 0.04,
+) -> tuple[str, dict[str, int]]:
     """Return (findings text, labels {finding id: 1 / 0 / -1}) for ``patient``."""
     ids = load_catalogue().ids
     labels = {fid: -1 for fid in ids}
@@ -220,8 +345,13 @@ def write_report(patient: Patient, rng: np.random.Generator, negation_rate: floa
         impression.append("No evidence of metastatic disease.")
         labels["metastatic_disease"] = 0
     if not impression:
-        impression = [str(rng.choice(["No acute abnormality in the abdomen or pelvis.",
-                                      "No acute intra-abdominal or pelvic process."]))]
+        impression = [
+            str(
+                rng.choice(
+                    ["No acute abnormality in the abdomen or pelvis.", "No acute intra-abdominal or pelvic process."]
+                )
+            )
+        ]
     parts.append("IMPRESSION: " + " ".join(f"{i}. {s}" for i, s in enumerate(impression, 1)))
     sep = "\n" if rng.random() < 0.5 else " "
     return sep.join(parts), labels

@@ -1,0 +1,148 @@
+"""The seed paper's arms and the study presets that choose among them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, TrainConfig
+
+SUBSET_FRACTION = 4362 / 15331  # the paper's subset of Merlin's training split
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    label: str
+    sampler: dict  # sampler.* overrides (the subset fraction is filled in from the preset)
+    paper: str  # the paper's macro F1 (%) as published
+    compare_to: str  # the arm the paper compares this one with ("" for the baseline)
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("random", "full data, random sampling (baseline)", {"kind": "random"}, "74.45", ""),
+    Arm(
+        "balanced-25-75",
+        "full data, section-balanced 25:75",
+        {"kind": "balanced", "ratio": "25:75"},
+        "71.65-72.02",
+        "random",
+    ),
+    Arm(
+        "balanced-50-50",
+        "full data, section-balanced 50:50",
+        {"kind": "balanced", "ratio": "50:50"},
+        "71.65-72.02",
+        "random",
+    ),
+    Arm(
+        "balanced-75-25", "full data, section-balanced 75:25", {"kind": "balanced", "ratio": "75:25"}, "72.02", "random"
+    ),
+    Arm(
+        "subset-20",
+        "subset, 20 %, random",
+        {"kind": "random", "subset": True, "data_fraction": 0.2},
+        "65.26",
+        "subset-100",
+    ),
+    Arm(
+        "subset-40",
+        "subset, 40 %, random",
+        {"kind": "random", "subset": True, "data_fraction": 0.4},
+        "not published",
+        "subset-100",
+    ),
+    Arm(
+        "subset-100",
+        "subset, 100 %, random",
+        {"kind": "random", "subset": True, "data_fraction": 1.0},
+        "71.88",
+        "random",
+    ),
+    Arm(
+        "subset-100-balanced-50-50",
+        "subset, 100 %, section-balanced 50:50",
+        {"kind": "balanced", "ratio": "50:50", "subset": True, "data_fraction": 1.0},
+        "68.01",
+        "subset-100",
+    ),
+)
+ARM_BY_NAME = {a.name: a for a in ARMS}
+SCALING_ARMS = ("subset-20", "subset-40", "subset-100")
+
+
+@dataclass
+class StudyPreset:
+    name: str = "custom"
+    description: str = ""
+    train_preset: str = "cpu-tiny"
+    overrides: list = field(default_factory=list)  # applied to every arm's training config
+    seeds: int = 3
+    jobs: int = 1  # runs at a time
+    threads: int = 0  # torch threads per run (0: torch's default)
+    subset_fraction: float = SUBSET_FRACTION
+    split: str = "test"
+    occlusion: list = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5])
+    bootstrap: int = 1000
+    arms: list = field(default_factory=lambda: [a.name for a in ARMS])
+
+    @classmethod
+    def available(cls) -> list[str]:
+        folder = resources.files("training").joinpath("presets", "study")
+        return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+    @classmethod
+    def load(cls, name: str) -> StudyPreset:
+        path = Path(name)
+        if path.suffix in (".yaml", ".yml") and path.exists():
+            text = path.read_text()
+        else:
+            f = resources.files("training").joinpath("presets", "study", f"{name}.yaml")
+            if not f.is_file():
+                raise ConfigError(f"study preset {name!r} does not exist; available: {', '.join(cls.available())}")
+            text = f.read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"study preset {name!r}: expected a mapping")
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ConfigError(f"study preset {name!r}: unknown key(s) {sorted(unknown)}")
+        data.setdefault("name", path.stem if path.suffix in (".yaml", ".yml") else name)
+        preset = cls(**data)
+        preset.validate()
+        return preset
+
+    def validate(self) -> None:
+        bad = [a for a in self.arms if a not in ARM_BY_NAME]
+        if bad:
+            raise ConfigError(f"study arms {bad} do not exist; known: {list(ARM_BY_NAME)}")
+        if "random" not in self.arms:
+            raise ConfigError("a study needs the baseline arm 'random'")
+        if self.seeds < 1 or self.jobs < 1 or self.bootstrap < 0:
+            raise ConfigError("seeds and jobs must be >= 1 and bootstrap >= 0")
+        if not 0 < self.subset_fraction <= 1:
+            raise ConfigError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
+        for a in self.arms:  # every arm's config must load (a bad override is named here, not an hour in)
+            self.train_config(ARM_BY_NAME[a], 0)
+
+    def train_config(self, arm: Arm, seed: int) -> TrainConfig:
+        s = dict(arm.sampler)
+        sub = s.pop("subset", False)
+        over = [f"sampler.{k}={v}" for k, v in s.items()]
+        over.append(f"sampler.subset_fraction={self.subset_fraction if sub else 1.0}")
+        # Arms differ only in the sampler: steps, LR schedule and alternation come from the preset.
+        return TrainConfig.load(self.train_preset, list(self.overrides) + over + [f"train.seed={seed}"])
+
+    def digest_fields(self) -> dict:
+        d = asdict(self)
+        d.pop("seeds")  # more seeds may be added to a study on --resume
+        d.pop("jobs")
+        d.pop("threads")
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Running

@@ -1,0 +1,209 @@
+"""Running the arm x seed grid: one training run per job, resumable, ``jobs`` at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..files import write_json
+from .arms import ARM_BY_NAME, StudyPreset
+from .report import aggregate, finished_run, run_dir
+
+
+def _rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _run_one(job: dict) -> dict:
+    """One arm x seed: train (or resume), evaluate on the split, write ``study_run.json`` last."""
+    import torch
+    import transformers
+
+    from ..evaluate_run import evaluate_run
+    from ..train import train
+
+    transformers.utils.logging.disable_progress_bar()  # one study bar, not one per checkpoint load
+    transformers.utils.logging.set_verbosity_error()
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    rank, world = _rank()
+    rd = Path(job["run"])
+    preset = StudyPreset(**job["preset"])
+    cfg = preset.train_config(ARM_BY_NAME[job["arm"]], job["seed"])
+    t0 = time.time()
+    try:
+        summary = train(job["data"], rd, cfg, cache_dir=job["cache"], progress=False)
+        t1 = time.time()
+        if rank == 0:  # under torchrun every rank trains; rank 0 evaluates and records
+            evaluate_run(
+                rd,
+                job["data"],
+                split=preset.split,
+                checkpoint="best",
+                cache_dir=job["cache"],
+                progress=False,
+                occlusion_levels=tuple(preset.occlusion),
+            )
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            return {"arm": job["arm"], "seed": job["seed"], "rank": rank}
+        metrics = json.loads((rd / "metrics.json").read_text())
+    except Exception as exc:  # one failed run never stops the study
+        rd.mkdir(parents=True, exist_ok=True)
+        (rd / "error.txt").write_text(traceback.format_exc())
+        return {"arm": job["arm"], "seed": job["seed"], "error": f"{type(exc).__name__}: {exc}"}
+    info = {
+        "arm": job["arm"],
+        "seed": job["seed"],
+        "config_digest": cfg.digest(),
+        "train_seconds": round(t1 - t0, 1),
+        "eval_seconds": round(time.time() - t1, 1),
+        "macro_f1": metrics["zero_shot"]["macro_f1"],
+        "best_step": summary["best"]["step"],
+        "pool_size": summary["pool_size"],
+        "sampler_shortfall": summary["sampler_shortfall"],
+    }
+    (rd / "error.txt").unlink(missing_ok=True)
+    write_json(rd / "study_run.json", info)
+    return info
+
+
+def run_study(
+    preset: StudyPreset,
+    data: str | Path,
+    out: str | Path,
+    seeds: int | None = None,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    jobs: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) every arm x seed, then aggregate. Returns the study record."""
+    from tqdm import tqdm
+
+    from ..cache import VolumeCache
+    from ..data import load_studies
+    from ..runs import default_cache_dir
+
+    out = Path(out)
+    data = Path(data).resolve()
+    seeds = seeds or preset.seeds
+    jobs = jobs or preset.jobs
+    record_path = out / "study.json"
+    record = {"preset": preset.name, "preset_fields": preset.digest_fields(), "data": str(data)}
+    main = _rank()[0] == 0
+    if _rank()[1] > 1:
+        jobs = 1  # under torchrun: one run at a time across all ranks
+    if main and record_path.exists():  # rank 0 owns the study folder and its checks
+        prev = json.loads(record_path.read_text())
+        if not resume:
+            raise FileExistsError(f"{out}: holds a study already; pass --resume to continue it or use a new --out")
+        if prev.get("preset_fields") != record["preset_fields"] or prev.get("data") != record["data"]:
+            raise ValueError(f"{out}: holds a study with a different preset or data set; use a new --out")
+        record = prev
+    elif main and out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out}: exists and is not empty; use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    record["seeds"] = seeds
+    record.setdefault("sessions", [])
+    if main:
+        write_json(record_path, record)
+
+    studies = load_studies(data)
+    if preset.split not in {s.split for s in studies}:
+        raise ValueError(f"{data}: no studies in split {preset.split!r}")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    # Build the preprocessed-volume cache once here, so that parallel runs only read it.
+    spec = preset.train_config(ARM_BY_NAME["random"], 0).spec
+    if main:
+        VolumeCache(cache, spec).build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
+
+    todo, done = [], 0
+    for arm_name in preset.arms:
+        arm = ARM_BY_NAME[arm_name]
+        for seed in range(seeds):
+            cfg = preset.train_config(arm, seed)
+            rd = run_dir(out, arm.name, seed)
+            if finished_run(rd, cfg.digest()):
+                done += 1
+                continue
+            if (rd / "config.yaml").exists() and TrainConfig.load(str(rd / "config.yaml")).digest() != cfg.digest():
+                raise ValueError(f"{rd}: holds a run with a different config; remove it or use a new --out")
+            todo.append(
+                {
+                    "arm": arm.name,
+                    "seed": seed,
+                    "run": str(rd),
+                    "data": str(data),
+                    "cache": str(cache),
+                    "preset": asdict(preset),
+                    "threads": preset.threads,
+                }
+            )
+    total = done + len(todo)
+    progress = progress and main
+    if progress:
+        print(
+            f"study {preset.name}: {len(preset.arms)} arms x {seeds} seeds = {total} runs; {done} finished before, "
+            f"{len(todo)} to run, {jobs} at a time",
+            flush=True,
+        )
+    t0 = time.time()
+    failures = []
+    bar = tqdm(total=total, initial=done, desc="study", unit="run", disable=not progress)
+
+    def report(info: dict) -> None:
+        if "rank" in info:
+            return
+        if "error" in info:
+            failures.append(info)
+            bar.write(f"  FAILED {info['arm']} seed {info['seed']}: {info['error']} (see its error.txt)")
+        else:
+            bar.write(
+                f"  {info['arm']:28s} seed {info['seed']}: test macro F1 {info['macro_f1']:.4f} "
+                f"(train {info['train_seconds']:.0f} s, eval {info['eval_seconds']:.0f} s)"
+            )
+        bar.update()
+
+    if jobs == 1 or len(todo) <= 1:
+        for job in todo:
+            report(_run_one(job))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            for fut in as_completed([pool.submit(_run_one, j) for j in todo]):
+                report(fut.result())
+    bar.close()
+    if not main:
+        return record
+    record["sessions"].append(
+        {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+            "runs": len(todo),
+            "jobs": jobs,
+            "threads": preset.threads,
+            "seconds": round(time.time() - t0, 1),
+        }
+    )
+    record["failures"] = failures
+    write_json(record_path, record)
+    aggregate(preset, out, seeds, record, progress=progress)
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} run(s) failed: "
+            + "; ".join(f"{f['arm']} seed {f['seed']}: {f['error']}" for f in failures)
+        )
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregating
