@@ -29,6 +29,7 @@ from .pipeline import Preprocessor, StudyWork, run_study, sr_filename
 
 log = logging.getLogger("ct-zeroshot")
 
+NOT_ASSESSED = "not assessed"  # the decision column of a finding the package cannot assess
 _WORKER: dict = {}
 
 
@@ -69,9 +70,10 @@ def summary_row(work: StudyWork) -> dict:
         "seconds": round(work.timings.get("total_s", 0.0), 3),
     }
     if work.findings is not None:
-        for fid, p, present in zip(work.findings.ids, work.findings.probabilities, work.findings.present):
+        f = work.findings
+        for fid, p, present, assessed in zip(f.ids, f.probabilities, f.present, f.assessed):
             row[f"{fid}.probability"] = round(float(p), 6)
-            row[f"{fid}.present"] = int(bool(present))
+            row[f"{fid}.present"] = int(bool(present)) if assessed else NOT_ASSESSED
     return row
 
 

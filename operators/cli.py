@@ -99,6 +99,7 @@ def _report(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.sr}: no SR files")
     labels = _labels(args.labels)
     names = {f.id: f.display for f in load_catalogue()}
+    called = truly = not_assessed = 0
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         study = str(ds.get("AccessionNumber", "") or ds.StudyInstanceUID)
@@ -106,14 +107,20 @@ def _report(args: argparse.Namespace) -> int:
         print(f"\n{path.name}\n  study {ds.StudyInstanceUID} (accession {study})")
         print(f"  {'finding':32s} {'prob.':>6s}  {'decision':8s} {'truth' if labels else ''}")
         for fid, v in read_findings(path).items():
+            called += int(v["present"])
+            truly += int(truth.get(fid) == 1)
+            not_assessed += int(not v["assessed"])
             if args.present_only and not v["present"] and truth.get(fid) != 1:
                 continue
             t = {1: "present", 0: "absent", -1: "-"}.get(truth.get(fid, 2), "") if labels else ""
-            mark = "" if not t or t == "-" or (t == "present") == v["present"] else "  x"
-            print(
-                f"  {names.get(fid, fid):32s} {v['certainty'] / 100:6.3f}  "
-                f"{'PRESENT' if v['present'] else 'absent':8s} {t}{mark}"
-            )
+            mark = "" if not t or t == "-" or not v["assessed"] or (t == "present") == v["present"] else "  x"
+            decision = "n/a" if not v["assessed"] else ("PRESENT" if v["present"] else "absent")
+            print(f"  {names.get(fid, fid):32s} {v['certainty'] / 100:6.3f}  {decision:8s} {t}{mark}")
+    print(f"\n{len(files)} SR(s): {called} findings called present", end="")
+    if labels:
+        ratio = f"{called / truly:.2f}x" if truly else "-"
+        print(f"; {truly} labelled present ({ratio})", end="")
+    print(f"; {not_assessed} finding results not assessed (n/a: the model package cannot assess them)")
     return 0
 
 
@@ -127,11 +134,14 @@ def _infer(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("ct-zeroshot").setLevel(logging.INFO)
+    logging.getLogger("ct-zeroshot").setLevel(logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
-    code, rows = run_batch(
-        args.input, args.out, args.model, workers=args.workers, force=args.force, progress=not args.quiet
-    )
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger("ct-zeroshot")]):  # log lines do not cut the bar
+        code, rows = run_batch(
+            args.input, args.out, args.model, workers=args.workers, force=args.force, progress=not args.quiet
+        )
     failed = [r for r in rows if r["status"] != "ok"]
     print(
         f"{len(rows) - len(failed)} of {len(rows)} studies ok; SRs in {Path(args.out) / 'sr'}; "
@@ -154,9 +164,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(
-        prog="ct-zeroshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ct-zeroshot",
+        description=(__doc__ or "").replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("findings", help="list the 30 findings with their sections and codes")
     f.add_argument("--json", action="store_true", help="full catalogue with prompts, as JSON")

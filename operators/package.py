@@ -77,6 +77,10 @@ class FindingRows:
 
 @dataclass
 class ModelPackage:
+    """A loaded, verified model package: its manifest, preprocessing, catalogue, prompt table and
+    per-finding decision (threshold; ``assessed`` false where validation showed the model cannot tell
+    the finding apart, which is then never reported present)."""
+
     root: Path
     manifest: dict
     spec: PreprocessSpec
@@ -85,6 +89,11 @@ class ModelPackage:
     thresholds: np.ndarray  # (n_findings,) probability thresholds
     prompt_embeddings: np.ndarray  # (P, D) float32
     logit_scale: float  # the multiplier (exp of the stored log scale)
+    assessed: np.ndarray | None = None  # (n_findings,) bool; None: every finding assessed
+
+    def __post_init__(self) -> None:
+        if self.assessed is None:
+            self.assessed = np.ones(len(self.thresholds), dtype=bool)
 
     @property
     def name(self) -> str:
@@ -215,7 +224,7 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
         raise _fail(root, f"{pe_rec['file']}: not a readable .npy array ({exc})") from exc
     if emb.ndim != 2 or emb.shape[1] != dim or emb.dtype != np.float32:
         raise _fail(root, f"{pe_rec['file']}: expected float32 (P, {dim}), got {emb.dtype} {emb.shape}")
-    rows, thresholds = [], []
+    rows, thresholds, assessed = [], [], []
     for item in manifest["findings"]:
         fid = item.get("id")
         try:
@@ -233,8 +242,12 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
                 )
         if not (0.0 < thr < 1.0):
             raise _fail(root, f"manifest.json: finding {fid!r} threshold {thr} is not a probability in (0, 1)")
+        a = item.get("assessed", True)
+        if not isinstance(a, bool):
+            raise _fail(root, f"manifest.json: finding {fid!r} 'assessed' must be true or false, got {a!r}")
         rows.append(fr)
         thresholds.append(thr)
+        assessed.append(a)
     scale = float(manifest["logit_scale"])
     if not math.isfinite(scale) or scale <= 0:
         raise _fail(root, f"manifest.json: logit_scale must be a positive number, got {scale}")
@@ -245,6 +258,7 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
         catalogue=catalogue,
         rows=tuple(rows),
         thresholds=np.asarray(thresholds, dtype=np.float64),
+        assessed=np.asarray(assessed, dtype=bool),
         prompt_embeddings=emb,
         logit_scale=scale,
     )

@@ -9,7 +9,8 @@ follows IHE AI Results:
 - one *Measurements and Qualitative Evaluations* group per finding (catalogue order): tracking
   identifier (the finding id and a new UID), finding type (the finding's code), finding site where the
   catalogue gives one, algorithm identification (name, version, threshold and rule as parameters), a
-  qualitative evaluation (finding code = Present SCT 52101004 / Absent SCT 272519000) and the
+  qualitative evaluation (finding code = Present SCT 52101004 / Absent SCT 272519000, or Undetermined
+  SCT 373068000 for a finding the package marks not assessed) and the
   measurement "Certainty of Finding" (DCM 111012) = probability in %;
 - the algorithm also in Contributing Equipment (purpose 99IHE "Processing Algorithm");
 - the source series in the evidence (current requested procedure evidence), not in an image library;
@@ -38,6 +39,7 @@ PROCEDURE_CT = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
 PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
+UNDETERMINED = codes.SCT.Undetermined  # a finding the package cannot assess (validation AUROC below its floor)
 SR_SERIES_NUMBER = 9100
 SR_SERIES_DESCRIPTION = "ct-zeroshot AI findings"
 
@@ -76,17 +78,20 @@ def build_sr(
         algo = hd.sr.AlgorithmIdentification(
             name=algorithm,
             version=package.version,
-            parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"],
+            parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"]
+            + ([] if findings.assessed[j] else ["assessed=false (validation AUROC below the package's floor)"]),
         )
+        if not findings.assessed[j]:
+            value = UNDETERMINED
+        else:
+            value = PRESENT if bool(findings.present[j]) else ABSENT
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f.id),
                 finding_type=code,
                 algorithm_id=algo,
                 finding_sites=[hd.sr.FindingSite(_coded(f.site))] if f.site is not None else None,
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(name=code, value=PRESENT if bool(findings.present[j]) else ABSENT)
-                ],
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=code, value=value)],
                 measurements=[
                     hd.sr.Measurement(
                         name=codes.DCM.CertaintyOfFinding,
@@ -163,6 +168,7 @@ def read_findings(path: str | Path) -> dict[str, dict]:
         out[str(g.tracking_identifier)] = {
             "code": (finding.scheme_designator, finding.value, finding.meaning),
             "present": qual.value == PRESENT,
+            "assessed": qual.value != UNDETERMINED,
             "certainty": float(meas.value),
             "site": [s.value.value for s in g.finding_sites],
         }

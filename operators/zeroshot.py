@@ -89,8 +89,23 @@ class Findings:
     ids: list[str]
     probabilities: np.ndarray  # (n_findings,)
     margins: np.ndarray
-    present: np.ndarray  # bool (n_findings,)
+    present: np.ndarray  # bool (n_findings,); never true where not assessed
     thresholds: np.ndarray
+    assessed: np.ndarray  # bool (n_findings,): false = the package cannot assess this finding
+
+
+MERLIN_THRESHOLD = 0.5  # probability 0.5 <=> the positive prompts' mean similarity is the higher
+
+
+def decide_present(probabilities: np.ndarray, thresholds=MERLIN_THRESHOLD, assessed=True) -> np.ndarray:
+    """The one present/absent rule: the probability reaches the finding's threshold (Merlin's 0.5 by
+    default), and the package can assess the finding."""
+    return (np.asarray(probabilities) >= thresholds) & assessed
+
+
+def merlin_present(margins: np.ndarray) -> np.ndarray:
+    """Merlin's rule from margins (s+ - s-): ``decide_present`` at 0.5, which holds whatever the scale."""
+    return decide_present(margin_probability(margins, 1.0))
 
 
 class ZeroShotModel:
@@ -129,7 +144,11 @@ class ZeroShotModel:
             pkg.logit_scale,
         )
         thr = pkg.thresholds
-        return [Findings(pkg.catalogue.ids, probs[i], margins[i], probs[i] >= thr, thr) for i in range(len(probs))]
+        assessed = pkg.assessed if pkg.assessed is not None else np.ones(len(thr), dtype=bool)
+        return [
+            Findings(pkg.catalogue.ids, probs[i], margins[i], decide_present(probs[i], thr, assessed), thr, assessed)
+            for i in range(len(probs))
+        ]
 
     def score(self, volume: np.ndarray) -> Findings:
         """One preprocessed (1,X,Y,Z) volume -> its findings (one image-encoder pass)."""

@@ -44,3 +44,11 @@ def test_operators_never_import_training():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_version_and_plain_help():
+    for mod, prog in (("training.cli", "ct-zeroshot-train"), ("operators.cli", "ct-zeroshot")):
+        p = run(mod, "--version")
+        assert p.returncode == 0 and p.stdout.strip().startswith(prog + " 0."), p.stdout + p.stderr
+        h = run(mod, "--help")
+        assert h.returncode == 0 and "``" not in h.stdout and "Current stack size" not in h.stderr

@@ -64,7 +64,7 @@ def test_package_scores_equal_the_torch_evaluation(exported):
     got = zs.decide(zs.embed_images(vols))
     p_onnx = np.stack([g.probabilities for g in got])
     assert np.abs(p_onnx - p_torch).max() < 1e-4
-    assert np.array_equal(np.stack([g.present for g in got]), p_onnx >= pkg.thresholds)
+    assert np.array_equal(np.stack([g.present for g in got]), (p_onnx >= pkg.thresholds) & pkg.assessed)
     one = zs.score(vols[0])
     assert one.ids == pkg.catalogue.ids and np.allclose(one.probabilities, p_onnx[0])
 
@@ -159,22 +159,59 @@ def test_export_refuses_a_non_empty_folder(exported, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 
 
-def test_validation_thresholds_maximise_f1():
+def test_validation_thresholds_maximise_f1_within_the_call_cap():
     rng = np.random.default_rng(0)
-    y = (rng.random((200, 3)) < 0.3).astype(int)
+    y = (rng.random((200, 4)) < 0.3).astype(int)
     p = np.clip(0.2 + 0.3 * y + rng.normal(0, 0.12, y.shape), 0.001, 0.999)  # positives around 0.5
-    y[:, 2] = 0  # a finding with no validation positives keeps Merlin's 0.5
-    thr, notes = choose_thresholds(p, y)
+    y[:, 2] = 0  # a finding with no validation positives cannot be assessed
+    p[:, 3] = rng.random(200)  # a score that knows nothing of finding 3
+    thr, notes, assessed = choose_thresholds(p, y)
     for j in range(2):
 
         def f1(t, j=j):
             pred = p[:, j] >= t
             return 2 * (pred & (y[:, j] == 1)).sum() / (pred.sum() + y[:, j].sum())
 
-        grid = np.linspace(0.01, 0.99, 400)
-        assert f1(thr[j]) >= max(f1(t) for t in grid) - 1e-9
-        assert notes[j]["validation_f1"] == pytest.approx(f1(thr[j]))
-    assert thr[2] == 0.5 and "single class" in notes[2]["reason"]
+        allowed = [t for t in np.linspace(0.01, 0.99, 400) if (p[:, j] >= t).sum() <= 1.5 * y[:, j].sum()]
+        assert f1(thr[j]) >= max(f1(t) for t in allowed) - 1e-9
+        assert (p[:, j] >= thr[j]).sum() <= 1.5 * y[:, j].sum()
+        assert notes[j]["validation_f1"] == pytest.approx(f1(thr[j])) and assessed[j]
+    assert not assessed[2] and "single class" in notes[2]["reason"]
+    assert not assessed[3] and "below the floor 0.65" in notes[3]["reason"]
+    # "everything positive" is the F1 optimum of a near-chance score; the cap forbids it
+    _, notes_weak, _ = choose_thresholds(p[:, 3:], (p[:, :1] > 0.45).astype(int), auroc_floor=0.0)
+    assert notes_weak[0]["validation_calls"] <= 1.5 * notes_weak[0]["positives"]
+
+
+def test_a_finding_not_assessed_is_never_reported_present(tiny_package, tmp_path):
+    import shutil
+
+    import pydicom
+
+    from operators.sr import read_findings, write_sr
+    from operators.zeroshot import ZeroShotModel
+    from tests.dicom_cases import small_study
+
+    pkg_dir = tmp_path / "pkg"
+    shutil.copytree(tiny_package["pkg"], pkg_dir)
+    manifest = json.loads((pkg_dir / "manifest.json").read_text())
+    manifest.pop("files")
+    for i, f in enumerate(manifest["findings"]):
+        f["threshold"] = 1e-6  # every probability reaches it
+        f["assessed"] = i % 2 == 0
+    write_manifest(pkg_dir, manifest)
+    pkg = load_package(pkg_dir)
+    model = ZeroShotModel(pkg, device="cpu")
+    emb = np.random.default_rng(0).normal(size=(5, pkg.embedding_dim)).astype(np.float32)
+    for f in model.decide(emb):
+        assert list(f.present) == [i % 2 == 0 for i in range(len(f.ids))]
+    from operators.sr import build_sr
+
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in small_study(tmp_path, "study")]
+    sr = build_sr(headers, model.decide(emb[:1])[0], pkg)
+    back = read_findings(write_sr(sr, tmp_path / "sr", "SR.dcm"))
+    for i, fid in enumerate(pkg.catalogue.ids):
+        assert back[fid]["assessed"] == (i % 2 == 0) and back[fid]["present"] == (i % 2 == 0)
 
 
 def test_merlin_rule_probability_is_the_two_way_softmax():

@@ -45,6 +45,11 @@ def test_resume_gives_the_same_weights(corpus200, tmp_path):
     assert (tmp_path / "a" / "log.csv").read_text().count("\n") == (tmp_path / "b" / "log.csv").read_text().count("\n")
     for name in ("config.yaml", "epochs.csv", "val.csv", "checkpoints/init.pt", "checkpoints/best.pt"):
         assert (tmp_path / "a" / name).exists(), name
+    assert (tmp_path / "a" / "epochs.csv").read_text() == (tmp_path / "b" / "epochs.csv").read_text()
+    # Starting a finished run again (a study killed before it recorded the run) changes none of its logs.
+    logs = {n: (tmp_path / "a" / n).read_text() for n in ("log.csv", "epochs.csv", "val.csv")}
+    assert train(corpus200, tmp_path / "a", cfg, cache_dir=cache, progress=False)["finished"]
+    assert logs == {n: (tmp_path / "a" / n).read_text() for n in logs}
     # Training moved the weights.
     init = torch.load(tmp_path / "a" / "checkpoints" / "init.pt", weights_only=False)["model"]
     assert not torch.equal(init["encode_image.i3_resnet.conv1.weight"], wa["encode_image.i3_resnet.conv1.weight"])

@@ -75,6 +75,7 @@ def _export(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
         progress=not args.quiet,
         text=args.text,
+        auroc_floor=args.auroc_floor,
     )
     pkg = load_package(args.out)  # the deploy side's loader must accept what was written
     print(
@@ -128,7 +129,10 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ct-zeroshot-train", description=__doc__)
+    from operators import __version__
+
+    p = argparse.ArgumentParser(prog="ct-zeroshot-train", description=(__doc__ or "").replace("``", ""))
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="generate the synthetic abdominal CT corpus (Merlin release format)")
     s.add_argument("out", help="output folder (new or empty)")
@@ -207,7 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--thresholds",
         default="merlin",
         choices=["merlin", "validation"],
-        help="merlin: 0.5 for every finding; validation: per-finding F1-optimal on the validation split",
+        help="merlin: 0.5 for every finding; validation: per-finding F1-optimal on the validation split "
+        "(at most 1.5 calls per validation positive), findings below --auroc-floor not assessed",
+    )
+    x.add_argument(
+        "--auroc-floor",
+        type=float,
+        default=0.65,
+        help="with --thresholds validation: a finding whose validation AUROC is below this is never reported "
+        "present (the manifest, SRs and summaries say 'not assessed'); default 0.65",
     )
     x.add_argument(
         "--text",

@@ -59,6 +59,9 @@ class TextCfg:
     hidden: int = 128
     layers: int = 2
     heads: int = 4
+    train_layers: int = -1  # -1: the whole tower trains; 0: locked (LiT, pooled outputs cached); k: the top k layers
+    sentences: bool = False  # a text's embedding = mean of the head over its sentences (models/text.py)
+    head: str = "linear"  # linear (Merlin) | mlp
 
 
 @dataclass
@@ -67,6 +70,7 @@ class JointCfg:
         "none"  # none (Merlin) | batch | batch_affine | text (centre the towers' projections; models/clip.py)
     )
     init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
+    multi_positive: bool = False  # identical normalised texts are positives of each other (loss.py)
 
 
 @dataclass
@@ -177,6 +181,10 @@ class TrainConfig:
             raise ConfigError(f"joint.embed_norm {self.joint.embed_norm!r}: expected one of {', '.join(EMBED_NORMS)}")
         if self.text.pooling not in ("first", "mean"):
             raise ConfigError(f"text.pooling {self.text.pooling!r}: expected first or mean")
+        if self.text.head not in ("linear", "mlp"):
+            raise ConfigError(f"text.head {self.text.head!r}: expected linear or mlp")
+        if self.text.train_layers < -1:
+            raise ConfigError(f"text.train_layers {self.text.train_layers}: expected -1 (all), 0 (locked) or k > 0")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision {self.train.precision!r}: expected auto, fp32, bf16 or fp16")
         if self.train.steps < 1 or self.train.batch_size < 2:

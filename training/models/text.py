@@ -12,6 +12,8 @@ nothing is downloaded. Text is normalised with Merlin's rule before tokenising.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,10 +92,36 @@ def build_small_text_model(tokenizer, hidden: int, layers: int, heads: int, max_
     return model
 
 
-class TextEncoder(nn.Module):
-    """Token ids + attention mask -> (B, D) joint-space embedding (not normalised)."""
+def split_sentences(text: str) -> list[str]:
+    """A report's sentences (and header lines); a text without sentence breaks is one sentence."""
+    parts = [p.strip() for p in _SENTENCE_BREAK.split(text)]
+    return [p for p in parts if any(c.isalnum() for c in p)] or [text]
 
-    def __init__(self, model_dir: str | Path, embed_dim: int, max_length: int, pooling: str = "first"):
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+class TextEncoder(nn.Module):
+    """Token ids + attention mask -> (B, D) joint-space embedding (not normalised).
+
+    Options for a pretrained tower on a small budget (``text.*`` in the config):
+    ``train_layers``: -1 trains the whole tower; 0 locks it (LiT: only the head learns, and the
+    pooled output of every distinct text is computed once and cached); k > 0 trains the top k layers.
+    ``sentences``: a text's embedding is the mean of the head's output over its sentences, so a
+    report's many repeated sentences ("No ascites.") are encoded once each under a locked tower.
+    A prompt is one sentence, so ``forward`` on its tokens (the ONNX graph) gives the same vector.
+    ``head``: ``linear`` (Merlin's ``linear_layer``) or ``mlp`` (two layers with a GELU)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        embed_dim: int,
+        max_length: int,
+        pooling: str = "first",
+        train_layers: int = -1,
+        sentences: bool = False,
+        head: str = "linear",
+    ):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -107,11 +135,44 @@ class TextEncoder(nn.Module):
             from transformers import AutoConfig
 
             self.text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
-        self.linear_layer = nn.Linear(self.text_encoder.config.hidden_size, embed_dim)
+        hidden = self.text_encoder.config.hidden_size
+        if head == "linear":
+            self.linear_layer: nn.Module = nn.Linear(hidden, embed_dim)
+        elif head == "mlp":
+            self.linear_layer = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+        else:
+            raise ValueError(f"text head must be 'linear' or 'mlp', got {head!r}")
         self.max_length = max_length
         if pooling not in ("first", "mean"):
             raise ValueError(f"text pooling must be 'first' or 'mean', got {pooling!r}")
         self.pooling = pooling
+        self.train_layers = train_layers
+        self.sentences = sentences
+        self._features: dict[str, torch.Tensor] = {}  # normalised text -> pooled output (locked tower)
+        self._freeze()
+
+    @property
+    def locked(self) -> bool:
+        return self.train_layers == 0
+
+    def _freeze(self) -> None:
+        if self.train_layers < 0:
+            return
+        for p in self.text_encoder.parameters():
+            p.requires_grad_(False)
+        if self.train_layers > 0:
+            layers = self.text_encoder.encoder.layer
+            if self.train_layers > len(layers):
+                raise ValueError(f"text.train_layers={self.train_layers}: the tower has {len(layers)} layers")
+            for layer in layers[len(layers) - self.train_layers :]:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        if self.locked:  # a locked tower never drops out: its cached outputs must be its outputs
+            self.text_encoder.eval()
+        return self
 
     def tokenize(self, texts: list[str], device=None) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
@@ -123,14 +184,65 @@ class TextEncoder(nn.Module):
         )
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "first":
-            pooled = hidden[:, 0]
-        else:  # masked mean: input-dependent from the first step, which a from-scratch encoder needs
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.linear_layer(pooled)
+            return hidden[:, 0]
+        # masked mean: input-dependent from the first step, which a from-scratch encoder needs
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.linear_layer(self.pooled(input_ids, attention_mask))
+
+    def cache_features(self, texts: Iterable[str], batch_size: int = 128, progress: bool = False) -> int:
+        """Compute the locked tower's pooled output of every text not cached yet; returns how many."""
+        from tqdm import tqdm
+
+        todo = sorted({normalize_text(t) for t in texts} - set(self._features), key=len)
+        if not todo:
+            return 0
+        self.text_encoder.eval()
+        device = next(self.text_encoder.parameters()).device
+        with torch.no_grad():
+            for i in tqdm(range(0, len(todo), batch_size), desc="text features", disable=not progress):
+                chunk = todo[i : i + batch_size]
+                out = self.pooled(**self.tokenize(chunk, device)).float().cpu()
+                self._features.update(zip(chunk, out))
+        return len(todo)
+
+    def load_features(self, path: Path) -> None:
+        if path.exists():
+            self._features.update(torch.load(path, map_location="cpu", weights_only=True))
+
+    def save_features(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(self._features, tmp)
+        os.replace(tmp, path)
+
+    def _units(self, units: list[str], device) -> torch.Tensor:
+        if not self.locked:
+            return self.pooled(**self.tokenize(units, device))
+        self.cache_features(units)
+        return torch.stack([self._features[normalize_text(u)] for u in units]).to(device)
+
+    def embed(self, texts: list[str], device=None) -> torch.Tensor:
+        """(B, D) embeddings of raw texts (the training and evaluation path)."""
+        if not self.sentences and not self.locked:
+            return self(**self.tokenize(texts, device))
+        if not self.sentences:
+            return self.linear_layer(self._units(texts, device))
+        units, seg = [], []
+        for i, t in enumerate(texts):
+            parts = split_sentences(t)
+            units += parts
+            seg += [i] * len(parts)
+        out = self.linear_layer(self._units(units, device))
+        index = torch.tensor(seg, device=out.device)
+        total = torch.zeros(len(texts), out.shape[1], dtype=out.dtype, device=out.device).index_add(0, index, out)
+        counts = torch.bincount(index, minlength=len(texts)).clamp(min=1).to(out.dtype)
+        return total / counts[:, None]
 
     def encode(self, texts: list[str], device=None) -> torch.Tensor:
-        return self(**self.tokenize(texts, device))
+        return self.embed(texts, device)

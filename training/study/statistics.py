@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from operators.zeroshot import merlin_present
+
 
 def _flatten(prefix: str, obj, rows: list) -> None:
     if isinstance(obj, dict):
@@ -43,7 +45,7 @@ def run_metrics(rd: Path) -> list[tuple[str, float]]:
 
 def predictions(rd: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     z = np.load(rd / "metrics_predictions.npz")
-    return (z["margins"] > 0).astype(np.int8), z["labels"], z["study_ids"]
+    return merlin_present(z["margins"]).astype(np.int8), z["labels"], z["study_ids"]
 
 
 def paired_bootstrap(

