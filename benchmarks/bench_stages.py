@@ -34,7 +34,7 @@ from operators.package import default_package_dir, load_package, write_manifest
 from operators.pipeline import Preprocessor, StudyWork, infer, select_series, write_report
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import ZeroShotModel
-from training.export import export_image_onnx
+from training.onnx_export import export_image_onnx
 
 STAGES = ("select_s", "decode_volume_s", "preprocess_s", "encoder_s", "decide_s", "sr_s")
 

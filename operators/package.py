@@ -104,6 +104,11 @@ class ModelPackage:
         return self.manifest["model"]["version"]
 
     @property
+    def uid(self) -> str:
+        """The model's UID (the SR's device UID; part of every SR's derived UIDs)."""
+        return self.manifest["model"]["uid"]
+
+    @property
     def embedding_dim(self) -> int:
         return int(self.manifest["embedding_dim"])
 

@@ -194,7 +194,7 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
         raise RuntimeError(f"study {work.study_uid}: no findings to report")
     t = time.perf_counter()
     try:
-        series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.manifest["model"]["uid"])
+        series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.uid)
         sr = build_sr(chosen.headers, findings, model.package, series_uid, sop_uid)
         work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch

@@ -60,7 +60,7 @@ def build_sr(
         raise ValueError("an SR needs the source series' headers")
     algorithm = f"{package.name}"
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=package.manifest["model"]["uid"],
+        uid=package.uid,
         name="ct-zeroshot",
         manufacturer_name="ct-zeroshot",
         model_name=f"{package.name} {package.version}",

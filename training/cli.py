@@ -12,7 +12,13 @@ def _synth(args: argparse.Namespace) -> int:
     from .synth.corpus import SynthConfig, generate_corpus
 
     cfg = SynthConfig(
-        out=args.out, studies=args.studies, seed=args.seed, profile=args.profile, dicom=args.dicom, workers=args.workers
+        out=args.out,
+        studies=args.studies,
+        seed=args.seed,
+        profile=args.profile,
+        dicom=args.dicom,
+        workers=args.workers,
+        version=args.corpus_version,
     )
     summary = generate_corpus(cfg, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
@@ -27,6 +33,40 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(args.preset, args.overrides)
     summary = train(args.data, args.out, cfg, cache_dir=args.cache, stop_after=args.stop_after, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _pretrain_image(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .pretrain import INIT_FILE, pretrain_image
+
+    cfg = TrainConfig.load(args.preset, args.overrides)
+    summary = pretrain_image(
+        args.data, args.out, cfg, cache_dir=args.cache, stop_after=args.stop_after, progress=not args.quiet
+    )
+    print(json.dumps(summary, indent=1))
+    if summary["finished"]:
+        print(f"image init: {args.out}/{INIT_FILE} (train ... image.init={args.out}/{INIT_FILE})")
+    return 0
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    from .recipe import run_recipe
+
+    result = run_recipe(
+        args.out,
+        args.preset,
+        args.overrides,
+        data=args.data,
+        studies=args.studies,
+        seed=args.seed,
+        corpus_version=args.corpus_version,
+        cache_dir=args.cache,
+        supervised=not args.no_supervised,
+        progress=not args.quiet,
+    )
+    print(json.dumps(result, indent=1))
+    print(f"\nrecipe: {args.out}/recipe.json")
     return 0
 
 
@@ -151,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=min(os.cpu_count() or 1, 8),
         help="worker processes (default: all cores; the output does not depend on it)",
     )
+    s.add_argument(
+        "--corpus-version",
+        type=int,
+        default=1,
+        choices=[1, 2],
+        help="phantom version: 1 as first published; 2 draws the small focal findings larger (README)",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
 
@@ -163,6 +210,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=200 sampler.ratio=25:75")
     t.set_defaults(func=_train)
+
+    pi = sub.add_parser(
+        "pretrain-image",
+        help="self-supervised image pretext on the training volumes (two-view InfoNCE); writes image_init.pt",
+    )
+    pi.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV (training volumes only)")
+    pi.add_argument("--out", required=True, help="pretext folder (an existing one is resumed)")
+    pi.add_argument("--preset", default="cpu-small", help="preset whose image tower and pretrain.* to use")
+    pi.add_argument("--cache", default=None)
+    pi.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    pi.add_argument("--quiet", action="store_true")
+    pi.add_argument("overrides", nargs="*", help="config overrides, e.g. pretrain.steps=200")
+    pi.set_defaults(func=_pretrain_image)
+
+    rc = sub.add_parser(
+        "recipe", help="the CPU recipe end to end (corpus, pretext, train, evaluate, reference, export), timed"
+    )
+    rc.add_argument("--out", required=True, help="recipe folder: corpus/, pretext/, run/, package/, recipe.json")
+    rc.add_argument("--preset", default="cpu-small")
+    rc.add_argument("--data", default=None, help="an existing corpus (default: generate one in OUT/corpus)")
+    rc.add_argument("--studies", type=int, default=4000, help="studies in the generated corpus")
+    rc.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
+    rc.add_argument("--corpus-version", type=int, default=2, choices=[1, 2])
+    rc.add_argument("--no-supervised", action="store_true", help="skip the supervised reference")
+    rc.add_argument("--cache", default=None)
+    rc.add_argument("--quiet", action="store_true")
+    rc.add_argument("overrides", nargs="*", help="config overrides")
+    rc.set_defaults(func=_recipe)
 
     e = sub.add_parser("evaluate", help="zero-shot F1/AUROC, retrieval and occlusion robustness of a run")
     e.add_argument("--run", required=True)

@@ -48,6 +48,21 @@ def parse_ratio(value) -> tuple[float, float]:
 class ImageCfg:
     arch: str = "resnet10_tiny"
     embed_dim: int = 128
+    init: str = ""  # an image_init.pt from `pretrain-image` (strict load); empty: random init
+
+
+@dataclass
+class PretrainCfg:
+    """The self-supervised image pretext (``pretrain-image``; training/pretrain.py)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    warmup_steps: int = 20
+    temperature: float = 0.1
+    crop: float = 0.85  # each view is a random crop of this fraction of the volume per axis
+    checkpoint_every: int = 50
 
 
 @dataclass
@@ -126,6 +141,7 @@ class TrainConfig:
     batching: BatchingCfg = field(default_factory=BatchingCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    pretrain: PretrainCfg = field(default_factory=PretrainCfg)
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod

@@ -243,8 +243,13 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
             for name in ("log.csv", "val.csv"):
                 _truncate_csv(run / name, r.start)
             _truncate_csv(run / "epochs.csv", r.start, key="last_step")  # rows of epochs ended before start
-    elif main:
-        Checkpoint(model=model.state_dict(), step=0).save(checkpoint_path(run, "init"))
+    else:
+        if cfg.image.init:  # a fresh run starts from the pretext's image tower (every rank loads it)
+            from .pretrain import load_image_init
+
+            load_image_init(model.encode_image, cfg.image.init, cfg.image.arch)
+        if main:
+            Checkpoint(model=model.state_dict(), step=0).save(checkpoint_path(run, "init"))
     epoch_start = planner.epoch(r.start) * planner.steps_per_epoch
     for s in range(epoch_start, r.start):  # unique volumes of the current epoch so far (resume)
         r.seen.update(it.index for it in planner.global_items(s))

@@ -46,6 +46,9 @@ SPLIT_FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 CORPUS_FORMAT = 1
 
 
+CORPUS_VERSIONS = (1, 2)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     out: str
@@ -54,12 +57,15 @@ class SynthConfig:
     profile: str = "tiny"
     dicom: bool = False
     workers: int = 1
+    version: int = 1  # phantom version: 1 as first published; 2 makes the small focal findings conspicuous
 
     def __post_init__(self):
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
         if self.studies < 1:
             raise ValueError("--studies must be at least 1")
+        if self.version not in CORPUS_VERSIONS:
+            raise ValueError(f"corpus version must be one of {CORPUS_VERSIONS}, got {self.version!r}")
 
 
 def study_id(seed: int, index: int) -> str:
@@ -106,7 +112,7 @@ def generate_study(args: tuple) -> dict:
     rng = np.random.default_rng([cfg.seed, index])
     patient = sample_patient(rng, index)
     grid, noise, blur = make_grid(cfg.profile, patient, rng)
-    hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur)
+    hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur, version=cfg.version)
     text, labels = write_report(patient, np.random.default_rng([cfg.seed, index, 1]))
     nii = out / "merlin_data" / f"{sid}.nii.gz"
     tmp = nii.with_name(f".{sid}.tmp.nii.gz")
@@ -288,6 +294,7 @@ def generate_corpus(cfg: SynthConfig, progress: bool = True) -> dict:
     summary = {
         "format": CORPUS_FORMAT,
         "generator": f"ct-zeroshot {__version__}",
+        "corpus_version": cfg.version,
         "config": asdict(cfg),
         "studies": len(results),
         "normal_fraction": normal,

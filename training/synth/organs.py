@@ -24,7 +24,7 @@ class OrgansMixin:
         # Re-draw the portal vein inside the liver hilum.
         c.chain(self.portal[1:], 7.5, T.PORTAL, where=(T.LIVER,))
         if "biliary_ductal_dilation" in self.f:
-            r = self.sev("biliary_ductal_dilation", 3.5, 5.0, 7.0)
+            r = self.sev("biliary_ductal_dilation", *self.v((3.5, 5.0, 7.0), (6.0, 8.0, 10.0)))
             hilum = np.array([-42.0, -16.0, self.Z(0.7)])
             for _ in range(5):
                 d = self.rng.normal(size=3)
@@ -42,7 +42,7 @@ class OrgansMixin:
                 off = self.rng.normal(size=3)
                 off *= self.u(0.0, 0.65) / np.linalg.norm(off)  # inside the liver
                 pt = tuple(center[i] + off[i] * radii[i] for i in range(3))
-                rr = self.u(6, 16)
+                rr = self.u(6, 16) + self.v(0.0, 6.0)
                 c.ellipsoid(pt, (rr, rr, rr), T.METASTASIS, where=(T.LIVER,))
                 self.site("metastatic_disease", pt)
         # Gallbladder below the liver.
@@ -55,7 +55,7 @@ class OrgansMixin:
             c.ellipsoid(gb, (19 * s, 17 * s, 34 * s), T.GALLBLADDER, where=(T.LIVER, T.VISC_FAT, T.PORTAL))
             if "gallstones" in self.f:
                 n = int(self.sev("gallstones", 1, 3, 6))
-                rr = self.sev("gallstones", 4.0, 5.0, 6.5)
+                rr = self.sev("gallstones", 4.0, 5.0, 6.5) + self.v(0.0, 2.5)
                 for _ in range(n):
                     pt = (gb[0] + self.u(-7, 7), gb[1] + self.u(4, 10), gb[2] + self.u(-22, 8))
                     c.ellipsoid(pt, (rr, rr, rr), T.STONE, where=(T.GALLBLADDER,))
@@ -79,7 +79,8 @@ class OrgansMixin:
         c.ellipsoid(st, (43 * s, 29 * s, 37 * s), T.BOWEL_FLUID, where=(T.BOWEL_WALL,))
         c.ellipsoid((st[0], st[1] - 18 * s, st[2]), (40 * s, 12 * s, 34 * s), T.BOWEL_AIR, where=(T.BOWEL_FLUID,))
         # Pancreas along a curve from head to tail.
-        pr = 14.0 * s * (self.sev("pancreatic_atrophy", 0.6, 0.5, 0.4) if "pancreatic_atrophy" in self.f else 1.0)
+        atrophy = self.v((0.6, 0.5, 0.4), (0.45, 0.35, 0.28))
+        pr = 14.0 * s * (self.sev("pancreatic_atrophy", *atrophy) if "pancreatic_atrophy" in self.f else 1.0)
         path = np.array(
             [
                 [-28.0, -16.0, self.Z(0.6)],
@@ -106,7 +107,7 @@ class OrgansMixin:
             c.ellipsoid(hil, (10, 9, 22), T.SINUS_FAT, where=(T.MEDULLA, T.CORTEX))
             c.ellipsoid(hil, (4, 4, 6), T.URINE, where=(T.SINUS_FAT,))
         if "hydronephrosis" in self.f:
-            g = self.sev("hydronephrosis", 1.0, 1.4, 1.9)
+            g = self.sev("hydronephrosis", *self.v((1.0, 1.4, 1.9), (1.6, 2.0, 2.5)))
             for sx in self.sides("hydronephrosis"):
                 kc, kr = self.kid[sx]
                 hil = (kc[0] - sx * 8, kc[1] - 3, kc[2])
@@ -124,7 +125,7 @@ class OrgansMixin:
         if "renal_cyst" in self.f:
             for sx in self.sides("renal_cyst"):
                 kc, kr = self.kid[sx]
-                rr = self.sev("renal_cyst", 10, 16, 24)
+                rr = self.sev("renal_cyst", *self.v((10, 16, 24), (14, 20, 28)))
                 pt = (kc[0] + sx * kr[0] * 0.7, kc[1] + self.u(-8, 8), kc[2] + self.u(-0.5, 0.5) * kr[2])
                 c.ellipsoid(pt, (rr, rr, rr), T.CYST, where=(T.CORTEX, T.MEDULLA, T.VISC_FAT, T.SINUS_FAT))
                 self.site("renal_cyst", pt)
@@ -135,7 +136,9 @@ class OrgansMixin:
                 for _ in range(n):
                     off = self.rng.uniform(-0.6, 0.6, size=3)
                     pt = tuple(kc[i] + off[i] * kr[i] for i in range(3))
-                    c.ellipsoid(pt, (4.0, 4.0, 4.5), T.HYPODENSITY, where=(T.CORTEX, T.MEDULLA))
+                    c.ellipsoid(
+                        pt, self.v((4.0, 4.0, 4.5), (7.0, 7.0, 7.5)), T.HYPODENSITY, where=(T.CORTEX, T.MEDULLA)
+                    )
                     self.site("renal_hypodensities", pt)
 
     def bowel(self):
@@ -202,7 +205,7 @@ class OrgansMixin:
             bl, (38 * fill, 32 * fill, 30 * fill), T.BLADDER, where=(T.VISC_FAT, T.MUSCLE, T.BOWEL_WALL, T.BOWEL_AIR)
         )
         if self.p.sex == "M":
-            pr = self.sev("prostatomegaly", 26, 32, 40) if "prostatomegaly" in self.f else 17.0
+            pr = self.sev("prostatomegaly", *self.v((26, 32, 40), (32, 40, 48))) if "prostatomegaly" in self.f else 17.0
             pc = (0.0, -20.0, self.Z(0.0) + pr * 0.6)
             c.ellipsoid(pc, (pr, pr * 0.85, pr), T.PROSTATE)
             self.site("prostatomegaly", pc)
@@ -214,7 +217,7 @@ class OrgansMixin:
         sy = self.spine_y
         if "lymphadenopathy" in self.f:
             n = int(self.sev("lymphadenopathy", 4, 7, 11))
-            rr = self.sev("lymphadenopathy", 8.0, 11.0, 15.0)
+            rr = self.sev("lymphadenopathy", *self.v((8.0, 11.0, 15.0), (11.0, 14.0, 18.0)))
         else:
             n, rr = 5, 3.5
         for _ in range(n):

@@ -127,7 +127,7 @@ class TrunkMixin:
                 ang = self.u(-2.2, -0.3)
                 zz = hc[2] - self.u(0.1, 0.6) * hr[2]
                 pt = (hc[0] + 0.93 * hr[0] * np.cos(ang), hc[1] + 0.93 * hr[1] * np.sin(ang), zz)
-                c.ellipsoid(pt, (2.5, 2.5, 3.0), T.CALCIUM)
+                c.ellipsoid(pt, self.v((2.5, 2.5, 3.0), (4.0, 4.0, 4.5)), T.CALCIUM)
                 self.site("coronary_calcification", pt)
         if "aortic_valve_calcification" in self.f:
             vc = (hc[0] - 18, hc[1] + 12, hc[2] - 0.2 * hr[2])
@@ -135,7 +135,7 @@ class TrunkMixin:
                 ang = self.u(0, 2 * np.pi)
                 c.ellipsoid(
                     (vc[0] + 9 * np.cos(ang), vc[1] + 9 * np.sin(ang), vc[2] + self.u(-3, 3)),
-                    (3.0, 3.0, 3.0),
+                    self.v((3.0, 3.0, 3.0), (4.5, 4.5, 4.5)),
                     T.CALCIUM,
                 )
             self.site("aortic_valve_calcification", vc)
@@ -177,7 +177,7 @@ class TrunkMixin:
         ay = sy - 36
         bif = self.Z(0.38)
         aaa = "abdominal_aortic_aneurysm" in self.f
-        ar = self.sev("abdominal_aortic_aneurysm", 17, 23, 30) if aaa else 10.5
+        ar = self.sev("abdominal_aortic_aneurysm", *self.v((17, 23, 30), (22, 28, 36))) if aaa else 10.5
         zc, zh = self.Z(0.46), self.L * 0.07
 
         def aorta_r(z):
@@ -221,7 +221,7 @@ class TrunkMixin:
                     cx, cy, rx = 14 + (sx * 70 - 14) * t, ay + 5, 6.5
                 ang = self.u(0, 2 * np.pi)
                 pt = (cx + rx * np.cos(ang), cy + rx * np.sin(ang), z)
-                c.ellipsoid(pt, (2.5, 2.5, 3.5), T.CALCIUM)
+                c.ellipsoid(pt, self.v((2.5, 2.5, 3.5), (4.0, 4.0, 5.0)), T.CALCIUM)
                 self.site("atherosclerosis", pt)
         # IVC and portal vein.
         self.ivc = (-22.0, sy - 30)
@@ -231,9 +231,10 @@ class TrunkMixin:
         c.chain(pv, 7.5, T.PORTAL)
         if "thrombosis" in self.f:
             if self.rng.random() < 0.6:
-                c.chain(pv[:2] * [1, 1, 1], 6.0, T.THROMBUS, where=(T.PORTAL,))
+                c.chain(self.v(pv[:2], pv), self.v(6.0, 7.5), T.THROMBUS, where=(T.PORTAL,))
                 self.site("thrombosis", pv[1])
             else:
                 zt = self.Z(0.5)
-                c.sweep(zt - 25, zt + 25, lambda z: (-22.0, sy - 30, 10.0, 8.5), T.THROMBUS, where=(T.IVC,))
+                half = self.v(25, 60)
+                c.sweep(zt - half, zt + half, lambda z: (-22.0, sy - 30, 10.0, 8.5), T.THROMBUS, where=(T.IVC,))
                 self.site("thrombosis", (-22.0, sy - 30, zt))
