@@ -31,8 +31,8 @@ from tqdm import tqdm
 from benchmarks.merlin_stub import random_merlin_state_dict
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import open_session, select_providers
-from training.onnx_export import export_image_onnx
 from training.models.image import ImageEncoder
+from training.onnx_export import export_image_onnx
 from training.synth.inputs import synthetic_inputs
 
 
