@@ -4,7 +4,7 @@ from pathlib import Path
 from operators.findings import SECTIONS, load_catalogue
 from operators.textnorm import normalize_text
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "merlin_findings.json"
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "merlin_findings.json"
 
 
 def test_thirty_findings_with_prompts_and_codes():

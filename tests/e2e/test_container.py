@@ -12,7 +12,7 @@ import yaml
 
 from tests.dicom_cases import study_uid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _dockerfile():

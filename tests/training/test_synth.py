@@ -10,12 +10,11 @@ import pydicom
 import pytest
 
 from operators.findings import load_catalogue
+from tests.conftest import have
 from training.synth.corpus import SynthConfig, generate_corpus
 from training.synth.patient import sample_patient
 from training.synth.phantom import T, build_phantom
 from training.synth.raster import Grid
-
-from .conftest import have
 
 IDS = load_catalogue().ids
 
