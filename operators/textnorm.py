@@ -4,7 +4,7 @@ Merlin lowercases, splits with NLTK's ``wordpunct_tokenize`` and re-joins with s
 spaces ("Liver: Normal." -> "liver : normal ."). ``wordpunct_tokenize`` is exactly the
 regular expression below (runs of word characters, or runs of non-space non-word
 characters); it is written out here so that the deploy image does not carry NLTK for one
-regex. ``tests/test_textnorm.py`` checks parity with NLTK where NLTK is installed.
+regex. ``tests/deploy/test_textnorm.py`` checks parity with NLTK where NLTK is installed.
 """
 
 from __future__ import annotations

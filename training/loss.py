@@ -3,7 +3,7 @@
 Under DDP each rank all-gathers the image and text embeddings *with gradients*
 (``torch.distributed.nn.functional.all_gather``) and computes the loss of its own rows against
 all columns (the "local loss" form, as open_clip does). DDP's gradient averaging then makes
-the update equal to that of one process on the global batch; ``tests/test_loss_ddp.py`` checks
+the update equal to that of one process on the global batch; ``tests/training/test_loss_ddp.py`` checks
 this with two gloo processes.
 
 **Multi-positive** (``text_keys``): items whose texts are identical after normalisation carry the
