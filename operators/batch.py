@@ -24,6 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from .dicom_series import SeriesFiles, scan_files, scan_tree
+from .files import write_atomic
 from .package import default_package_dir, load_package
 from .pipeline import Preprocessor, StudyWork, run_study, sr_filename
 
@@ -77,12 +78,6 @@ def summary_row(work: StudyWork) -> dict:
     return row
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_summary(out: Path, rows: list[dict], finding_ids: list[str], meta: dict) -> None:
     base = ["study_uid", "status", "error", "series_uid", "slices", "sr", "seconds"]
     cols = base + [f"{fid}.{k}" for fid in finding_ids for k in ("probability", "present")]
@@ -93,8 +88,8 @@ def write_summary(out: Path, rows: list[dict], finding_ids: list[str], meta: dic
     w.writeheader()
     for r in sorted(rows, key=lambda r: r["study_uid"]):
         w.writerow(r)
-    _write_atomic(out / "summary.csv", buf.getvalue())
-    _write_atomic(
+    write_atomic(out / "summary.csv", buf.getvalue())
+    write_atomic(
         out / "summary.json", json.dumps({**meta, "studies": sorted(rows, key=lambda r: r["study_uid"])}, indent=1)
     )
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from .files import PARTIAL_SUFFIX, atomic_path
+
 log = logging.getLogger("ct-zeroshot.listener")
 
 
@@ -82,12 +84,8 @@ class ListenerConfig:
 
 
 def _atomic_write_dataset(ds, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as fh:
-        ds.save_as(fh, enforce_file_format=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
 
 
 class Listener:
@@ -283,7 +281,7 @@ class Listener:
             self.queue.put(d.name)
         now = time.monotonic()
         for d in sorted((self.spool / "incoming").iterdir()):
-            for f in d.glob(".*.partial"):
+            for f in d.glob(f".*{PARTIAL_SUFFIX}"):
                 f.unlink()  # never acknowledged
             with self.lock:
                 self.last_seen[d.name] = now

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import write_atomic
 from .findings import Catalogue, catalogue_from_dicts
 from .preprocessing import PreprocessSpec
 
@@ -61,9 +62,7 @@ def write_manifest(root: str | Path, manifest: dict) -> dict:
     manifest["files"] = {
         p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files
     }
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(root / MANIFEST)
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest
 
 

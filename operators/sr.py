@@ -20,7 +20,6 @@ follows IHE AI Results:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from . import __version__
+from .files import atomic_path
 from .findings import Code as FindingCode
 from .package import ModelPackage
 from .zeroshot import Findings
@@ -144,13 +144,8 @@ def write_sr(sr: Dataset, out_dir: str | Path, name: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / name
-    tmp = out_dir / f".{name}.partial"
-    try:
+    with atomic_path(final) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return final
 
 

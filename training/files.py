@@ -1,17 +1,6 @@
-"""Writing result files so that a reader never sees a half-written one (temporary name, then rename)."""
+"""Result files: the deploy side's one atomic writer (``operators/files.py``), re-exported here for the
+training side's modules."""
 
-from __future__ import annotations
+from operators.files import atomic_path, write_atomic, write_json
 
-import json
-import os
-from pathlib import Path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1))
+__all__ = ["atomic_path", "write_atomic", "write_json"]

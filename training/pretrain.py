@@ -24,7 +24,7 @@ import torch
 
 from .config import TrainConfig
 from .data import load_studies
-from .files import write_json
+from .files import atomic_path, write_json
 from .loss import clip_loss
 from .models.image import ImageEncoder
 from .runs import CachedVolumes, build_cache, volume_cache
@@ -163,9 +163,8 @@ def pretrain_image(
             "steps": p.steps,
             "config_digest": cfg.digest(),
         }
-        tmp = out / f".{INIT_FILE}.tmp"
-        torch.save(init, tmp)
-        tmp.replace(out / INIT_FILE)
+        with atomic_path(out / INIT_FILE) as tmp:
+            torch.save(init, tmp)
         write_json(out / "pretrain_summary.json", summary)
     return summary
 

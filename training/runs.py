@@ -19,6 +19,7 @@ import torch
 from .cache import VolumeCache
 from .config import TrainConfig
 from .data import Study, load_studies
+from .files import atomic_path
 from .models.clip import DualEncoder
 from .models.image import ImageEncoder
 from .models.text import TextEncoder, build_small_text_model, train_wordpiece
@@ -193,9 +194,8 @@ class Checkpoint:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.to_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(self.to_dict(), tmp)
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:

@@ -12,7 +12,6 @@ nothing is downloaded. Text is normalised with Merlin's rule before tokenising.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -216,10 +215,11 @@ class TextEncoder(nn.Module):
             self._features.update(torch.load(path, map_location="cpu", weights_only=True))
 
     def save_features(self, path: Path) -> None:
+        from operators.files import atomic_path
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(self._features, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(self._features, tmp)
 
     def _units(self, units: list[str], device) -> torch.Tensor:
         if not self.locked:

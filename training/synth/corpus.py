@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from operators import __version__
+from operators.files import atomic_path, write_atomic, write_json
 from operators.findings import load_catalogue
 from operators.volume import Volume, save_nifti
 
@@ -115,7 +116,7 @@ def generate_study(args: tuple) -> dict:
     hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur, version=cfg.version)
     text, labels = write_report(patient, np.random.default_rng([cfg.seed, index, 1]))
     nii = out / "merlin_data" / f"{sid}.nii.gz"
-    tmp = nii.with_name(f".{sid}.tmp.nii.gz")
+    tmp = nii.with_name(f".{sid}.{os.getpid()}.tmp.nii.gz")  # nibabel compresses by the .gz ending
     save_nifti(Volume(hu, grid.affine_ras()), tmp)
     os.replace(tmp, nii)
     if cfg.dicom:
@@ -147,12 +148,10 @@ def generate_study(args: tuple) -> dict:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _write_xlsx(path: Path, header: list[str], rows: list[list]) -> bool:
@@ -165,9 +164,8 @@ def _write_xlsx(path: Path, header: list[str], rows: list[list]) -> bool:
     ws.append(header)
     for r in rows:
         ws.append(r)
-    tmp = path.with_name(f".{path.name}.tmp")
-    wb.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        wb.save(tmp)
     return True
 
 
@@ -270,10 +268,7 @@ def generate_corpus(cfg: SynthConfig, progress: bool = True) -> dict:
         [[r["id"], *[r["labels"][f] for f in ids]] for r in results],
     )
     xlsx = _write_xlsx(out / "reports_final.xlsx", header, report_rows)
-    with open(out / ".ground_truth.jsonl.tmp", "w", encoding="utf-8") as fh:
-        for r in results:
-            fh.write(json.dumps(r["truth"]) + "\n")
-    os.replace(out / ".ground_truth.jsonl.tmp", out / "ground_truth.jsonl")
+    write_atomic(out / "ground_truth.jsonl", "".join(json.dumps(r["truth"]) + "\n" for r in results))
     prev = prevalence_table(results)
     _write_csv(out / "prevalence.csv", list(prev[0]), [list(p.values()) for p in prev])
     md = ["| finding | prevalence | labels 1 / 0 / -1 (all) | train 1 / 0 | test 1 / 0 |", "|---|---|---|---|---|"]
@@ -302,7 +297,5 @@ def generate_corpus(cfg: SynthConfig, progress: bool = True) -> dict:
         "xlsx": xlsx,
         "montage": str(montage) if montage else None,
     }
-    tmp = out / ".corpus.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    os.replace(tmp, out / "corpus.json")
+    write_json(out / "corpus.json", summary)
     return summary

@@ -1,0 +1,57 @@
+"""The project's one way to write a file that a reader must never see half-written.
+
+``atomic_path(path)`` yields a temporary name beside ``path`` (hidden, unique to the process and
+thread, ending in ``.partial`` so a clean-up can find leftovers), and renames it onto ``path`` only
+when the block succeeds; on an error the temporary file is removed and ``path`` is untouched. Two
+processes writing into one folder never share a temporary name. Lives on the deploy side because
+both sides use it and ``operators`` never imports ``training``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL_SUFFIX}")
+
+
+@contextmanager
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path to write to; renamed onto ``path`` when the block ends without error."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink()
+
+
+def write_atomic(path: str | Path, data: str | bytes, fsync: bool = False) -> None:
+    with atomic_path(path, fsync=fsync) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any, indent: int = 1) -> None:
+    write_atomic(path, json.dumps(obj, indent=indent))
