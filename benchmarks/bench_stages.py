@@ -31,7 +31,7 @@ import torch
 
 from operators.dicom_series import scan_tree
 from operators.package import default_package_dir, load_package, write_manifest
-from operators.pipeline import Preprocessor, StudyWork, infer, select_series, write_report
+from operators.pipeline import SeriesToModelInput, StudyWork, infer, select_series, write_report
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import ZeroShotModel
 from training.onnx_export import export_image_onnx
@@ -88,7 +88,7 @@ def merlin_size_package(demo: Path, out: Path) -> Path:
 def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path) -> dict:
     pkg = load_package(package)
     model = ZeroShotModel(pkg, device="auto")
-    prep = Preprocessor(pkg.spec)
+    prep = SeriesToModelInput(pkg.spec)
     per_run = []
     for i in range(runs + 1):  # the first is the warm-up
         t = time.perf_counter()

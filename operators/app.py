@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .dicom_series import scan_tree
 from .package import MANIFEST, PackageError, default_package_dir, load_package
-from .pipeline import Preprocessor, StudyWork
+from .pipeline import SeriesToModelInput, StudyWork
 from .volume import VolumeError
 from .zeroshot import ZeroShotModel
 
@@ -77,14 +77,14 @@ def build_app(studies: list[StudyWork], model: ZeroShotModel, output: Path, resu
             loader = StudyLoaderOperator(self, CountCondition(self, len(studies)), studies=studies, name="study_loader")
             selector = SeriesSelectorOperator(self, name="series_selector")
             tensor = SeriesToTensorOperator(
-                self, preprocessor=Preprocessor(model.package.spec), name="series_to_tensor"
+                self, preprocessor=SeriesToModelInput(model.package.spec), name="series_to_tensor"
             )
             zero_shot = ZeroShotOperator(self, model=model, name="zero_shot")
             writer = SRWriterOperator(self, model=model, output_folder=output, results=results, name="sr_writer")
             self.add_flow(loader, selector, {("study", "study")})
-            self.add_flow(selector, tensor, {("study", "study")})
-            self.add_flow(tensor, zero_shot, {("study", "study")})
-            self.add_flow(zero_shot, writer, {("study", "study")})
+            self.add_flow(selector, tensor, {("selected_series", "selected_series")})
+            self.add_flow(tensor, zero_shot, {("model_input", "model_input")})
+            self.add_flow(zero_shot, writer, {("findings", "findings")})
 
     return CTZeroShotApp()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from .dicom_series import SeriesFiles, scan_files, scan_tree
 from .files import write_atomic
 from .package import default_package_dir, load_package
-from .pipeline import Preprocessor, StudyWork, run_study, sr_filename
+from .pipeline import SeriesToModelInput, StudyWork, run_study, sr_filename
 
 log = logging.getLogger("ct-zeroshot")
 
@@ -44,7 +44,7 @@ def _init_worker(package_dir: str, out_dir: str, threads: int, level: int) -> No
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     pkg = load_package(package_dir, verify=False)  # verified once by the parent
     _WORKER.update(
-        model=ZeroShotModel(pkg, device="auto", threads=threads), prep=Preprocessor(pkg.spec), out=Path(out_dir)
+        model=ZeroShotModel(pkg, device="auto", threads=threads), prep=SeriesToModelInput(pkg.spec), out=Path(out_dir)
     )
 
 

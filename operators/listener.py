@@ -91,7 +91,7 @@ def _atomic_write_dataset(ds, path: Path) -> None:
 class Listener:
     def __init__(self, cfg: ListenerConfig):
         from .package import default_package_dir, load_package
-        from .pipeline import Preprocessor
+        from .pipeline import SeriesToModelInput
         from .zeroshot import ZeroShotModel
 
         self.cfg = cfg
@@ -100,7 +100,7 @@ class Listener:
             (self.spool / d).mkdir(parents=True, exist_ok=True)
         pkg = load_package(cfg.model or default_package_dir())
         self.model = ZeroShotModel(pkg, device="auto")
-        self.prep = Preprocessor(pkg.spec)
+        self.prep = SeriesToModelInput(pkg.spec)
         self.lock = threading.Lock()
         self.last_seen: dict[str, float] = {}  # study UID -> time of its last instance
         self.open_assoc: dict[int, set[str]] = {}  # association id -> studies it delivered

@@ -119,8 +119,9 @@ def select_series(work: StudyWork) -> StudyWork:
     return work
 
 
-class Preprocessor:
-    """The package's preprocessing, with the MONAI transform built once."""
+class SeriesToModelInput:
+    """Decodes the chosen series into a volume with its geometry and applies the package's
+    preprocessing (the MONAI transform built once): ``StudyWork`` in, ``work.tensor`` set."""
 
     def __init__(self, spec):
         self.spec = spec
@@ -211,7 +212,7 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
     return work
 
 
-def run_study(work: StudyWork, model: ZeroShotModel, prep: Preprocessor, out_dir: str | Path) -> StudyWork:
+def run_study(work: StudyWork, model: ZeroShotModel, prep: SeriesToModelInput, out_dir: str | Path) -> StudyWork:
     """All stages for one study (the batch and listener path; the app runs them as operators)."""
     t = time.perf_counter()
     work = write_report(infer(prep(select_series(work)), model), model, out_dir)

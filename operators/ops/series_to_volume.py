@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from ..pipeline import Preprocessor
+from ..pipeline import SeriesToModelInput
 
 
 class SeriesToTensorOperator(Operator):
-    def __init__(self, fragment: Fragment, *args, preprocessor: Preprocessor, **kwargs):
+    """Inputs: ``selected_series`` (``StudyWork``). Outputs: ``model_input`` (``StudyWork`` whose
+    ``tensor`` is the preprocessed (1, X, Y, Z) volume, or failed with the reason)."""
+
+    def __init__(self, fragment: Fragment, *args, preprocessor: SeriesToModelInput, **kwargs):
         self._prep = preprocessor
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
-        spec.input("study")
-        spec.output("study")
+        spec.input("selected_series")
+        spec.output("model_input")
 
     def compute(self, op_input, op_output, context):
-        op_output.emit(self._prep(op_input.receive("study")), "study")
+        op_output.emit(self._prep(op_input.receive("selected_series")), "model_input")

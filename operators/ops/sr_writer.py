@@ -11,6 +11,9 @@ from ..zeroshot import ZeroShotModel
 
 
 class SRWriterOperator(Operator):
+    """Inputs: ``findings`` (``StudyWork``). Outputs: none; the SR file in the output folder and the
+    study's outcome appended to ``results``."""
+
     def __init__(
         self, fragment: Fragment, *args, model: ZeroShotModel, output_folder: Path, results: list[StudyWork], **kwargs
     ):
@@ -20,7 +23,7 @@ class SRWriterOperator(Operator):
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
-        spec.input("study")
+        spec.input("findings")
 
     def compute(self, op_input, op_output, context):
-        self._results.append(write_report(op_input.receive("study"), self._model, self._out))
+        self._results.append(write_report(op_input.receive("findings"), self._model, self._out))

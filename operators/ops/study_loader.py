@@ -13,7 +13,9 @@ log = logging.getLogger("ct-zeroshot")
 
 class StudyLoaderOperator(Operator):
     """Emits ``StudyWork`` items. The folder is scanned once by the application (headers only, files
-    grouped by Study/Series Instance UID whatever the layout) so that the count condition is known."""
+    grouped by Study/Series Instance UID whatever the layout) so that the count condition is known.
+
+    Inputs: none. Outputs: ``study`` (``StudyWork``: the study's series, nothing chosen yet)."""
 
     def __init__(self, fragment: Fragment, *args, studies: list[StudyWork], **kwargs):
         self._studies = list(studies)

@@ -12,7 +12,7 @@ import pytest
 
 from operators.dicom_series import scan_tree
 from operators.package import load_package
-from operators.pipeline import Preprocessor, StudyWork, select_series, sr_filename
+from operators.pipeline import SeriesToModelInput, StudyWork, select_series, sr_filename
 from operators.sr import read_findings
 from operators.zeroshot import ZeroShotModel
 from tests.dicom_cases import broken_studies, small_study, study_uid
@@ -86,7 +86,7 @@ def test_srs_pass_dciodvfy_dsrdump_and_pixelmed(app_run):
 def test_sr_reads_back_with_the_operators_probabilities(app_run, tree, tiny_package):
     pkg = load_package(tiny_package["pkg"])
     model = ZeroShotModel(pkg, device="cpu")
-    prep = Preprocessor(pkg.spec)
+    prep = SeriesToModelInput(pkg.spec)
     scan = scan_tree(tree["root"]).studies()
     for uid in tree["good"]:
         work = prep(select_series(StudyWork(uid, scan[uid])))

@@ -83,10 +83,10 @@ def test_deploy_path_matches_nifti_and_reuses_its_buffer(corpus200, position):
     """The application's path (headers from the scan, pixels from the files, axes reversed into the
     model's orientation while copying, one buffer reused across studies) gives the training path's tensor."""
     from operators.dicom_series import scan_tree
-    from operators.pipeline import Preprocessor, StudyWork, select_series
+    from operators.pipeline import SeriesToModelInput, StudyWork, select_series
 
     spec = PreprocessSpec.tiny()
-    prep = Preprocessor(spec)
+    prep = SeriesToModelInput(spec)
     sids = _studies_by_position(corpus200)[position][:2]
     seen, kept = {}, []
     for sid in [sids[0], sids[0], sids[1], sids[0]]:  # the same size twice: the buffer is refilled
