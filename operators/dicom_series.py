@@ -167,10 +167,9 @@ def series_to_volume(
     (e.g. "RAS"), the same axes reversed where that puts them in that orientation (no permutation).
     ``datasets``: full datasets, or headers only with ``pixels(n)`` decoding instance n from its file.
 
-    The reversal happens while copying, so a volume in the model's orientation costs no extra pass:
-    MONAI's Orientation would flip a 512x512x300 LPS series into a new 300 MB tensor, ~75k page faults
-    (0.6-1 s of system time in this VM). ``out``: a float32 array to fill when it has the volume's
-    shape (a worker reusing one buffer across studies skips faulting in 300 MB per study)."""
+    The reversal happens while copying, so a volume in the model's orientation costs no extra pass
+    (MONAI's Orientation would copy the whole volume). ``out``: a float32 array to fill when it has the
+    volume's shape (a worker reusing one buffer across studies skips faulting in a new one per study)."""
     names = (
         list(names)
         if names is not None
@@ -188,9 +187,8 @@ def series_to_volume(
     dst = vol[:: -1 if flips[0] else 1, :: -1 if flips[1] else 1, :]  # a view: writes land reversed
     # (I, J, K) in C order has the slice axis fastest, so writing a decoded slice strides across the
     # whole array. Slices are decoded _TILE at a time into a small slice-major block, which is then
-    # transposed into the volume in _TILE x _TILE tiles (measured on 512x512x300: one slice at a
-    # time 1.1-2.1 s; whole blocks of 8 slices 0.4-1.4 s; 16x16 tiles 0.26 s; torch's permuted copy
-    # 0.66 s). C order matters downstream: MONAI copies a permuted input before resampling.
+    # transposed into the volume in _TILE x _TILE tiles (the fastest assembly measured; README, stage
+    # timings). C order matters downstream: MONAI copies a permuted input before resampling.
     rows, cols = int(first.Rows), int(first.Columns)
     block = np.empty((_TILE, rows, cols), dtype=np.float32)
     for b0 in range(0, len(order), _TILE):

@@ -126,9 +126,8 @@ class SeriesToModelInput:
     def __init__(self, spec):
         self.spec = spec
         self.transform = build_transform(spec)
-        # The last volume's memory, reused when the next series has the same size: faulting in a fresh
-        # 300 MB array cost 0.3-1.4 s of system time per study in this VM (measured after a Merlin-size
-        # encoder had run), as much as decoding. Never shared between threads: one per worker.
+        # The last volume's memory, reused when the next series has the same size (faulting in a fresh
+        # 300 MB array costs as much as decoding; README, stage timings). One per worker, never shared.
         self._buffer: np.ndarray | None = None
 
     def __call__(self, work: StudyWork) -> StudyWork:

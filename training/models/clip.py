@@ -30,17 +30,11 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         if embed_norm not in EMBED_NORMS:
             raise ValueError(f"embed_norm must be one of {', '.join(EMBED_NORMS)}, got {embed_norm!r}")
-        # "batch": centre and scale each tower's projection with BatchNorm (no affine) before the
-        # L2 norm. From scratch on CPU both towers start with a large common component (post-ReLU
-        # image features, post-LN text states: pairwise cosine 0.87-0.995), InfoNCE's gradient
-        # nearly cancels and a 500-step run never left loss = log(batch); centred, it learns at once.
-        # "batch_affine": the same centring plus a learnable scale and offset per dimension. Centring
-        # alone makes the image embeddings zero-mean over the data, so every finding's margin
-        # img . (mean positive - mean negative prompt) is zero-mean too and Merlin's fixed threshold
-        # calls ~50 % of studies positive whatever the prevalence (measured: 43-55 % for all 30
-        # findings, prevalences 8-66 %). The offset lets the image->text loss carry the prior.
-        # "text": centre only the text tower; the image embeddings keep their mean, which is where a
-        # finding's prior can live under Merlin's rule (margin = img . (mean pos - mean neg prompt)).
+        # "batch": centre and scale each tower's projection with BatchNorm (no affine) before the L2
+        # norm: towers trained from scratch start with a large common component that cancels
+        # InfoNCE's gradient. "batch_affine": the same plus a learnable per-dimension scale and
+        # offset, so the image embeddings can carry a finding's prior. "text": centre only the text
+        # tower. What each measured is in the README (Training, cpu-tiny results).
         dim = image.i3_resnet.contrastive_head.out_channels
         affine = embed_norm == "batch_affine"
         self.image_norm = (
