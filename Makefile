@@ -38,7 +38,7 @@ lint: venv
 
 # The test suite (what CI runs). pytest exits non-zero on failures and with 5 when no test ran.
 test: venv
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" --durations=20 $(PYTEST_ARGS)
 
 # The main job on the embedded default: a few synthetic DICOM studies through the MONAI Deploy
 # application with the embedded demo model; prints each SR's findings beside the ground truth.

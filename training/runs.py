@@ -156,7 +156,8 @@ def text_feature_cache(cfg: TrainConfig, run: Path, cache_dir: str | Path | None
     if (folder / "model.safetensors").exists():
         key += f"|{(folder / 'model.safetensors').stat().st_size}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return Path(cache_dir or default_cache_dir()) / "text-features" / f"{digest}.pt"
+    root = Path(cache_dir) if cache_dir else default_cache_dir().parent  # ~/.cache/ct-zeroshot by default
+    return root / "text-features" / f"{digest}.pt"
 
 
 def checkpoint_path(run: Path, name: str) -> Path:
