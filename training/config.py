@@ -86,6 +86,7 @@ class JointCfg:
     )
     init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
     multi_positive: bool = False  # identical normalised texts are positives of each other (loss.py)
+    positives: str = "text"  # with multi_positive: text (identical texts) | labels (identical finding labels)
 
 
 @dataclass
@@ -197,6 +198,8 @@ class TrainConfig:
             raise ConfigError(f"joint.embed_norm {self.joint.embed_norm!r}: expected one of {', '.join(EMBED_NORMS)}")
         if self.text.pooling not in ("first", "mean"):
             raise ConfigError(f"text.pooling {self.text.pooling!r}: expected first or mean")
+        if self.joint.positives not in ("text", "labels"):
+            raise ConfigError(f"joint.positives {self.joint.positives!r}: expected text or labels")
         if self.text.head not in ("linear", "mlp"):
             raise ConfigError(f"text.head {self.text.head!r}: expected linear or mlp")
         if self.text.train_layers < -1:

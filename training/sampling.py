@@ -76,6 +76,10 @@ class BatchPlanner:
         self.report_abnormal = np.setdiff1d(self.pool, self.report_normal)
         self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(studies) // self.global_batch)
         self.shortfall: Counter = Counter()  # draws made with replacement, by batch kind
+        from operators.findings import load_catalogue
+
+        cat = load_catalogue()
+        self._section_findings = {sec: [j for j, f in enumerate(cat) if f.section == sec] for sec in self.sections}
 
     # -- schedule ----------------------------------------------------------------------------
     def kind(self, step: int) -> str:
@@ -150,6 +154,17 @@ class BatchPlanner:
         if self.cfg.batching.schedule != "full":
             items += [Item(int(i), sec) for sec in self.sections for i in self.has[sec]]
         return items
+
+    def label_key_of(self, item: Item) -> str:
+        """What the item's text says in labels: the findings stated present (of its section, for a
+        section item). Items with equal keys are positives under ``joint.positives=labels``; a study
+        without labels falls back to its text."""
+        st = self.studies[item.index]
+        if st.labels is None:
+            return "text:" + self.text_of(item)
+        cols = self._section_findings.get(item.text) if item.text != FULL else None
+        present = [j for j in (cols if cols is not None else range(len(st.labels))) if st.labels[j] == 1]
+        return f"{item.text}:{present}"
 
     def text_of(self, item: Item) -> str:
         st = self.studies[item.index]

@@ -281,7 +281,12 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     local = r.planner.local_items(step, r.rank, items)
     images = torch.from_numpy(np.stack([r.volumes[it.index] for it in local])).to(r.device, non_blocking=True)
     texts = [r.planner.text_of(it) for it in local]
-    keys = text_keys([normalize_text(t) for t in texts]) if r.cfg.joint.multi_positive else None
+    keys = None
+    if r.cfg.joint.multi_positive:
+        by_labels = r.cfg.joint.positives == "labels"
+        keys = text_keys(
+            [r.planner.label_key_of(it) if by_labels else normalize_text(t) for it, t in zip(local, texts)]
+        )
     with r.autocast:
         img, txt, scale = r.ddp(images, texts=texts)
     loss = clip_loss(img.float(), txt.float(), scale.float(), keys=keys)  # the loss in float32, outside autocast

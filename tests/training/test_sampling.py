@@ -3,7 +3,7 @@ import pytest
 
 from training.config import TrainConfig
 from training.data import read_merlin_release
-from training.sampling import FULL, BatchPlanner, nested_subset
+from training.sampling import FULL, BatchPlanner, Item, nested_subset
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,20 @@ def test_deterministic_and_reseeded_per_step(train_studies):
     # Every arm runs the same schedule of batch kinds.
     d = planner(train_studies, "sampler.kind=balanced", "sampler.ratio=25:75")
     assert [a.kind(s) for s in range(40)] == [d.kind(s) for s in range(40)]
+
+
+def test_label_keys_follow_the_findings_stated_present(train_studies):
+    from operators.findings import load_catalogue
+
+    p = planner(train_studies)
+    cat = load_catalogue()
+    liver = [j for j, f in enumerate(cat) if f.section == "liver"]
+    has_liver = [i for i, s in enumerate(train_studies) if "liver" in s.sections]
+    keys = {}
+    for i in has_liver:
+        keys.setdefault(p.label_key_of(Item(i, "liver")), set()).add(
+            tuple(int(train_studies[i].labels[j] == 1) for j in liver)
+        )
+    assert len(keys) > 1 and all(len(v) == 1 for v in keys.values())  # one key <=> one set of liver findings
+    full = {p.label_key_of(Item(i, FULL)) for i in range(len(train_studies))}
+    assert len(full) > len(keys)
