@@ -400,6 +400,9 @@ def export_run(
         decided = decide_present(prob, thr[None, :], assessed[None, :])
         metrics["test_with_package_thresholds"] = {
             "macro_f1": macro_f1_from(decided.astype(int), d["labels"]),
+            "macro_f1_assessed_findings": macro_f1_from(decided[:, assessed].astype(int), d["labels"][:, assessed])
+            if assessed.any()
+            else None,
             "findings_not_assessed": int((~assessed).sum()),
             "calls_per_true_positive": float(decided.sum() / max(1, int((d["labels"] == 1).sum()))),
             "note": "the same test predictions as 'test', decided with the package's per-finding thresholds",

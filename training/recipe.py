@@ -101,6 +101,7 @@ def run_recipe(
         "test_macro_auroc": metrics["macro_auroc"],
         "test_macro_f1_merlin_rule": metrics["macro_f1"],
         "test_macro_f1_package": with_thr.get("macro_f1"),
+        "test_macro_f1_package_assessed_findings": with_thr.get("macro_f1_assessed_findings"),
         "findings_not_assessed": with_thr.get("findings_not_assessed"),
         "calls_per_true_positive": with_thr.get("calls_per_true_positive"),
     }
