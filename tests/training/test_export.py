@@ -13,8 +13,8 @@ from operators.package import FORMAT_VERSION, PackageError, load_package, write_
 from operators.zeroshot import ZeroShotModel, finding_scores
 from training.data import load_studies
 from training.evaluate import prompt_embeddings, zero_shot_scores
-from training.export import choose_thresholds
 from training.runs import load_run
+from training.thresholds import choose_thresholds
 
 
 @pytest.fixture(scope="module")
