@@ -18,8 +18,10 @@ deploy-side tokenizer (``tokenizers`` + Merlin's normalisation) vs the training 
 ids). Any failure of the image encoder's parity raises ``ExportError`` and leaves no manifest.
 
 **Thresholds**: ``merlin`` (default) puts 0.5 on the two-way softmax probability for every finding,
-Merlin's "positive mean higher"; ``validation`` chooses per finding the probability threshold that
-maximises F1 on the validation split (findings without validation positives keep 0.5).
+Merlin's "positive mean higher"; ``validation`` chooses them on the validation split
+(``thresholds.choose_thresholds``): a finding below the AUROC floor, or with a single class there, is
+marked not assessed and never reported present; the others get the F1-optimal threshold among those
+calling at most 1.5 studies per positive.
 """
 
 from __future__ import annotations
