@@ -1,0 +1,40 @@
+"""The recipe command end to end on a small corpus: stages timed, bars recorded, a loadable package."""
+
+import json
+
+from operators.package import load_package
+from training.recipe import run_recipe
+
+SMALL = [
+    "train.batch_size=8",
+    "train.steps=3",
+    "train.eval_every=3",
+    "train.eval_studies=16",
+    "optim.warmup_steps=1",
+    "text.vocab_size=400",
+    "text.hidden=32",
+    "text.layers=1",
+    "text.heads=2",
+    "text.max_length=64",
+    "image.init=pretext",
+    "pretrain.steps=2",
+    "pretrain.batch_size=4",
+]
+
+
+def test_recipe_writes_times_bars_and_a_package(corpus200, tmp_path):
+    result = run_recipe(tmp_path / "r", "cpu-tiny", SMALL, data=corpus200, cache_dir=tmp_path / "cache", progress=False)
+    saved = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert set(saved["seconds"]) == {"pretrain_image", "train", "evaluate", "supervised_reference", "export"}
+    assert (tmp_path / "r" / "pretext" / "image_init.pt").exists()
+    assert 0 <= saved["test_macro_auroc"] <= 1 and 0 <= saved["supervised_macro_auroc"] <= 1
+    assert set(saved["bars"]) == {
+        "test_macro_auroc >= 0.85",
+        "test_macro_f1_package >= 0.60",
+        "minutes_total <= 30",
+        "gap_to_supervised <= 0.05",
+    }
+    assert saved["bars"]["test_macro_auroc >= 0.85"] is False  # three steps learn nothing
+    pkg = load_package(tmp_path / "r" / "package")
+    assert pkg.assessed is not None and len(pkg.assessed) == 30
