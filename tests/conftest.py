@@ -44,12 +44,19 @@ TINY_TRAIN = [
 ]
 
 
+def export_cli(run, data, out, cache, *extra: str) -> list[str]:
+    """The ``ct-zeroshot-train export`` command line the tests run."""
+    import sys
+
+    args = ["export", "--run", run, "--data", data, "--out", out, "--cache", cache, "--quiet", *extra]
+    return [sys.executable, "-m", "training.cli", *map(str, args)]
+
+
 @pytest.fixture(scope="session")
 def tiny_package(corpus200, tmp_path_factory) -> dict:
     """A few-step run on the 200-study corpus, exported by the CLI with validation thresholds: a real
     model package (weights barely trained) for the export, deploy and front-end tests."""
     import subprocess
-    import sys
 
     from training.config import TrainConfig
     from training.train import train
@@ -58,23 +65,7 @@ def tiny_package(corpus200, tmp_path_factory) -> dict:
     cache = root / "cache"
     train(corpus200, root / "run", TrainConfig.load("cpu-tiny", TINY_TRAIN), cache_dir=cache, progress=False)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            "export",
-            "--run",
-            str(root / "run"),
-            "--data",
-            str(corpus200),
-            "--out",
-            str(root / "pkg"),
-            "--thresholds",
-            "validation",
-            "--cache",
-            str(cache),
-            "--quiet",
-        ],
+        export_cli(root / "run", corpus200, root / "pkg", cache, "--thresholds", "validation"),
         capture_output=True,
         text=True,
     )

@@ -11,6 +11,7 @@ import torch
 
 from operators.package import FORMAT_VERSION, PackageError, load_package, write_manifest
 from operators.zeroshot import ZeroShotModel, finding_scores
+from tests.conftest import export_cli
 from training.data import load_studies
 from training.evaluate import prompt_embeddings, zero_shot_scores
 from training.runs import load_run
@@ -137,21 +138,7 @@ def test_export_refuses_a_non_empty_folder(exported, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            "export",
-            "--run",
-            str(exported["run"]),
-            "--data",
-            str(exported["data"]),
-            "--out",
-            str(tmp_path / "out"),
-            "--cache",
-            str(exported["cache"]),
-            "--quiet",
-        ],
+        export_cli(exported["run"], exported["data"], tmp_path / "out", exported["cache"]),
         capture_output=True,
         text=True,
     )

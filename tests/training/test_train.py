@@ -5,23 +5,12 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import TINY_TRAIN
 from training.config import TrainConfig
 from training.data import DataError
 from training.train import train
 
-SMALL = [
-    "train.batch_size=8",
-    "train.steps=6",
-    "train.eval_every=3",
-    "train.eval_studies=16",
-    "train.log_every=1",
-    "optim.warmup_steps=2",
-    "text.vocab_size=400",
-    "text.hidden=32",
-    "text.layers=1",
-    "text.heads=2",
-    "text.max_length=96",
-]
+SMALL = [*TINY_TRAIN, "train.log_every=1"]
 
 
 def _weights(run):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from operators.findings import load_catalogue
+from operators.findings import SECTIONS, load_catalogue
 
 from .patient import Patient
 
@@ -34,22 +34,9 @@ HEADERS = {
     "musculoskeletal": ["Musculoskeletal", "Bones", "Osseous structures", "MUSCULOSKELETAL"],
 }
 PELVIC_SPLIT = {"M": ["Bladder", "Prostate and seminal vesicles"], "F": ["Bladder", "Uterus and ovaries"]}
-ORDER = [
-    "lower thorax",
-    "liver",
-    "gallbladder",
-    "spleen",
-    "pancreas",
-    "adrenal glands",
-    "kidneys",
-    "bowel",
-    "peritoneum",
-    "abdominal wall",
-    "pelvic",
-    "circulatory",
-    "lymph nodes",
-    "musculoskeletal",
-]
+# Merlin's 13 organ systems in report order, with the abdominal wall written after the peritoneum.
+_AFTER_PERITONEUM = SECTIONS.index("peritoneum") + 1
+ORDER = [*SECTIONS[:_AFTER_PERITONEUM], "abdominal wall", *SECTIONS[_AFTER_PERITONEUM:]]
 NORMAL_STATEMENTS = ["Normal.", "Unremarkable.", "Within normal limits.", "Normal in appearance.", "Normal."]
 
 # Where each finding's sentence goes (the section of its text, not always its catalogue section).
