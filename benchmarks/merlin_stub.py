@@ -39,7 +39,7 @@ CLINICAL_LONGFORMER = dict(
 
 def merlin_shapes() -> dict[str, tuple]:
     """Every tensor name of Merlin's checkpoint with its shape, in checkpoint order."""
-    text = resources.files(__package__).joinpath("merlin_checkpoint_keys.tsv").read_text()
+    text = resources.files("training").joinpath("merlin_checkpoint_keys.tsv").read_text()  # package data
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):

@@ -240,8 +240,8 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         torch.set_rng_state(state.rng["torch"])
         r.start, r.best = state.step, state.best
         if main:
-            for name in ("log.csv", "val.csv"):
-                _truncate_csv(run / name, r.start)
+            _truncate_csv(run / "log.csv", r.start)  # rows of the steps run before the checkpoint
+            _truncate_csv(run / "val.csv", r.start + 1)  # a row at the checkpoint's step was written before it
             _truncate_csv(run / "epochs.csv", r.start, key="last_step")  # rows of epochs ended before start
     else:
         if cfg.image.init:  # a fresh run starts from the pretext's image tower (every rank loads it)

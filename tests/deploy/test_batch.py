@@ -50,7 +50,7 @@ def test_batch_reports_broken_studies_and_resumes(archive, tiny_package, tmp_pat
     assert summary["complete"] and len(rows) == 20 and summary["failed"] == len(archive["bad"])
     for uid in archive["good"]:
         assert rows[uid]["status"] == "ok" and (out / "sr" / sr_filename(uid)).is_file()
-        assert 0.0 <= rows[uid]["ascites.probability"] <= 1.0 and rows[uid]["ascites.present"] in (0, 1)
+        assert 0.0 <= rows[uid]["ascites.probability"] <= 1.0 and rows[uid]["ascites.present"] in (0, 1, "not assessed")
     for uid, reason in archive["bad"].items():
         assert rows[uid]["status"] == "failed" and reason in rows[uid]["error"], rows[uid]
         assert not (out / "sr" / sr_filename(uid)).exists()
