@@ -198,7 +198,7 @@ class TextEncoder(nn.Module):
         """Compute the locked tower's pooled output of every text not cached yet; returns how many."""
         from tqdm import tqdm
 
-        todo = sorted({normalize_text(t) for t in texts} - set(self._features), key=len)
+        todo = sorted({k for k in map(normalize_text, texts) if k not in self._features}, key=len)
         if not todo:
             return 0
         self.text_encoder.eval()
@@ -224,8 +224,9 @@ class TextEncoder(nn.Module):
     def _units(self, units: list[str], device) -> torch.Tensor:
         if not self.locked:
             return self.pooled(**self.tokenize(units, device))
-        self.cache_features(units)
-        return torch.stack([self._features[normalize_text(u)] for u in units]).to(device)
+        keys = [normalize_text(u) for u in units]
+        self.cache_features(keys)  # normalisation is idempotent: keys map to themselves
+        return torch.stack([self._features[k] for k in keys]).to(device)
 
     def embed(self, texts: list[str], device=None) -> torch.Tensor:
         """(B, D) embeddings of raw texts (the training and evaluation path)."""
@@ -243,6 +244,3 @@ class TextEncoder(nn.Module):
         total = torch.zeros(len(texts), out.shape[1], dtype=out.dtype, device=out.device).index_add(0, index, out)
         counts = torch.bincount(index, minlength=len(texts)).clamp(min=1).to(out.dtype)
         return total / counts[:, None]
-
-    def encode(self, texts: list[str], device=None) -> torch.Tensor:
-        return self.embed(texts, device)
