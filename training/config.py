@@ -111,6 +111,9 @@ class BatchingCfg:
 class OptimCfg:
     lr: float = 1e-3
     text_lr: float = 3e-4
+    # the pretrained text tower's trainable layers (text.train_layers k > 0), apart from its head: a
+    # pretrained transformer wants a far smaller step than a head learnt from scratch; 0: text_lr
+    tower_lr: float = 0.0
     weight_decay: float = 0.02
     warmup_steps: int = 50
     grad_clip: float = 1.0
@@ -260,6 +263,11 @@ def _coerce(value, default, key):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -10,6 +10,11 @@ Beside a run's zero-shot AUROC per finding (Merlin's rule on its prompts), on th
   batch size: what the architecture learns from the labels themselves at that budget, an upper
   reference for a contrastive run of N steps.
 
+- **report read-out**: the same rule with each test study's own report, through the run's text tower,
+  in place of its image embedding: what zero-shot could reach if the image tower reproduced the
+  report's embedding exactly. When it is low, the text side (its tower, head and the prompts) caps
+  zero-shot, not the images.
+
 Labels are the corpus's report labels, so this runs on the Merlin release as on the synthetic corpus.
 Results go to ``RUN/probe.json`` (or ``probe_<checkpoint>.json``) and are printed as a table.
 """
@@ -148,9 +153,16 @@ def probe_run(
     prompt_emb, rows = prompt_embeddings(model, device)
     margins, _ = zero_shot_scores(emb_te, prompt_emb, rows, model.scale().item())
     zs = zero_shot_metrics(margins, y_te)
+    with torch.no_grad():
+        report_emb = model.encode_texts([s.report for s in test_set], device).cpu()
+    read_out = zero_shot_metrics(zero_shot_scores(report_emb, prompt_emb, rows, 1.0)[0], y_te)
     probe_auc = per_finding_auroc(linear_probe(emb_tr, y_tr, emb_te.numpy()), y_te)
     ids = load_catalogue().ids
-    columns = {"zero_shot": [zs["per_finding"][f]["auroc"] for f in ids], "linear_probe": probe_auc}
+    columns = {
+        "zero_shot": [zs["per_finding"][f]["auroc"] for f in ids],
+        "report_read_out": [read_out["per_finding"][f]["auroc"] for f in ids],
+        "linear_probe": probe_auc,
+    }
     seconds = {"probe": time.perf_counter() - t0}
     if supervised_steps:
         t0 = time.perf_counter()

@@ -87,24 +87,30 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def _optimizer(model: DualEncoder, cfg: TrainConfig):
-    groups: dict[str, list[torch.nn.Parameter]] = {"image": [], "text": [], "none": []}
+    o = cfg.optim
+    groups: dict[str, list[torch.nn.Parameter]] = {"image": [], "text": [], "none": [], "tower": [], "tower_nd": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name == "logit_scale":
+        if o.tower_lr > 0 and name.startswith("encode_text.text_encoder."):
+            groups["tower" if p.ndim >= 2 else "tower_nd"].append(p)
+        elif p.ndim < 2 or name == "logit_scale":
             groups["none"].append(p)
         elif name.startswith("encode_text"):
             groups["text"].append(p)
         else:
             groups["image"].append(p)
-    o = cfg.optim
-    opt = torch.optim.AdamW(
-        [
-            {"params": groups["image"], "lr": o.lr, "weight_decay": o.weight_decay},
-            {"params": groups["text"], "lr": o.text_lr, "weight_decay": o.weight_decay},
-            {"params": groups["none"], "lr": o.lr, "weight_decay": 0.0},
+    param_groups = [
+        {"params": groups["image"], "lr": o.lr, "weight_decay": o.weight_decay},
+        {"params": groups["text"], "lr": o.text_lr, "weight_decay": o.weight_decay},
+        {"params": groups["none"], "lr": o.lr, "weight_decay": 0.0},
+    ]
+    if o.tower_lr > 0:
+        param_groups += [
+            {"params": groups["tower"], "lr": o.tower_lr, "weight_decay": o.weight_decay},
+            {"params": groups["tower_nd"], "lr": o.tower_lr, "weight_decay": 0.0},
         ]
-    )
+    opt = torch.optim.AdamW(param_groups)
     total = cfg.train.steps
 
     def schedule(step: int) -> float:  # linear warm-up, cosine decay to 0

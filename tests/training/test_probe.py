@@ -77,7 +77,7 @@ def test_probe_command(tiny_package, tmp_path):
     assert "linear_probe" in proc.stdout and "supervised" in proc.stdout
     result = json.loads((run / "probe.json").read_text())
     assert len(result["per_finding"]) == 30
-    assert set(result["macro_auroc"]) == {"zero_shot", "linear_probe", "supervised"}
+    assert set(result["macro_auroc"]) == {"zero_shot", "report_read_out", "linear_probe", "supervised"}
     for value in result["macro_auroc"].values():
         assert 0.0 <= value <= 1.0
     assert result["meta"]["supervised_steps"] == 3 and result["meta"]["test_studies"] > 0

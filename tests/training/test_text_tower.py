@@ -64,6 +64,40 @@ def test_top_layers_only():
         TextEncoder(minilm_dir(), 16, 64, train_layers=7)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_top_layers_on_cached_lower_states_match_the_token_path(pooling):
+    """With sentences and k trained layers, the frozen layers run once per distinct sentence and only
+    the top k run each step: the same numbers as the whole tower (what the ONNX graph computes), and
+    gradients reach the trained layers and the head only."""
+    enc = TextEncoder(minilm_dir(), 16, 64, pooling=pooling, train_layers=1, sentences=True, head="mlp").eval()
+    texts = ["Mild hepatic steatosis. No ascites.", "No ascites.", "The gallbladder is surgically absent."]
+    with torch.no_grad():
+        cached = enc.embed(texts)
+        whole = [enc(**enc.tokenize(split_sentences(t))).mean(0) for t in texts]
+    assert torch.allclose(cached, torch.stack(whole), atol=1e-5)
+    assert len(enc._bottom) == 3  # "no ascites ." kept once
+    enc.train()
+    enc.embed(texts).sum().backward()
+    grads = {n for n, p in enc.named_parameters() if p.grad is not None}
+    assert any(n.startswith("text_encoder.encoder.layer.5.") for n in grads)
+    assert not any(n.startswith("text_encoder.encoder.layer.4.") for n in grads)
+    assert enc.linear_layer[0].weight.grad is not None
+
+
+def test_tower_lr_gives_the_pretrained_layers_their_own_step(tmp_path):
+    from training.train import _optimizer
+
+    over = ["text.model=minilm", "text.train_layers=1", "text.head=linear", "optim.tower_lr=5e-5"]
+    cfg = TrainConfig.load("cpu-tiny", over)
+    model = make_model(cfg, tmp_path)
+    opt, _ = _optimizer(model, cfg)
+    lr = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
+    layer = model.encode_text.text_encoder.encoder.layer[5]
+    assert lr[id(layer.attention.self.query.weight)] == lr[id(layer.output.LayerNorm.weight)] == 5e-5
+    assert lr[id(model.encode_text.linear_layer.weight)] == cfg.optim.text_lr
+    assert id(model.encode_text.text_encoder.encoder.layer[4].output.dense.weight) not in lr  # frozen
+
+
 def test_split_sentences():
     assert split_sentences("FINDINGS:\nLIVER: Normal. Gallbladder: 3.4 cm stone.") == [
         "FINDINGS:",
