@@ -97,6 +97,12 @@ class SamplerCfg:
     subset_fraction: float = 1.0  # fixed subset of the training split (the paper: 4,362 / 15,331)
     data_fraction: float = 1.0  # nested fraction of that subset (20 % within 40 % within 100 %)
     subset_seed: int = 1234  # fixes the subset and the nesting, independent of the run seed
+    # passes: each batch kind walks shuffled passes over its pool (a data loader's epochs, drop_last);
+    # independent: every batch an independent draw (one "epoch" then covers ~63 % of the studies)
+    order: str = "independent"
+    # finding: a section is abnormal when a sentence states a finding (denials are normal);
+    # stock: normal only when every sentence is a stock phrase (the early-training study's rule)
+    section_rule: str = "finding"
 
 
 @dataclass
@@ -184,6 +190,10 @@ class TrainConfig:
         if self.sampler.kind not in ("random", "balanced"):
             raise ConfigError(f"sampler.kind {self.sampler.kind!r}: expected random or balanced")
         parse_ratio(self.sampler.ratio)
+        if self.sampler.order not in ("passes", "independent"):
+            raise ConfigError(f"sampler.order {self.sampler.order!r}: expected passes or independent")
+        if self.sampler.section_rule not in ("finding", "stock"):
+            raise ConfigError(f"sampler.section_rule {self.sampler.section_rule!r}: expected finding or stock")
         for name in ("subset_fraction", "data_fraction"):
             v = getattr(self.sampler, name)
             if not 0 < v <= 1:

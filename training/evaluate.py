@@ -106,8 +106,8 @@ def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
             continue
         pred = merlin_present(margins[keep, j]).astype(int)
         auroc = finding_auroc(y, margins[keep, j])
-        per[fid] = {
-            "f1": float(f1_score(y, pred, zero_division=0)),
+        per[fid] = {  # a finding with one class only enters no macro metric (neither F1 nor AUROC)
+            "f1": float(f1_score(y, pred, zero_division=0)) if 0 < y.sum() < y.size else None,
             "auroc": auroc,
             "n": int(y.size),
             "positives": int(y.sum()),
@@ -127,19 +127,25 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
     target = np.arange(n)
     out = {}
     for name, s in (("image_to_report", sim), ("report_to_image", sim.T)):
-        rank = (s > s[target, target][:, None]).sum(1)  # 0 = retrieved first
-        out[name] = {f"R@{k}": float((rank < k).mean()) for k in RECALL_AT}
+        own = s[target, target][:, None]
+        above = (s > own).sum(1)  # 0 = retrieved first
+        tied = (s == own).sum(1) - 1  # others scored exactly as the true match
+        # ties ranked fairly: the chance that a random order of the tied puts the true match in the top k
+        out[name] = {
+            f"R@{k}": float(np.clip((k - above) / (tied + 1), 0.0, 1.0).mean()) for k in RECALL_AT
+        }
     out["n"] = n
     return out
 
 
 def macro_f1_from(pred: np.ndarray, labels: np.ndarray) -> float:
-    """Macro F1 (dropping -1) from prediction and label matrices; vectorised for bootstrap loops."""
+    """Macro F1 (dropping -1) from prediction and label matrices; vectorised for bootstrap loops. A
+    finding with one class only (no positive or no negative label) is left out, as in macro AUROC."""
     keep = labels != -1
     tp = ((pred == 1) & (labels == 1) & keep).sum(0)
     fp = ((pred == 1) & (labels == 0) & keep).sum(0)
     fn = ((pred == 0) & (labels == 1) & keep).sum(0)
-    has = keep.sum(0) > 0
+    has = ((labels == 1) & keep).any(0) & ((labels == 0) & keep).any(0)
     denom = 2 * tp + fp + fn
     f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
     return float(f1[has].mean()) if has.any() else math.nan

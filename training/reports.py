@@ -4,8 +4,10 @@ A findings text ("FINDINGS: Lower thorax: ... Liver and biliary tree: ... IMPRES
 is split at its headers into Merlin's 13 systems (header spellings in ``HEADER_TO_SYSTEM``;
 several headers may feed one system, e.g. "Bladder" and "Prostate and seminal vesicles" both
 feed "pelvic"). Unknown headers end the previous section without starting one; the impression
-is kept apart. A section is *normal* when its body is nothing but normal statements ("Normal.",
-"Unremarkable.", "Within normal limits."), the rule the balanced samplers use.
+is kept apart. A section is *normal* when no sentence of it states a finding: denials ("No
+hydronephrosis.") and normal descriptions ("The heart is normal in size.") state none. That is the
+rule the balanced samplers use (``sampler.section_rule``); the early-training study's rule, normal
+only when every sentence is a stock phrase ("Normal.", "Unremarkable."), stays as ``stock``.
 """
 
 from __future__ import annotations
@@ -183,13 +185,43 @@ def _sentences(body: str) -> list[str]:
     return [s for s in (normalize_text(p) for p in re.split(r"[.;\n]+", body)) if s]
 
 
-def is_normal_section(body: str) -> bool:
-    """True when the section body is only normal statements ("Normal.", "Unremarkable.")."""
+# A sentence that denies or describes the normal (NegEx-style triggers at the sentence start, a
+# "normal" descriptor, patency) states no finding; everything else in a section is taken as one.
+_NEGATED = re.compile(r"^(?:no|not|without|negative for|free of|absence of|absent)\b")
+_NEGATED_AFTER = re.compile(r"\b(?:is|are) (?:not (?:seen|identified|present|visualized)|absent)$")
+_NORMAL_DESCRIPTOR = re.compile(
+    r"(?<!ab)\bnormal\b|\bunremarkable\b|^patent\b|^symmetric enhancement$"
+    r"|^the (?:gallbladder|appendix|spleen|pancreas|liver|bladder) is present$"
+)
+SECTION_RULES = ("finding", "stock")
+
+
+def states_finding(sentence: str) -> bool:
+    """True when a (normalised) sentence states a finding: it is neither a denial ("No hydronephrosis.",
+    "without free air", "Ascites is not seen.") nor a normal description ("The heart is normal in
+    size.", "Patent portal veins."). "Surgically absent" is a finding; a post-negation needs a verb."""
+    s = sentence.strip(" ,:-")
+    if not s or s in NORMAL_STATEMENTS:
+        return False
+    if _NEGATED.match(s) or (_NEGATED_AFTER.search(s) and "surgically" not in s):
+        return False
+    return not _NORMAL_DESCRIPTOR.search(s)
+
+
+def is_normal_section(body: str, rule: str = "finding") -> bool:
+    """True when the section states no finding. ``rule="finding"``: no sentence states a finding
+    (denials such as "No hydronephrosis." are normal); ``rule="stock"``: every sentence is a stock
+    normal phrase ("Normal.", "Unremarkable."), the rule of the early-training study, under which a
+    section that only denies findings counted as abnormal."""
     sents = [s.strip(" ,:-") for s in _sentences(body)]
     sents = [s for s in sents if s]
-    return bool(sents) and all(s in NORMAL_STATEMENTS for s in sents)
+    if rule == "stock":
+        return bool(sents) and all(s in NORMAL_STATEMENTS for s in sents)
+    if rule != "finding":
+        raise ValueError(f"section rule must be one of {SECTION_RULES}, got {rule!r}")
+    return bool(sents) and not any(states_finding(s) for s in sents)
 
 
-def section_status(report: ParsedReport) -> dict[str, str]:
+def section_status(report: ParsedReport, rule: str = "finding") -> dict[str, str]:
     """system -> "normal" | "abnormal" for every section present in the report."""
-    return {s: ("normal" if is_normal_section(b) else "abnormal") for s, b in report.sections.items()}
+    return {s: ("normal" if is_normal_section(b, rule) else "abnormal") for s, b in report.sections.items()}

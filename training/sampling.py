@@ -9,11 +9,15 @@ the batches it would have seen, and every arm of a study runs the same schedule:
   ``sections`` only. In a section batch each item may use its full report instead with
   ``full_report_prob``. Items whose report lacks the section are never drawn for it (they are
   replaced by studies that have it), so no item trains on empty text.
-- **Samplers.** ``random``: the batch is a uniform draw without replacement from the eligible
-  pool. ``balanced``: a section batch holds round(B * n) studies whose section is normal and the
-  rest abnormal (normal: the section is only normal statements); a pool that runs short is drawn
-  with replacement and the shortfall counted. Full-report batches are balanced too only with
-  ``balance_full_reports`` (normal = every section normal).
+- **Samplers.** ``random``: the batch is drawn without replacement from the eligible pool.
+  ``balanced``: a section batch holds round(B * n) studies whose section is normal and the rest
+  abnormal (normal: no sentence states a finding, ``sampler.section_rule``); a pool that runs short
+  is drawn with replacement and the shortfall counted. Full-report batches are balanced too only
+  with ``balance_full_reports`` (normal = every section normal).
+- **Order.** ``sampler.order=passes``: each pool (per batch kind, and per normal / abnormal part)
+  is walked in shuffled passes, as a data loader's epochs with ``drop_last``: the n-th batch of a
+  kind takes the n-th slice of the current pass, so every study of the pool is seen once per pass.
+  ``independent``: every batch is a fresh draw (the early-training study's order).
 - **Data fractions.** A fixed subset of the training split (``subset_fraction``, seeded by
   ``subset_seed``, independent of the run seed) and a nested fraction of it (``data_fraction``):
   the first k of one fixed permutation, so 20 % lies within 40 % within 100 %.
@@ -23,6 +27,7 @@ the batches it would have seen, and every arm of a study runs the same schedule:
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -30,6 +35,7 @@ import numpy as np
 
 from .config import TrainConfig, parse_ratio
 from .data import Study
+from .reports import section_status
 
 FULL = "full"
 
@@ -65,17 +71,14 @@ class BatchPlanner:
         if cfg.batching.schedule != "full" and not self.sections:
             raise ValueError("no training report has any of the configured sections; use batching.schedule=full")
         self.has = {sec: np.array([i for i in self.pool if sec in studies[i].sections]) for sec in self.sections}
-        self.normal = {
-            sec: np.array([i for i in self.has[sec] if studies[i].section_status[sec] == "normal"])
-            for sec in self.sections
-        }
+        status = {i: section_status(studies[i].parsed, s.section_rule) for i in self.pool}
+        self.normal = {sec: np.array([i for i in self.has[sec] if status[i][sec] == "normal"]) for sec in self.sections}
         self.abnormal = {sec: np.setdiff1d(self.has[sec], self.normal[sec]) for sec in self.sections}
-        self.report_normal = np.array(
-            [i for i in self.pool if all(v == "normal" for v in studies[i].section_status.values())]
-        )
+        self.report_normal = np.array([i for i in self.pool if all(v == "normal" for v in status[i].values())])
         self.report_abnormal = np.setdiff1d(self.pool, self.report_normal)
         self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(studies) // self.global_batch)
         self.shortfall: Counter = Counter()  # draws made with replacement, by batch kind
+        self._kinds: list[str] = []  # kind of steps 0.. (memo for occurrence counts under a random choice)
         from operators.findings import load_catalogue
 
         cat = load_catalogue()
@@ -99,18 +102,39 @@ class BatchPlanner:
     def _rng(self, step: int, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.cfg.train.seed, self.epoch(step), step, stream])
 
+    def occurrence(self, step: int) -> int:
+        """How many earlier steps had this step's batch kind."""
+        b = self.cfg.batching
+        kind = self.kind(step)
+        if b.schedule == "full" or (b.schedule == "sections" and b.system_choice == "round_robin"):
+            return step if b.schedule == "full" else step // len(self.sections)
+        if b.schedule == "alternate" and kind == FULL:
+            return step // 2
+        if b.system_choice == "round_robin":  # alternate: section steps are the odd ones
+            return (step // 2) // len(self.sections)
+        while len(self._kinds) < step:
+            self._kinds.append(self.kind(len(self._kinds)))
+        return self._kinds[:step].count(kind)
+
     # -- sampling ----------------------------------------------------------------------------
-    def _draw(self, pool: np.ndarray, k: int, rng: np.random.Generator, kind: str) -> np.ndarray:
+    def _draw(self, pool: np.ndarray, k: int, rng: np.random.Generator, kind: str, step: int = -1) -> np.ndarray:
         if k == 0:
             return np.empty(0, dtype=int)
         if len(pool) == 0:
             raise ValueError(f"batch of kind {kind!r} needs {k} studies from an empty pool")
+        if len(pool) >= k and self.cfg.sampler.order == "passes" and step >= 0:
+            per_pass = len(pool) // k
+            n = self.occurrence(step)
+            stream = zlib.crc32(kind.encode())
+            perm = np.random.default_rng([self.cfg.train.seed, stream, n // per_pass]).permutation(pool)
+            j = n % per_pass
+            return perm[j * k : (j + 1) * k]
         if len(pool) >= k:
             return rng.choice(pool, size=k, replace=False)
         self.shortfall[kind] += k - len(pool)
         return np.concatenate([rng.permutation(pool), rng.choice(pool, size=k - len(pool), replace=True)])
 
-    def _balanced(self, normal, abnormal, rng, kind) -> np.ndarray:
+    def _balanced(self, normal, abnormal, rng, kind, step) -> np.ndarray:
         n = int(round(self.global_batch * self.ratio[0]))
         a = self.global_batch - n
         if len(normal) == 0:
@@ -120,7 +144,7 @@ class BatchPlanner:
             n, a = self.global_batch, 0
             self.shortfall[kind + ":no-abnormal"] += 1
         idx = np.concatenate(
-            [self._draw(normal, n, rng, kind + ":normal"), self._draw(abnormal, a, rng, kind + ":abnormal")]
+            [self._draw(normal, n, rng, kind + ":normal", step), self._draw(abnormal, a, rng, kind + ":abnormal", step)]
         )
         return rng.permutation(idx)
 
@@ -130,14 +154,14 @@ class BatchPlanner:
         balanced = self.cfg.sampler.kind == "balanced"
         if kind == FULL:
             if balanced and self.cfg.sampler.balance_full_reports:
-                idx = self._balanced(self.report_normal, self.report_abnormal, rng, FULL)
+                idx = self._balanced(self.report_normal, self.report_abnormal, rng, FULL, step)
             else:
-                idx = self._draw(np.asarray(self.pool), self.global_batch, rng, FULL)
+                idx = self._draw(np.asarray(self.pool), self.global_batch, rng, FULL, step)
             return [Item(int(i), FULL) for i in idx]
         if balanced:
-            idx = self._balanced(self.normal[kind], self.abnormal[kind], rng, kind)
+            idx = self._balanced(self.normal[kind], self.abnormal[kind], rng, kind, step)
         else:
-            idx = self._draw(self.has[kind], self.global_batch, rng, kind)
+            idx = self._draw(self.has[kind], self.global_batch, rng, kind, step)
         p = self.cfg.batching.full_report_prob
         use_full = rng.random(len(idx)) < p if p > 0 else np.zeros(len(idx), bool)
         return [Item(int(i), FULL if f else kind) for i, f in zip(idx, use_full)]

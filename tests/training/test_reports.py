@@ -1,7 +1,7 @@
 import pytest
 
 from operators.findings import SECTIONS
-from training.reports import ReportError, is_normal_section, parse_report, section_status
+from training.reports import ReportError, is_normal_section, parse_report, section_status, states_finding
 
 MERLIN_STYLE = (
     "FINDINGS: Lower thorax: Mild bibasilar atelectasis. No pleural effusion. "
@@ -59,26 +59,74 @@ def test_report_without_findings_is_refused():
 
 
 @pytest.mark.parametrize(
-    "body,normal",
+    "body,stock,finding",
     [
-        ("Normal.", True),
-        ("Unremarkable.", True),
-        ("Within normal limits.", True),
-        ("normal", True),
-        ("Normal. Unremarkable.", True),
-        ("No acute abnormality.", True),
-        ("No hydronephrosis.", False),
-        ("Normal. Small cyst.", False),
-        ("Mild splenomegaly.", False),
-        ("Normal in size.", False),
-        ("", False),
+        ("Normal.", True, True),
+        ("Unremarkable.", True, True),
+        ("Within normal limits.", True, True),
+        ("normal", True, True),
+        ("Normal. Unremarkable.", True, True),
+        ("No acute abnormality.", True, True),
+        ("No hydronephrosis.", False, True),
+        ("No hydronephrosis. No renal cysts.", False, True),
+        ("Normal. Small cyst.", False, False),
+        ("Mild splenomegaly.", False, False),
+        ("Normal in size.", False, True),
+        ("", False, False),
     ],
 )
-def test_normal_section_rule(body, normal):
-    assert is_normal_section(body) is normal
+def test_normal_section_rules(body, stock, finding):
+    assert is_normal_section(body, "stock") is stock
+    assert is_normal_section(body) is finding
 
 
 def test_section_status():
     st = section_status(parse_report(MERLIN_STYLE))
     assert st["spleen"] == "normal" and st["pancreas"] == "normal" and st["adrenal glands"] == "normal"
     assert st["liver"] == "abnormal" and st["pelvic"] == "abnormal"
+
+
+@pytest.mark.parametrize(
+    "sentence,finding",
+    [
+        ("no hydronephrosis", False),
+        ("no evidence of venous thrombosis", False),
+        ("without free air", False),
+        ("ascites is not seen", False),
+        ("the heart is normal in size", False),
+        ("normal caliber bowel loops", False),
+        ("patent portal and hepatic veins", False),
+        ("the gallbladder is present", False),
+        ("within normal limits", False),
+        ("mild right hydronephrosis", True),
+        ("the gallbladder is surgically absent", True),
+        ("gallstones present without evidence of cholecystitis", True),
+        ("abnormal enhancement of the liver", True),
+        ("degenerative changes of the lumbar spine", True),
+        ("there is a small sliding hiatal hernia", True),
+    ],
+)
+def test_states_finding_understands_negation(sentence, finding):
+    assert states_finding(sentence) is finding
+
+
+def test_finding_rule_agrees_with_the_corpus_labels(corpus200):
+    """On the generated corpus's phrasings: a section holding a labelled finding of its organ system
+    is abnormal under the finding rule whenever its text reports one; a section that only denies is
+    normal (the stock rule called most of those abnormal)."""
+    from operators.findings import load_catalogue
+    from training.data import read_merlin_release
+
+    cols: dict = {}
+    for j, f in enumerate(load_catalogue()):
+        cols.setdefault(f.section, []).append(j)
+    agree = total = denials_stock_abnormal = 0
+    for st in read_merlin_release(corpus200):
+        for sec, body in st.sections.items():
+            labelled = any(st.labels[j] == 1 for j in cols.get(sec, []))
+            total += 1
+            agree += labelled == (not is_normal_section(body))
+            if not labelled and not is_normal_section(body, "stock") and is_normal_section(body):
+                denials_stock_abnormal += 1
+    assert agree / total > 0.95, agree / total
+    assert denials_stock_abnormal > 0.2 * total

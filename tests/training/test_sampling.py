@@ -45,9 +45,51 @@ def test_balanced_ratio(train_studies, ratio, normal):
     for step in range(1, 30, 2):
         sec = p.kind(step)
         items = p.global_items(step)
-        n = sum(train_studies[it.index].section_status[sec] == "normal" for it in items)
+        n = sum(it.index in set(p.normal[sec].tolist()) for it in items)
         if len(p.normal[sec]) and len(p.abnormal[sec]):
             assert n == normal, (sec, n)
+
+
+@pytest.mark.parametrize("extra", [[], ["batching.schedule=sections", "batching.system_choice=random"]])
+def test_passes_cover_every_study_once_per_pass(train_studies, extra):
+    """sampler.order=passes: the n-th batch of a kind is the n-th slice of a shuffled pass over its
+    pool (drop_last), so a pass shows each study once; independent draws repeat and miss studies."""
+    p = planner(train_studies, "sampler.order=passes", *extra)
+    kind = FULL if not extra else p.kind(0)
+    steps = [s for s in range(4000) if p.kind(s) == kind]
+    pool = np.asarray(p.pool) if kind == FULL else p.has[kind]
+    per_pass = len(pool) // p.global_batch
+    seen = [it.index for s in steps[:per_pass] for it in p.global_items(s)]
+    assert len(seen) == len(set(seen)) == per_pass * p.global_batch
+    second = [it.index for s in steps[per_pass : 2 * per_pass] for it in p.global_items(s)]
+    assert len(set(second)) == len(second) and second != seen  # a fresh shuffle
+    assert [it.index for it in p.global_items(steps[3])] == [it.index for it in planner(train_studies, "sampler.order=passes", *extra).global_items(steps[3])]
+    q = planner(train_studies, *extra)
+    drawn = [it.index for s in steps[:per_pass] for it in q.global_items(s)]
+    assert len(set(drawn)) < len(drawn)
+
+
+def test_balanced_passes_keep_the_ratio(train_studies):
+    p = planner(train_studies, "sampler.kind=balanced", "sampler.ratio=25:75", "sampler.order=passes")
+    for step in range(1, 60, 2):
+        sec = p.kind(step)
+        if len(p.normal[sec]) >= 2 and len(p.abnormal[sec]) >= 6:
+            items = p.global_items(step)
+            assert sum(it.index in set(p.normal[sec].tolist()) for it in items) == 2
+            assert len({it.index for it in items}) == 8
+
+
+def test_section_rule_finding_treats_denials_as_normal(train_studies):
+    """Under the stock rule a section that only denies findings counted as abnormal; under the
+    finding rule abnormal sections are the ones that state a finding."""
+    stock = planner(train_studies, "sampler.section_rule=stock")
+    finding = planner(train_studies)
+    for sec in ("adrenal glands", "kidneys"):
+        if sec in finding.sections:
+            assert len(finding.abnormal[sec]) < len(stock.abnormal[sec])
+    for sec in finding.sections:
+        for i in finding.abnormal[sec][:5]:
+            assert "no " not in train_studies[i].sections[sec].lower()[:3] or "." in train_studies[i].sections[sec]
 
 
 def test_short_pool_draws_with_replacement_and_logs(train_studies):
