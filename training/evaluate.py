@@ -131,9 +131,7 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
         above = (s > own).sum(1)  # 0 = retrieved first
         tied = (s == own).sum(1) - 1  # others scored exactly as the true match
         # ties ranked fairly: the chance that a random order of the tied puts the true match in the top k
-        out[name] = {
-            f"R@{k}": float(np.clip((k - above) / (tied + 1), 0.0, 1.0).mean()) for k in RECALL_AT
-        }
+        out[name] = {f"R@{k}": float(np.clip((k - above) / (tied + 1), 0.0, 1.0).mean()) for k in RECALL_AT}
     out["n"] = n
     return out
 

@@ -63,7 +63,8 @@ def test_passes_cover_every_study_once_per_pass(train_studies, extra):
     assert len(seen) == len(set(seen)) == per_pass * p.global_batch
     second = [it.index for s in steps[per_pass : 2 * per_pass] for it in p.global_items(s)]
     assert len(set(second)) == len(second) and second != seen  # a fresh shuffle
-    assert [it.index for it in p.global_items(steps[3])] == [it.index for it in planner(train_studies, "sampler.order=passes", *extra).global_items(steps[3])]
+    again = planner(train_studies, "sampler.order=passes", *extra)  # a pure function of (seed, step)
+    assert [it.index for it in p.global_items(steps[3])] == [it.index for it in again.global_items(steps[3])]
     q = planner(train_studies, *extra)
     drawn = [it.index for s in steps[:per_pass] for it in q.global_items(s)]
     assert len(set(drawn)) < len(drawn)
