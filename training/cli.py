@@ -145,6 +145,11 @@ def _study(args: argparse.Namespace) -> int:
     from .study import StudyPreset, aggregate, run_study
 
     preset = StudyPreset.load(args.preset)
+    if args.seed_level_only:
+        from .study.seed_level import write_seed_level
+
+        print(write_seed_level(preset, Path(args.out)))
+        return 0
     if args.aggregate_only:
         record = json.loads((Path(args.out) / "study.json").read_text())
         aggregate(
@@ -318,7 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True, help="study folder: results.csv, summary.md, plots, runs/")
     st.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's, 3)")
     st.add_argument("--resume", action="store_true", help="continue a study in --out, skipping finished runs")
-    st.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the preset's)")
+    st.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at a time (default: the preset's; 0: the cores // the preset's threads per run)",
+    )
+    st.add_argument(
+        "--seed-level-only",
+        action="store_true",
+        help="only write seed_level.md (per-seed t-intervals, Holm) from --out's results.csv",
+    )
     st.add_argument(
         "--aggregate-only",
         action="store_true",

@@ -179,6 +179,39 @@ class BatchPlanner:
             items += [Item(int(i), sec) for sec in self.sections for i in self.has[sec]]
         return items
 
+    def finding_share(self, steps: int) -> dict[str, float]:
+        """Share of section-batch items over ``steps`` steps whose section holds a finding: by the
+        sampler's rule, by the report labels (a label-1 finding of that organ system), and by the rule
+        over the sections that have both normal and abnormal studies (the ones a ratio can balance)."""
+        n = rule = labelled = 0
+        n_bal = rule_bal = 0
+        abnormal = {sec: set(self.abnormal[sec].tolist()) for sec in self.sections}
+        for step in range(steps):
+            kind = self.kind(step)
+            if kind == FULL:
+                continue
+            balanceable = len(self.normal[kind]) > 0 and len(self.abnormal[kind]) > 0
+            for it in self.global_items(step):
+                if it.text == FULL:
+                    continue
+                hit = it.index in abnormal[kind]
+                labels = self.studies[it.index].labels
+                n += 1
+                rule += hit
+                labelled += labels is not None and any(labels[j] == 1 for j in self._section_findings[kind])
+                if balanceable:
+                    n_bal += 1
+                    rule_bal += hit
+        return {
+            "items": n,
+            "by_rule": rule / n if n else float("nan"),
+            "by_labels": labelled / n if n else float("nan"),
+            "balanceable_by_rule": rule_bal / n_bal if n_bal else float("nan"),
+            "unbalanceable_sections": [
+                s for s in self.sections if not len(self.normal[s]) or not len(self.abnormal[s])
+            ],
+        }
+
     def label_key_of(self, item: Item) -> str:
         """What the item's text says in labels: the findings stated present (of its section, for a
         section item). Items with equal keys are positives under ``joint.positives=labels``; a study

@@ -17,14 +17,14 @@ checkpoint, which the training loop does exactly. Runs are independent processes
 (``jobs`` at a time, ``threads`` torch threads each); a run's result does not depend on the order.
 
 The package: ``arms`` (the paper's arms, study presets), ``runner`` (the grid of runs),
-``statistics`` (per-run metrics, paired bootstrap, verdicts), ``report`` (results.csv,
+``statistics`` (per-run metrics, hierarchical bootstrap, Holm, verdicts), ``report`` (results.csv,
 summary.md), ``plots``. The command line is in ``training.cli``.
 """
 
 from .arms import ARM_BY_NAME, ARMS, SCALING_ARMS, SUBSET_FRACTION, Arm, StudyPreset
 from .report import aggregate, finished_run, run_dir
 from .runner import run_study
-from .statistics import paired_bootstrap, run_metrics, verdict
+from .statistics import hierarchical_bootstrap, holm_levels, run_metrics, verdict
 
 __all__ = [
     "ARMS",
@@ -35,7 +35,8 @@ __all__ = [
     "StudyPreset",
     "aggregate",
     "finished_run",
-    "paired_bootstrap",
+    "hierarchical_bootstrap",
+    "holm_levels",
     "run_dir",
     "run_metrics",
     "run_study",

@@ -19,7 +19,21 @@ class Arm:
     label: str
     sampler: dict  # sampler.* overrides (the subset fraction is filled in from the preset)
     paper: str  # the paper's macro F1 (%) as published
-    compare_to: str  # the arm the paper compares this one with ("" for the baseline)
+    compare_to: str  # the arm this one is compared with ("" for the baseline)
+    overrides: tuple = ()  # other training overrides of this arm (the multi-positive arms)
+
+
+MULTI_POSITIVE = ("joint.multi_positive=true",)  # duplicate texts are positives, not negatives
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A comparison: sum of coef x arm macro F1. ``paper`` names the paper's arms pair it mirrors."""
+
+    name: str
+    terms: tuple  # ((arm, coef), ...)
+    question: str
+    paper: tuple = ()  # (arm, baseline) whose published values give the paper's delta
 
 
 ARMS: tuple[Arm, ...] = (
@@ -70,8 +84,72 @@ ARMS: tuple[Arm, ...] = (
         "subset-100",
     ),
 )
+ARMS += (
+    Arm(
+        "random-mp",
+        "full data, random sampling, multi-positive loss",
+        {"kind": "random"},
+        "not published",
+        "random",
+        MULTI_POSITIVE,
+    ),
+    Arm(
+        "balanced-50-50-mp",
+        "full data, section-balanced 50:50, multi-positive loss",
+        {"kind": "balanced", "ratio": "50:50"},
+        "not published",
+        "random-mp",
+        MULTI_POSITIVE,
+    ),
+    Arm(
+        "subset-20-mp",
+        "subset, 20 %, random, multi-positive loss",
+        {"kind": "random", "subset": True, "data_fraction": 0.2},
+        "not published",
+        "subset-100-mp",
+        MULTI_POSITIVE,
+    ),
+    Arm(
+        "subset-100-mp",
+        "subset, 100 %, random, multi-positive loss",
+        {"kind": "random", "subset": True, "data_fraction": 1.0},
+        "not published",
+        "random-mp",
+        MULTI_POSITIVE,
+    ),
+)
 ARM_BY_NAME = {a.name: a for a in ARMS}
 SCALING_ARMS = ("subset-20", "subset-40", "subset-100")
+# Contrasts beyond "arm vs its compare_to": the rival explanation and the low-data question.
+EXTRA_CONTRASTS: tuple[Contrast, ...] = (
+    Contrast(
+        "balancing penalty, multi-positive minus plain",
+        (("balanced-50-50-mp", 1), ("random-mp", -1), ("balanced-50-50", -1), ("random", 1)),
+        "does balancing hurt less once duplicate texts stop being negatives? (> 0: it does)",
+    ),
+    Contrast(
+        "20 %-to-100 % gap closed by the multi-positive loss",
+        (("subset-20-mp", 1), ("subset-100-mp", -1), ("subset-20", -1), ("subset-100", 1)),
+        "how much of the 20 % -> 100 % gap the low-data method closes (> 0: it closes some)",
+    ),
+)
+
+
+def contrasts(arm_names: list[str]) -> list[Contrast]:
+    """The study's family of comparisons among the arms it runs: each arm against its
+    ``compare_to``, then the extra contrasts whose arms are all present."""
+    out = [
+        Contrast(
+            f"{a.name} vs {a.compare_to}",
+            ((a.name, 1), (a.compare_to, -1)),
+            a.label,
+            (a.name, a.compare_to),
+        )
+        for a in (ARM_BY_NAME[n] for n in arm_names)
+        if a.compare_to and a.compare_to in arm_names
+    ]
+    out += [c for c in EXTRA_CONTRASTS if all(arm in arm_names for arm, _ in c.terms)]
+    return out
 
 
 @dataclass
@@ -81,7 +159,7 @@ class StudyPreset:
     train_preset: str = "cpu-tiny"
     overrides: list = field(default_factory=list)  # applied to every arm's training config
     seeds: int = 3
-    jobs: int = 1  # runs at a time
+    jobs: int = 1  # runs at a time (0: the cores // threads per run)
     threads: int = 0  # torch threads per run (0: torch's default)
     subset_fraction: float = SUBSET_FRACTION
     split: str = "test"
@@ -121,8 +199,8 @@ class StudyPreset:
             raise ConfigError(f"study arms {bad} do not exist; known: {list(ARM_BY_NAME)}")
         if "random" not in self.arms:
             raise ConfigError("a study needs the baseline arm 'random'")
-        if self.seeds < 1 or self.jobs < 1 or self.bootstrap < 0:
-            raise ConfigError("seeds and jobs must be >= 1 and bootstrap >= 0")
+        if self.seeds < 1 or self.jobs < 0 or self.bootstrap < 0:
+            raise ConfigError("seeds must be >= 1, jobs >= 0 (0: from the cores) and bootstrap >= 0")
         if not 0 < self.subset_fraction <= 1:
             raise ConfigError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         for a in self.arms:  # every arm's config must load (a bad override is named here, not an hour in)
@@ -133,8 +211,11 @@ class StudyPreset:
         sub = s.pop("subset", False)
         over = [f"sampler.{k}={v}" for k, v in s.items()]
         over.append(f"sampler.subset_fraction={self.subset_fraction if sub else 1.0}")
-        # Arms differ only in the sampler: steps, LR schedule and alternation come from the preset.
-        return TrainConfig.load(self.train_preset, list(self.overrides) + over + [f"train.seed={seed}"])
+        # Arms differ only in the sampler (and the loss for the multi-positive arms): steps, LR schedule,
+        # alternation and initial weights come from the preset.
+        return TrainConfig.load(
+            self.train_preset, list(self.overrides) + over + list(arm.overrides) + [f"train.seed={seed}"]
+        )
 
     def digest_fields(self) -> dict:
         d = asdict(self)

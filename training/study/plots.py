@@ -51,6 +51,16 @@ def plots(preset: StudyPreset, out: Path, arms: list[Arm], stat, catalogue) -> N
     m = [stat(a, "macro_f1")[0] * 100 for a in SCALING_ARMS]
     s = [np.nan_to_num(stat(a, "macro_f1")[1]) * 100 for a in SCALING_ARMS]
     ax.errorbar(fr, m, yerr=s, marker="o", capsize=4, label="ours")
+    if all(a in names for a in ("subset-20-mp", "subset-100-mp")):  # the low-data method on
+        mp = [(f, stat(a, "macro_f1")) for f, a in ((20, "subset-20-mp"), (100, "subset-100-mp"))]
+        ax.errorbar(
+            [f for f, _ in mp],
+            [v[0] * 100 for _, v in mp],
+            yerr=[np.nan_to_num(v[1]) * 100 for _, v in mp],
+            marker="s",
+            capsize=4,
+            label="ours, multi-positive",
+        )
     pp = [(f, paper_value(ARM_BY_NAME[a].paper)) for f, a in zip(fr, SCALING_ARMS)]
     ax.plot([f for f, p in pp if p], [p * 100 for f, p in pp if p], "D--", color="#c44e52", label="paper")
     ax.set_xlabel("% of the subset")
@@ -74,6 +84,20 @@ def plots(preset: StudyPreset, out: Path, arms: list[Arm], stat, catalogue) -> N
     fig.tight_layout()
     fig.savefig(out / "per_finding.png", dpi=110)
     plt.close(fig)
+
+    # Data sensitivity per finding: F1 gain from 20 % to 100 % of the subset, largest first.
+    if all(a in names for a in ("subset-20", "subset-100")):
+        gain = np.array([(stat("subset-100", f"f1/{f}")[0] - stat("subset-20", f"f1/{f}")[0]) * 100 for f in ids])
+        order = np.argsort(-np.nan_to_num(gain, nan=-1e9))
+        fig, ax = plt.subplots(figsize=(12, 3.8))
+        ax.bar(range(len(ids)), gain[order], color=np.where(gain[order] >= 0, "#4878a8", "#c44e52"))
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(range(len(ids)), [ids[i] for i in order], rotation=70, ha="right", fontsize=7)
+        ax.set_ylabel("F1 gain, 20 % -> 100 % (points)")
+        ax.set_title("Data sensitivity per finding (mean over seeds)")
+        fig.tight_layout()
+        fig.savefig(out / "sensitivity.png", dpi=110)
+        plt.close(fig)
 
     # Occlusion curves.
     levels = [int(round(v * 100)) for v in preset.occlusion]

@@ -9,6 +9,8 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from ..config import TrainConfig
 from ..files import write_json
 from .arms import ARM_BY_NAME, StudyPreset
@@ -54,6 +56,7 @@ def _run_one(job: dict) -> dict:
         if rank != 0:
             return {"arm": job["arm"], "seed": job["seed"], "rank": rank}
         metrics = json.loads((rd / "metrics.json").read_text())
+        share = _finding_share(job["data"], cfg)
     except Exception as exc:  # one failed run never stops the study
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "error.txt").write_text(traceback.format_exc())
@@ -68,10 +71,20 @@ def _run_one(job: dict) -> dict:
         "best_step": summary["best"]["step"],
         "pool_size": summary["pool_size"],
         "sampler_shortfall": summary["sampler_shortfall"],
+        "finding_share": share,
     }
     (rd / "error.txt").unlink(missing_ok=True)
     write_json(rd / "study_run.json", info)
     return info
+
+
+def _finding_share(data: str, cfg: TrainConfig) -> dict:
+    """What the run's section batches held (replayed from the sampler, a pure function of the seed)."""
+    from ..data import load_studies
+    from ..sampling import BatchPlanner
+
+    train = [s for s in load_studies(data, check_images=False) if s.split == "train"]
+    return BatchPlanner(train, cfg).finding_share(cfg.train.steps)
 
 
 def run_study(
@@ -94,7 +107,9 @@ def run_study(
     out = Path(out)
     data = Path(data).resolve()
     seeds = seeds or preset.seeds
-    jobs = jobs or preset.jobs
+    jobs = preset.jobs if jobs is None else jobs
+    if jobs == 0:  # from the cores: each run uses the preset's threads (torch's default: all cores)
+        jobs = max(1, (os.cpu_count() or 1) // max(1, preset.threads or (os.cpu_count() or 1)))
     record_path = out / "study.json"
     record = {"preset": preset.name, "preset_fields": preset.digest_fields(), "data": str(data)}
     main = _rank()[0] == 0
@@ -155,7 +170,8 @@ def run_study(
             flush=True,
         )
     t0 = time.time()
-    failures = []
+    failures: list[dict] = []
+    walls: list[float] = []
     bar = tqdm(total=total, initial=done, desc="study", unit="run", disable=not progress)
 
     def report(info: dict) -> None:
@@ -165,11 +181,15 @@ def run_study(
             failures.append(info)
             bar.write(f"  FAILED {info['arm']} seed {info['seed']}: {info['error']} (see its error.txt)")
         else:
+            walls.append(info["train_seconds"] + info["eval_seconds"])
             bar.write(
                 f"  {info['arm']:28s} seed {info['seed']}: test macro F1 {info['macro_f1']:.4f} "
                 f"(train {info['train_seconds']:.0f} s, eval {info['eval_seconds']:.0f} s)"
             )
         bar.update()
+        left = total - bar.n
+        if walls and left:  # runs left x median run wall time / runs at a time
+            bar.set_postfix_str(f"~{left * float(np.median(walls)) / jobs / 60:.0f} min left", refresh=True)
 
     if jobs == 1 or len(todo) <= 1:
         for job in todo:
