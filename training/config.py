@@ -77,6 +77,9 @@ class TextCfg:
     train_layers: int = -1  # -1: the whole tower trains; 0: locked (LiT, pooled outputs cached); k: the top k layers
     sentences: bool = False  # a text's embedding = mean of the head over its sentences (models/text.py)
     head: str = "linear"  # linear (Merlin) | mlp
+    # which sentences of a report or section train and evaluate: all (Merlin) | findings (only those that
+    # state a finding, by the negation-aware rule of reports.py; a text with none becomes "Normal.")
+    keep_sentences: str = "all"
 
 
 @dataclass
@@ -190,6 +193,8 @@ class TrainConfig:
         if self.sampler.kind not in ("random", "balanced"):
             raise ConfigError(f"sampler.kind {self.sampler.kind!r}: expected random or balanced")
         parse_ratio(self.sampler.ratio)
+        if self.text.keep_sentences not in ("all", "findings"):
+            raise ConfigError(f"text.keep_sentences {self.text.keep_sentences!r}: expected all or findings")
         if self.sampler.order not in ("passes", "independent"):
             raise ConfigError(f"sampler.order {self.sampler.order!r}: expected passes or independent")
         if self.sampler.section_rule not in ("finding", "stock"):

@@ -10,7 +10,8 @@ Beside a run's zero-shot AUROC per finding (Merlin's rule on its prompts), on th
   batch size: what the architecture learns from the labels themselves at that budget, an upper
   reference for a contrastive run of N steps.
 
-- **report read-out**: the same rule with each test study's own report, through the run's text tower,
+- **report read-out**: the same rule with each test study's own findings text (as the run trains on
+  it, ``text.keep_sentences``), through the run's text tower,
   in place of its image embedding: what zero-shot could reach if the image tower reproduced the
   report's embedding exactly. When it is low, the text side (its tower, head and the prompts) caps
   zero-shot, not the images.
@@ -34,6 +35,7 @@ from .data import load_studies
 from .evaluate import embed_images, finding_auroc, prompt_embeddings, zero_shot_metrics, zero_shot_scores
 from .files import write_json
 from .models.image import ImageEncoder
+from .reports import keep_sentences
 from .runs import CachedVolumes, build_cache, load_run, volume_cache
 
 
@@ -154,7 +156,8 @@ def probe_run(
     margins, _ = zero_shot_scores(emb_te, prompt_emb, rows, model.scale().item())
     zs = zero_shot_metrics(margins, y_te)
     with torch.no_grad():
-        report_emb = model.encode_texts([s.report for s in test_set], device).cpu()
+        texts = [keep_sentences(s.findings_text, cfg.text.keep_sentences) for s in test_set]
+        report_emb = model.encode_texts(texts, device).cpu()
     read_out = zero_shot_metrics(zero_shot_scores(report_emb, prompt_emb, rows, 1.0)[0], y_te)
     probe_auc = per_finding_auroc(linear_probe(emb_tr, y_tr, emb_te.numpy()), y_te)
     ids = load_catalogue().ids

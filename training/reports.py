@@ -225,3 +225,25 @@ def is_normal_section(body: str, rule: str = "finding") -> bool:
 def section_status(report: ParsedReport, rule: str = "finding") -> dict[str, str]:
     """system -> "normal" | "abnormal" for every section present in the report."""
     return {s: ("normal" if is_normal_section(b, rule) else "abnormal") for s, b in report.sections.items()}
+
+
+_SENTENCE_END = re.compile(r"(?<=[.;])\s+|\n+")
+_LEAD_HEADER = re.compile(r"^[a-z][a-z /&,\-]{0,40} : ")
+
+
+def keep_sentences(text: str, keep: str) -> str:
+    """The text a model trains and is evaluated on. ``keep="all"``: the text as written (Merlin's);
+    ``"findings"``: only the sentences that state a finding (a leading "Kidneys:" header is looked past
+    when judging, and kept), so a report's embedding moves with what it reports rather than with how
+    many findings it denies; "Normal." when none does."""
+    if keep == "all":
+        return text
+    if keep != "findings":
+        raise ValueError(f"keep must be 'all' or 'findings', got {keep!r}")
+    kept = []
+    for part in _SENTENCE_END.split(text):
+        norm = normalize_text(part).strip(" .;")
+        norm = _LEAD_HEADER.sub("", norm)
+        if norm and norm not in ("findings :", "findings") and states_finding(norm):
+            kept.append(part.strip())
+    return " ".join(kept) if kept else "Normal."

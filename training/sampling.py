@@ -35,7 +35,7 @@ import numpy as np
 
 from .config import TrainConfig, parse_ratio
 from .data import Study
-from .reports import section_status
+from .reports import keep_sentences, section_status
 
 FULL = "full"
 
@@ -225,7 +225,10 @@ class BatchPlanner:
 
     def text_of(self, item: Item) -> str:
         st = self.studies[item.index]
-        return st.findings_text if item.text == FULL else f"{item.text}: {st.sections[item.text]}"
+        keep = self.cfg.text.keep_sentences
+        if item.text == FULL:
+            return keep_sentences(st.findings_text, keep)
+        return f"{item.text}: {keep_sentences(st.sections[item.text], keep)}"
 
 
 def nested_subset(n: int, subset_fraction: float, data_fraction: float, seed: int) -> list[int]:

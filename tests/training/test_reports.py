@@ -130,3 +130,34 @@ def test_finding_rule_agrees_with_the_corpus_labels(corpus200):
                 denials_stock_abnormal += 1
     assert agree / total > 0.95, agree / total
     assert denials_stock_abnormal > 0.2 * total
+
+
+def test_keep_sentences_findings_drops_denials_and_normal_descriptions():
+    from training.reports import keep_sentences
+
+    text = (
+        "Lower chest: Normal in appearance. Liver: No hepatomegaly. Mild hepatic steatosis. "
+        "GU: Unremarkable. Kidneys: Mild right hydronephrosis. The gallbladder is surgically absent."
+    )
+    assert keep_sentences(text, "all") == text
+    assert keep_sentences(text, "findings") == (
+        "Mild hepatic steatosis. Kidneys: Mild right hydronephrosis. The gallbladder is surgically absent."
+    )
+    assert keep_sentences("No hydronephrosis. No renal cysts.", "findings") == "Normal."
+    with pytest.raises(ValueError, match="keep must be"):
+        keep_sentences(text, "some")
+
+
+def test_planner_trains_on_the_kept_sentences(corpus200):
+    from training.config import TrainConfig
+    from training.data import read_merlin_release
+    from training.sampling import FULL, BatchPlanner, Item
+
+    studies = [s for s in read_merlin_release(corpus200) if s.split == "train"]
+    cfg = TrainConfig.load("cpu-tiny", ["train.batch_size=8", "text.keep_sentences=findings"])
+    p = BatchPlanner(studies, cfg)
+    texts = [p.text_of(Item(i, FULL)) for i in range(len(studies))]
+    assert "Normal." in texts and not any(" no " in f" {t.lower()}" for t in texts)
+    sec = p.sections[0]
+    i = int(p.normal[sec][0])
+    assert p.text_of(Item(i, sec)) == f"{sec}: Normal."
