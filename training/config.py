@@ -49,6 +49,9 @@ class ImageCfg:
     arch: str = "resnet10_tiny"
     embed_dim: int = 128
     init: str = ""  # an image_init.pt from `pretrain-image` (strict load); empty: random init
+    # the first k stages (1: the stem, 2: + layer1, ...) stay at their initial weights; their output per
+    # volume is computed once per run and each step trains the rest (models/image.py)
+    frozen_stages: int = 0
 
 
 @dataclass

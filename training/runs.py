@@ -139,7 +139,7 @@ def ensure_text_model(cfg: TrainConfig, run: Path, train_studies: list[Study]) -
 def make_model(cfg: TrainConfig, run: Path) -> DualEncoder:
     """The dual encoder of ``cfg`` (image tower seeded by the run seed; text tower from its folder)."""
     torch.manual_seed(cfg.train.seed)
-    image = ImageEncoder(cfg.image.arch, cfg.image.embed_dim)
+    image = ImageEncoder(cfg.image.arch, cfg.image.embed_dim, frozen_stages=cfg.image.frozen_stages)
     t = cfg.text
     text = TextEncoder(
         text_model_dir(cfg, run), cfg.image.embed_dim, t.max_length, t.pooling, t.train_layers, t.sentences, t.head

@@ -173,6 +173,7 @@ class _Run:
     val_volumes: CachedVolumes
     val_labels: np.ndarray | None
     start: int = 0
+    trunk: torch.Tensor | None = None  # frozen image stages' output per training volume (image.frozen_stages)
     best: dict = field(default_factory=lambda: {"step": -1, "macro_f1": -1.0})
     seen: set[int] = field(default_factory=set)
 
@@ -256,10 +257,26 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
             load_image_init(model.encode_image, cfg.image.init, cfg.image.arch)
         if main:
             Checkpoint(model=model.state_dict(), step=0).save(checkpoint_path(run, "init"))
+    if cfg.image.frozen_stages:
+        r.trunk = _trunk_features(model, r.volumes, device, cfg.train.batch_size, progress and main)
     epoch_start = planner.epoch(r.start) * planner.steps_per_epoch
     for s in range(epoch_start, r.start):  # unique volumes of the current epoch so far (resume)
         r.seen.update(it.index for it in planner.global_items(s))
     return r
+
+
+def _trunk_features(model: DualEncoder, volumes: CachedVolumes, device, batch: int, progress: bool) -> torch.Tensor:
+    """The frozen image stages' output for every training volume (float16, in memory): computed once,
+    after any resume or image init has set the weights, since those stages never change."""
+    from tqdm import tqdm
+
+    enc = model.encode_image
+    enc.eval()
+    out = []
+    for i in tqdm(range(0, len(volumes), batch), desc="frozen image stages", disable=not progress):
+        x = torch.from_numpy(np.stack([volumes[j] for j in range(i, min(i + batch, len(volumes)))])).to(device)
+        out.append(enc.trunk(x.float()).to("cpu", torch.float16))
+    return torch.cat(out)
 
 
 def _warm_text_features(
@@ -285,7 +302,10 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     items = r.planner.global_items(step)
     r.seen.update(it.index for it in items)
     local = r.planner.local_items(step, r.rank, items)
-    images = torch.from_numpy(np.stack([r.volumes[it.index] for it in local])).to(r.device, non_blocking=True)
+    if r.trunk is not None:
+        images = r.trunk[[it.index for it in local]].to(r.device, torch.float32, non_blocking=True)
+    else:
+        images = torch.from_numpy(np.stack([r.volumes[it.index] for it in local])).to(r.device, non_blocking=True)
     texts = [r.planner.text_of(it) for it in local]
     keys = None
     if r.cfg.joint.multi_positive:
@@ -294,7 +314,7 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
             [r.planner.label_key_of(it) if by_labels else normalize_text(t) for it, t in zip(local, texts)]
         )
     with r.autocast:
-        img, txt, scale = r.ddp(images, texts=texts)
+        img, txt, scale = r.ddp(images, texts=texts, from_trunk=r.trunk is not None)
     loss = clip_loss(img.float(), txt.float(), scale.float(), keys=keys)  # the loss in float32, outside autocast
     r.opt.zero_grad(set_to_none=True)
     if r.scaler is not None:

@@ -90,3 +90,43 @@ def test_embed_norms_centre_the_towers_they_name(tmp_path, norm, image_centred, 
     model = DualEncoder(ImageEncoder("resnet10_tiny", 8), TextEncoder(tmp_path, 8, 30), embed_norm=norm)
     assert isinstance(model.image_norm, torch.nn.BatchNorm1d) == image_centred
     assert isinstance(model.text_norm, torch.nn.BatchNorm1d) == text_centred
+
+
+@pytest.mark.parametrize("frozen", [1, 2, 3])
+def test_frozen_image_stages_train_the_rest_on_cached_trunk_output(frozen):
+    """image.frozen_stages: the trunk's output fed to the rest equals the whole tower; the frozen stages
+    (batch norm included) never change in training, the rest does."""
+    torch.manual_seed(0)
+    enc = ImageEncoder("resnet10_tiny", 16, frozen_stages=frozen)
+    x = torch.rand(4, 1, 64, 56, 56)
+    stem = enc.i3_resnet.conv1.weight.clone()
+    bn_mean = enc.i3_resnet.bn1.running_mean.clone()
+    head = enc.i3_resnet.contrastive_head.weight.clone()
+    opt = torch.optim.SGD([p for p in enc.parameters() if p.requires_grad], lr=0.1)
+    enc.train()
+    trunk = enc.trunk(x)
+    enc(trunk, from_trunk=True).pow(2).mean().backward()
+    opt.step()
+    assert torch.equal(enc.i3_resnet.conv1.weight, stem) and enc.i3_resnet.conv1.weight.grad is None
+    assert torch.equal(enc.i3_resnet.bn1.running_mean, bn_mean)  # eval mode while the rest trains
+    assert not torch.equal(enc.i3_resnet.contrastive_head.weight, head)
+    enc.eval()
+    with torch.no_grad():
+        assert torch.allclose(enc(x), enc(enc.trunk(x), from_trunk=True), atol=1e-6)
+    with pytest.raises(ValueError, match="frozen_stages must be 0..4"):
+        ImageEncoder("resnet10_tiny", 16, frozen_stages=5)
+
+
+def test_a_run_with_frozen_stages_trains_only_the_rest(corpus200, tmp_path):
+    from tests.conftest import TINY_TRAIN
+    from training.config import TrainConfig
+    from training.runs import load_run
+    from training.train import train
+
+    cfg = TrainConfig.load("cpu-tiny", TINY_TRAIN + ["image.frozen_stages=2"])
+    train(corpus200, tmp_path / "run", cfg, cache_dir=tmp_path / "cache", progress=False)
+    init, _ = load_run(tmp_path / "run", "init")
+    last, _ = load_run(tmp_path / "run", "last")
+    a, b = init.encode_image.i3_resnet, last.encode_image.i3_resnet
+    assert torch.equal(a.layer1[0].conv1.weight, b.layer1[0].conv1.weight)
+    assert not torch.equal(a.layer2[0].conv1.weight, b.layer2[0].conv1.weight)

@@ -42,8 +42,8 @@ class DualEncoder(nn.Module):
         )
         self.text_norm = nn.BatchNorm1d(dim, affine=affine) if embed_norm != "none" else nn.Identity()
 
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_norm(self.encode_image(images).float()), dim=-1)
+    def image_embeddings(self, images: torch.Tensor, from_trunk: bool = False) -> torch.Tensor:
+        return F.normalize(self.image_norm(self.encode_image(images, from_trunk=from_trunk).float()), dim=-1)
 
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_norm(self.encode_text(input_ids, attention_mask).float()), dim=-1)
@@ -65,13 +65,16 @@ class DualEncoder(nn.Module):
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, math.log(100.0))
 
-    def forward(self, images, input_ids=None, attention_mask=None, texts: list[str] | None = None):
-        """(image embeddings, text embeddings, scale); text from token ids or, with ``texts``, raw texts."""
+    def forward(
+        self, images, input_ids=None, attention_mask=None, texts: list[str] | None = None, from_trunk: bool = False
+    ):
+        """(image embeddings, text embeddings, scale); text from token ids or, with ``texts``, raw texts;
+        ``from_trunk``: ``images`` are the frozen image stages' output (``ImageEncoder.trunk``)."""
         if texts is not None:
             txt = self.texts_to_embeddings(texts, images.device)
         else:
             txt = self.text_embeddings(input_ids, attention_mask)
-        return self.image_embeddings(images), txt, self.scale()
+        return self.image_embeddings(images, from_trunk), txt, self.scale()
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         self.encode_image.i3_resnet.gradient_checkpointing = on

@@ -68,33 +68,78 @@ class I3ResNet(ResNet):
         self.classifier = nn.Conv3d(arch.feature_dim, n_classes, kernel_size=1) if n_classes else None
         self.gradient_checkpointing = False
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn1(self.conv1(x)))
-        if not self.no_max_pool:
-            x = self.maxpool(x)
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+    def stages(self) -> list[list[nn.Module]]:
+        """The trunk in order: the stem (conv1, bn1, max-pool), then layer1..4."""
+        return [[self.conv1, self.bn1, self.maxpool], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+
+    def trunk(self, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """The first ``upto`` stages (0: the input itself)."""
+        if upto >= 1:
+            x = self.act(self.bn1(self.conv1(x)))
+            if not self.no_max_pool:
+                x = self.maxpool(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[: max(0, upto - 1)]:
+            x = layer(x)
+        return x
+
+    def features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Trunk features from the input (``start=0``) or from the output of the first ``start`` stages."""
+        if start == 0:
+            x = self.act(self.bn1(self.conv1(x)))
+            if not self.no_max_pool:
+                x = self.maxpool(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[max(0, start - 1) :]:
             if self.gradient_checkpointing and self.training and x.requires_grad:
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
         return self.avgpool(x)  # (B, F, 1, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.contrastive_head(self.features(x)).flatten(1)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.contrastive_head(self.features(x, start)).flatten(1)
 
 
 class ImageEncoder(nn.Module):
-    """(B, 1, X, Y, Z) in [0, 1] -> (B, D) joint-space embedding (not normalised)."""
+    """(B, 1, X, Y, Z) in [0, 1] -> (B, D) joint-space embedding (not normalised).
 
-    def __init__(self, arch_name: str, embed_dim: int, n_classes: int = 0):
+    ``frozen_stages`` k > 0 locks the stem (k = 1) and layer1.. (k > 1) at their initial weights, batch
+    norm included (always in eval mode), as a locked text tower: their output for a volume never changes,
+    so training computes it once per volume (``trunk``) and each step runs only the rest
+    (``forward(trunk_out, from_trunk=True)``); ``forward(image)`` is the whole tower, the same numbers."""
+
+    def __init__(self, arch_name: str, embed_dim: int, n_classes: int = 0, frozen_stages: int = 0):
         super().__init__()
         if arch_name not in ARCHS:
             raise ValueError(f"unknown image architecture {arch_name!r}; choose from {sorted(ARCHS)}")
+        if not 0 <= frozen_stages <= 4:
+            raise ValueError(f"image.frozen_stages must be 0..4 (stem, layer1..3), got {frozen_stages}")
         self.arch = ARCHS[arch_name]
         self.i3_resnet = I3ResNet(self.arch, embed_dim, n_classes)
+        self.frozen_stages = frozen_stages
+        for stage in self.i3_resnet.stages()[:frozen_stages]:
+            for m in stage:
+                for p in m.parameters():
+                    p.requires_grad_(False)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        for stage in self.i3_resnet.stages()[: self.frozen_stages]:
+            for m in stage:
+                m.eval()
+        return self
+
+    def _input(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 1, 4, 2, 3)  # (B, 1, Z, X, Y): depth first, as Merlin
         if self.arch.in_channels != 1:
             x = x.expand(-1, self.arch.in_channels, -1, -1, -1)
-        return self.i3_resnet(x)
+        return x
+
+    @torch.no_grad()
+    def trunk(self, image: torch.Tensor) -> torch.Tensor:
+        """The frozen stages' output for a batch of volumes."""
+        return self.i3_resnet.trunk(self._input(image), self.frozen_stages)
+
+    def forward(self, image: torch.Tensor, from_trunk: bool = False) -> torch.Tensor:
+        if from_trunk:
+            return self.i3_resnet(image, self.frozen_stages)
+        return self.i3_resnet(self._input(image))
