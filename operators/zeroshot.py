@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .package import FindingRows, ModelPackage
-from .textnorm import normalize_text
+from .textnorm import keep_sentences, normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,10 @@ class ZeroShotModel:
         return tokenize(self._tokenizer, texts)
 
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Embeddings of raw texts through the package's text encoder, after the text rule the tower was
+        trained with (``text_encoder.keep_sentences``: a denying prompt encodes as "Normal.")."""
         te = self._text()
+        texts = [keep_sentences(t, te.get("keep_sentences", "all")) for t in texts]
         out: list[np.ndarray] = []
         for i in range(0, len(texts), batch_size):
             feed = self.tokenize(texts[i : i + batch_size])

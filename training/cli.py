@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--preset",
         default="paper-cpu",
-        help="study preset (paper-cpu, paper-merlin, smoke) or a YAML file (default paper-cpu)",
+        help="study preset (paper-cpu-v2, paper-cpu, paper-merlin, smoke) or a YAML file (default paper-cpu)",
     )
     st.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV")
     st.add_argument("--out", required=True, help="study folder: results.csv, summary.md, plots, runs/")

@@ -163,6 +163,8 @@ def export_package(
                 "inputs": ["input_ids", "attention_mask"],
                 "output": "embedding",
                 "tokenizer": "tokenizer.json",
+                # the text rule the tower was trained with, applied by the deploy side before tokenising
+                "keep_sentences": model.encode_text.keep_sentences,
                 **tok_info,
             }
         elif text == "onnx":

@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass, field
 
 from operators.findings import SECTIONS
-from operators.textnorm import normalize_text
+from operators.textnorm import NORMAL_STATEMENTS, normalize_text, states_finding
+from operators.textnorm import keep_sentences as keep_sentences  # re-exported for the training side
 
 
 class ReportError(ValueError):
@@ -116,23 +117,6 @@ _HEADER = re.compile(r"(?:^|(?<=[.;\n]))[ \t]*\n?[ \t]*([A-Za-z][A-Za-z/&,\- ]{0
 _FINDINGS = re.compile(r"\bfindings\s*:", re.I)
 _IMPRESSION = re.compile(r"\b(?:impression|conclusion|summary)\s*:", re.I)
 
-NORMAL_STATEMENTS = {
-    "normal",
-    "unremarkable",
-    "within normal limits",
-    "normal in appearance",
-    "normal appearance",
-    "no abnormality",
-    "no abnormalities",
-    "no acute abnormality",
-    "no significant abnormality",
-    "negative",
-    "normal limits",
-    "no acute findings",
-    "grossly unremarkable",
-    "grossly normal",
-}
-
 
 @dataclass
 class ParsedReport:
@@ -185,27 +169,7 @@ def _sentences(body: str) -> list[str]:
     return [s for s in (normalize_text(p) for p in re.split(r"[.;\n]+", body)) if s]
 
 
-# A sentence that denies or describes the normal (NegEx-style triggers at the sentence start, a
-# "normal" descriptor, patency) states no finding; everything else in a section is taken as one.
-_NEGATED = re.compile(r"^(?:no|not|without|negative for|free of|absence of|absent)\b")
-_NEGATED_AFTER = re.compile(r"\b(?:is|are) (?:not (?:seen|identified|present|visualized)|absent)$")
-_NORMAL_DESCRIPTOR = re.compile(
-    r"(?<!ab)\bnormal\b|\bunremarkable\b|^patent\b|^symmetric enhancement$"
-    r"|^the (?:gallbladder|appendix|spleen|pancreas|liver|bladder) is present$"
-)
 SECTION_RULES = ("finding", "stock")
-
-
-def states_finding(sentence: str) -> bool:
-    """True when a (normalised) sentence states a finding: it is neither a denial ("No hydronephrosis.",
-    "without free air", "Ascites is not seen.") nor a normal description ("The heart is normal in
-    size.", "Patent portal veins."). "Surgically absent" is a finding; a post-negation needs a verb."""
-    s = sentence.strip(" ,:-")
-    if not s or s in NORMAL_STATEMENTS:
-        return False
-    if _NEGATED.match(s) or (_NEGATED_AFTER.search(s) and "surgically" not in s):
-        return False
-    return not _NORMAL_DESCRIPTOR.search(s)
 
 
 def is_normal_section(body: str, rule: str = "finding") -> bool:
@@ -225,25 +189,3 @@ def is_normal_section(body: str, rule: str = "finding") -> bool:
 def section_status(report: ParsedReport, rule: str = "finding") -> dict[str, str]:
     """system -> "normal" | "abnormal" for every section present in the report."""
     return {s: ("normal" if is_normal_section(b, rule) else "abnormal") for s, b in report.sections.items()}
-
-
-_SENTENCE_END = re.compile(r"(?<=[.;])\s+|\n+")
-_LEAD_HEADER = re.compile(r"^[a-z][a-z /&,\-]{0,40} : ")
-
-
-def keep_sentences(text: str, keep: str) -> str:
-    """The text a model trains and is evaluated on. ``keep="all"``: the text as written (Merlin's);
-    ``"findings"``: only the sentences that state a finding (a leading "Kidneys:" header is looked past
-    when judging, and kept), so a report's embedding moves with what it reports rather than with how
-    many findings it denies; "Normal." when none does."""
-    if keep == "all":
-        return text
-    if keep != "findings":
-        raise ValueError(f"keep must be 'all' or 'findings', got {keep!r}")
-    kept = []
-    for part in _SENTENCE_END.split(text):
-        norm = normalize_text(part).strip(" .;")
-        norm = _LEAD_HEADER.sub("", norm)
-        if norm and norm not in ("findings :", "findings") and states_finding(norm):
-            kept.append(part.strip())
-    return " ".join(kept) if kept else "Normal."

@@ -142,7 +142,14 @@ def make_model(cfg: TrainConfig, run: Path) -> DualEncoder:
     image = ImageEncoder(cfg.image.arch, cfg.image.embed_dim, frozen_stages=cfg.image.frozen_stages)
     t = cfg.text
     text = TextEncoder(
-        text_model_dir(cfg, run), cfg.image.embed_dim, t.max_length, t.pooling, t.train_layers, t.sentences, t.head
+        text_model_dir(cfg, run),
+        cfg.image.embed_dim,
+        t.max_length,
+        t.pooling,
+        t.train_layers,
+        t.sentences,
+        t.head,
+        t.keep_sentences,
     )
     return DualEncoder(image, text, cfg.joint.init_logit_scale, cfg.joint.embed_norm)
 

@@ -82,6 +82,23 @@ def test_custom_prompts_through_the_onnx_text_encoder(exported):
     assert np.abs(a - b).max() < 1e-6
 
 
+def test_the_deploy_side_applies_the_text_rule_the_package_records(exported, tmp_path):
+    """A tower trained with text.keep_sentences=findings encodes only the sentences that state a
+    finding, prompts included: the package says so and the deploy side applies it before tokenising."""
+    m = json.loads((exported["pkg"] / "manifest.json").read_text())
+    assert m["text_encoder"]["keep_sentences"] == "all"  # cpu-tiny: Merlin's, every sentence
+    pkg = _copy(exported["pkg"], tmp_path)
+    m["text_encoder"]["keep_sentences"] = "findings"
+    write_manifest(pkg, m)
+    zs = ZeroShotModel(load_package(pkg), device="cpu")
+    a, b = zs.embed_texts(["No hydronephrosis.", "Normal."])
+    assert np.abs(a - b).max() < 1e-6
+    a, b = zs.embed_texts(["Mild hydronephrosis. No ascites.", "Mild hydronephrosis."])
+    assert np.abs(a - b).max() < 1e-6
+    plain = ZeroShotModel(load_package(exported["pkg"]), device="cpu").embed_texts(["No hydronephrosis.", "Normal."])
+    assert np.abs(plain[0] - plain[1]).max() > 1e-3
+
+
 def test_one_changed_byte_is_refused(exported, tmp_path):
     pkg = _copy(exported["pkg"], tmp_path)
     data = bytearray((pkg / "image_encoder.onnx").read_bytes())

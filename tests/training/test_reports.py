@@ -104,6 +104,7 @@ def test_section_status():
         ("abnormal enhancement of the liver", True),
         ("degenerative changes of the lumbar spine", True),
         ("there is a small sliding hiatal hernia", True),
+        ("there is no intra - peritoneal free air", False),
     ],
 )
 def test_states_finding_understands_negation(sentence, finding):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from operators.textnorm import normalize_text
+from operators.textnorm import keep_sentences, normalize_text
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
@@ -112,7 +112,9 @@ class TextEncoder(nn.Module):
     ``sentences``: a text's embedding is the mean of the head's output over its sentences, so a
     report's many repeated sentences ("No ascites.") are encoded once each under a locked tower.
     A prompt is one sentence, so ``forward`` on its tokens (the ONNX graph) gives the same vector.
-    ``head``: ``linear`` (Merlin's ``linear_layer``) or ``mlp`` (two layers with a GELU)."""
+    ``head``: ``linear`` (Merlin's ``linear_layer``) or ``mlp`` (two layers with a GELU).
+    ``keep_sentences``: ``findings`` encodes only the sentences of a text that state a finding
+    (``operators.textnorm.keep_sentences``; a denying prompt becomes "Normal."), for every text."""
 
     def __init__(
         self,
@@ -123,6 +125,7 @@ class TextEncoder(nn.Module):
         train_layers: int = -1,
         sentences: bool = False,
         head: str = "linear",
+        keep_sentences: str = "all",
     ):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -150,6 +153,7 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
         self.train_layers = train_layers
         self.sentences = sentences
+        self.keep_sentences = keep_sentences  # applied to every raw text first, reports and prompts alike
         self._features: dict[str, torch.Tensor] = {}  # normalised text -> pooled output (locked tower)
         self._bottom: dict[str, torch.Tensor] = {}  # normalised sentence -> frozen layers' token states (top k trained)
         self._freeze()
@@ -277,7 +281,8 @@ class TextEncoder(nn.Module):
         return torch.stack([self._features[k] for k in keys]).to(device)
 
     def embed(self, texts: list[str], device=None) -> torch.Tensor:
-        """(B, D) embeddings of raw texts (the training and evaluation path)."""
+        """(B, D) embeddings of raw texts (the training and evaluation path), after ``keep_sentences``."""
+        texts = [keep_sentences(t, self.keep_sentences) for t in texts]
         if not self.sentences and not self.locked:
             return self(**self.tokenize(texts, device))
         if not self.sentences:
