@@ -74,7 +74,7 @@ demo-model: venv
 	$(BIN)/ct-zeroshot-train evaluate --run $(DEMO_RUN) --data data/synth-4k-v2 --checkpoint init --quiet > /dev/null
 	rm -rf $(DEMO_RUN)/package operators/models/demo
 	$(BIN)/ct-zeroshot-train export --run $(DEMO_RUN) --data data/synth-4k-v2 --out $(DEMO_RUN)/package \
-		--thresholds validation --text none --name ct-zeroshot-demo --model-version 0.2.0
+		--thresholds validation --text none --name ct-zeroshot-demo --model-version 0.3.0
 	mkdir -p operators/models && cp -r $(DEMO_RUN)/package operators/models/demo
 
 # The paper's sampler study on a 2-core CPU (8 arms x 3 seeds; 35 minutes measured): results/study-paper-cpu.

@@ -257,7 +257,7 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
             load_image_init(model.encode_image, cfg.image.init, cfg.image.arch)
         if main:
             Checkpoint(model=model.state_dict(), step=0).save(checkpoint_path(run, "init"))
-    if cfg.image.frozen_stages:
+    if cfg.image.frozen_stages and r.start < cfg.train.steps:  # a finished run trains no more
         r.trunk = _trunk_features(model, r.volumes, device, cfg.train.batch_size, progress and main)
     epoch_start = planner.epoch(r.start) * planner.steps_per_epoch
     for s in range(epoch_start, r.start):  # unique volumes of the current epoch so far (resume)
