@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: study venv lint test test-slow demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch merlin-check clean
+.PHONY: study study-v2 venv lint test test-slow demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,7 +77,13 @@ demo-model: venv
 		--thresholds validation --text none --name ct-zeroshot-demo --model-version 0.3.0
 	mkdir -p operators/models && cp -r $(DEMO_RUN)/package operators/models/demo
 
-# The paper's sampler study on a 2-core CPU (8 arms x 3 seeds; 35 minutes measured): results/study-paper-cpu.
+# The sampler study on the learning recipe (12 arms x 3 seeds, sized to ~130-150 minutes of both cores):
+# results/study-paper-cpu-v2. Resumable: run it again with the same command to continue.
+study-v2: venv
+	@test -d data/synth-4k-v2 || $(MAKE) corpus-v2
+	$(BIN)/ct-zeroshot-train study --preset paper-cpu-v2 --data data/synth-4k-v2 --out results/study-paper-cpu-v2 --resume
+
+# The early-training sampler study on a 2-core CPU (8 arms x 3 seeds; 35 minutes measured): results/study-paper-cpu.
 # Interrupted? `make study STUDY_ARGS=--resume` continues and skips finished runs.
 study: venv
 	@test -d data/synth-4k || $(MAKE) corpus
