@@ -244,7 +244,18 @@ class TrainConfig:
         return asdict(self)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """What identifies a run's training: the settings that differ from the defaults (a new option
+        whose default keeps the old behaviour leaves existing runs' digests, and so their resume, as
+        they were); the ``preset`` label is not a setting."""
+        base, mine = TrainConfig().to_dict(), self.to_dict()
+        diff = {
+            f"{sec}.{k}": v
+            for sec, vals in mine.items()
+            if isinstance(vals, dict)
+            for k, v in vals.items()
+            if base.get(sec, {}).get(k) != v
+        }
+        return hashlib.sha256(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

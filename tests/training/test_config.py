@@ -54,3 +54,11 @@ def test_ratio_in_yaml_must_be_quoted(tmp_path):
         TrainConfig.load(str(f))
     f.write_text('sampler: {kind: balanced, ratio: "50:50"}\n')
     assert TrainConfig.load(str(f)).sampler.ratio == "50:50"
+
+
+def test_digest_ignores_defaults_so_a_new_option_keeps_old_runs_resumable():
+    cfg = TrainConfig.load("cpu-small")
+    assert cfg.digest() != TrainConfig.load("cpu-small", ["train.seed=1"]).digest()
+    # an option left at its default is not part of what identifies the run
+    assert cfg.digest() == TrainConfig.load("cpu-small", ["sampler.order=independent"]).digest()
+    assert cfg.digest() != TrainConfig.load("cpu-small", ["sampler.order=passes"]).digest()
