@@ -9,7 +9,6 @@ import torch
 
 from .evaluate import evaluate_model, format_tables
 from .files import write_json
-from .reports import keep_sentences
 from .runs import load_run, read_run_config, split_volumes
 
 
@@ -33,7 +32,7 @@ def evaluate_run(
     metrics = evaluate_model(
         model,
         volumes,
-        [keep_sentences(s.findings_text, cfg.text.keep_sentences) for s in studies],
+        [s.findings_text for s in studies],  # the text tower applies text.keep_sentences itself
         labels,
         device,
         seed=seed,

@@ -35,7 +35,6 @@ from .data import load_studies
 from .evaluate import embed_images, finding_auroc, prompt_embeddings, zero_shot_metrics, zero_shot_scores
 from .files import write_json
 from .models.image import ImageEncoder
-from .reports import keep_sentences
 from .runs import CachedVolumes, build_cache, load_run, volume_cache
 
 
@@ -156,8 +155,8 @@ def probe_run(
     margins, _ = zero_shot_scores(emb_te, prompt_emb, rows, model.scale().item())
     zs = zero_shot_metrics(margins, y_te)
     with torch.no_grad():
-        texts = [keep_sentences(s.findings_text, cfg.text.keep_sentences) for s in test_set]
-        report_emb = model.encode_texts(texts, device).cpu()
+        # the text tower applies text.keep_sentences itself, as to every text it encodes
+        report_emb = model.encode_texts([s.findings_text for s in test_set], device).cpu()
     read_out = zero_shot_metrics(zero_shot_scores(report_emb, prompt_emb, rows, 1.0)[0], y_te)
     probe_auc = per_finding_auroc(linear_probe(emb_tr, y_tr, emb_te.numpy()), y_te)
     ids = load_catalogue().ids

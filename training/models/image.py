@@ -68,27 +68,30 @@ class I3ResNet(ResNet):
         self.classifier = nn.Conv3d(arch.feature_dim, n_classes, kernel_size=1) if n_classes else None
         self.gradient_checkpointing = False
 
+    def _layers(self) -> tuple[nn.Module, ...]:
+        return (self.layer1, self.layer2, self.layer3, self.layer4)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.conv1(x)))
+        return x if self.no_max_pool else self.maxpool(x)
+
     def stages(self) -> list[list[nn.Module]]:
         """The trunk in order: the stem (conv1, bn1, max-pool), then layer1..4."""
-        return [[self.conv1, self.bn1, self.maxpool], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        return [[self.conv1, self.bn1, self.maxpool], *([layer] for layer in self._layers())]
 
     def trunk(self, x: torch.Tensor, upto: int) -> torch.Tensor:
         """The first ``upto`` stages (0: the input itself)."""
         if upto >= 1:
-            x = self.act(self.bn1(self.conv1(x)))
-            if not self.no_max_pool:
-                x = self.maxpool(x)
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[: max(0, upto - 1)]:
+            x = self._stem(x)
+        for layer in self._layers()[: max(0, upto - 1)]:
             x = layer(x)
         return x
 
     def features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Trunk features from the input (``start=0``) or from the output of the first ``start`` stages."""
         if start == 0:
-            x = self.act(self.bn1(self.conv1(x)))
-            if not self.no_max_pool:
-                x = self.maxpool(x)
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[max(0, start - 1) :]:
+            x = self._stem(x)
+        for layer in self._layers()[max(0, start - 1) :]:
             if self.gradient_checkpointing and self.training and x.requires_grad:
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
