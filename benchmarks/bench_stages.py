@@ -18,6 +18,7 @@ share of everything-but-the-encoder relative to the encoder. Writes ``stage_timi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from operators.dicom_series import scan_tree
+from operators.manifest import TextEncoderRecord
 from operators.package import default_package_dir, load_package, write_manifest
 from operators.pipeline import SeriesToModelInput, StudyWork, infer, select_series, write_report
 from operators.preprocessing import PreprocessSpec
@@ -67,20 +69,19 @@ def merlin_size_package(demo: Path, out: Path) -> Path:
     spec = PreprocessSpec.merlin()
     model = image_tower("i3_resnet152")
     export_image_onnx(model, out / "image_encoder.onnx", torch.rand(1, 1, *spec.spatial_size))
-    manifest = json.loads((demo / "manifest.json").read_text())
-    n = manifest["prompt_embeddings"]["shape"][0]
+    manifest = load_package(demo).manifest
+    n = manifest.prompt_embeddings.shape[0]
     emb = np.random.default_rng(0).normal(size=(n, 512)).astype(np.float32)
     np.save(out / "prompt_embeddings.npy", emb / np.linalg.norm(emb, axis=1, keepdims=True))
-    manifest.update(
-        {
-            "preprocessing": spec.to_dict(),
-            "embedding_dim": 512,
-            "text_encoder": {"file": None, "absent_reason": "benchmark package: random prompt embeddings"},
-            "model": {**manifest["model"], "name": "merlin-size-random", "version": "bench"},
-        }
+    manifest = dataclasses.replace(
+        manifest,
+        preprocessing=spec,
+        embedding_dim=512,
+        text_encoder=TextEncoderRecord(None, "benchmark package: random prompt embeddings"),
+        model=dataclasses.replace(manifest.model, name="merlin-size-random", version="bench"),
+        prompt_embeddings=dataclasses.replace(manifest.prompt_embeddings, shape=(n, 512)),
+        files={},
     )
-    manifest["prompt_embeddings"]["shape"] = [n, 512]
-    manifest.pop("files", None)
     write_manifest(out, manifest)
     return out
 

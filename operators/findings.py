@@ -90,35 +90,57 @@ class Catalogue:
         raise KeyError(f"unknown finding id {finding_id!r}; known: {', '.join(self.ids)}")
 
 
-def _parse(data: dict, origin: str) -> Catalogue:
+def finding_from_dict(item: dict, origin: str) -> Finding:
+    """One finding of a catalogue or manifest; prompts normalised, duplicates dropped in order."""
     try:
-        ps = data["private_scheme"]
-        findings = []
-        for item in data["findings"]:
-            section = item["section"]
-            if section not in SECTIONS and section != "multiple":
-                raise ValueError(f"finding {item['id']!r} has unknown section {section!r}")
-            pos = tuple(dict.fromkeys(normalize_text(p) for p in item["positive_prompts"]))
-            neg = tuple(dict.fromkeys(normalize_text(p) for p in item["negative_prompts"]))
-            if not pos or not neg:
-                raise ValueError(f"finding {item['id']!r} needs positive and negative prompts")
-            findings.append(
-                Finding(
-                    id=item["id"],
-                    display=item["display"],
-                    section=section,
-                    code=Code(**item["code"]),
-                    positive_prompts=pos,
-                    negative_prompts=neg,
-                    site=_site(item.get("site"), item["id"]),
-                )
-            )
+        section = item["section"]
+        if section not in SECTIONS and section != "multiple":
+            raise ValueError(f"{origin}: finding {item['id']!r} has unknown section {section!r}")
+        pos = tuple(dict.fromkeys(normalize_text(p) for p in item["positive_prompts"]))
+        neg = tuple(dict.fromkeys(normalize_text(p) for p in item["negative_prompts"]))
+        if not pos or not neg:
+            raise ValueError(f"{origin}: finding {item['id']!r} needs positive and negative prompts")
+        return Finding(
+            id=item["id"],
+            display=item["display"],
+            section=section,
+            code=Code(**item["code"]),
+            positive_prompts=pos,
+            negative_prompts=neg,
+            site=_site(item.get("site"), item["id"]),
+        )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{origin}: malformed finding catalogue ({exc!r})") from exc
+
+
+def finding_to_dict(f: Finding) -> dict:
+    """A finding as a model package manifest records it (site as a code, prompts normalised)."""
+    return {
+        "id": f.id,
+        "display": f.display,
+        "section": f.section,
+        "site": None if f.site is None else {"scheme": f.site.scheme, "value": f.site.value, "meaning": f.site.meaning},
+        "code": {"scheme": f.code.scheme, "value": f.code.value, "meaning": f.code.meaning},
+        "positive_prompts": list(f.positive_prompts),
+        "negative_prompts": list(f.negative_prompts),
+    }
+
+
+def check_unique(findings, origin: str) -> None:
     ids = [f.id for f in findings]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{origin}: duplicate finding ids")
-    return Catalogue(tuple(findings), Code(ps["designator"], ps["version"], ps["name"]))
+
+
+def _parse(data: dict, origin: str) -> Catalogue:
+    try:
+        ps = data["private_scheme"]
+        findings = [finding_from_dict(item, origin) for item in data["findings"]]
+        scheme = Code(ps["designator"], ps["version"], ps["name"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{origin}: malformed finding catalogue ({exc!r})") from exc
+    check_unique(findings, origin)
+    return Catalogue(tuple(findings), scheme)
 
 
 @lru_cache(maxsize=1)
@@ -126,8 +148,3 @@ def load_catalogue() -> Catalogue:
     """The project's catalogue of Merlin's 30 findings, in label-column order."""
     text = resources.files(__package__).joinpath("findings.json").read_text(encoding="utf-8")
     return _parse(json.loads(text), "operators/findings.json")
-
-
-def catalogue_from_dicts(data: dict, origin: str = "<model package>") -> Catalogue:
-    """A catalogue from a dict of the same form (e.g. a model package manifest)."""
-    return _parse(data, origin)

@@ -12,8 +12,9 @@ The text encoder is optional: a package whose text tower does not export faithfu
 Longformer) ships the prompt embeddings only and says so in ``text_encoder.absent_reason``; custom
 prompts then need the torch path of the training side.
 
-``load_package`` refuses anything it cannot vouch for (a missing or extra-large file, a checksum that
-does not match, a malformed manifest, a format version newer than this code reads) with a
+``load_package`` refuses anything it cannot vouch for (a missing or extra-large file, a file listed
+outside the package or reached through a link, a checksum that does not match, a malformed manifest
+(``operators.manifest`` names the field), a format version newer than this code reads) with a
 ``PackageError`` naming the package, the file and the problem. Nothing is repaired silently.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,13 +29,23 @@ from pathlib import Path
 import numpy as np
 
 from .files import write_atomic
-from .findings import Catalogue, catalogue_from_dicts
+from .findings import Catalogue
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    FindingRows,
+    ImageEncoderRecord,
+    Manifest,
+    ManifestError,
+    TextEncoderRecord,
+)
 from .preprocessing import PreprocessSpec
 
-FORMAT = "ct-zeroshot-model-package"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEMO_PACKAGE = "demo"  # operators/models/demo: the embedded default model
+MAX_FILE_BYTES = 8 << 30  # no model file of this project comes near 8 GiB (Merlin's image tower: 0.5 GB)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "FindingRows", "Manifest", "ModelPackage", "PackageError", "load_package"]
 
 
 class PackageError(ValueError):
@@ -50,97 +60,112 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(root: str | Path, manifest: dict) -> dict:
+def write_manifest(root: str | Path, manifest: Manifest) -> Manifest:
     """Record the sha256 of every file in ``root`` (except the manifest) and write ``manifest.json``.
 
     Used by the exporters; the manifest is written last, so a package interrupted mid-export has no
-    manifest and is refused rather than half-loaded.
+    manifest and is refused rather than half-loaded. Returns the manifest with its ``files``.
     """
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = dict(manifest)
-    manifest["files"] = {
-        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files
-    }
-    write_atomic(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    manifest = manifest.with_files(
+        {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+    )
+    write_atomic(root / MANIFEST, json.dumps(manifest.to_dict(), indent=1, sort_keys=False) + "\n")
     return manifest
-
-
-@dataclass(frozen=True)
-class FindingRows:
-    """Rows of ``prompt_embeddings.npy`` holding one finding's positive and negative prompts."""
-
-    positive: tuple[int, int]
-    negative: tuple[int, int]
 
 
 @dataclass
 class ModelPackage:
-    """A loaded, verified model package: its manifest, preprocessing, catalogue, prompt table and
+    """A loaded, verified model package: its typed manifest, preprocessing, catalogue, prompt table and
     per-finding decision (threshold; ``assessed`` false where validation showed the model cannot tell
     the finding apart, which is then never reported present)."""
 
     root: Path
-    manifest: dict
-    spec: PreprocessSpec
-    catalogue: Catalogue
-    rows: tuple[FindingRows, ...]
-    thresholds: np.ndarray  # (n_findings,) probability thresholds
+    manifest: Manifest
     prompt_embeddings: np.ndarray  # (P, D) float32
-    logit_scale: float  # the multiplier (exp of the stored log scale)
-    assessed: np.ndarray | None = None  # (n_findings,) bool; None: every finding assessed
 
-    def __post_init__(self) -> None:
-        if self.assessed is None:
-            self.assessed = np.ones(len(self.thresholds), dtype=bool)
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.manifest.preprocessing
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self.manifest.catalogue
+
+    @property
+    def rows(self) -> tuple[FindingRows, ...]:
+        return tuple(e.rows for e in self.manifest.findings)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """(n_findings,) probability thresholds."""
+        return np.asarray([e.threshold for e in self.manifest.findings], dtype=np.float64)
+
+    @property
+    def assessed(self) -> np.ndarray:
+        """(n_findings,) bool: findings the package may report present."""
+        return np.asarray([e.assessed for e in self.manifest.findings], dtype=bool)
+
+    @property
+    def logit_scale(self) -> float:
+        """The multiplier (exp of the stored log scale)."""
+        return float(self.manifest.logit_scale or 0.0)
 
     @property
     def name(self) -> str:
-        return self.manifest["model"]["name"]
+        return self.manifest.model.name
 
     @property
     def version(self) -> str:
-        return self.manifest["model"]["version"]
+        return self.manifest.model.version
 
     @property
     def uid(self) -> str:
         """The model's UID (the SR's device UID; part of every SR's derived UIDs)."""
-        return self.manifest["model"]["uid"]
+        return self.manifest.model.uid
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.manifest["embedding_dim"])
+        return self.manifest.embedding_dim
 
     @property
-    def image_encoder(self) -> dict:
-        return self.manifest["image_encoder"]
+    def image_encoder(self) -> ImageEncoderRecord:
+        return self.manifest.image_encoder
 
     @property
     def image_encoder_path(self) -> Path:
-        return self.root / self.image_encoder["file"]
+        return self.root / self.image_encoder.file
 
     @property
-    def text_encoder(self) -> dict | None:
-        te = self.manifest.get("text_encoder") or {}
-        return te if te.get("file") else None
+    def text_encoder(self) -> TextEncoderRecord | None:
+        """The ONNX text encoder, or None (``manifest.text_encoder.absent_reason`` says why)."""
+        te = self.manifest.text_encoder
+        return te if te.file else None
 
     @property
     def threshold_method(self) -> str:
-        return self.manifest["decision"]["threshold_method"]
+        return self.manifest.threshold_method
 
 
 def _fail(root: Path, problem: str) -> PackageError:
     return PackageError(f"model package {root}: {problem}")
 
 
-def _need(d: dict, key: str, where: str, root: Path):
-    if not isinstance(d, dict) or key not in d:
-        raise _fail(root, f"manifest.json: missing {where}{key!r}")
-    return d[key]
+def _inside(root: Path, rel: str) -> Path:
+    """``root / rel`` for a manifest-listed relative path that stays inside the package (no absolute
+    path, no ``..``, no symlink leading out)."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not rel or "\\" in rel:
+        raise _fail(root, f"manifest.json: file {rel!r} is not a relative path inside the package")
+    full = root / p
+    if full.is_symlink() or not full.resolve().is_relative_to(root.resolve()):
+        raise _fail(root, f"{rel}: a link or a path leading out of the package")
+    return full
 
 
-def read_manifest(root: str | Path) -> dict:
-    """Parse ``manifest.json`` and check its format and version (not yet the files)."""
+def read_manifest(root: str | Path) -> Manifest:
+    """Parse ``manifest.json`` into a ``Manifest`` (format, version and fields; not yet the files)."""
     root = Path(root)
     if not root.is_dir():
         raise _fail(root, "not a directory")
@@ -148,48 +173,35 @@ def read_manifest(root: str | Path) -> dict:
     if not path.is_file():
         raise _fail(root, "manifest.json is missing (an unfinished export, or not a model package)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(root, f"manifest.json is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise _fail(root, f"manifest.json: 'format' is not {FORMAT!r}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _fail(root, f"manifest.json: 'format_version' must be a positive integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise _fail(
-            root,
-            f"manifest.json: format version {version} is newer than this ct-zeroshot reads "
-            f"(up to {FORMAT_VERSION}); upgrade ct-zeroshot to use this package",
-        )
-    return manifest
+    try:
+        return Manifest.from_dict(data, origin=MANIFEST)
+    except ManifestError as exc:
+        raise _fail(root, str(exc)) from None
 
 
-def verify_files(root: Path, manifest: dict) -> None:
-    """Every listed file exists with its recorded size and sha256; the required ones are listed."""
-    files = _need(manifest, "files", "", root)
-    if not isinstance(files, dict) or not files:
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Every listed file lies inside the package with its recorded size and sha256; the required ones
+    are listed."""
+    files = manifest.files
+    if not files:
         raise _fail(root, "manifest.json: 'files' must list the package's files")
     for rel, rec in files.items():
-        p = root / rel
+        p = _inside(root, rel)
         if not p.is_file():
             raise _fail(root, f"{rel}: listed in the manifest but missing")
-        if not isinstance(rec, dict) or "sha256" not in rec:
+        if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str):
             raise _fail(root, f"manifest.json: no sha256 recorded for {rel}")
-        if "bytes" in rec and p.stat().st_size != rec["bytes"]:
-            raise _fail(
-                root, f"{rel}: {p.stat().st_size} bytes, the manifest says {rec['bytes']} (truncated or modified)"
-            )
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise _fail(root, f"{rel}: {size} bytes, over the {MAX_FILE_BYTES} a package file may have")
+        if "bytes" in rec and size != rec["bytes"]:
+            raise _fail(root, f"{rel}: {size} bytes, the manifest says {rec['bytes']} (truncated or modified)")
         if sha256_file(p) != rec["sha256"]:
             raise _fail(root, f"{rel}: sha256 does not match the manifest (modified or corrupted)")
-    required = [
-        _need(manifest["image_encoder"], "file", "image_encoder.", root),
-        _need(manifest["prompt_embeddings"], "file", "prompt_embeddings.", root),
-    ]
-    te = manifest.get("text_encoder") or {}
-    if te.get("file"):
-        required += [te["file"], _need(te, "tokenizer", "text_encoder.", root)]
-    for rel in required:
+    for rel in manifest.required_files:
         if rel not in files:
             raise _fail(root, f"{rel}: required by the manifest but not covered by its checksums")
 
@@ -198,74 +210,20 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
     """Open and check a model package; see the module docstring for what is refused."""
     root = Path(root)
     manifest = read_manifest(root)
-    for key in (
-        "model",
-        "preprocessing",
-        "image_encoder",
-        "prompt_embeddings",
-        "embedding_dim",
-        "logit_scale",
-        "decision",
-        "findings",
-        "private_scheme",
-    ):
-        _need(manifest, key, "", root)
     if verify:
         verify_files(root, manifest)
+    for rel in manifest.required_files:
+        _inside(root, rel)
+    pe = manifest.prompt_embeddings
     try:
-        spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-    except (TypeError, ValueError, KeyError) as exc:
-        raise _fail(root, f"manifest.json: bad preprocessing spec ({exc})") from exc
-    try:
-        catalogue = catalogue_from_dicts(manifest, origin=f"{root}/{MANIFEST}")
-    except ValueError as exc:
-        raise PackageError(str(exc)) from exc
-    dim = manifest["embedding_dim"]
-    pe_rec = manifest["prompt_embeddings"]
-    try:
-        emb = np.load(root / pe_rec["file"], allow_pickle=False)
+        emb = np.load(root / pe.file, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise _fail(root, f"{pe_rec['file']}: not a readable .npy array ({exc})") from exc
-    if emb.ndim != 2 or emb.shape[1] != dim or emb.dtype != np.float32:
-        raise _fail(root, f"{pe_rec['file']}: expected float32 (P, {dim}), got {emb.dtype} {emb.shape}")
-    rows, thresholds, assessed = [], [], []
-    for item in manifest["findings"]:
-        fid = item.get("id")
-        try:
-            r = item["prompt_rows"]
-            fr = FindingRows(tuple(r["positive"]), tuple(r["negative"]))
-            thr = float(item["threshold"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _fail(root, f"manifest.json: finding {fid!r} lacks prompt_rows or threshold ({exc!r})") from exc
-        for a, b in (fr.positive, fr.negative):
-            if not (0 <= a < b <= emb.shape[0]):
-                raise _fail(
-                    root,
-                    f"manifest.json: finding {fid!r} prompt rows [{a}, {b}) outside "
-                    f"the {emb.shape[0]} prompt embeddings",
-                )
-        if not (0.0 < thr < 1.0):
-            raise _fail(root, f"manifest.json: finding {fid!r} threshold {thr} is not a probability in (0, 1)")
-        a = item.get("assessed", True)
-        if not isinstance(a, bool):
-            raise _fail(root, f"manifest.json: finding {fid!r} 'assessed' must be true or false, got {a!r}")
-        rows.append(fr)
-        thresholds.append(thr)
-        assessed.append(a)
-    scale = float(manifest["logit_scale"])
-    if not math.isfinite(scale) or scale <= 0:
-        raise _fail(root, f"manifest.json: logit_scale must be a positive number, got {scale}")
-    return ModelPackage(
-        root=root,
-        manifest=manifest,
-        spec=spec,
-        catalogue=catalogue,
-        rows=tuple(rows),
-        thresholds=np.asarray(thresholds, dtype=np.float64),
-        assessed=np.asarray(assessed, dtype=bool),
-        prompt_embeddings=emb,
-        logit_scale=scale,
-    )
+        raise _fail(root, f"{pe.file}: not a readable .npy array ({exc})") from exc
+    if emb.dtype != np.float32 or emb.shape != tuple(pe.shape):
+        raise _fail(
+            root, f"{pe.file}: expected float32 {tuple(pe.shape)} as the manifest says, got {emb.dtype} {emb.shape}"
+        )
+    return ModelPackage(root=root, manifest=manifest, prompt_embeddings=emb)
 
 
 def default_package_dir() -> Path:

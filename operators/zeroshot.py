@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .package import FindingRows, ModelPackage
+from .manifest import FindingRows
+from .package import ModelPackage
 from .textnorm import keep_sentences, normalize_text
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class ZeroShotModel:
         if requested[0] == "CUDAExecutionProvider" and self.providers[0] != "CUDAExecutionProvider":
             log.warning("CUDA provider requested but did not load; running on %s", self.providers[0])
         ie = package.image_encoder
-        self._image_in, self._image_out = ie["input"], ie["output"]
+        self._image_in, self._image_out = ie.input, ie.output
         self._text_session = None
         self._tokenizer = None
         self._threads = threads
@@ -143,8 +144,7 @@ class ZeroShotModel:
             pkg.rows if rows is None else rows,
             pkg.logit_scale,
         )
-        thr = pkg.thresholds
-        assessed = pkg.assessed if pkg.assessed is not None else np.ones(len(thr), dtype=bool)
+        thr, assessed = pkg.thresholds, pkg.assessed
         return [
             Findings(pkg.catalogue.ids, probs[i], margins[i], decide_present(probs[i], thr, assessed), thr, assessed)
             for i in range(len(probs))
@@ -158,7 +158,7 @@ class ZeroShotModel:
     def _text(self):
         te = self.package.text_encoder
         if te is None:
-            reason = (self.package.manifest.get("text_encoder") or {}).get("absent_reason", "not exported")
+            reason = self.package.manifest.text_encoder.absent_reason
             raise RuntimeError(
                 f"model package {self.package.root} has no text encoder ({reason}); "
                 "custom prompts need the training side's torch model"
@@ -166,8 +166,8 @@ class ZeroShotModel:
         if self._text_session is None:
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(self.package.root / te["tokenizer"]))
-            self._text_session = open_session(self.package.root / te["file"], list(self.providers), self._threads)
+            self._tokenizer = Tokenizer.from_file(str(self.package.root / str(te.tokenizer)))
+            self._text_session = open_session(self.package.root / str(te.file), list(self.providers), self._threads)
         return te
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
@@ -178,11 +178,11 @@ class ZeroShotModel:
         """Embeddings of raw texts through the package's text encoder, after the text rule the tower was
         trained with (``text_encoder.keep_sentences``: a denying prompt encodes as "Normal.")."""
         te = self._text()
-        texts = [keep_sentences(t, te.get("keep_sentences", "all")) for t in texts]
+        texts = [keep_sentences(t, te.keep_sentences) for t in texts]
         out: list[np.ndarray] = []
         for i in range(0, len(texts), batch_size):
             feed = self.tokenize(texts[i : i + batch_size])
             session = self._text_session
             assert session is not None  # opened by _text()
-            out.append(session.run([te["output"]], {k: feed[k] for k in te["inputs"]})[0])
+            out.append(session.run([te.output], {k: feed[k] for k in te.inputs})[0])
         return np.concatenate(out) if out else np.zeros((0, self.package.embedding_dim), np.float32)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from operators.manifest import Manifest
 from operators.preprocessing import PreprocessSpec
 
 from .export import export_package
@@ -130,7 +131,7 @@ def convert_merlin(
     parity_inputs: int = 2,
     version: str = "1.0.0",
     log: Callable[[str], None] = print,
-) -> dict:
+) -> Manifest:
     log(f"reading {checkpoint}")
     sd = read_checkpoint(checkpoint)
     model = build_merlin_model(text_model)

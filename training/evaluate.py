@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from operators.findings import load_catalogue
-from operators.package import FindingRows
+from operators.manifest import FindingRows, prompt_table
 from operators.zeroshot import finding_scores, merlin_present
 
 OCCLUSION_LEVELS = (0.0, 0.1, 0.25, 0.5)
@@ -55,19 +55,6 @@ def embed_images(
         if progress is not None:
             progress.update(len(chunk))
     return torch.cat(out)
-
-
-def prompt_table(catalogue=None) -> tuple[list[str], list[FindingRows]]:
-    """Every finding's prompts in one list (positives then negatives per finding) and the rows of each
-    finding: the layout of a model package's ``prompt_embeddings.npy``."""
-    prompts, rows = [], []
-    for f in catalogue or load_catalogue():
-        p0 = len(prompts)
-        prompts.extend(f.positive_prompts)
-        n0 = len(prompts)
-        prompts.extend(f.negative_prompts)
-        rows.append(FindingRows((p0, n0), (n0, len(prompts))))
-    return prompts, rows
 
 
 @torch.no_grad()

@@ -39,11 +39,19 @@ import torch
 
 from operators import __version__
 from operators.findings import load_catalogue
-from operators.package import FORMAT, FORMAT_VERSION, write_manifest
+from operators.manifest import (
+    FindingEntry,
+    ImageEncoderRecord,
+    Manifest,
+    ModelIdentity,
+    PromptTable,
+    TextEncoderRecord,
+    prompt_table,
+)
+from operators.package import write_manifest
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import decide_present, margin_probability
 
-from .evaluate import prompt_table
 from .models.clip import DualEncoder
 from .onnx_export import (
     OPSET,
@@ -94,7 +102,7 @@ def export_package(
     text: str = "auto",
     log: Callable[[str], None] = print,
     text_absent_reason: str | None = None,
-) -> dict:
+) -> Manifest:
     """Write a model package for ``model`` into ``out`` (new or empty). Returns the manifest.
 
     ``text``: ``onnx`` (fail if the text tower does not export with parity), ``auto`` (fall back to
@@ -132,7 +140,7 @@ def export_package(
     if not img_par["passed"]:
         raise ExportError(f"image encoder parity failed: {img_par}; no package written")
 
-    text_rec: dict = {"file": None}
+    text_rec = TextEncoderRecord(None)
     text_par = None
     if text != "none":
         window = attention_window(model)
@@ -158,105 +166,68 @@ def export_package(
         except Exception as exc:  # noqa: BLE001 - any exporter failure means: no ONNX text tower
             failure = f"ONNX export of the text tower failed: {type(exc).__name__}: {exc}"
         if failure is None:
-            text_rec = {
-                "file": "text_encoder.onnx",
-                "inputs": ["input_ids", "attention_mask"],
-                "output": "embedding",
-                "tokenizer": "tokenizer.json",
+            text_rec = TextEncoderRecord(
+                "text_encoder.onnx",
+                tokenizer="tokenizer.json",
                 # the text rule the tower was trained with, applied by the deploy side before tokenising
-                "keep_sentences": model.encode_text.keep_sentences,
+                keep_sentences=model.encode_text.keep_sentences,
                 **tok_info,
-            }
+            )
         elif text == "onnx":
             raise ExportError(failure)
         else:
             log(f"text encoder not shipped: {failure}")
             for f in ("text_encoder.onnx", "tokenizer.json"):
                 (out / f).unlink(missing_ok=True)
-            text_rec = {
-                "file": None,
-                "absent_reason": failure[:2000]
-                + "; the package carries precomputed prompt embeddings only; custom prompts need the "
-                "torch model (training side)",
-            }
+            text_rec = TextEncoderRecord(
+                None,
+                failure[:2000] + "; the package carries precomputed prompt embeddings only; custom prompts "
+                "need the torch model (training side)",
+            )
     else:
-        text_rec = {
-            "file": None,
-            "absent_reason": text_absent_reason
+        text_rec = TextEncoderRecord(
+            None,
+            text_absent_reason
             or "not exported (text='none'); prompt embeddings only; custom prompts need the torch model",
-        }
+        )
 
     if thresholds is None:
         thresholds = np.full(len(catalogue), 0.5)
-    findings = []
-    for i, (f, r) in enumerate(zip(catalogue, rows)):
-        item = {
-            "id": f.id,
-            "display": f.display,
-            "section": f.section,
-            "site": None
-            if f.site is None
-            else {"scheme": f.site.scheme, "value": f.site.value, "meaning": f.site.meaning},
-            "code": {"scheme": f.code.scheme, "value": f.code.value, "meaning": f.code.meaning},
-            "positive_prompts": list(f.positive_prompts),
-            "negative_prompts": list(f.negative_prompts),
-            "prompt_rows": {"positive": list(r.positive), "negative": list(r.negative)},
-            "threshold": float(thresholds[i]),
-            "assessed": bool(threshold_notes[i].get("assessed", True)) if threshold_notes else True,
-        }
-        if threshold_notes:
-            item["threshold_selection"] = threshold_notes[i]
-        findings.append(item)
+    findings = tuple(
+        FindingEntry(
+            f,
+            r,
+            float(thresholds[i]),
+            bool(threshold_notes[i].get("assessed", True)) if threshold_notes else True,
+            threshold_notes[i] if threshold_notes else None,
+        )
+        for i, (f, r) in enumerate(zip(catalogue, rows))
+    )
     log_scale = float(model.logit_scale.detach().clamp(max=math.log(100.0)))
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": {
-            "name": name,
-            "version": version,
-            "uid": f"2.25.{uuid.uuid4().int}",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        },
-        "provenance": {
+    manifest = Manifest(
+        model=ModelIdentity(
+            name, version, f"2.25.{uuid.uuid4().int}", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        ),
+        provenance={
             "exporter": f"ct-zeroshot {__version__}",
             "code_commit": _git_commit(),
             "torch": torch.__version__,
             **provenance,
         },
-        "preprocessing": spec.to_dict(),
-        "image_encoder": {
-            "file": "image_encoder.onnx",
-            "input": "image",
-            "output": "embedding",
-            "input_shape": ["batch", 1, "x", "y", "z"],
-            "dtype": "float32",
-            "opset": OPSET,
-            "dynamic_spatial": True,
-            "l2_normalised": True,
-        },
-        "text_encoder": text_rec,
-        "embedding_dim": dim,
-        "logit_scale": math.exp(log_scale),
-        "log_logit_scale": log_scale,
-        "text_normalisation": "merlin: lowercase, NLTK wordpunct tokens joined by single spaces "
-        "(operators.textnorm.normalize_text); applied to prompts and custom text",
-        "prompt_embeddings": {
-            "file": "prompt_embeddings.npy",
-            "shape": list(prompt_emb.shape),
-            "dtype": "float32",
-            "computed_with": "torch reference model",
-        },
-        "decision": {"rule": DESCRIPTION_RULE, "threshold_method": threshold_method},
-        "private_scheme": {
-            "designator": catalogue.private_scheme.scheme,
-            "version": catalogue.private_scheme.value,
-            "name": catalogue.private_scheme.meaning,
-        },
-        "findings": findings,
-        "parity": {"image": img_par, "text": text_par},
-    }
+        preprocessing=spec,
+        image_encoder=ImageEncoderRecord("image_encoder.onnx", opset=OPSET),
+        text_encoder=text_rec,
+        embedding_dim=dim,
+        log_logit_scale=log_scale,
+        prompt_embeddings=PromptTable("prompt_embeddings.npy", (prompt_emb.shape[0], dim)),
+        decision_rule=DESCRIPTION_RULE,
+        threshold_method=threshold_method,
+        private_scheme=catalogue.private_scheme,
+        findings=findings,
+        parity={"image": img_par, "text": text_par},
+    )
     manifest = write_manifest(out, manifest)
-    total = sum(v["bytes"] for v in manifest["files"].values())
+    total = sum(v["bytes"] for v in manifest.files.values())
     log(f"package written: {out} ({total / 1e6:.1f} MB)")
     return manifest
 
@@ -275,7 +246,7 @@ def export_run(
     text: str = "auto",
     log: Callable[[str], None] = print,
     auroc_floor: float = AUROC_FLOOR,
-) -> dict:
+) -> Manifest:
     """Export a training run's checkpoint. ``data`` is the run's data set: its test split gives the
     held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``)."""
     from .evaluate import embed_images, prompt_embeddings, zero_shot_scores

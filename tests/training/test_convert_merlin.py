@@ -95,14 +95,14 @@ def test_convert_merlin_end_to_end(longformer_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     pkg = load_package(tmp_path / "pkg")
     m = pkg.manifest
-    assert m["parity"]["image"]["passed"] and m["parity"]["image"]["max_abs_diff"] <= 1e-4
+    assert m.parity["image"]["passed"] and m.parity["image"]["max_abs_diff"] <= 1e-4
     assert pkg.spec.spatial_size == (224, 224, 160) and pkg.spec.spacing == (1.5, 1.5, 3.0)
     assert pkg.embedding_dim == 512 and len(pkg.catalogue) == 30
     assert pkg.logit_scale == pytest.approx(np.exp(2.3), rel=1e-5)
-    assert pkg.text_encoder is None and "custom prompts need the torch model" in m["text_encoder"]["absent_reason"]
-    assert m["provenance"]["source"] == "official Merlin checkpoint" and m["provenance"]["tensors"] == 1208
+    assert pkg.text_encoder is None and "custom prompts need the torch model" in str(m.text_encoder.absent_reason)
+    assert m.provenance["source"] == "official Merlin checkpoint" and m.provenance["tensors"] == 1208
     # The prompts are the catalogue's, normalised as Merlin does (lower case, wordpunct tokens).
-    assert m["findings"][0]["positive_prompts"] == list(load_catalogue().findings[0].positive_prompts)
+    assert m.findings[0].finding.positive_prompts == load_catalogue().findings[0].positive_prompts
     assert json.loads((tmp_path / "pkg" / "manifest.json").read_text())["files"]["image_encoder.onnx"]["bytes"] > 4e8
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from operators.manifest import Manifest
 from operators.package import FORMAT_VERSION, PackageError, load_package, write_manifest
 from operators.zeroshot import ZeroShotModel, finding_scores
 from tests.conftest import export_cli
@@ -32,17 +33,20 @@ def _copy(pkg, tmp_path):
 def test_manifest_records_parity_and_contract(exported):
     pkg = load_package(exported["pkg"])
     m = pkg.manifest
-    assert m["format_version"] == FORMAT_VERSION
-    assert m["parity"]["image"]["passed"] and m["parity"]["image"]["max_abs_diff"] <= 1e-4
-    assert m["parity"]["image"]["decisions_identical"]
-    assert len(m["parity"]["image"]["spatial_sizes"]) == 2  # dynamic spatial axes exercised
-    assert m["parity"]["text"]["passed"] and m["parity"]["text"]["tokens_identical"]
-    assert set(m["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "prompt_embeddings.npy"}
+    assert m.format_version == FORMAT_VERSION
+    assert m.parity["image"]["passed"] and m.parity["image"]["max_abs_diff"] <= 1e-4
+    assert m.parity["image"]["decisions_identical"]
+    assert len(m.parity["image"]["spatial_sizes"]) == 2  # dynamic spatial axes exercised
+    assert m.parity["text"]["passed"] and m.parity["text"]["tokens_identical"]
+    assert set(m.files) == {"image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "prompt_embeddings.npy"}
     assert pkg.spec.spatial_size == (64, 56, 56)
     assert len(pkg.catalogue) == 30 and pkg.prompt_embeddings.shape[1] == pkg.embedding_dim
-    assert m["decision"]["threshold_method"].startswith("validation")
-    assert all("threshold_selection" in f for f in m["findings"])
-    assert m["provenance"]["config_digest"] and m["provenance"]["source"] == "training run"
+    assert m.threshold_method.startswith("validation")
+    assert all(f.threshold_selection for f in m.findings)
+    assert m.provenance["config_digest"] and m.provenance["source"] == "training run"
+    # The file is exactly what the typed manifest writes, and reads back to the same manifest.
+    on_disk = json.loads((exported["pkg"] / "manifest.json").read_text())
+    assert m.to_dict() == on_disk and Manifest.from_dict(on_disk) == m
 
 
 def test_package_scores_equal_the_torch_evaluation(exported):
@@ -89,7 +93,7 @@ def test_the_deploy_side_applies_the_text_rule_the_package_records(exported, tmp
     assert m["text_encoder"]["keep_sentences"] == "all"  # cpu-tiny: Merlin's, every sentence
     pkg = _copy(exported["pkg"], tmp_path)
     m["text_encoder"]["keep_sentences"] = "findings"
-    write_manifest(pkg, m)
+    write_manifest(pkg, Manifest.from_dict(m))
     zs = ZeroShotModel(load_package(pkg), device="cpu")
     a, b = zs.embed_texts(["No hydronephrosis.", "Normal."])
     assert np.abs(a - b).max() < 1e-6
@@ -141,13 +145,13 @@ def test_a_rewritten_manifest_is_still_checked_for_consistency(exported, tmp_pat
     pkg = _copy(exported["pkg"], tmp_path)
     m = json.loads((pkg / "manifest.json").read_text())
     m["findings"][0]["prompt_rows"]["positive"] = [0, 10_000]
-    write_manifest(pkg, m)
-    with pytest.raises(PackageError, match="outside"):
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match=r"'findings\[0\]\.prompt_rows\.positive'.*outside"):
         load_package(pkg)
     m["findings"][0]["prompt_rows"]["positive"] = [0, 2]
     m["findings"][0]["threshold"] = 1.5
-    write_manifest(pkg, m)
-    with pytest.raises(PackageError, match="not a probability"):
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match=r"'findings\[0\]\.threshold' must be a probability"):
         load_package(pkg)
 
 
@@ -199,11 +203,10 @@ def test_a_finding_not_assessed_is_never_reported_present(tiny_package, tmp_path
     pkg_dir = tmp_path / "pkg"
     shutil.copytree(tiny_package["pkg"], pkg_dir)
     manifest = json.loads((pkg_dir / "manifest.json").read_text())
-    manifest.pop("files")
     for i, f in enumerate(manifest["findings"]):
         f["threshold"] = 1e-30  # every probability reaches it (the scorer clips at sigmoid(-60))
         f["assessed"] = i % 2 == 0
-    write_manifest(pkg_dir, manifest)
+    (pkg_dir / "manifest.json").write_text(json.dumps(manifest))
     pkg = load_package(pkg_dir)
     model = ZeroShotModel(pkg, device="cpu")
     emb = np.random.default_rng(0).normal(size=(5, pkg.embedding_dim)).astype(np.float32)
@@ -224,7 +227,7 @@ def test_merlin_rule_probability_is_the_two_way_softmax():
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     prom = rng.normal(size=(5, 8))
     prom /= np.linalg.norm(prom, axis=1, keepdims=True)
-    from operators.package import FindingRows
+    from operators.manifest import FindingRows
 
     rows = [FindingRows((0, 2), (2, 5))]
     margins, probs = finding_scores(img, prom, rows, 12.5)
