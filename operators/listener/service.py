@@ -1,4 +1,4 @@
-"""``ct-zeroshot serve --config FILE``: a DICOM listener that turns received CT studies into SRs for a PACS.
+"""The listening service: receiving, completion and processing (``ct-zeroshot serve``).
 
 - A pynetdicom storage SCP with its AE title and port. Callers must be on the allow-list (AE title, and
   host where given): others are rejected (AE title) or aborted (host) and logged.
@@ -20,84 +20,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
-import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .files import PARTIAL_SUFFIX, atomic_path
+from .config import ListenerConfig
+from .sender import Sender
+from .spool import Spool, SpoolError
 
 log = logging.getLogger("ct-zeroshot.listener")
 
 
-@dataclass
-class Peer:
-    ae_title: str
-    host: str | None = None
-    port: int | None = None
-
-
-@dataclass
-class ListenerConfig:
-    ae_title: str = "CTZEROSHOT"
-    bind: str = "127.0.0.1"
-    port: int = 11112
-    allowed: list[Peer] = field(default_factory=list)
-    destination: Peer | None = None
-    spool: str = "spool"
-    model: str | None = None
-    idle_timeout_s: float = 10.0
-    retries: int = 5
-    backoff_s: float = 2.0
-    log_patient_identifiers: bool = False
-
-    @classmethod
-    def load(cls, path: str | Path) -> ListenerConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"{path}: cannot read listener config ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping")
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        try:
-            allowed = [Peer(**p) for p in data.pop("allowed", [])]
-            dest = data.pop("destination", None)
-            cfg = cls(**data, allowed=allowed, destination=Peer(**dest) if dest else None)
-        except TypeError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-        if not cfg.allowed:
-            raise ValueError(f"{path}: 'allowed' must list at least one calling AE title")
-        if cfg.destination is None or not cfg.destination.host or not cfg.destination.port:
-            raise ValueError(f"{path}: 'destination' needs ae_title, host and port")
-        return cfg
-
-
-def _atomic_write_dataset(ds, path: Path) -> None:
-    with atomic_path(path, fsync=True) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
-
-
 class Listener:
+    """Receives (pynetdicom handlers ``on_*``), decides when a study is complete (``_watch``), runs the
+    pipeline one study at a time (``_work`` -> ``process``) and hands SRs to the ``Sender``."""
+
     def __init__(self, cfg: ListenerConfig):
-        from .package import default_package_dir, load_package
-        from .pipeline import SeriesToModelInput
-        from .zeroshot import ZeroShotModel
+        from ..package import default_package_dir, load_package
+        from ..pipeline import SeriesToModelInput
+        from ..zeroshot import ZeroShotModel
 
         self.cfg = cfg
-        self.spool = Path(cfg.spool)
-        for d in ("incoming", "ready", "done", "failed", "out"):
-            (self.spool / d).mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(cfg.spool)
         pkg = load_package(cfg.model or default_package_dir())
         self.model = ZeroShotModel(pkg, device="auto")
         self.prep = SeriesToModelInput(pkg.spec)
@@ -106,6 +53,7 @@ class Listener:
         self.open_assoc: dict[int, set[str]] = {}  # association id -> studies it delivered
         self.queue: queue.Queue[str] = queue.Queue()
         self.stop = threading.Event()
+        self.sender = Sender(cfg, self.stop)
         self.server = None
         self.processed: list[dict] = []
 
@@ -150,10 +98,11 @@ class Listener:
         except Exception as exc:  # noqa: BLE001 - a malformed dataset must not stop the listener
             log.warning("C-STORE with an unreadable dataset refused (%s)", exc)
             return 0xC210
-        folder = self.spool / "incoming" / uid
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write_dataset(ds, folder / f"{sop}.dcm")
+            self.spool.store(ds, uid, sop)
+        except SpoolError as exc:
+            log.warning("C-STORE refused: %s", exc)
+            return 0xC212  # the dataset does not match the SOP class (its UIDs are unusable)
         except Exception as exc:  # noqa: BLE001
             log.error("study %s: instance %s not spooled (%s)", uid, sop, exc)
             return 0xA700  # out of resources
@@ -172,69 +121,28 @@ class Listener:
                 for u in done:
                     del self.last_seen[u]
             for uid in done:
-                src, dst = self.spool / "incoming" / uid, self.spool / "ready" / uid
-                if dst.exists():  # more instances of a study already queued: merge them in
-                    for f in src.iterdir():
-                        os.replace(f, dst / f.name)
-                    src.rmdir()
-                else:
-                    os.replace(src, dst)
-                log.info("study %s complete (%d instances); queued", uid, len(list(dst.iterdir())))
-                if self.cfg.log_patient_identifiers:
-                    import pydicom
-
-                    first = pydicom.dcmread(next(dst.iterdir()), stop_before_pixels=True)
-                    log.info("study %s: patient %s (%s)", uid, first.get("PatientID", ""), first.get("PatientName", ""))
-                self.queue.put(uid)
+                try:
+                    self._queue_complete(uid)
+                except Exception:  # noqa: BLE001 - one study's trouble must not stop the completion thread
+                    log.exception("study %s: could not be queued", uid)
             self.stop.wait(0.5)
 
-    def _send(self, sr_path: Path, uid: str) -> bool:
-        import pydicom
-        from pynetdicom import AE
+    def _queue_complete(self, uid: str) -> None:
+        dst = self.spool.complete(uid)
+        log.info("study %s complete (%d instances); queued", uid, len(list(dst.iterdir())))
+        if self.cfg.log_patient_identifiers:
+            import pydicom
 
-        dest = self.cfg.destination
-        if dest is None or dest.host is None or dest.port is None:
-            raise RuntimeError("listener has no destination configured")
-        ds = pydicom.dcmread(sr_path)
-        delay = self.cfg.backoff_s
-        for attempt in range(1, self.cfg.retries + 1):
-            ae = AE(ae_title=self.cfg.ae_title)
-            ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-            if assoc.is_established:
-                status = assoc.send_c_store(ds)
-                assoc.release()
-                code = getattr(status, "Status", None)
-                if code == 0x0000:
-                    log.info("study %s: SR %s sent to %s (attempt %d)", uid, ds.SOPInstanceUID, dest.ae_title, attempt)
-                    return True
-                log.warning(
-                    "study %s: %s answered C-STORE with status %s",
-                    uid,
-                    dest.ae_title,
-                    hex(code) if code is not None else "none",
-                )
-            else:
-                log.warning(
-                    "study %s: cannot associate with %s@%s:%s (attempt %d of %d)",
-                    uid,
-                    dest.ae_title,
-                    dest.host,
-                    dest.port,
-                    attempt,
-                    self.cfg.retries,
-                )
-            if attempt < self.cfg.retries and self.stop.wait(delay):
-                return False
-            delay *= 2
-        return False
+            first = pydicom.dcmread(next(dst.iterdir()), stop_before_pixels=True)
+            log.info("study %s: patient %s (%s)", uid, first.get("PatientID", ""), first.get("PatientName", ""))
+        self.queue.put(uid)
 
     def process(self, uid: str) -> dict:
-        from .dicom_series import scan_tree
-        from .pipeline import StudyWork, run_study, sr_filename
+        from ..dicom_series import scan_tree
+        from ..pipeline import StudyWork, run_study, sr_filename
 
-        ready = self.spool / "ready" / uid
-        out = self.spool / "out" / uid
+        ready = self.spool.path("ready", uid)
+        out = self.spool.path("out", uid)
         sr = out / sr_filename(uid)
         record: dict[str, Any] = {"study_uid": uid}
         if not sr.exists():  # not processed before a restart
@@ -247,16 +155,11 @@ class Listener:
         else:
             record.update(status="ok", error="", resumed=True)
         if record["status"] != "ok":
-            dst = self.spool / "failed" / uid
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(ready, dst)
-            (dst / "reason.txt").write_text(record["error"] + "\n")
+            self.spool.finish(uid, record["error"])
             log.error("study %s: failed: %s", uid, record["error"])
-        elif self._send(sr, uid):
+        elif self.sender.send(sr, uid):
             record["sent"] = True
-            dst = self.spool / "done" / uid
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(ready, dst)
+            self.spool.finish(uid)
         else:
             record["sent"] = False
             log.error("study %s: SR not delivered after %d attempts; kept for the next start", uid, self.cfg.retries)
@@ -276,15 +179,14 @@ class Listener:
 
     def recover(self) -> None:
         """Pick up what a previous run left: ready studies are queued, incoming ones get a fresh timer."""
-        for d in sorted((self.spool / "ready").iterdir()):
-            log.info("study %s: resuming from the spool", d.name)
-            self.queue.put(d.name)
+        for uid in self.spool.studies("ready"):
+            log.info("study %s: resuming from the spool", uid)
+            self.queue.put(uid)
         now = time.monotonic()
-        for d in sorted((self.spool / "incoming").iterdir()):
-            for f in d.glob(f".*{PARTIAL_SUFFIX}"):
-                f.unlink()  # never acknowledged
+        for uid in self.spool.studies("incoming"):
+            self.spool.drop_unacknowledged(uid)
             with self.lock:
-                self.last_seen[d.name] = now
+                self.last_seen[uid] = now
 
     # -- service -------------------------------------------------------------------------------
     def start(self):

@@ -1,0 +1,56 @@
+"""Delivering an SR to the destination PACS: C-STORE with retries and exponential backoff."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from .config import ListenerConfig
+
+log = logging.getLogger("ct-zeroshot.listener")
+
+
+class Sender:
+    def __init__(self, cfg: ListenerConfig, stop: threading.Event):
+        dest = cfg.destination
+        if dest is None or dest.host is None or dest.port is None:
+            raise ValueError("listener has no destination configured")
+        self.cfg, self.dest, self.stop = cfg, dest, stop
+
+    def send(self, sr_path: Path, uid: str) -> bool:
+        """True once the destination answered success; False after the last retry (or on stop)."""
+        import pydicom
+        from pynetdicom import AE
+
+        dest, cfg = self.dest, self.cfg
+        assert dest.host is not None and dest.port is not None  # checked in __init__
+        ds = pydicom.dcmread(sr_path)
+        delay = cfg.backoff_s
+        for attempt in range(1, cfg.retries + 1):
+            ae = AE(ae_title=cfg.ae_title)
+            ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            if assoc.is_established:
+                status = assoc.send_c_store(ds)
+                assoc.release()
+                code = getattr(status, "Status", None)
+                if code == 0x0000:
+                    log.info("study %s: SR %s sent to %s (attempt %d)", uid, ds.SOPInstanceUID, dest.ae_title, attempt)
+                    return True
+                shown = hex(code) if code is not None else "none"
+                log.warning("study %s: %s answered C-STORE with status %s", uid, dest.ae_title, shown)
+            else:
+                log.warning(
+                    "study %s: cannot associate with %s@%s:%s (attempt %d of %d)",
+                    uid,
+                    dest.ae_title,
+                    dest.host,
+                    dest.port,
+                    attempt,
+                    cfg.retries,
+                )
+            if attempt < cfg.retries and self.stop.wait(delay):
+                return False
+            delay *= 2
+        return False
