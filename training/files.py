@@ -1,6 +1,33 @@
 """Result files: the deploy side's one atomic writer (``operators/files.py``), re-exported here for the
-training side's modules."""
+training side's modules, and the training logs' CSV rows."""
+
+import csv
+from pathlib import Path
 
 from operators.files import atomic_path, write_atomic, write_json
 
-__all__ = ["atomic_path", "write_atomic", "write_json"]
+__all__ = ["append_csv", "atomic_path", "truncate_csv", "write_atomic", "write_json"]
+
+
+def append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def truncate_csv(path: Path, max_step: int, key: str = "step") -> None:
+    """On resume, drop log rows written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    keep = [r for r in rows if int(r[key]) < max_step]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)

@@ -15,7 +15,6 @@ the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .data import load_studies
 from .files import atomic_path, write_json
 from .loss import clip_loss
 from .models.image import ImageEncoder
+from .optim import warmup_cosine
 from .runs import CachedVolumes, build_cache, volume_cache
 
 INIT_FILE = "image_init.pt"
@@ -70,12 +70,6 @@ def _views(volumes: CachedVolumes, idx: np.ndarray, transform, seed: int, step: 
     return torch.stack(views[0]), torch.stack(views[1])
 
 
-def _lr(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-
 def pretrain_image(
     data: str | Path,
     out: str | Path,
@@ -103,7 +97,7 @@ def pretrain_image(
     torch.manual_seed(cfg.train.seed)
     model = ImageEncoder(cfg.image.arch, cfg.image.embed_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, p.steps, p.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, p.steps, p.warmup_steps))
     last = out / "checkpoints" / "last.pt"
     start = 0
     if last.exists():

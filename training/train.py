@@ -16,8 +16,6 @@ seen per epoch), ``val.csv``, ``train_summary.json`` (written last).
 
 from __future__ import annotations
 
-import csv
-import math
 import os
 import random
 import time
@@ -34,9 +32,10 @@ from operators.textnorm import normalize_text
 from .config import TrainConfig
 from .data import load_studies
 from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
-from .files import write_json
+from .files import append_csv, truncate_csv, write_json
 from .loss import clip_loss, text_keys
 from .models.clip import DualEncoder
+from .optim import make_optimizer
 from .runs import (
     CachedVolumes,
     Checkpoint,
@@ -84,66 +83,6 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     dtype = torch.bfloat16 if p == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if p == "fp16" else None
     return torch.autocast(device_type=device.type, dtype=dtype), scaler
-
-
-def _optimizer(model: DualEncoder, cfg: TrainConfig):
-    o = cfg.optim
-    groups: dict[str, list[torch.nn.Parameter]] = {"image": [], "text": [], "none": [], "tower": [], "tower_nd": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if o.tower_lr > 0 and name.startswith("encode_text.text_encoder."):
-            groups["tower" if p.ndim >= 2 else "tower_nd"].append(p)
-        elif p.ndim < 2 or name == "logit_scale":
-            groups["none"].append(p)
-        elif name.startswith("encode_text"):
-            groups["text"].append(p)
-        else:
-            groups["image"].append(p)
-    param_groups = [
-        {"params": groups["image"], "lr": o.lr, "weight_decay": o.weight_decay},
-        {"params": groups["text"], "lr": o.text_lr, "weight_decay": o.weight_decay},
-        {"params": groups["none"], "lr": o.lr, "weight_decay": 0.0},
-    ]
-    if o.tower_lr > 0:
-        param_groups += [
-            {"params": groups["tower"], "lr": o.tower_lr, "weight_decay": o.weight_decay},
-            {"params": groups["tower_nd"], "lr": o.tower_lr, "weight_decay": 0.0},
-        ]
-    opt = torch.optim.AdamW(param_groups)
-    total = cfg.train.steps
-
-    def schedule(step: int) -> float:  # linear warm-up, cosine decay to 0
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def _truncate_csv(path: Path, max_step: int, key: str = "step") -> None:
-    """On resume, drop log rows written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return
-    keep = [r for r in rows if int(r[key]) < max_step]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(keep)
 
 
 def validation_f1(model, volumes: CachedVolumes, labels: np.ndarray, device, batch_size: int) -> dict:
@@ -213,7 +152,7 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
     if model.encode_text.locked:
         _warm_text_features(model, planner, text_feature_cache(cfg, run, cache_dir), main, world, progress)
     model.set_gradient_checkpointing(cfg.train.grad_checkpointing)
-    opt, sched = _optimizer(model, cfg)
+    opt, sched = make_optimizer(model, cfg)
     autocast, scaler = _autocast(cfg, device)
     ddp = (
         torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -247,9 +186,9 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         torch.set_rng_state(state.rng["torch"])
         r.start, r.best = state.step, state.best
         if main:
-            _truncate_csv(run / "log.csv", r.start)  # rows of the steps run before the checkpoint
-            _truncate_csv(run / "val.csv", r.start + 1)  # a row at the checkpoint's step was written before it
-            _truncate_csv(run / "epochs.csv", r.start, key="last_step")  # rows of epochs ended before start
+            truncate_csv(run / "log.csv", r.start)  # rows of the steps run before the checkpoint
+            truncate_csv(run / "val.csv", r.start + 1)  # a row at the checkpoint's step was written before it
+            truncate_csv(run / "epochs.csv", r.start, key="last_step")  # rows of epochs ended before start
     else:
         if cfg.image.init:  # a fresh run starts from the pretext's image tower (every rank loads it)
             from .pretrain import load_image_init
@@ -337,7 +276,7 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
     """Logs, epoch accounting, validation and checkpoints after ``step``."""
     cfg, run, planner = r.cfg, r.run, r.planner
     if r.main and (step % cfg.train.log_every == 0 or step == end - 1):
-        _append_csv(
+        append_csv(
             run / "log.csv",
             {
                 "step": step,
@@ -351,7 +290,7 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
         )
     next_step = step + 1
     if r.main and (next_step % planner.steps_per_epoch == 0 or next_step == cfg.train.steps):
-        _append_csv(
+        append_csv(
             run / "epochs.csv",
             {"epoch": planner.epoch(step), "last_step": step, "unique_volumes": len(r.seen), "pool": len(planner.pool)},
         )
@@ -359,7 +298,7 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
     evaluate_now = next_step % cfg.train.eval_every == 0 or next_step == cfg.train.steps
     if evaluate_now and r.main and r.val_labels is not None:
         m = validation_f1(r.model, r.val_volumes, r.val_labels, r.device, cfg.train.batch_size)
-        _append_csv(
+        append_csv(
             run / "val.csv",
             {"step": next_step, "macro_f1": f"{m['macro_f1']:.5f}", "macro_auroc": f"{m['macro_auroc']:.5f}"},
         )

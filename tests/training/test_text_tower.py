@@ -85,12 +85,12 @@ def test_top_layers_on_cached_lower_states_match_the_token_path(pooling):
 
 
 def test_tower_lr_gives_the_pretrained_layers_their_own_step(tmp_path):
-    from training.train import _optimizer
+    from training.optim import make_optimizer
 
     over = ["text.model=minilm", "text.train_layers=1", "text.head=linear", "optim.tower_lr=5e-5"]
     cfg = TrainConfig.load("cpu-tiny", over)
     model = make_model(cfg, tmp_path)
-    opt, _ = _optimizer(model, cfg)
+    opt, _ = make_optimizer(model, cfg)
     lr = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
     layer = model.encode_text.text_encoder.encoder.layer[5]
     assert lr[id(layer.attention.self.query.weight)] == lr[id(layer.output.LayerNorm.weight)] == 5e-5
