@@ -37,6 +37,8 @@ from .config import TrainConfig, parse_ratio
 from .data import Study
 from .reports import keep_sentences, section_status
 
+NORMAL = "Normal."  # what keep_sentences(..., "findings") gives a text that states no finding
+
 FULL = "full"
 
 
@@ -228,7 +230,12 @@ class BatchPlanner:
         keep = self.cfg.text.keep_sentences
         if item.text == FULL:
             return keep_sentences(st.findings_text, keep)
-        return f"{item.text}: {keep_sentences(st.sections[item.text], keep)}"
+        kept = keep_sentences(st.sections[item.text], keep)
+        if keep == "findings" and kept == NORMAL:
+            # A section that states no finding encodes as "Normal.", as a normal report and a denying
+            # prompt do; the text tower applies the same rule again and this text is its fixed point.
+            return NORMAL
+        return f"{item.text}: {kept}"
 
 
 def nested_subset(n: int, subset_fraction: float, data_fraction: float, seed: int) -> list[int]:
