@@ -20,15 +20,19 @@ from typing import Any
 PARTIAL_SUFFIX = ".partial"
 
 
-def temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL_SUFFIX}")
+def temp_name(path: Path, suffix: str = "") -> Path:
+    """``.NAME.PID-TID.partial`` beside ``path``; with ``suffix`` (a writer that chooses its format by
+    the file's ending, as ``np.save`` and nibabel do) ``.STEM.PID-TID.partialSUFFIX``."""
+    stem = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
+    return path.with_name(f".{stem}.{os.getpid()}-{threading.get_ident()}{PARTIAL_SUFFIX}{suffix}")
 
 
 @contextmanager
-def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
-    """A temporary path to write to; renamed onto ``path`` when the block ends without error."""
+def atomic_path(path: str | Path, fsync: bool = False, suffix: str = "") -> Iterator[Path]:
+    """A temporary path (a file or a folder) to write to; renamed onto ``path`` when the block ends
+    without error. ``suffix``: the ending the temporary name must keep (see ``temp_name``)."""
     path = Path(path)
-    tmp = temp_name(path)
+    tmp = temp_name(path, suffix)
     try:
         yield tmp
         if fsync:

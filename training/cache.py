@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from operators.preprocessing import PreprocessSpec, build_transform, preprocess
 
 from .data import Study, load_volume
+from .files import atomic_path
 
 
 def spec_hash(spec: PreprocessSpec) -> str:
@@ -60,9 +60,8 @@ class VolumeCache:
         if path.exists():
             return path
         arr = preprocess(load_volume(study), self.spec, transform)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arr.astype(np.float16))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, arr.astype(np.float16))
         return path
 
     def get(self, study: Study) -> np.ndarray:

@@ -22,7 +22,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -116,17 +115,14 @@ def generate_study(args: tuple) -> dict:
     hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur, version=cfg.version)
     text, labels = write_report(patient, np.random.default_rng([cfg.seed, index, 1]))
     nii = out / "merlin_data" / f"{sid}.nii.gz"
-    tmp = nii.with_name(f".{sid}.{os.getpid()}.tmp.nii.gz")  # nibabel compresses by the .gz ending
-    save_nifti(Volume(hu, grid.affine_ras()), tmp)
-    os.replace(tmp, nii)
+    with atomic_path(nii, suffix=".nii.gz") as tmp:  # nibabel compresses by the .gz ending
+        save_nifti(Volume(hu, grid.affine_ras()), tmp)
     if cfg.dicom:
         ddir = out / "dicom" / sid
-        tmpdir = out / "dicom" / f".{sid}.tmp"
-        shutil.rmtree(tmpdir, ignore_errors=True)
         ident = make_identity(sid, cfg.seed, patient.age, patient.sex)
-        write_ct_series(hu, grid, tmpdir, ident, position=patient.position, seed=cfg.seed)
-        shutil.rmtree(ddir, ignore_errors=True)
-        os.replace(tmpdir, ddir)
+        with atomic_path(ddir) as tmpdir:
+            write_ct_series(hu, grid, tmpdir, ident, position=patient.position, seed=cfg.seed)
+            shutil.rmtree(ddir, ignore_errors=True)  # a folder is renamed only onto nothing
     split = split_of(cfg.seed, index)
     few_shot = int(split == "train" and np.random.default_rng([cfg.seed, index, 9]).random() < 0.1)
     truth = {
