@@ -42,7 +42,7 @@ def _init_worker(package_dir: str, out_dir: str, threads: int, level: int) -> No
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
-    pkg = load_package(package_dir, verify=False)  # verified once by the parent
+    pkg = load_package(package_dir)  # verified in every process that loads it (the files could change)
     _WORKER.update(
         model=ZeroShotModel(pkg, device="auto", threads=threads), prep=SeriesToModelInput(pkg.spec), out=Path(out_dir)
     )

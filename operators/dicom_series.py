@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from .uids import is_valid_uid
 from .volume import Volume, VolumeError
 
 # Orientation cosines must agree across a series to this tolerance.
@@ -40,7 +41,7 @@ class SeriesFiles:
 
 @dataclass
 class ScanResult:
-    series: dict[str, SeriesFiles]  # by SeriesInstanceUID
+    series: dict[tuple[str, str], SeriesFiles]  # by (StudyInstanceUID, SeriesInstanceUID)
     unreadable: list[tuple[Path, str]]  # (path, reason) for files that are not usable DICOM
 
     def studies(self) -> dict[str, list[SeriesFiles]]:
@@ -51,7 +52,7 @@ class ScanResult:
 
 
 def scan_tree(root: str | Path) -> ScanResult:
-    """Group every DICOM file under ``root`` by Series Instance UID (any folder layout)."""
+    """Group every DICOM file under ``root`` by study and series (any folder layout)."""
     root = Path(root)
     if not root.exists():
         raise VolumeError(f"{root}: input folder does not exist")
@@ -60,8 +61,9 @@ def scan_tree(root: str | Path) -> ScanResult:
 
 
 def scan_files(files: Iterable[str | Path]) -> ScanResult:
-    """Read the headers of ``files`` and group them by Series Instance UID."""
-    series: dict[str, SeriesFiles] = {}
+    """Read the headers of ``files`` and group them by (Study, Series Instance UID): two studies that
+    share a series UID stay two studies. A file whose UIDs are not valid DICOM UIDs is unreadable."""
+    series: dict[tuple[str, str], SeriesFiles] = {}
     unreadable: list[tuple[Path, str]] = []
     for path in map(Path, files):
         try:
@@ -70,7 +72,14 @@ def scan_files(files: Iterable[str | Path]) -> ScanResult:
         except Exception as exc:  # pydicom raises InvalidDicomError, EOFError, AttributeError...
             unreadable.append((path, f"not a readable DICOM instance ({type(exc).__name__}: {exc})"))
             continue
-        s = series.setdefault(series_uid, SeriesFiles(study_uid, series_uid, str(ds.get("Modality", ""))))
+        bad = [
+            k for k, v in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)) if not is_valid_uid(v)
+        ]
+        if bad:
+            unreadable.append((path, f"{' and '.join(bad)} not a valid DICOM UID"))
+            continue
+        key = (study_uid, series_uid)
+        s = series.setdefault(key, SeriesFiles(study_uid, series_uid, str(ds.get("Modality", ""))))
         s.paths.append(path)
         s.headers.append(ds)
     return ScanResult(series, unreadable)

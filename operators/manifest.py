@@ -14,23 +14,15 @@ rows ``[findings[i].rows.positive[0], findings[i].rows.positive[1])``, its negat
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .findings import Catalogue, Code, Finding, check_unique, finding_from_dict, finding_to_dict
 from .preprocessing import PreprocessSpec
+from .uids import is_valid_uid
 
 FORMAT = "ct-zeroshot-model-package"
 FORMAT_VERSION = 1
-
-
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
-
-
-def is_valid_uid(uid: str) -> bool:
-    """A DICOM UID (PS3.5 9.1): dot-separated numeric components without leading zeros, <= 64 chars."""
-    return len(uid) <= 64 and _UID.fullmatch(uid) is not None
 
 
 class ManifestError(ValueError):

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..files import PARTIAL_SUFFIX, atomic_path, write_atomic
-from ..manifest import is_valid_uid
+from ..uids import is_valid_uid
 
 STAGES = ("incoming", "ready", "done", "failed", "out")
 

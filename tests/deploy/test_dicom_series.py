@@ -6,6 +6,7 @@ import pytest
 
 from operators.dicom_series import load_dicom_folder, read_series, scan_tree
 from operators.volume import VolumeError
+from tests.dicom_cases import small_study
 from training.synth.dicom_writer import make_identity, write_ct_series
 from training.synth.raster import Grid
 
@@ -82,3 +83,25 @@ def test_scan_tree_groups_by_uid_not_folder(series, tmp_path):
     assert [p.name for p, _ in scan.unreadable] == ["readme.txt"]
     with pytest.raises(VolumeError, match="does not exist"):
         scan_tree(tmp_path / "nope")
+
+
+def test_two_studies_sharing_a_series_uid_stay_two_studies(tmp_path):
+    a = small_study(tmp_path, "a", n=4)
+    b = small_study(tmp_path, "bb", n=4)
+    shared = str(pydicom.dcmread(a[0]).SeriesInstanceUID)
+    for p in b:
+        ds = pydicom.dcmread(p)
+        ds.SeriesInstanceUID = shared
+        ds.save_as(p)
+    scan = scan_tree(tmp_path)
+    studies = scan.studies()
+    assert len(studies) == 2 and all(len(s) == 1 and len(s[0].paths) == 4 for s in studies.values())
+
+
+def test_an_instance_whose_uid_is_not_a_uid_is_unreadable(tmp_path):
+    paths = small_study(tmp_path, "s", n=4)
+    ds = pydicom.dcmread(paths[0])
+    ds.StudyInstanceUID = "../../x"
+    ds.save_as(paths[0])
+    scan = scan_tree(tmp_path)
+    assert [(p, r) for p, r in scan.unreadable] == [(paths[0], "StudyInstanceUID not a valid DICOM UID")]
