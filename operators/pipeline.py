@@ -173,10 +173,11 @@ def infer(work: StudyWork, model: ZeroShotModel) -> StudyWork:
     return work
 
 
-def sr_uids(study_uid: str, series_uid: str, model_uid: str) -> tuple[str, str]:
-    """(series UID, SOP instance UID) of the SR, derived from the study, the series and the model: the
-    same study scored again by the same model gets the same SR identity (a PACS dedupes it)."""
-    src = [study_uid, series_uid, model_uid]
+def sr_uids(study_uid: str, series_uid: str, model_identity: str) -> tuple[str, str]:
+    """(series UID, SOP instance UID) of the SR, derived from the study, the series and the model
+    (``ModelPackage.identity``: UID and weights' digest): the same study scored again by the same model
+    gets the same SR identity (a PACS dedupes it); other weights get other UIDs."""
+    src = [study_uid, series_uid, model_identity]
     return generate_uid(entropy_srcs=[*src, "series"]), generate_uid(entropy_srcs=[*src, "instance"])
 
 
@@ -194,7 +195,7 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
         raise RuntimeError(f"study {work.study_uid}: no findings to report")
     t = time.perf_counter()
     try:
-        series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.uid)
+        series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.identity)
         sr = build_sr(chosen.headers, findings, model.package, series_uid, sop_uid)
         work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch

@@ -30,7 +30,6 @@ import datetime as _dt
 import json
 import math
 import subprocess
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from operators.manifest import (
     TextEncoderRecord,
     prompt_table,
 )
-from operators.package import write_manifest
+from operators.package import sha256_file, write_manifest
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import decide_present, margin_probability
 
@@ -85,6 +84,17 @@ def _git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _model_uid(out: Path, text_rec: TextEncoderRecord) -> str:
+    """The model UID, derived from the weights (the files that decide): the same weights get the same
+    UID, other weights another (pydicom's deterministic UID from entropy sources)."""
+    from pydicom.uid import generate_uid
+
+    files = ["image_encoder.onnx", "prompt_embeddings.npy"]
+    if text_rec.file is not None and text_rec.tokenizer is not None:
+        files += [text_rec.file, text_rec.tokenizer]
+    return str(generate_uid(entropy_srcs=[f"{f}:{sha256_file(out / f)}" for f in sorted(files)]))
 
 
 def export_package(
@@ -206,7 +216,7 @@ def export_package(
     log_scale = float(model.logit_scale.detach().clamp(max=math.log(100.0)))
     manifest = Manifest(
         model=ModelIdentity(
-            name, version, f"2.25.{uuid.uuid4().int}", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            name, version, _model_uid(out, text_rec), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         ),
         provenance={
             "exporter": f"ct-zeroshot {__version__}",

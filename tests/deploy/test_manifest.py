@@ -99,3 +99,19 @@ def test_the_writer_records_every_file_and_the_loader_reads_it_back(demo_copy):
     written = write_manifest(demo_copy, pkg.manifest.with_files({}))
     assert written.files == pkg.manifest.files
     assert load_package(demo_copy).manifest == pkg.manifest
+
+
+def test_changed_weights_under_the_same_uid_change_the_sr_identity(demo_copy):
+    import numpy as np
+
+    from operators.pipeline import sr_uids
+
+    before = load_package(demo_copy)
+    emb = np.load(demo_copy / "prompt_embeddings.npy")
+    emb[0, 0] += 0.01
+    np.save(demo_copy / "prompt_embeddings.npy", emb)
+    write_manifest(demo_copy, before.manifest.with_files({}))  # re-hashed, same name, version and UID
+    after = load_package(demo_copy)
+    assert after.uid == before.uid and after.identity != before.identity
+    assert sr_uids("1.2.3", "1.2.4", after.identity) != sr_uids("1.2.3", "1.2.4", before.identity)
+    assert load_package(default_package_dir()).identity == load_package(default_package_dir()).identity

@@ -44,6 +44,8 @@ def test_manifest_records_parity_and_contract(exported):
     assert m.threshold_method.startswith("validation")
     assert all(f.threshold_selection for f in m.findings)
     assert m.provenance["config_digest"] and m.provenance["source"] == "training run"
+    # The model UID derives from the weights: another export of the same weights gets the same UID.
+    assert m.model.uid.startswith("1.2.826.0.1.3680043.8.498.")
     # The file is exactly what the typed manifest writes, and reads back to the same manifest.
     on_disk = json.loads((exported["pkg"] / "manifest.json").read_text())
     assert m.to_dict() == on_disk and Manifest.from_dict(on_disk) == m
