@@ -8,7 +8,6 @@ Writes ``batch_throughput.json`` and ``batch_throughput.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -16,17 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import bench_parser
 from operators.batch import run_batch
 from training.synth.corpus import SynthConfig, generate_corpus
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_batch",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--out", default="results/bench")
+    p = bench_parser("bench_batch", __doc__)
     p.add_argument("--studies", type=int, default=96)
     p.add_argument("--profile", default="tiny", choices=["tiny", "full"])
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")

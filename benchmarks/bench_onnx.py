@@ -13,7 +13,6 @@ with onnxruntime's float16 tool) against torch on CUDA.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from benchmarks import bench_parser
 from benchmarks.merlin_stub import random_merlin_state_dict
 from operators.preprocessing import PreprocessSpec
 from operators.zeroshot import open_session, select_providers
@@ -152,12 +152,7 @@ def run_benchmark(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_onnx",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--out", default="results/bench")
+    p = bench_parser("bench_onnx", __doc__)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--fp16", action="store_true", help="also time an fp16 ONNX model (GPU)")

@@ -17,7 +17,6 @@ share of everything-but-the-encoder relative to the encoder. Writes ``stage_timi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import bench_parser
 from operators.dicom_series import scan_tree
 from operators.manifest import TextEncoderRecord
 from operators.package import default_package_dir, load_package, write_manifest
@@ -121,12 +121,7 @@ def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path) -> dict
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_stages",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--out", default="results/bench")
+    p = bench_parser("bench_stages", __doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--model", default=None, help="model package (default: the embedded demo model)")
