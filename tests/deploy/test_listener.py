@@ -236,7 +236,7 @@ def test_killed_mid_queue_and_restarted_loses_nothing(site):
         proc.wait(60)
 
 
-def test_non_ct_study_does_not_stop_the_listener(site, tmp_path):
+def test_non_ct_study_is_refused_and_does_not_stop_the_listener(site, tmp_path):
     import pydicom
 
     files = small_study(tmp_path / "mr", "PACSMR", n=10, shape=(20, 20))
@@ -249,12 +249,60 @@ def test_non_ct_study_does_not_stop_the_listener(site, tmp_path):
     proc = start_listener(site["cfg"], site["log"])
     try:
         wait_listening(site["port"], proc)
-        site["orthanc"].push([mr, site["studies"][0]])
+        # MR Image Storage is refused at negotiation: Orthanc reports the failed push, nothing is spooled.
+        with pytest.raises(urllib.error.HTTPError):
+            site["orthanc"].push([mr])
+        site["orthanc"].push([site["studies"][0]])
         wait_for(lambda: len(site["orthanc"].srs(site["studies"][0])) == 1, 300, "the CT study's SR")
-        wait_for(lambda: "modality MR, not CT" in site["log"].read_text(), 60, "the MR study's reason")
         assert site["orthanc"].srs(mr) == [] and proc.poll() is None
-        reason = next((Path(site["tmp"]) / "spool" / "failed").glob("*/reason.txt")).read_text()
-        assert "modality MR" in reason
+        spool = Path(site["tmp"]) / "spool"
+        assert [p for stage in ("incoming", "failed") for p in (spool / stage).iterdir()] == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def test_dcmtk_jpeg_lossless_sender_echo_and_refusals(site, tmp_path):
+    """DCMTK's storescu offering only JPEG Lossless delivers (stored as received), echoscu answers; a
+    SOP class the reader cannot use is refused at negotiation, a UID that is not a UID with 0xC212."""
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+    plain = small_study(tmp_path / "plain", "JPEG01", n=10, shape=(20, 20))
+    jpeg = tmp_path / "jpeg"
+    jpeg.mkdir()
+    for f in plain:
+        subprocess.run(["dcmcjpeg", str(f), str(jpeg / f.name)], check=True)  # default: JPEG Lossless SV1
+    study = str(pydicom.dcmread(plain[0]).StudyInstanceUID)
+    proc = start_listener(site["cfg"], site["log"])
+    spool = Path(yaml.safe_load(site["cfg"].read_text())["spool"])
+    try:
+        wait_listening(site["port"], proc)
+        peer = ["-aet", "ORTHANC", "-aec", "CTZEROSHOT", "127.0.0.1", str(site["port"])]
+        subprocess.run(["echoscu", *peer], check=True, capture_output=True)
+        sent = subprocess.run(["storescu", "-xs", "-R", *peer, *map(str, sorted(jpeg.iterdir()))], capture_output=True)
+        assert sent.returncode == 0, sent.stderr.decode()[-2000:]
+        wait_for(lambda: (spool / "done" / study).is_dir(), 300, "the JPEG Lossless study processed and its SR sent")
+        stored = sorted((spool / "done" / study).glob("*.dcm"))
+        assert len(stored) == 10
+        assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in stored} == {"1.2.840.10008.1.2.4.70"}
+        assert {p.read_bytes()[-512:] for p in stored} == {p.read_bytes()[-512:] for p in jpeg.iterdir()}
+
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate("127.0.0.1", site["port"], ae_title="CTZEROSHOT")
+        assert assoc.is_established
+        accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
+        assert accepted == {str(CTImageStorage)}  # MR refused at negotiation
+        ds = pydicom.dcmread(plain[0])
+        ds.StudyInstanceUID = "../../../../escape"
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == 0xC212
+        assert not (tmp_path / "escape").exists() and not list(spool.parent.glob("escape*"))
+        assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

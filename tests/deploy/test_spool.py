@@ -9,7 +9,8 @@ from tests.dicom_cases import small_study
 
 @pytest.fixture
 def instance(tmp_path):
-    return pydicom.dcmread(small_study(tmp_path, "study")[0])
+    path = small_study(tmp_path, "study")[0]
+    return pydicom.dcmread(path), path.read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -27,16 +28,18 @@ def test_a_uid_that_is_not_a_uid_is_refused_and_nothing_is_written(tmp_path, ins
     spool = Spool(tmp_path / "spool")
     before = sorted(p for p in tmp_path.rglob("*"))
     with pytest.raises(SpoolError, match="is not a valid DICOM UID"):
-        spool.store(instance, study, sop)
+        spool.store(instance[1], study, sop)
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
 def test_an_instance_moves_through_the_stages(tmp_path, instance):
     spool = Spool(tmp_path / "spool")
-    study, sop = str(instance.StudyInstanceUID), str(instance.SOPInstanceUID)
-    spool.store(instance, study, sop)
+    ds, data = instance
+    study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    spool.store(data, study, sop)
     assert spool.studies("incoming") == [study]
     ready = spool.complete(study)
-    assert (ready / f"{sop}.dcm").is_file() and spool.studies("incoming") == []
+    assert (ready / f"{sop}.dcm").read_bytes() == data and spool.studies("incoming") == []  # as received
+    assert spool.attempts(study) == 0 and spool.attempts(study, add=1) == 1 and spool.attempts(study) == 1
     failed = spool.finish(study, "no CT series")
     assert (failed / "reason.txt").read_text() == "no CT series\n" and (failed / f"{sop}.dcm").is_file()
