@@ -28,6 +28,9 @@ class ListenerConfig:
     retries: int = 5
     backoff_s: float = 2.0
     log_patient_identifiers: bool = False
+    max_instance_mb: float = 512.0  # a C-STORE larger than this is refused (out of resources)
+    max_attempts: int = 3  # a study whose processing raises this many times goes to failed/
+    redeliver_max_s: float = 600.0  # undelivered SRs are retried while running, backoff capped here
 
     @classmethod
     def load(cls, path: str | Path) -> ListenerConfig:

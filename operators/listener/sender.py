@@ -22,6 +22,7 @@ class Sender:
         """True once the destination answered success; False after the last retry (or on stop)."""
         import pydicom
         from pynetdicom import AE
+        from pynetdicom.status import code_to_category
 
         dest, cfg = self.dest, self.cfg
         assert dest.host is not None and dest.port is not None  # checked in __init__
@@ -35,8 +36,17 @@ class Sender:
                 status = assoc.send_c_store(ds)
                 assoc.release()
                 code = getattr(status, "Status", None)
-                if code == 0x0000:
-                    log.info("study %s: SR %s sent to %s (attempt %d)", uid, ds.SOPInstanceUID, dest.ae_title, attempt)
+                category = code_to_category(code) if code is not None else "none"
+                if category in ("Success", "Warning"):  # a warning (e.g. 0xB000 coercion) is a stored SR
+                    shown = "" if category == "Success" else f", with warning status {hex(code or 0)}"
+                    log.info(
+                        "study %s: SR %s sent to %s (attempt %d%s)",
+                        uid,
+                        ds.SOPInstanceUID,
+                        dest.ae_title,
+                        attempt,
+                        shown,
+                    )
                     return True
                 shown = hex(code) if code is not None else "none"
                 log.warning("study %s: %s answered C-STORE with status %s", uid, dest.ae_title, shown)

@@ -33,6 +33,16 @@ from .spool import Spool, SpoolError
 
 log = logging.getLogger("ct-zeroshot.listener")
 
+ACCEPTED_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction (DCMTK storescu -xs)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, non-hierarchical
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
 
 class Listener:
     """Receives (pynetdicom handlers ``on_*``), decides when a study is complete (``_watch``), runs the
@@ -56,6 +66,7 @@ class Listener:
         self.sender = Sender(cfg, self.stop)
         self.server = None
         self.processed: list[dict] = []
+        self.retry_round: dict[str, int] = {}  # study UID -> times it was queued again
 
     # -- receiving -----------------------------------------------------------------------------
     def _allowed(self, assoc) -> bool:
@@ -88,27 +99,34 @@ class Listener:
                 self.last_seen[uid] = now
 
     def on_store(self, event):
+        """Refuse what cannot be spooled safely; write the rest as received, then acknowledge."""
         if id(event.assoc) not in self.open_assoc:
             return 0xC211  # refused: not an accepted caller
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            uid = str(ds.StudyInstanceUID)
-            sop = str(ds.SOPInstanceUID)
+            data = event.encoded_dataset(include_meta=True)  # the bytes as received, with file meta
         except Exception as exc:  # noqa: BLE001 - a malformed dataset must not stop the listener
-            log.warning("C-STORE with an unreadable dataset refused (%s)", exc)
+            log.warning("C-STORE with an unreadable dataset refused (%s)", type(exc).__name__)
+            return 0xC210
+        if len(data) > self.cfg.max_instance_mb * 1e6:
+            log.warning("C-STORE of %.0f MB refused (max_instance_mb %s)", len(data) / 1e6, self.cfg.max_instance_mb)
+            return 0xA700  # out of resources
+        try:
+            ds = event.dataset
+            uid, sop = ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("C-STORE with an unreadable dataset refused (%s)", type(exc).__name__)
             return 0xC210
         try:
-            self.spool.store(ds, uid, sop)
+            self.spool.store(data, uid, sop)
         except SpoolError as exc:
             log.warning("C-STORE refused: %s", exc)
             return 0xC212  # the dataset does not match the SOP class (its UIDs are unusable)
         except Exception as exc:  # noqa: BLE001
-            log.error("study %s: instance %s not spooled (%s)", uid, sop, exc)
+            log.error("study %s: instance %s not spooled (%s)", uid, sop, type(exc).__name__)
             return 0xA700  # out of resources
         with self.lock:
-            self.open_assoc.setdefault(id(event.assoc), set()).add(uid)
-            self.last_seen[uid] = time.monotonic()
+            self.open_assoc.setdefault(id(event.assoc), set()).add(str(uid))
+            self.last_seen[str(uid)] = time.monotonic()
         return 0x0000
 
     # -- completion and processing --------------------------------------------------------------
@@ -162,7 +180,7 @@ class Listener:
             self.spool.finish(uid)
         else:
             record["sent"] = False
-            log.error("study %s: SR not delivered after %d attempts; kept for the next start", uid, self.cfg.retries)
+            log.error("study %s: SR not delivered after %d attempts; retried later", uid, self.cfg.retries)
         self.processed.append(record)
         return record
 
@@ -173,9 +191,36 @@ class Listener:
             except queue.Empty:
                 continue
             try:
-                self.process(uid)
-            except Exception:  # noqa: BLE001 - never let one study end the service
-                log.exception("study %s: unexpected error", uid)
+                record = self.process(uid)
+            except Exception as exc:  # noqa: BLE001 - never let one study end the service
+                self._poisoned(uid, exc)
+                continue
+            if record["status"] == "ok" and not record.get("sent"):
+                self._redeliver_later(uid)
+
+    def _poisoned(self, uid: str, exc: BaseException) -> None:
+        """Processing raised: retry the study later; after ``max_attempts`` it goes to ``failed/``."""
+        n = self.spool.attempts(uid, add=1)
+        reason = f"unexpected {type(exc).__name__} while processing (attempt {n} of {self.cfg.max_attempts})"
+        if self.cfg.log_patient_identifiers:
+            reason += f": {exc}"  # exception texts can carry header values
+        log.error("study %s: %s", uid, reason)
+        if n >= self.cfg.max_attempts:
+            self.spool.finish(uid, reason)
+            self.processed.append({"study_uid": uid, "status": "failed", "error": reason})
+        else:
+            self._redeliver_later(uid)
+
+    def _redeliver_later(self, uid: str) -> None:
+        """Queue the study again after a growing delay, for as long as the listener runs."""
+        delay = min(
+            self.cfg.redeliver_max_s, self.cfg.backoff_s * 2 ** (self.cfg.retries + self.retry_round.get(uid, 0))
+        )
+        self.retry_round[uid] = self.retry_round.get(uid, 0) + 1
+        log.info("study %s: queued again in %.0f s", uid, delay)
+        timer = threading.Timer(delay, lambda: None if self.stop.is_set() else self.queue.put(uid))
+        timer.daemon = True
+        timer.start()
 
     def recover(self) -> None:
         """Pick up what a previous run left: ready studies are queued, incoming ones get a fresh timer."""
@@ -190,11 +235,14 @@ class Listener:
 
     # -- service -------------------------------------------------------------------------------
     def start(self):
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
         ae = AE(ae_title=self.cfg.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        # What the series reader decodes: CT images (one frame each), uncompressed or losslessly
+        # compressed (pydicom with the pylibjpeg plugins); anything else is refused at negotiation
+        # instead of being acknowledged and failing later.
+        ae.add_supported_context(CTImageStorage, list(ACCEPTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         ae.require_calling_aet = [p.ae_title for p in self.cfg.allowed]
         handlers = [

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..files import PARTIAL_SUFFIX, atomic_path, write_atomic
+from ..files import PARTIAL_SUFFIX, write_atomic
 from ..uids import is_valid_uid
 
 STAGES = ("incoming", "ready", "done", "failed", "out")
@@ -39,13 +39,23 @@ class Spool:
     def path(self, stage: str, study_uid: str) -> Path:
         return self.root / stage / checked_uid(study_uid, "Study Instance UID")
 
-    def store(self, ds, study_uid: str, sop_uid: str) -> None:
-        """Write one received instance durably into ``incoming`` (before it is acknowledged)."""
+    def store(self, data: bytes, study_uid: str, sop_uid: str) -> None:
+        """Write one received instance (a DICOM file's bytes, as received) durably into ``incoming``,
+        before it is acknowledged."""
         folder = self.path("incoming", study_uid)
         name = checked_uid(sop_uid, "SOP Instance UID") + ".dcm"
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / name, fsync=True) as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
+        write_atomic(folder / name, data, fsync=True)
+
+    def attempts(self, study_uid: str, add: int = 0) -> int:
+        """How many times processing this study raised (kept across restarts in ``out/<study>/``)."""
+        path = self.path("out", study_uid) / "attempts"
+        n = int(path.read_text()) if path.is_file() else 0
+        if add:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            n += add
+            write_atomic(path, f"{n}\n")
+        return n
 
     def complete(self, study_uid: str) -> Path:
         """``incoming`` -> ``ready``; instances of a study already queued are merged in."""
