@@ -6,9 +6,13 @@
 - SRs go to ``OUT/sr/`` (written atomically); the table of results to ``OUT/summary.csv`` and
   ``OUT/summary.json`` (study, series used, status, error, per-finding probability and decision),
   written when the batch ends, via temporary files, so a summary on disk is always a finished one.
-- Resumable: a study whose SR is already in ``OUT/sr/`` is skipped (its earlier summary row is kept)
-  unless ``--force``. One failed study never stops the rest; the exit status is 1 when any failed
-  (they are listed at the end), 0 otherwise.
+- Resumable: a study whose SR is already in ``OUT/sr/`` is skipped unless ``--force``: its earlier
+  summary row is kept, or rebuilt from the SR when the earlier run ended before its summary. An SR
+  is this model's only when its SOP Instance UID is the one this package derives (model UID and
+  weights' digest); SRs of another model are refused without ``--force``, never mixed into a summary.
+- One run at a time per ``OUT`` (a lock file); a second gets a clear error.
+- One failed study never stops the rest; the exit status is 1 when any failed (they are listed at the
+  end), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -101,6 +105,56 @@ def _previous_rows(out: Path) -> dict[str, dict]:
         return {}
 
 
+class BatchError(ValueError):
+    """A batch that cannot start (the message names the folder and the problem)."""
+
+
+def _lock(out: Path):
+    """An exclusive lock on ``OUT`` for this run (released when the process ends)."""
+    import fcntl
+
+    fh = open(out / ".infer.lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise BatchError(
+            f"{out}: another ct-zeroshot infer is writing into this folder; wait for it or use another --out"
+        ) from None
+    return fh
+
+
+def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None) -> dict:
+    """The summary row of a study whose SR exists: the earlier row, or one rebuilt from the SR. Refuses an
+    SR that this package would not have written (another model, or other weights under its UID)."""
+    import pydicom
+
+    from .pipeline import sr_uids
+    from .sr import read_findings
+
+    ds = pydicom.dcmread(sr_path, stop_before_pixels=True)
+    try:
+        ref = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        series_uid, slices = str(ref.SeriesInstanceUID), len(ref.ReferencedSOPSequence)
+    except (AttributeError, IndexError) as exc:
+        raise BatchError(f"{sr_path}: an SR without its source series ({type(exc).__name__})") from None
+    if str(ds.SOPInstanceUID) != sr_uids(study_uid, series_uid, pkg.identity)[1]:
+        raise BatchError(
+            f"{sr_path}: written by another model than {pkg.name} {pkg.version} (or other weights under its "
+            "UID); pass --force to redo the batch with this model, or use another --out"
+        )
+    if previous and previous.get("series_uid") == series_uid:
+        return {**previous, "resumed": True}
+    row: dict = {"study_uid": study_uid, "status": "ok", "error": "", "series_uid": series_uid}
+    row.update(slices=slices, sr=sr_path.name, seconds=0.0, resumed=True)
+    findings = read_findings(sr_path)
+    for fid in pkg.catalogue.ids:
+        f = findings[fid]
+        row[f"{fid}.probability"] = round(f["certainty"] / 100.0, 6)
+        row[f"{fid}.present"] = int(f["present"]) if f["assessed"] else NOT_ASSESSED
+    return row
+
+
 def run_batch(
     input_path: str | Path,
     out: str | Path,
@@ -109,7 +163,6 @@ def run_batch(
     force: bool = False,
     progress: bool = True,
 ) -> tuple[int, list[dict]]:
-    from tqdm import tqdm
 
     inp, out = Path(input_path), Path(out)
     if not inp.exists():
@@ -118,6 +171,16 @@ def run_batch(
     pkg = load_package(package_dir)
     sr_dir = out / "sr"
     sr_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        return _run_locked(inp, out, sr_dir, pkg, workers, force, progress)
+    finally:
+        lock.close()
+
+
+def _run_locked(inp: Path, out: Path, sr_dir: Path, pkg, workers: int, force: bool, progress: bool):
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
     scan = scan_tree(inp)
     for path, why in scan.unreadable:
@@ -127,9 +190,7 @@ def run_batch(
     rows, todo = [], []
     for uid, series in studies:
         if not force and (sr_dir / sr_filename(uid)).exists():
-            rows.append(
-                {**previous.get(uid, {"study_uid": uid, "status": "ok", "sr": sr_filename(uid)}), "resumed": True}
-            )
+            rows.append(_resumed_row(sr_dir / sr_filename(uid), uid, pkg, previous.get(uid)))
         else:
             todo.append((uid, series))
     log.info(
@@ -158,7 +219,13 @@ def run_batch(
     failed = [r for r in rows if r["status"] != "ok"]
     meta = {
         "input": str(inp),
-        "model": {"name": pkg.name, "version": pkg.version, "root": str(pkg.root)},
+        "model": {
+            "name": pkg.name,
+            "version": pkg.version,
+            "uid": pkg.uid,
+            "identity": pkg.identity,
+            "root": str(pkg.root),
+        },
         "workers": workers,
         "processed": len(todo),
         "resumed": len(rows) - len(todo),

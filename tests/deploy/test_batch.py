@@ -69,6 +69,38 @@ def test_batch_reports_broken_studies_and_resumes(archive, tiny_package, tmp_pat
     rows2 = {r["study_uid"]: r for r in s2["studies"]}
     assert all(rows2[u]["ascites.probability"] == rows[u]["ascites.probability"] for u in archive["good"])
 
+    # A run that ended before its summary: the resumed rows are rebuilt from the SRs.
+    (out / "summary.json").unlink()
+    (out / "summary.csv").unlink()
+    assert _infer(archive["root"], "--out", out, "--model", tiny_package["pkg"]).returncode == 1
+    rows3 = {r["study_uid"]: r for r in json.loads((out / "summary.json").read_text())["studies"]}
+    for u in archive["good"]:
+        assert rows3[u]["series_uid"] == rows[u]["series_uid"] and rows3[u]["slices"] == rows[u]["slices"]
+        assert rows3[u]["ascites.present"] == rows[u]["ascites.present"]
+        assert abs(rows3[u]["ascites.probability"] - rows[u]["ascites.probability"]) < 1e-3
+
+    # Another model's SRs are not mixed into this one's summary: refused without --force.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_package["pkg"], other)
+    import numpy as np
+
+    from operators.package import load_package, write_manifest
+
+    m = load_package(other).manifest
+    emb = np.load(other / "prompt_embeddings.npy")
+    np.save(other / "prompt_embeddings.npy", emb[:, ::-1].copy())  # other weights, same name and UID
+    write_manifest(other, m.with_files({}))
+    refused = _infer(archive["root"], "--out", out, "--model", other)
+    assert refused.returncode == 2 and "written by another model" in refused.stderr, refused.stderr[-2000:]
+
+    # One run per --out at a time.
+    import fcntl
+
+    with open(out / ".infer.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = _infer(archive["root"], "--out", out, "--model", tiny_package["pkg"])
+    assert busy.returncode == 2 and "another ct-zeroshot infer is writing into this folder" in busy.stderr
+
 
 def test_all_good_exits_zero_and_force_redoes(archive, tiny_package, tmp_path):
     sub = tmp_path / "in"
