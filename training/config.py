@@ -22,6 +22,19 @@ from operators.preprocessing import PreprocessSpec
 
 # How each tower's projection is normalised before the L2 norm (see models/clip.py).
 EMBED_NORMS = ("none", "batch", "batch_affine", "text")
+# Settings that take one of a few words: key -> the words (checked by TrainConfig.validate).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "sampler.kind": ("random", "balanced"),
+    "sampler.order": ("passes", "independent"),
+    "sampler.section_rule": ("finding", "stock"),
+    "text.keep_sentences": ("all", "findings"),
+    "text.pooling": ("first", "mean"),
+    "text.head": ("linear", "mlp"),
+    "batching.schedule": ("alternate", "full", "sections"),
+    "batching.system_choice": ("round_robin", "random"),
+    "joint.embed_norm": EMBED_NORMS,
+    "joint.positives": ("text", "labels"),
+}
 
 _RATIO = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")
 
@@ -193,36 +206,21 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.sampler.kind not in ("random", "balanced"):
-            raise ConfigError(f"sampler.kind {self.sampler.kind!r}: expected random or balanced")
+        for key, allowed in CHOICES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value not in allowed:
+                raise ConfigError(f"{key} {value!r}: expected {', '.join(allowed[:-1])} or {allowed[-1]}")
         parse_ratio(self.sampler.ratio)
-        if self.text.keep_sentences not in ("all", "findings"):
-            raise ConfigError(f"text.keep_sentences {self.text.keep_sentences!r}: expected all or findings")
-        if self.sampler.order not in ("passes", "independent"):
-            raise ConfigError(f"sampler.order {self.sampler.order!r}: expected passes or independent")
-        if self.sampler.section_rule not in ("finding", "stock"):
-            raise ConfigError(f"sampler.section_rule {self.sampler.section_rule!r}: expected finding or stock")
         for name in ("subset_fraction", "data_fraction"):
             v = getattr(self.sampler, name)
             if not 0 < v <= 1:
                 raise ConfigError(f"sampler.{name} must be in (0, 1], got {v}")
-        if self.batching.schedule not in ("alternate", "full", "sections"):
-            raise ConfigError(f"batching.schedule {self.batching.schedule!r}: expected alternate, full or sections")
-        if self.batching.system_choice not in ("round_robin", "random"):
-            raise ConfigError(f"batching.system_choice {self.batching.system_choice!r}: expected round_robin or random")
         bad = [s for s in self.batching.sections if s not in SECTIONS]
         if bad:
             raise ConfigError(f"batching.sections: unknown section(s) {bad}; known: {list(SECTIONS)}")
         if not 0 <= self.batching.full_report_prob <= 1:
             raise ConfigError("batching.full_report_prob must be in [0, 1]")
-        if self.joint.embed_norm not in EMBED_NORMS:
-            raise ConfigError(f"joint.embed_norm {self.joint.embed_norm!r}: expected one of {', '.join(EMBED_NORMS)}")
-        if self.text.pooling not in ("first", "mean"):
-            raise ConfigError(f"text.pooling {self.text.pooling!r}: expected first or mean")
-        if self.joint.positives not in ("text", "labels"):
-            raise ConfigError(f"joint.positives {self.joint.positives!r}: expected text or labels")
-        if self.text.head not in ("linear", "mlp"):
-            raise ConfigError(f"text.head {self.text.head!r}: expected linear or mlp")
         if self.text.train_layers < -1:
             raise ConfigError(f"text.train_layers {self.text.train_layers}: expected -1 (all), 0 (locked) or k > 0")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
