@@ -13,6 +13,7 @@ rows ``[findings[i].rows.positive[0], findings[i].rows.positive[1])``, its negat
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -77,6 +78,15 @@ class _Reader:
         if v[1] > limit:
             raise self.error(self.where(key), f"rows [{v[0]}, {v[1]}) lie outside the {limit} prompt embeddings")
         return (v[0], v[1])
+
+
+def weights_digest(sha256_by_file: dict[str, str]) -> str:
+    """sha256 over the deciding files' names and sha256: an exported package's model UID derives from it,
+    and SR UIDs from the UID and it, so changed weights never reuse an SR UID."""
+    h = hashlib.sha256()
+    for rel in sorted(sha256_by_file):
+        h.update(f"{rel}:{sha256_by_file[rel]}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,11 @@ class TextEncoderRecord:
             r.get("max_length", "int"),
             r.get("sequence_length", "int", optional=True),
         )
+
+    @property
+    def files(self) -> list[str]:
+        """The encoder and its tokenizer, or nothing when the package has no text encoder."""
+        return [self.file, self.tokenizer] if self.file is not None and self.tokenizer is not None else []
 
     def to_dict(self) -> dict:
         if self.file is None:
@@ -290,11 +305,13 @@ class Manifest:
 
     @property
     def required_files(self) -> list[str]:
-        files = [self.image_encoder.file, self.prompt_embeddings.file]
-        te = self.text_encoder
-        if te.file is not None and te.tokenizer is not None:
-            files += [te.file, te.tokenizer]
-        return files
+        """The files that decide: encoders, tokenizer, prompt table."""
+        return [self.image_encoder.file, self.prompt_embeddings.file, *self.text_encoder.files]
+
+    @property
+    def weights_digest(self) -> str:
+        """``weights_digest`` of the required files as recorded (the loader verifies the records)."""
+        return weights_digest({rel: self.files.get(rel, {}).get("sha256", "") for rel in self.required_files})
 
     def with_files(self, files: dict) -> Manifest:
         return replace(self, files=files)

@@ -126,19 +126,11 @@ class ModelPackage:
         return self.manifest.model.uid
 
     @property
-    def weights_digest(self) -> str:
-        """sha256 over the recorded sha256 of the files that decide (encoders, prompt table): SR
-        identities derive from it with the UID, so a package whose weights changed under the same
-        name, version and UID never reuses an SR UID of the original (the files are verified on load)."""
-        h = hashlib.sha256()
-        for rel in sorted(self.manifest.required_files):
-            h.update(f"{rel}:{self.manifest.files.get(rel, {}).get('sha256', '')}\n".encode())
-        return h.hexdigest()
-
-    @property
     def identity(self) -> str:
-        """What SR UIDs derive from: the model UID and the weights' digest."""
-        return f"{self.uid}/{self.weights_digest}"
+        """What SR UIDs derive from: the model UID and the weights' digest (``manifest.weights_digest``),
+        so a package whose weights changed under the same name, version and UID never reuses an SR UID
+        of the original (the files are verified on load)."""
+        return f"{self.uid}/{self.manifest.weights_digest}"
 
     @property
     def embedding_dim(self) -> int:

@@ -46,6 +46,7 @@ from operators.manifest import (
     PromptTable,
     TextEncoderRecord,
     prompt_table,
+    weights_digest,
 )
 from operators.package import sha256_file, write_manifest
 from operators.preprocessing import PreprocessSpec
@@ -91,10 +92,8 @@ def _model_uid(out: Path, text_rec: TextEncoderRecord) -> str:
     UID, other weights another (pydicom's deterministic UID from entropy sources)."""
     from pydicom.uid import generate_uid
 
-    files = ["image_encoder.onnx", "prompt_embeddings.npy"]
-    if text_rec.file is not None and text_rec.tokenizer is not None:
-        files += [text_rec.file, text_rec.tokenizer]
-    return str(generate_uid(entropy_srcs=[f"{f}:{sha256_file(out / f)}" for f in sorted(files)]))
+    decisive = ["image_encoder.onnx", "prompt_embeddings.npy", *text_rec.files]
+    return str(generate_uid(entropy_srcs=[weights_digest({f: sha256_file(out / f) for f in decisive})]))
 
 
 def export_package(
