@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .dicom_series import scan_tree
 from .package import MANIFEST, PackageError, default_package_dir, load_package
+from .phi import allow_identifiers, identifiers_allowed
 from .pipeline import SeriesToModelInput, StudyWork
 from .volume import VolumeError
 from .zeroshot import ZeroShotModel
@@ -127,6 +128,11 @@ def parser() -> argparse.ArgumentParser:
         choices=["auto", "cpu", "cuda"],
         help="ONNX Runtime device (auto: CUDA when its provider loads)",
     )
+    p.add_argument(
+        "--log-patient-identifiers",
+        action="store_true",
+        help="let third-party exception texts, which may quote header values (PHI), into logs and reasons",
+    )
     return p
 
 
@@ -138,6 +144,7 @@ def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
         stream=sys.stderr,
     )
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-module copy notes are noise here
+    allow_identifiers(args.log_patient_identifiers or identifiers_allowed())
     inp, out, models = resolve_paths(args)
     t0 = time.perf_counter()
     try:
@@ -147,11 +154,12 @@ def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
         return 2, []
     model = ZeroShotModel(package, device=args.device)
     log.info(
-        "model %s %s (%s); ONNX Runtime providers: %s",
+        "model %s %s (%s); ONNX Runtime providers: %s; intended use: %s",
         package.name,
         package.version,
         package.root,
         ", ".join(model.providers),
+        package.intended_use,
     )
     if not inp.exists():
         log.error("input %s does not exist", inp)

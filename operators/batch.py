@@ -30,6 +30,7 @@ from pathlib import Path
 from .dicom_series import SeriesFiles, scan_files, scan_tree
 from .files import write_atomic
 from .package import default_package_dir, load_package
+from .phi import allow_identifiers, describe, identifiers_allowed
 from .pipeline import SeriesToModelInput, StudyWork, run_study, sr_filename
 
 log = logging.getLogger("ct-zeroshot")
@@ -46,6 +47,7 @@ def _init_worker(package_dir: str, out_dir: str, threads: int, level: int) -> No
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    allow_identifiers(identifiers_allowed())  # the parent's setting, through the environment
     pkg = load_package(package_dir)  # verified in every process that loads it (the files could change)
     _WORKER.update(
         model=ZeroShotModel(pkg, device="auto", threads=threads), prep=SeriesToModelInput(pkg.spec), out=Path(out_dir)
@@ -60,7 +62,7 @@ def _process(study_uid: str, paths: list[str]) -> dict:
         series = [s for s in scan_files(paths).series.values() if s.study_uid == study_uid]
         work = run_study(StudyWork(study_uid, series), _WORKER["model"], _WORKER["prep"], _WORKER["out"])
     except Exception as exc:  # noqa: BLE001 - a bug on one study must not stop the batch
-        work = StudyWork(study_uid, series).fail(f"unexpected {type(exc).__name__}: {exc}")
+        work = StudyWork(study_uid, series).fail(f"unexpected {describe(exc)}")
     return summary_row(work)
 
 
@@ -225,6 +227,7 @@ def _run_locked(inp: Path, out: Path, sr_dir: Path, pkg, workers: int, force: bo
             "uid": pkg.uid,
             "identity": pkg.identity,
             "root": str(pkg.root),
+            "intended_use": pkg.intended_use,
         },
         "workers": workers,
         "processed": len(todo),

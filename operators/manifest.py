@@ -24,6 +24,8 @@ from .uids import is_valid_uid
 
 FORMAT = "ct-zeroshot-model-package"
 FORMAT_VERSION = 1
+INTENDED_USE_MAX = 512  # it goes into the SR's Contribution Description (ST, at most 1024 characters)
+UNSTATED_USE = "not stated by the model package: research use only, not for diagnostic use"
 
 
 class ManifestError(ValueError):
@@ -95,13 +97,23 @@ class ModelIdentity:
     version: str
     uid: str  # a DICOM UID: the SR's device UID and part of every SR's derived UIDs
     created: str
+    intended_use: str | None = None  # stated in every SR and summary; optional (older packages lack it)
 
     @classmethod
     def read(cls, r: _Reader) -> ModelIdentity:
         uid = r.get("uid", "str")
         if not is_valid_uid(uid):
             raise r.error(r.where("uid"), f"must be a valid DICOM UID (digits and dots, <= 64 chars), got {uid!r}")
-        return cls(r.get("name", "str"), r.get("version", "str"), uid, r.get("created", "str"))
+        use = r.get("intended_use", "str", optional=True)
+        if use is not None and not 0 < len(use) <= INTENDED_USE_MAX:
+            raise r.error(r.where("intended_use"), f"must be 1 to {INTENDED_USE_MAX} characters, got {len(use)}")
+        return cls(r.get("name", "str"), r.get("version", "str"), uid, r.get("created", "str"), use)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        if d["intended_use"] is None:
+            del d["intended_use"]  # a package that states none reads back byte for byte
+        return d
 
 
 @dataclass(frozen=True)
@@ -320,7 +332,7 @@ class Manifest:
         d: dict[str, Any] = {
             "format": FORMAT,
             "format_version": self.format_version,
-            "model": dict(self.model.__dict__),
+            "model": self.model.to_dict(),
             "provenance": self.provenance,
             "preprocessing": self.preprocessing.to_dict(),
             "image_encoder": self.image_encoder.to_dict(),

@@ -33,6 +33,7 @@ from .findings import Catalogue
 from .manifest import (
     FORMAT,
     FORMAT_VERSION,
+    UNSTATED_USE,
     FindingRows,
     ImageEncoderRecord,
     Manifest,
@@ -124,6 +125,11 @@ class ModelPackage:
     def uid(self) -> str:
         """The model's UID (the SR's device UID; part of every SR's derived UIDs)."""
         return self.manifest.model.uid
+
+    @property
+    def intended_use(self) -> str:
+        """What the model is for, as its package states it (every SR and summary repeats it)."""
+        return self.manifest.model.intended_use or UNSTATED_USE
 
     @property
     def identity(self) -> str:

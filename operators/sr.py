@@ -7,12 +7,14 @@ follows IHE AI Results:
 - observer: a device (the model: name, version, the package UID as device UID);
 - procedure reported: LOINC 25045-6 "CT unspecified body region";
 - one *Measurements and Qualitative Evaluations* group per finding (catalogue order): tracking
-  identifier (the finding id and a new UID), finding type (the finding's code), finding site where the
+  identifier (the finding id and a UID derived from the SR's SOP Instance UID and the id, so the same
+  study and model give the same document), finding type (the finding's code), finding site where the
   catalogue gives one, algorithm identification (name, version, threshold and rule as parameters), a
   qualitative evaluation (finding code = Present SCT 52101004 / Absent SCT 272519000, or Undetermined
   SCT 373068000 for a finding the package marks not assessed) and the
   measurement "Certainty of Finding" (DCM 111012) = probability in %;
-- the algorithm also in Contributing Equipment (purpose 99IHE "Processing Algorithm");
+- the algorithm also in Contributing Equipment (purpose 99IHE "Processing Algorithm"), whose
+  Contribution Description states the model's intended use (``ModelPackage.intended_use``);
 - the source series in the evidence (current requested procedure evidence), not in an image library;
 - patient and study attributes copied from the source by highdicom, new series and instance UIDs,
   UTF-8 (ISO_IR 192), marked complete; the private coding scheme declared when used.
@@ -54,10 +56,15 @@ def build_sr(
     package: ModelPackage,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    predecessors: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one study. ``source``: the headers of the series the model saw (pixel data not needed)."""
+    """The SR for one study. ``source``: the headers of the series the model saw (pixel data not needed).
+    ``predecessors``: earlier SRs of the study this one corrects (Predecessor Documents Sequence)."""
     if not source:
         raise ValueError("an SR needs the source series' headers")
+    # Every UID inside the document derives from its SOP Instance UID (itself derived from the study,
+    # the series and the model by the pipeline), so the same input and model give the same content.
+    sop_instance_uid = sop_instance_uid or generate_uid()
     algorithm = f"{package.name}"
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=package.uid,
@@ -87,7 +94,9 @@ def build_sr(
             value = PRESENT if bool(findings.present[j]) else ABSENT
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f.id),
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", f.id]), identifier=f.id
+                ),
                 finding_type=code,
                 algorithm_id=algo,
                 finding_sites=[hd.sr.FindingSite(_coded(f.site))] if f.site is not None else None,
@@ -116,7 +125,7 @@ def build_sr(
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=f"{package.name} {package.version}",
         software_versions=f"ct-zeroshot {__version__}",
-        contribution_description="zero-shot finding detection (image-text dual encoder, prompt similarities)",
+        contribution_description=contribution_description(package),
     )
     equipment.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
     return hd.sr.Comprehensive3DSR(
@@ -124,19 +133,38 @@ def build_sr(
         content=report,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer="ct-zeroshot",
         is_complete=True,
         is_final=False,
         is_verified=False,
         contributing_equipment=[equipment],
+        previous_versions=list(predecessors) or None,
         coding_schemes=schemes,
         series_description=SR_SERIES_DESCRIPTION,
         manufacturer_model_name=f"{package.name} {package.version}",
         software_versions=f"ct-zeroshot {__version__}",
         specific_character_set="ISO_IR 192",
     )
+
+
+def contribution_description(package: ModelPackage) -> str:
+    """The algorithm's contribution and the model's intended use, as the package states it (ST: <= 1024)."""
+    text = (
+        "zero-shot finding detection (image-text dual encoder, prompt similarities). "
+        f"Intended use: {package.intended_use}"
+    )
+    return text[:1024]
+
+
+def read_intended_use(sr: Dataset) -> str | None:
+    """The intended use an SR of this module states (from its Contributing Equipment)."""
+    for item in sr.get("ContributingEquipmentSequence", []):
+        desc = str(item.get("ContributionDescription", ""))
+        if "Intended use: " in desc:
+            return desc.split("Intended use: ", 1)[1]
+    return None
 
 
 def write_sr(sr: Dataset, out_dir: str | Path, name: str) -> Path:

@@ -116,6 +116,7 @@ def _export(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         text=args.text,
         auroc_floor=args.auroc_floor,
+        intended_use=args.intended_use,
     )
     pkg = load_package(args.out)  # the deploy side's loader must accept what was written
     print(
@@ -309,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--name", default=None, help="model name in the manifest")
     x.add_argument("--model-version", default="0.1.0")
+    x.add_argument(
+        "--intended-use",
+        default=None,
+        help="what the model is for, stated in the package and every SR (default for the synthetic corpus: "
+        "research and testing only, it knows phantoms)",
+    )
     x.add_argument("--cache", default=None)
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=_export)

@@ -159,4 +159,6 @@ def convert_merlin(
         text=text,
         log=log,
         text_absent_reason=LONGFORMER_NOTE,
+        intended_use="Research use only; not for diagnostic use. Merlin's published weights (Blankemeier et al.), "
+        "trained on abdominal CT of one institution; validate locally before any use.",
     )

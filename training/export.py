@@ -111,6 +111,7 @@ def export_package(
     text: str = "auto",
     log: Callable[[str], None] = print,
     text_absent_reason: str | None = None,
+    intended_use: str | None = None,
 ) -> Manifest:
     """Write a model package for ``model`` into ``out`` (new or empty). Returns the manifest.
 
@@ -215,7 +216,11 @@ def export_package(
     log_scale = float(model.logit_scale.detach().clamp(max=math.log(100.0)))
     manifest = Manifest(
         model=ModelIdentity(
-            name, version, _model_uid(out, text_rec), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            name,
+            version,
+            _model_uid(out, text_rec),
+            _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            intended_use,
         ),
         provenance={
             "exporter": f"ct-zeroshot {__version__}",
@@ -255,9 +260,12 @@ def export_run(
     text: str = "auto",
     log: Callable[[str], None] = print,
     auroc_floor: float = AUROC_FLOOR,
+    intended_use: str | None = None,
 ) -> Manifest:
     """Export a training run's checkpoint. ``data`` is the run's data set: its test split gives the
-    held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``)."""
+    held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``).
+    ``intended_use``: stated in the package and every SR; by default, for a run on the synthetic corpus,
+    that it knows phantoms only."""
     from .evaluate import embed_images, prompt_embeddings, zero_shot_scores
     from .runs import load_run, split_volumes
 
@@ -338,4 +346,19 @@ def export_run(
         threshold_notes=notes,
         text=text,
         log=log,
+        intended_use=intended_use or synthetic_corpus_use(data),
+    )
+
+
+def synthetic_corpus_use(data: str | Path) -> str | None:
+    """The intended use of a model trained on ct-zeroshot's synthetic corpus (``corpus.json`` says so)."""
+    try:
+        corpus = json.loads((Path(data) / "corpus.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not str(corpus.get("generator", "")).startswith("ct-zeroshot"):
+        return None
+    return (
+        f"Research and software testing only; not for diagnostic use. Trained on the ct-zeroshot synthetic "
+        f"phantom corpus (version {corpus.get('corpus_version', 1)}): it knows procedural phantoms, not patients."
     )

@@ -13,7 +13,7 @@ import pytest
 from operators.dicom_series import scan_tree
 from operators.package import load_package
 from operators.pipeline import SeriesToModelInput, StudyWork, select_series, sr_filename
-from operators.sr import read_findings
+from operators.sr import read_findings, read_intended_use
 from operators.zeroshot import ZeroShotModel
 from tests.dicom_cases import broken_studies, small_study, study_uid
 from tests.sr_validators import have_validators, validate_all
@@ -121,6 +121,10 @@ def test_map_environment_variables_and_stable_sr_identity(app_run, tree, tiny_pa
         a = pydicom.dcmread(app_run["out"] / sr_filename(uid))
         b = pydicom.dcmread(out / sr_filename(uid))
         assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+        assert a.ContentSequence == b.ContentSequence  # tracking UIDs derived, not random: the same document
+    use = load_package(tiny_package["pkg"]).intended_use
+    assert use.startswith("Research and software testing only") and "phantoms" in use  # trained on the corpus
+    assert read_intended_use(a) == use
 
 
 def test_nothing_processable_exits_nonzero(tree, tiny_package, tmp_path):

@@ -21,6 +21,17 @@ def test_the_demo_manifest_round_trips_byte_for_byte(demo_dict):
     assert m.to_dict() == demo_dict
     assert json.dumps(m.to_dict(), indent=1) + "\n" == (default_package_dir() / MANIFEST).read_text()
     assert [e.rows for e in m.findings] == prompt_table(m.catalogue)[1]  # the table's layout
+    older = copy.deepcopy(demo_dict)
+    del older["model"]["intended_use"]  # packages written before it was stated still read back as written
+    assert Manifest.from_dict(older).to_dict() == older
+
+
+def test_a_package_that_states_no_intended_use_says_so(demo_copy):
+    assert "not for diagnostic use" in load_package(demo_copy).intended_use
+    m = json.loads((demo_copy / MANIFEST).read_text())
+    del m["model"]["intended_use"]
+    (demo_copy / MANIFEST).write_text(json.dumps(m))
+    assert load_package(demo_copy).intended_use.startswith("not stated by the model package")
 
 
 @pytest.mark.parametrize(
@@ -29,6 +40,8 @@ def test_the_demo_manifest_round_trips_byte_for_byte(demo_dict):
         (lambda d: d["model"].pop("uid"), "model.uid", "is missing"),
         (lambda d: d["model"].__setitem__("uid", "../../etc"), "model.uid", "valid DICOM UID"),
         (lambda d: d["model"].__setitem__("uid", "1." + "2" * 70), "model.uid", "valid DICOM UID"),
+        (lambda d: d["model"].__setitem__("intended_use", "x" * 600), "model.intended_use", "1 to 512 characters"),
+        (lambda d: d["model"].__setitem__("intended_use", 3), "model.intended_use", "must be"),
         (lambda d: d.__setitem__("embedding_dim", "128"), "embedding_dim", "must be an integer"),
         (lambda d: d.__setitem__("embedding_dim", True), "embedding_dim", "must be an integer"),
         (lambda d: d.__setitem__("logit_scale", -1.0), "logit_scale", "positive"),
