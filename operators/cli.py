@@ -128,6 +128,9 @@ def _infer(args: argparse.Namespace) -> int:
     import logging
 
     from .batch import run_batch
+    from .phi import allow_identifiers, identifiers_allowed
+
+    allow_identifiers(args.log_patient_identifiers or identifiers_allowed())
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -194,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="redo studies that already have an SR")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.add_argument("--verbose", action="store_true", help="log every stage of every study")
+    i.add_argument(
+        "--log-patient-identifiers",
+        action="store_true",
+        help="let third-party exception texts, which may quote header values (PHI), into logs and reasons",
+    )
     i.set_defaults(func=_infer)
     sv = sub.add_parser(
         "serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)"

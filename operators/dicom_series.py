@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from .phi import describe
 from .uids import is_valid_uid
 from .volume import Volume, VolumeError
 
@@ -26,6 +27,7 @@ from .volume import Volume, VolumeError
 _IOP_TOL = 1e-3
 # Slice gaps may vary by this fraction of the median gap before the series is refused.
 _GAP_TOL = 0.05
+_PERPENDICULAR_TOL = 1e-3  # cosine between the stacking direction and the slice normal
 # Slices decoded per block, and the tile side, when assembling a volume (see series_to_volume).
 _TILE = 16
 
@@ -70,7 +72,7 @@ def scan_files(files: Iterable[str | Path]) -> ScanResult:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         except Exception as exc:  # pydicom raises InvalidDicomError, EOFError, AttributeError...
-            unreadable.append((path, f"not a readable DICOM instance ({type(exc).__name__}: {exc})"))
+            unreadable.append((path, f"not a readable DICOM instance ({describe(exc)})"))
             continue
         bad = [
             k for k, v in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)) if not is_valid_uid(v)
@@ -136,6 +138,7 @@ def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[n
     gap = float(np.median(gaps))
     if np.abs(gaps - gap).max() > _GAP_TOL * gap:
         raise VolumeError(f"{names[order[0]]}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm)")
+    _check_stacking(headers, names, ipps[order], normal, names[order[0]])
     dr, dc = spacings[0]  # PixelSpacing = (row spacing, column spacing)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * dc  # i: along a row, i.e. across columns
@@ -143,6 +146,42 @@ def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[n
     lps[:3, 2] = normal * gap  # k: slice index in the sorted order
     lps[:3, 3] = ipps[order[0]]
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, order
+
+
+def _number(ds: Dataset, keyword: str, default: float, name: str) -> float:
+    try:
+        value = float(ds.get(keyword, default))
+    except (TypeError, ValueError):
+        raise VolumeError(f"{name}: {keyword} is not a number") from None
+    if not np.isfinite(value):
+        raise VolumeError(f"{name}: {keyword} is not finite")
+    return value
+
+
+def _check_stacking(headers: Sequence[Dataset], names: Sequence[str], ipps: np.ndarray, normal, first: str) -> None:
+    """One frame of reference, and slices stacked along their normal: a gantry-tilted or sheared stack
+    would get a wrong affine from (row, column, normal) axes, so it is refused with the angle.
+    highdicom's volume check (``get_series_volume_positions``) confirms what the checks above pass."""
+    from highdicom.spatial import get_series_volume_positions
+
+    frames = {str(h.get("FrameOfReferenceUID", "")) for h in headers}
+    if len(frames) != 1:
+        n = len(frames - {""})
+        missing = " (some slices have none)" if "" in frames else ""
+        raise VolumeError(f"{first}: slices of the series have {n} different FrameOfReferenceUIDs{missing}")
+    span = ipps[-1] - ipps[0]
+    cos = float(abs(span @ normal) / max(np.linalg.norm(span), 1e-9))
+    if cos < 1 - _PERPENDICULAR_TOL:
+        angle = float(np.degrees(np.arccos(min(1.0, cos))))
+        raise VolumeError(
+            f"{first}: slices are not stacked along their normal ({angle:.1f} degrees off: gantry tilt or "
+            "shear); refusing a volume whose affine would be wrong"
+        )
+    spacing, _ = get_series_volume_positions(
+        list(headers), rtol=_GAP_TOL, perpendicular_tol=_PERPENDICULAR_TOL, orientation_tol=_IOP_TOL
+    )
+    if spacing is None:
+        raise VolumeError(f"{first}: highdicom does not accept the slices as one regular 3D volume")
 
 
 def _axis_flips(affine: np.ndarray, axcodes: str) -> list[bool] | None:
@@ -207,14 +246,14 @@ def series_to_volume(
             try:
                 pix = pixels(idx) if pixels is not None else ds.pixel_array
             except Exception as exc:
-                raise VolumeError(f"{names[idx]}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+                raise VolumeError(f"{names[idx]}: pixel data cannot be decoded ({describe(exc)})") from exc
             if pix.ndim != 2:
                 raise VolumeError(f"{names[idx]}: expected one 2D frame, found pixel array {pix.shape}")
             block[n] = pix  # integer -> float32; the rescale below runs in float32
-            slope = float(ds.get("RescaleSlope", 1.0))
+            slope = _number(ds, "RescaleSlope", 1.0, names[idx])
             if slope != 1.0:
                 block[n] *= np.float32(slope)
-            block[n] += np.float32(float(ds.get("RescaleIntercept", 0.0)))
+            block[n] += np.float32(_number(ds, "RescaleIntercept", 0.0, names[idx]))
         k = len(chunk)
         for j0 in range(0, rows, _TILE):
             dst[:, j0 : j0 + _TILE, b0 : b0 + k] = block[:k, j0 : j0 + _TILE, :].transpose(2, 1, 0)

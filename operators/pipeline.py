@@ -24,6 +24,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import generate_uid
 
 from .dicom_series import SeriesFiles, series_to_volume
+from .phi import describe
 from .preprocessing import build_transform, preprocess
 from .volume import VolumeError
 from .zeroshot import Findings, ZeroShotModel
@@ -48,6 +49,10 @@ class StudyWork:
     findings: Findings | None = None
     sr_path: Path | None = None
     timings: dict = field(default_factory=dict)
+    # A corrected SR (the listener re-opened the study): its revision (0: the first SR) and the earlier
+    # delivered SR it supersedes (its Predecessor Documents Sequence).
+    revision: int = 0
+    predecessors: list = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -173,12 +178,14 @@ def infer(work: StudyWork, model: ZeroShotModel) -> StudyWork:
     return work
 
 
-def sr_uids(study_uid: str, series_uid: str, model_identity: str) -> tuple[str, str]:
+def sr_uids(study_uid: str, series_uid: str, model_identity: str, revision: int = 0) -> tuple[str, str]:
     """(series UID, SOP instance UID) of the SR, derived from the study, the series and the model
     (``ModelPackage.identity``: UID and weights' digest): the same study scored again by the same model
-    gets the same SR identity (a PACS dedupes it); other weights get other UIDs."""
+    gets the same SR identity (a PACS dedupes it); other weights get other UIDs. ``revision`` n > 0: the
+    n-th corrected SR of a study that received more instances after its SR (a new SOP Instance UID)."""
     src = [study_uid, series_uid, model_identity]
-    return generate_uid(entropy_srcs=[*src, "series"]), generate_uid(entropy_srcs=[*src, "instance"])
+    rev = [f"revision {revision}"] if revision else []  # corrected SRs join the first one's series
+    return generate_uid(entropy_srcs=[*src, "series"]), generate_uid(entropy_srcs=[*src, *rev, "instance"])
 
 
 def sr_filename(study_uid: str) -> str:
@@ -195,11 +202,11 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
         raise RuntimeError(f"study {work.study_uid}: no findings to report")
     t = time.perf_counter()
     try:
-        series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.identity)
-        sr = build_sr(chosen.headers, findings, model.package, series_uid, sop_uid)
+        series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.identity, work.revision)
+        sr = build_sr(chosen.headers, findings, model.package, series_uid, sop_uid, work.predecessors)
         work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch
-        return work.fail(f"SR not written ({type(exc).__name__}: {exc})")
+        return work.fail(f"SR not written ({describe(exc)})")
     work.timings["sr_s"] = time.perf_counter() - t
     present = [fid for fid, p in zip(findings.ids, findings.present) if p]
     log.info(

@@ -16,6 +16,45 @@ class Peer:
 
 
 @dataclass
+class TLS:
+    """DICOM over TLS for both directions (DICOM PS3.15 B.1, the secure transport connection profile).
+
+    The listener presents ``cert``/``key`` to senders and, with ``require_client_cert``, accepts only
+    senders whose certificate ``ca`` signed; SRs go to the destination over TLS, presenting the same
+    certificate and verifying the destination's against ``ca`` (and its host name, unless
+    ``check_hostname`` is false, e.g. for a PACS addressed by IP whose certificate names only a host)."""
+
+    cert: str
+    key: str
+    ca: str
+    require_client_cert: bool = True
+    check_hostname: bool = True
+
+    def check(self, where: str) -> None:
+        for name in ("cert", "key", "ca"):
+            if not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{where}: tls.{name} {getattr(self, name)!r} is not a readable file")
+
+    def server_context(self):
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert, self.key)
+        ctx.verify_mode = ssl.CERT_REQUIRED if self.require_client_cert else ssl.CERT_OPTIONAL
+        return ctx
+
+    def client_context(self):
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = self.check_hostname
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+@dataclass
 class ListenerConfig:
     ae_title: str = "CTZEROSHOT"
     bind: str = "127.0.0.1"
@@ -31,6 +70,7 @@ class ListenerConfig:
     max_instance_mb: float = 512.0  # a C-STORE larger than this is refused (out of resources)
     max_attempts: int = 3  # a study whose processing raises this many times goes to failed/
     redeliver_max_s: float = 600.0  # undelivered SRs are retried while running, backoff capped here
+    tls: TLS | None = None  # DICOM over TLS for receiving and sending; plain TCP without it
 
     @classmethod
     def load(cls, path: str | Path) -> ListenerConfig:
@@ -47,11 +87,20 @@ class ListenerConfig:
         try:
             allowed = [Peer(**p) for p in data.pop("allowed", [])]
             dest = data.pop("destination", None)
-            cfg = cls(**data, allowed=allowed, destination=Peer(**dest) if dest else None)
+            tls = data.pop("tls", None)
+            cfg = cls(
+                **data, allowed=allowed, destination=Peer(**dest) if dest else None, tls=TLS(**tls) if tls else None
+            )
         except TypeError as exc:
             raise ValueError(f"{path}: {exc}") from exc
         if not cfg.allowed:
             raise ValueError(f"{path}: 'allowed' must list at least one calling AE title")
         if cfg.destination is None or not cfg.destination.host or not cfg.destination.port:
             raise ValueError(f"{path}: 'destination' needs ae_title, host and port")
+        if cfg.tls is not None:
+            cfg.tls.check(str(path))
+            try:  # a key that does not match its certificate, or a CA file that is not one, fails here
+                cfg.tls.server_context()
+            except Exception as exc:  # noqa: BLE001 - ssl raises SSLError, OSError, ValueError
+                raise ValueError(f"{path}: tls: {type(exc).__name__}: {exc}") from None
         return cfg

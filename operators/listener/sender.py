@@ -31,7 +31,8 @@ class Sender:
         for attempt in range(1, cfg.retries + 1):
             ae = AE(ae_title=cfg.ae_title)
             ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            tls = (cfg.tls.client_context(), dest.host) if cfg.tls else None
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
             if assoc.is_established:
                 status = assoc.send_c_store(ds)
                 assoc.release()

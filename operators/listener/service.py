@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from ..phi import allow_identifiers, describe
 from .config import ListenerConfig
 from .sender import Sender
 from .spool import Spool, SpoolError
@@ -54,6 +56,7 @@ class Listener:
         from ..zeroshot import ZeroShotModel
 
         self.cfg = cfg
+        allow_identifiers(cfg.log_patient_identifiers)  # header values in logs only where allowed
         self.spool = Spool(cfg.spool)
         pkg = load_package(cfg.model or default_package_dir())
         self.model = ZeroShotModel(pkg, device="auto")
@@ -146,8 +149,13 @@ class Listener:
             self.stop.wait(0.5)
 
     def _queue_complete(self, uid: str) -> None:
-        dst = self.spool.complete(uid)
-        log.info("study %s complete (%d instances); queued", uid, len(list(dst.iterdir())))
+        dst, reopened = self.spool.complete(uid)
+        log.info(
+            "study %s complete (%d instances)%s; queued",
+            uid,
+            len(list(dst.glob("*.dcm"))),
+            "; re-opened: instances arrived after it was processed, a corrected SR follows" if reopened else "",
+        )
         if self.cfg.log_patient_identifiers:
             import pydicom
 
@@ -163,26 +171,51 @@ class Listener:
         out = self.spool.path("out", uid)
         sr = out / sr_filename(uid)
         record: dict[str, Any] = {"study_uid": uid}
-        if not sr.exists():  # not processed before a restart
+        state, covers = self.spool.sr_state(uid), self.spool.instances_digest(uid)
+        if sr.exists() and state.get("instances") == covers and _sop_uid(sr) == state.get("sop"):
+            record.update(status="ok", error="", resumed=True)  # built from these instances: (re)send it
+        else:  # a study never processed, or one that received instances after its SR: (re)build
             studies = scan_tree(ready).studies()
             if uid not in studies:
                 record.update(status="failed", error="no readable instances")
             else:
-                work = run_study(StudyWork(uid, studies[uid]), self.model, self.prep, out)
+                work = StudyWork(uid, studies[uid], **self._revision(uid, state, sr))
+                work = run_study(work, self.model, self.prep, out)
                 record.update(status=work.status, error=work.reason)
-        else:
-            record.update(status="ok", error="", resumed=True)
+                if work.sr_path is not None:
+                    sop = _sop_uid(work.sr_path)
+                    self.spool.set_sr_state(uid, {**state, "instances": covers, "sop": sop, "revision": work.revision})
+                    record.update(revision=work.revision)
         if record["status"] != "ok":
             self.spool.finish(uid, record["error"])
             log.error("study %s: failed: %s", uid, record["error"])
         elif self.sender.send(sr, uid):
             record["sent"] = True
+            state = self.spool.sr_state(uid)
+            delivered = [*state.get("delivered", []), state.get("sop")]
+            self.spool.set_sr_state(uid, {**state, "delivered": list(dict.fromkeys(delivered))})
             self.spool.finish(uid)
         else:
             record["sent"] = False
             log.error("study %s: SR not delivered after %d attempts; retried later", uid, self.cfg.retries)
         self.processed.append(record)
         return record
+
+    def _revision(self, uid: str, state: dict, sr: Path) -> dict:
+        """The revision of the SR about to be built and the delivered SR it corrects (if any). An SR
+        built earlier is kept under ``out/<study>/superseded/`` before it is replaced."""
+        import pydicom
+
+        if not state and not sr.exists():
+            return {}
+        kept = sr.parent / "superseded"
+        if sr.exists():
+            kept.mkdir(exist_ok=True)
+            shutil.copy2(sr, kept / f"{_sop_uid(sr)}.dcm")
+        delivered = state.get("delivered", [])
+        previous = kept / f"{delivered[-1]}.dcm" if delivered else None
+        predecessors = [pydicom.dcmread(previous)] if previous is not None and previous.is_file() else []
+        return {"revision": int(state.get("revision", 0)) + 1, "predecessors": predecessors}
 
     def _work(self):
         while not self.stop.is_set():
@@ -201,9 +234,7 @@ class Listener:
     def _poisoned(self, uid: str, exc: BaseException) -> None:
         """Processing raised: retry the study later; after ``max_attempts`` it goes to ``failed/``."""
         n = self.spool.attempts(uid, add=1)
-        reason = f"unexpected {type(exc).__name__} while processing (attempt {n} of {self.cfg.max_attempts})"
-        if self.cfg.log_patient_identifiers:
-            reason += f": {exc}"  # exception texts can carry header values
+        reason = f"unexpected {describe(exc)} while processing (attempt {n} of {self.cfg.max_attempts})"
         log.error("study %s: %s", uid, reason)
         if n >= self.cfg.max_attempts:
             self.spool.finish(uid, reason)
@@ -253,7 +284,12 @@ class Listener:
             (evt.EVT_ABORTED, self.on_closed),
         ]
         self.recover()
-        self.server = ae.start_server((self.cfg.bind, self.cfg.port), block=False, evt_handlers=handlers)
+        self.server = ae.start_server(
+            (self.cfg.bind, self.cfg.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.cfg.tls.server_context() if self.cfg.tls else None,
+        )
         self.threads = [
             threading.Thread(target=self._watch, daemon=True, name="completion"),
             threading.Thread(target=self._work, daemon=True, name="pipeline"),
@@ -261,10 +297,11 @@ class Listener:
         for t in self.threads:
             t.start()
         log.info(
-            "listening as %s on %s:%d; allowed callers: %s; SRs to %s@%s:%d",
+            "listening as %s on %s:%d%s; allowed callers: %s; SRs to %s@%s:%d",
             self.cfg.ae_title,
             self.cfg.bind,
             self.cfg.port,
+            " (TLS)" if self.cfg.tls else "",
             ", ".join(p.ae_title for p in self.cfg.allowed),
             self.cfg.destination.ae_title,
             self.cfg.destination.host,
@@ -277,6 +314,12 @@ class Listener:
             self.server.shutdown()
         for t in getattr(self, "threads", []):
             t.join(timeout=10)
+
+
+def _sop_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
 
 
 def serve(config: str | Path) -> int:

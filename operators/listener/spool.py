@@ -9,6 +9,8 @@ that is not a valid DICOM UID: nothing a sender writes can name a path outside i
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +19,7 @@ from ..files import PARTIAL_SUFFIX, write_atomic
 from ..uids import is_valid_uid
 
 STAGES = ("incoming", "ready", "done", "failed", "out")
+SR_STATE = "sr.json"
 
 
 class SpoolError(ValueError):
@@ -57,25 +60,45 @@ class Spool:
             write_atomic(path, f"{n}\n")
         return n
 
-    def complete(self, study_uid: str) -> Path:
-        """``incoming`` -> ``ready``; instances of a study already queued are merged in."""
-        src, dst = self.path("incoming", study_uid), self.path("ready", study_uid)
-        if dst.exists():
-            for f in src.iterdir():
-                os.replace(f, dst / f.name)
-            src.rmdir()
-        else:
-            os.replace(src, dst)
-        return dst
+    def complete(self, study_uid: str) -> tuple[Path, bool]:
+        """``incoming`` -> ``ready``: (the ready folder, whether the study was re-opened). Instances of a
+        study already queued are merged in; a study already done or failed is re-opened: its instances
+        come back into ``ready`` and it is processed again with all of them. Nothing is deleted; an
+        instance received again replaces its earlier copy."""
+        dst = self.path("ready", study_uid)
+        reopened = False
+        for stage in ("done", "failed"):
+            old = self.path(stage, study_uid)
+            if old.is_dir():
+                _merge(old, dst)
+                reopened = True
+        _merge(self.path("incoming", study_uid), dst)  # last: the newest copies win
+        return dst, reopened
 
     def finish(self, study_uid: str, reason: str | None = None) -> Path:
         """``ready`` -> ``done`` (``reason`` None) or ``failed`` with ``reason.txt``."""
         dst = self.path("done" if reason is None else "failed", study_uid)
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(self.path("ready", study_uid), dst)
+        _merge(self.path("ready", study_uid), dst)  # a study is re-opened out of done/failed: dst is new
         if reason is not None:
             write_atomic(dst / "reason.txt", reason + "\n")
         return dst
+
+    # -- the SR of a study: what it covers and whether it was delivered (out/<study>/sr.json) --------
+    def sr_state(self, study_uid: str) -> dict:
+        path = self.path("out", study_uid) / SR_STATE
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            return {}  # a state file cut by a crash: the SR is rebuilt, which is always safe
+
+    def set_sr_state(self, study_uid: str, state: dict) -> None:
+        self.path("out", study_uid).mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path("out", study_uid) / SR_STATE, json.dumps(state, indent=1), fsync=True)
+
+    def instances_digest(self, study_uid: str) -> str:
+        """Which instances ``ready/<study>`` holds (their SOP Instance UIDs, the file names)."""
+        names = sorted(f.name for f in self.path("ready", study_uid).glob("*.dcm"))
+        return hashlib.sha256("\n".join(names).encode()).hexdigest()[:32] + f"/{len(names)}"
 
     def studies(self, stage: str) -> list[str]:
         return sorted(d.name for d in (self.root / stage).iterdir() if d.is_dir() and is_valid_uid(d.name))
@@ -84,3 +107,17 @@ class Spool:
         """Temporary files of instances whose C-STORE was never answered (a crash mid-write)."""
         for f in self.path("incoming", study_uid).glob(f".*{PARTIAL_SUFFIX}"):
             f.unlink()
+
+
+def _merge(src: Path, dst: Path) -> None:
+    """Move the instances (``*.dcm``) of ``src`` into ``dst`` (a rename when ``dst`` does not exist yet)
+    and remove ``src`` with what else it held (a failure's ``reason.txt``)."""
+    if not src.is_dir():
+        return
+    if not dst.exists():
+        os.replace(src, dst)
+        (dst / "reason.txt").unlink(missing_ok=True)
+        return
+    for f in src.glob("*.dcm"):
+        os.replace(f, dst / f.name)
+    shutil.rmtree(src)

@@ -2,14 +2,17 @@
 
 import csv
 import json
+import logging
 import shutil
 import subprocess
 import sys
+import warnings
 
+import pydicom
 import pytest
 
 from operators.pipeline import sr_filename
-from tests.dicom_cases import broken_studies, study_uid
+from tests.dicom_cases import broken_studies, small_study, study_uid
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +119,32 @@ def test_all_good_exits_zero_and_force_redoes(archive, tiny_package, tmp_path):
 def test_missing_input_is_a_clear_error(tmp_path, tiny_package):
     proc = _infer(tmp_path / "nope", "--out", tmp_path / "o", "--model", tiny_package["pkg"])
     assert proc.returncode == 2 and "input folder does not exist" in proc.stderr
+
+
+def test_no_header_value_in_logs_or_summary_unless_allowed(tiny_package, tmp_path):
+    """An invalid birth date makes the SR fail (highdicom quotes it): the reason names the error, not the value."""
+    files = small_study(tmp_path / "in", "PHI")
+    for p in files:
+        ds = pydicom.dcmread(p)
+        ds["PatientBirthDate"].value = "1954-11-03"  # not a DA value
+        ds.save_as(p)
+    proc = _infer(tmp_path / "in", "--out", tmp_path / "out", "--model", tiny_package["pkg"])
+    assert proc.returncode == 1
+    row = json.loads((tmp_path / "out" / "summary.json").read_text())["studies"][0]
+    assert row["status"] == "failed" and "SR not written (ValueError; its text withheld" in row["error"]
+    for text in (proc.stderr, proc.stdout, (tmp_path / "out" / "summary.json").read_text()):
+        assert "1954" not in text
+
+
+def test_a_site_may_let_header_values_into_its_logs(monkeypatch):
+    from operators.phi import ENV, allow_identifiers, describe
+
+    monkeypatch.setenv(ENV, "0")
+    exc = ValueError("Unable to convert '1954-11-03' to 'DA' object")
+    assert describe(exc) == "ValueError; its text withheld, it may quote header values"
+    with warnings.catch_warnings():  # the policy's warning filter stays inside this test
+        allow_identifiers(True)  # --log-patient-identifiers; worker processes inherit it from the environment
+        assert describe(exc) == "ValueError: Unable to convert '1954-11-03' to 'DA' object"
+        allow_identifiers(False)
+        assert logging.getLogger("pydicom").level == logging.ERROR  # pydicom's value-quoting warnings off
+    logging.getLogger("pydicom").setLevel(logging.NOTSET)

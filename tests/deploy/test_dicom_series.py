@@ -105,3 +105,36 @@ def test_an_instance_whose_uid_is_not_a_uid_is_unreadable(tmp_path):
     ds.save_as(paths[0])
     scan = scan_tree(tmp_path)
     assert [(p, r) for p, r in scan.unreadable] == [(paths[0], "StudyInstanceUID not a valid DICOM UID")]
+
+
+def _edit(paths, change):
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        change(k, ds)
+        ds.save_as(p)
+
+
+def test_a_gantry_tilted_stack_is_refused_with_its_angle(series):
+    folder, paths, _ = series
+    ordered = sorted(paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    tilt = np.tan(np.radians(15))  # each slice shifted along y by its height x tan(15 degrees)
+    _edit(ordered, lambda k, ds: ds.__setattr__("ImagePositionPatient", [-46.0, -46.0 + 5.0 * k * tilt, 5.0 * k]))
+    with pytest.raises(VolumeError, match=r"not stacked along their normal \(15\.0 degrees off"):
+        load_dicom_folder(folder)
+
+
+def test_one_frame_of_reference_per_series(series):
+    folder, paths, _ = series
+    _edit(paths[:1], lambda k, ds: ds.__setattr__("FrameOfReferenceUID", pydicom.uid.generate_uid()))
+    with pytest.raises(VolumeError, match="2 different FrameOfReferenceUIDs"):
+        load_dicom_folder(folder)
+
+
+def test_a_rescale_slope_that_is_not_a_number_is_named(series):
+    folder, paths, _ = series
+    ds = pydicom.dcmread(paths[2])
+    tag = pydicom.tag.Tag("RescaleSlope")
+    ds[tag] = pydicom.dataelem.RawDataElement(tag, "DS", 4, b"abc ", 0, False, True)  # as a file would hold it
+    ds.save_as(paths[2])
+    with pytest.raises(VolumeError, match=f"{paths[2].name}: RescaleSlope is not a number"):
+        load_dicom_folder(folder)

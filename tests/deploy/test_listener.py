@@ -30,8 +30,9 @@ def free_port() -> int:
 
 
 class OrthancServer:
-    def __init__(self, root: Path, listener_port: int):
+    def __init__(self, root: Path, listener_port: int, tls: dict | None = None):
         self.http, self.dicom = free_port(), free_port()
+        listener = ["CTZEROSHOT", "127.0.0.1", listener_port]
         cfg = {
             "Name": "ct-zeroshot-test",
             "HttpPort": self.http,
@@ -42,10 +43,13 @@ class OrthancServer:
             "RegisteredUsers": {"ci": "ci"},
             "DicomCheckCalledAet": True,
             "DicomAlwaysAllowStore": False,
-            "DicomModalities": {"ctzs": ["CTZEROSHOT", "127.0.0.1", listener_port]},
+            "DicomModalities": {
+                "ctzs": dict(zip(("AET", "Host", "Port"), listener), UseDicomTls=True) if tls else listener
+            },
             "StorageDirectory": str(root / "db"),
             "IndexDirectory": str(root / "db"),
             "Plugins": [],
+            **(tls or {}),
         }
         (root / "conf").mkdir(parents=True)
         (root / "conf" / "orthanc.json").write_text(json.dumps(cfg))
@@ -262,9 +266,10 @@ def test_non_ct_study_is_refused_and_does_not_stop_the_listener(site, tmp_path):
         proc.wait(60)
 
 
-def test_dcmtk_jpeg_lossless_sender_echo_and_refusals(site, tmp_path):
-    """DCMTK's storescu offering only JPEG Lossless delivers (stored as received), echoscu answers; a
-    SOP class the reader cannot use is refused at negotiation, a UID that is not a UID with 0xC212."""
+def test_dcmtk_jpeg_lossless_sender_echo_parts_and_refusals(site, tmp_path):
+    """DCMTK's storescu offering only JPEG Lossless delivers (stored as received), echoscu answers; a study
+    sent in two parts gets a corrected SR naming the first; a SOP class the reader cannot use is refused at
+    negotiation, a UID that is not a UID with 0xC212."""
     import pydicom
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, MRImageStorage
@@ -281,11 +286,26 @@ def test_dcmtk_jpeg_lossless_sender_echo_and_refusals(site, tmp_path):
         wait_listening(site["port"], proc)
         peer = ["-aet", "ORTHANC", "-aec", "CTZEROSHOT", "127.0.0.1", str(site["port"])]
         subprocess.run(["echoscu", *peer], check=True, capture_output=True)
-        sent = subprocess.run(["storescu", "-xs", "-R", *peer, *map(str, sorted(jpeg.iterdir()))], capture_output=True)
+        ordered = sorted(jpeg.iterdir())  # CT0001.dcm ...: in slice order
+        # The study in two parts: 8 slices, processed and its SR delivered; then 2 more, which re-open it.
+        sent = subprocess.run(["storescu", "-xs", "-R", *peer, *map(str, ordered[:8])], capture_output=True)
         assert sent.returncode == 0, sent.stderr.decode()[-2000:]
         wait_for(lambda: (spool / "done" / study).is_dir(), 300, "the JPEG Lossless study processed and its SR sent")
+        first = pydicom.dcmread(next((spool / "out" / study).glob("SR_*.dcm")))
+        sent = subprocess.run(["storescu", "-xs", "-R", *peer, *map(str, ordered[8:])], capture_output=True)
+        assert sent.returncode == 0, sent.stderr.decode()[-2000:]
+        orthanc_study = site["orthanc"].request("POST", "/tools/lookup", study.encode(), "text/plain")[0]["ID"]
+        wait_for(lambda: len(site["orthanc"].srs(orthanc_study)) == 2, 300, "the corrected SR delivered")
+        wait_for(lambda: (spool / "done" / study).is_dir(), 60, "the re-opened study done again")
+        second = pydicom.dcmread(next((spool / "out" / study).glob("SR_*.dcm")))
+        assert second.SOPInstanceUID != first.SOPInstanceUID and second.SeriesInstanceUID == first.SeriesInstanceUID
+        pred = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert pred.ReferencedSOPInstanceUID == first.SOPInstanceUID  # the corrected SR names the one it replaces
+        evidence = lambda sr: sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]  # noqa: E731
+        assert len(evidence(first).ReferencedSOPSequence) == 8 and len(evidence(second).ReferencedSOPSequence) == 10
+        assert (spool / "out" / study / "superseded" / f"{first.SOPInstanceUID}.dcm").is_file()
         stored = sorted((spool / "done" / study).glob("*.dcm"))
-        assert len(stored) == 10
+        assert len(stored) == 10  # nothing of the first part was deleted
         assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in stored} == {"1.2.840.10008.1.2.4.70"}
         assert {p.read_bytes()[-512:] for p in stored} == {p.read_bytes()[-512:] for p in jpeg.iterdir()}
 
@@ -306,3 +326,70 @@ def test_dcmtk_jpeg_lossless_sender_echo_and_refusals(site, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def make_certificates(root: Path) -> dict[str, Path]:
+    """A CA and two certificates it signs (listener, PACS), for 127.0.0.1, made with openssl."""
+    root.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=root)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ct-zeroshot test CA",
+        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("listener", "pacs"):
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr")  # fmt: skip
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days",
+            "2", "-extfile", "san.ext", "-out", f"{name}.crt")  # fmt: skip
+    return {p.name: p for p in root.iterdir()}
+
+
+def test_tls_round_trip_and_plain_callers_refused(tmp_path, tiny_package):
+    """Orthanc pushes over DICOM TLS to the listener (which requires a client certificate from the CA),
+    the SR comes back over TLS; a caller without TLS gets no association."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    certs = make_certificates(tmp_path / "certs")
+    lport = free_port()
+    orthanc = OrthancServer(
+        tmp_path / "orthanc",
+        lport,
+        tls={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(certs["pacs.crt"]),
+            "DicomTlsPrivateKey": str(certs["pacs.key"]),
+            "DicomTlsTrustedCertificates": str(certs["ca.crt"]),
+            "DicomTlsRemoteCertificateRequired": True,
+        },
+    )
+    try:
+        study = orthanc.upload(small_study(tmp_path / "studies", "TLS01", n=10, shape=(20, 20)))
+        cfg = {
+            "port": lport,
+            "allowed": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
+            "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom},
+            "spool": str(tmp_path / "spool"),
+            "model": str(tiny_package["pkg"]),
+            "idle_timeout_s": 2.0,
+            "tls": {"cert": str(certs["listener.crt"]), "key": str(certs["listener.key"]), "ca": str(certs["ca.crt"])},
+        }
+        (tmp_path / "listener.yaml").write_text(yaml.safe_dump(cfg))
+        proc = start_listener(tmp_path / "listener.yaml", tmp_path / "listener.log")
+        try:
+            wait_listening(lport, proc)
+            plain = AE(ae_title="ORTHANC")
+            plain.add_requested_context(Verification)
+            assoc = plain.associate("127.0.0.1", lport, ae_title="CTZEROSHOT")
+            assert not assoc.is_established  # no TLS, no association
+            orthanc.push([study])
+            wait_for(lambda: len(orthanc.srs(study)) == 1, 300, "the SR back over TLS")
+            log = (tmp_path / "listener.log").read_text()
+            assert "(TLS)" in log and "sent to ORTHANC" in log
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    finally:
+        orthanc.stop()

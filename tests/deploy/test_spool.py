@@ -38,8 +38,35 @@ def test_an_instance_moves_through_the_stages(tmp_path, instance):
     study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
     spool.store(data, study, sop)
     assert spool.studies("incoming") == [study]
-    ready = spool.complete(study)
-    assert (ready / f"{sop}.dcm").read_bytes() == data and spool.studies("incoming") == []  # as received
+    ready, reopened = spool.complete(study)
+    assert (
+        not reopened and (ready / f"{sop}.dcm").read_bytes() == data and spool.studies("incoming") == []
+    )  # as received
     assert spool.attempts(study) == 0 and spool.attempts(study, add=1) == 1 and spool.attempts(study) == 1
     failed = spool.finish(study, "no CT series")
     assert (failed / "reason.txt").read_text() == "no CT series\n" and (failed / f"{sop}.dcm").is_file()
+
+
+def test_a_study_that_receives_more_after_it_finished_is_reopened_with_everything(tmp_path):
+    """Nothing received is deleted: the earlier part comes back from done/ (or failed/) into ready/."""
+    spool = Spool(tmp_path / "spool")
+    files = small_study(tmp_path, "parts", n=6)
+    ds = [pydicom.dcmread(p) for p in files]
+    study = str(ds[0].StudyInstanceUID)
+    for d, p in zip(ds[:4], files[:4]):
+        spool.store(p.read_bytes(), study, str(d.SOPInstanceUID))
+    spool.complete(study)
+    spool.finish(study)  # the first part: processed, its SR delivered
+    for d, p in zip(ds[4:], files[4:]):
+        spool.store(p.read_bytes(), study, str(d.SOPInstanceUID))
+    ready, reopened = spool.complete(study)
+    assert reopened and sorted(f.name for f in ready.iterdir()) == sorted(f"{d.SOPInstanceUID}.dcm" for d in ds)
+    assert spool.studies("done") == [] and spool.studies("incoming") == []
+    digest = spool.instances_digest(study)
+    assert digest.endswith("/6")
+    spool.finish(study, "no CT series")  # a failed study re-opens too, without its old reason
+    spool.store(files[0].read_bytes(), study, str(ds[0].SOPInstanceUID))  # sent again: replaces its copy
+    ready, reopened = spool.complete(study)
+    assert reopened and not (ready / "reason.txt").exists() and spool.instances_digest(study) == digest
+    spool.set_sr_state(study, {"instances": digest, "sop": "1.2.3"})
+    assert spool.sr_state(study) == {"instances": digest, "sop": "1.2.3"}
