@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from training.config import ConfigError
 from training.study import ARMS, StudyPreset, hierarchical_bootstrap, holm_levels, run_study, verdict
 from training.study.statistics import bootstrap_p, interval, seed_level_interval
 
 ARM_NAMES = [a.name for a in ARMS]
+CUT_ARMS = ["random", "balanced-50-50", "subset-20"]
 
 
 def _study_cmd(data, out, cache, *extra):
@@ -57,27 +59,26 @@ def smoke_study(corpus200, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     whole_seconds = time.time() - t0
 
-    cut = root / "cut"  # one seed: the kill and resume, at half the cost
-    p = subprocess.Popen(
-        _study_cmd(corpus200, cut, cache, "--seeds", "1"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    # The kill and resume on three of the arms and one seed (a quarter of the cost): the same runs as the
+    # whole study's, from a preset file that is the smoke preset with an arms list.
+    cut_preset = yaml.safe_load((Path(__file__).parents[2] / "training/presets/study/smoke.yaml").read_text())
+    cut_preset["arms"] = CUT_ARMS
+    (root / "cut.yaml").write_text(yaml.safe_dump(cut_preset))
+    cut = root / "cut"
+    cut_cmd = [*_study_cmd(corpus200, cut, cache, "--seeds", "1"), "--preset", str(root / "cut.yaml")]
+    p = subprocess.Popen(cut_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(cut.glob("runs/*/*/study_run.json"))) < 3 and p.poll() is None:
+    while time.time() < deadline and not list(cut.glob("runs/*/*/study_run.json")) and p.poll() is None:
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)  # the study and its run, mid-way
     p.wait()
     finished_before = sorted(str(f.parent.relative_to(cut)) for f in cut.glob("runs/*/*/study_run.json"))
-    assert 0 < len(finished_before) < len(ARMS)
+    assert 0 < len(finished_before) < len(CUT_ARMS)
     assert not (cut / "results.csv").exists()  # nothing looks complete after a kill
 
-    again = subprocess.run(_study_cmd(corpus200, cut, cache, "--seeds", "1"), capture_output=True, text=True)
+    again = subprocess.run(cut_cmd, capture_output=True, text=True)
     assert again.returncode != 0 and "--resume" in again.stderr  # an existing study is never overwritten
-    resumed = subprocess.run(
-        _study_cmd(corpus200, cut, cache, "--seeds", "1", "--resume"), capture_output=True, text=True
-    )
+    resumed = subprocess.run([*cut_cmd, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return {
         "whole": root / "whole",
@@ -142,9 +143,9 @@ def test_killed_study_resumes_to_the_same_results(smoke_study):
     finished = {tuple(p.split("/")[1:]) for p in smoke_study["finished_before"]}
     pick = lambda rows: [r for r in rows if (r[0], f"seed{r[1]}") in finished]  # noqa: E731
     assert pick(cut) and pick(cut) == pick(whole)
-    assert cut == [r for r in whole if r[1] == "0"]  # and the runs cut off mid-way resumed exactly, too
+    assert cut == [r for r in whole if r[1] == "0" and r[0] in CUT_ARMS]  # the runs cut off mid-way resumed exactly
     record = json.loads((smoke_study["cut"] / "study.json").read_text())
-    assert len(record["sessions"]) == 1 and record["sessions"][0]["runs"] < len(ARMS)  # the resumed session skipped
+    assert len(record["sessions"]) == 1 and record["sessions"][0]["runs"] < len(CUT_ARMS)  # resumed session skipped
 
 
 def test_aggregate_only_rewrites_the_same_results(smoke_study):
