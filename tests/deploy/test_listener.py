@@ -136,6 +136,23 @@ def wait_for(pred, timeout, what):
     raise TimeoutError(what)
 
 
+def write_listener_config(tmp_path: Path, port: int, orthanc: OrthancServer, tiny_package, **extra) -> Path:
+    """``tmp_path/listener.yaml``: the listener on ``port``, taking studies from Orthanc and sending SRs to it."""
+    cfg = {
+        "ae_title": "CTZEROSHOT",
+        "bind": "127.0.0.1",
+        "port": port,
+        "allowed": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
+        "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom},
+        "spool": str(tmp_path / "spool"),
+        "model": str(tiny_package["pkg"]),
+        "idle_timeout_s": 2.0,
+        **extra,
+    }
+    (tmp_path / "listener.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "listener.yaml"
+
+
 @pytest.fixture
 def site(tmp_path, tiny_package):
     """Orthanc, 10 small CT studies uploaded to it, and a listener config pointing back at it."""
@@ -145,19 +162,7 @@ def site(tmp_path, tiny_package):
     for i in range(10):
         files = small_study(tmp_path / "studies", f"PACS{i:02d}", n=10, shape=(20, 20))
         studies.append(orthanc.upload(files))
-    cfg = {
-        "ae_title": "CTZEROSHOT",
-        "bind": "127.0.0.1",
-        "port": lport,
-        "allowed": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
-        "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom},
-        "spool": str(tmp_path / "spool"),
-        "model": str(tiny_package["pkg"]),
-        "idle_timeout_s": 2.0,
-        "retries": 5,
-        "backoff_s": 0.5,
-    }
-    (tmp_path / "listener.yaml").write_text(yaml.safe_dump(cfg))
+    write_listener_config(tmp_path, lport, orthanc, tiny_package, retries=5, backoff_s=0.5)
     yield {
         "orthanc": orthanc,
         "studies": studies,
@@ -367,16 +372,8 @@ def test_tls_round_trip_and_plain_callers_refused(tmp_path, tiny_package):
     )
     try:
         study = orthanc.upload(small_study(tmp_path / "studies", "TLS01", n=10, shape=(20, 20)))
-        cfg = {
-            "port": lport,
-            "allowed": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
-            "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom},
-            "spool": str(tmp_path / "spool"),
-            "model": str(tiny_package["pkg"]),
-            "idle_timeout_s": 2.0,
-            "tls": {"cert": str(certs["listener.crt"]), "key": str(certs["listener.key"]), "ca": str(certs["ca.crt"])},
-        }
-        (tmp_path / "listener.yaml").write_text(yaml.safe_dump(cfg))
+        tls = {"cert": str(certs["listener.crt"]), "key": str(certs["listener.key"]), "ca": str(certs["ca.crt"])}
+        write_listener_config(tmp_path, lport, orthanc, tiny_package, tls=tls)
         proc = start_listener(tmp_path / "listener.yaml", tmp_path / "listener.log")
         try:
             wait_listening(lport, proc)
@@ -386,8 +383,9 @@ def test_tls_round_trip_and_plain_callers_refused(tmp_path, tiny_package):
             assert not assoc.is_established  # no TLS, no association
             orthanc.push([study])
             wait_for(lambda: len(orthanc.srs(study)) == 1, 300, "the SR back over TLS")
-            log = (tmp_path / "listener.log").read_text()
-            assert "(TLS)" in log and "sent to ORTHANC" in log
+            log = tmp_path / "listener.log"  # the listener logs the delivery once Orthanc has answered
+            wait_for(lambda: "sent to ORTHANC" in log.read_text(), 60, "the delivery logged")
+            assert "listening as CTZEROSHOT on 127.0.0.1" in log.read_text() and "(TLS)" in log.read_text()
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
