@@ -138,7 +138,7 @@ def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[n
     gap = float(np.median(gaps))
     if np.abs(gaps - gap).max() > _GAP_TOL * gap:
         raise VolumeError(f"{names[order[0]]}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm)")
-    _check_stacking(headers, names, ipps[order], normal, names[order[0]])
+    _check_stacking(headers, ipps[order], iops[0], normal, names[order[0]])
     dr, dc = spacings[0]  # PixelSpacing = (row spacing, column spacing)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * dc  # i: along a row, i.e. across columns
@@ -158,11 +158,13 @@ def _number(ds: Dataset, keyword: str, default: float, name: str) -> float:
     return value
 
 
-def _check_stacking(headers: Sequence[Dataset], names: Sequence[str], ipps: np.ndarray, normal, first: str) -> None:
+def _check_stacking(headers: Sequence[Dataset], ipps: np.ndarray, iop: np.ndarray, normal, first: str) -> None:
     """One frame of reference, and slices stacked along their normal: a gantry-tilted or sheared stack
     would get a wrong affine from (row, column, normal) axes, so it is refused with the angle.
-    highdicom's volume check (``get_series_volume_positions``) confirms what the checks above pass."""
-    from highdicom.spatial import get_series_volume_positions
+    highdicom's volume check confirms what the checks above pass, on the positions and orientation
+    already parsed (``get_volume_positions``: its per-dataset twin, ``get_series_volume_positions``,
+    looks up each header's IOD and cost 0.29 s per 300-slice series)."""
+    from highdicom.spatial import get_volume_positions
 
     frames = {str(h.get("FrameOfReferenceUID", "")) for h in headers}
     if len(frames) != 1:
@@ -177,9 +179,7 @@ def _check_stacking(headers: Sequence[Dataset], names: Sequence[str], ipps: np.n
             f"{first}: slices are not stacked along their normal ({angle:.1f} degrees off: gantry tilt or "
             "shear); refusing a volume whose affine would be wrong"
         )
-    spacing, _ = get_series_volume_positions(
-        list(headers), rtol=_GAP_TOL, perpendicular_tol=_PERPENDICULAR_TOL, orientation_tol=_IOP_TOL
-    )
+    spacing, _ = get_volume_positions(ipps.tolist(), iop.tolist(), rtol=_GAP_TOL, perpendicular_tol=_PERPENDICULAR_TOL)
     if spacing is None:
         raise VolumeError(f"{first}: highdicom does not accept the slices as one regular 3D volume")
 

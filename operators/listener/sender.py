@@ -17,6 +17,8 @@ class Sender:
         if dest is None or dest.host is None or dest.port is None:
             raise ValueError("listener has no destination configured")
         self.cfg, self.dest, self.stop = cfg, dest, stop
+        # one TLS context for every delivery (its certificate files are read once)
+        self.tls = (cfg.tls.client_context(), dest.host) if cfg.tls else None
 
     def send(self, sr_path: Path, uid: str) -> bool:
         """True once the destination answered success; False after the last retry (or on stop)."""
@@ -31,8 +33,7 @@ class Sender:
         for attempt in range(1, cfg.retries + 1):
             ae = AE(ae_title=cfg.ae_title)
             ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-            tls = (cfg.tls.client_context(), dest.host) if cfg.tls else None
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=self.tls)
             if assoc.is_established:
                 status = assoc.send_c_store(ds)
                 assoc.release()
