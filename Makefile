@@ -12,8 +12,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
-.PHONY: study study-v2 venv lint test test-slow demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch merlin-check clean
+.PHONY: study study-v2 venv lint test test-slow soak demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +38,10 @@ lint: venv
 	$(BIN)/mypy
 
 # The test suite (what CI runs). pytest exits non-zero on failures and with 5 when no test ran.
+# TEST_WORKERS pytest-xdist workers, each test file on one worker (its module fixtures built once);
+# much of the suite waits on subprocesses, Orthanc and listeners, so two workers overlap the waits.
 test: venv
-	$(BIN)/python -m pytest -m "not slow" --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The main job on the embedded default: a few synthetic DICOM studies through the MONAI Deploy
 # application with the embedded demo model; prints each SR's findings beside the ground truth.
@@ -109,9 +112,14 @@ merlin-check: venv
 		--text-model cache/merlin-stub/clinical-longformer --out cache/merlin-stub/package
 	mkdir -p results/merlin-random && cp cache/merlin-stub/package/manifest.json results/merlin-random/
 
-# Long tests (the full-size converter run); not part of `make test`.
+# Long tests (the full-size converter run, the listener soak); not part of `make test`.
 test-slow: venv
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# The listener soak test (about 5 minutes): 3 senders, studies in parts, 3 SIGKILLs, the PACS down;
+# writes its counts to results/soak/listener.json (README, "The PACS listener").
+soak: venv
+	$(BIN)/python -m pytest -m slow tests/deploy/test_listener_soak.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -9,14 +9,34 @@ from training.synth.corpus import SynthConfig, generate_corpus
 WORKERS = min(os.cpu_count() or 1, 2)
 
 
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's folder, built once per test run by ``build(folder)``. Under pytest-xdist
+    (``make test`` runs two workers) the workers share it: the first builds it under a file lock while
+    the other waits, and ``.complete`` marks it built (a folder left by a failed build is redone)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's temporary root, common to its workers
+    out = base / name
+    with FileLock(str(base / f"{name}.lock")):
+        if not (out / ".complete").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            build(out)
+            (out / ".complete").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def corpus200(tmp_path_factory) -> Path:
     """The issue's reference corpus: 200 tiny studies with DICOM, seed 0."""
-    out = tmp_path_factory.mktemp("corpus") / "c200"
-    generate_corpus(
-        SynthConfig(out=str(out), studies=200, seed=0, profile="tiny", dicom=True, workers=WORKERS), progress=False
-    )
-    return out
+
+    def build(root: Path) -> None:
+        config = SynthConfig(out=str(root / "c200"), studies=200, seed=0, profile="tiny", dicom=True, workers=WORKERS)
+        generate_corpus(config, progress=False)
+
+    return shared(tmp_path_factory, "corpus200", build) / "c200"
 
 
 @pytest.fixture
@@ -61,16 +81,19 @@ def tiny_package(corpus200, tmp_path_factory) -> dict:
     from training.config import TrainConfig
     from training.train import train
 
-    root = tmp_path_factory.mktemp("export")
+    def build(root: Path) -> None:
+        cache = root / "cache"
+        train(corpus200, root / "run", TrainConfig.load("cpu-tiny", TINY_TRAIN), cache_dir=cache, progress=False)
+        proc = subprocess.run(
+            export_cli(root / "run", corpus200, root / "pkg", cache, "--thresholds", "validation"),
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "image parity" in proc.stdout
+
+    root = shared(tmp_path_factory, "tiny_package", build)
     cache = root / "cache"
-    train(corpus200, root / "run", TrainConfig.load("cpu-tiny", TINY_TRAIN), cache_dir=cache, progress=False)
-    proc = subprocess.run(
-        export_cli(root / "run", corpus200, root / "pkg", cache, "--thresholds", "validation"),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "image parity" in proc.stdout
     return {"root": root, "run": root / "run", "pkg": root / "pkg", "cache": cache, "data": corpus200}
 
 

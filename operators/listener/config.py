@@ -70,6 +70,9 @@ class ListenerConfig:
     max_instance_mb: float = 512.0  # a C-STORE larger than this is refused (out of resources)
     max_attempts: int = 3  # a study whose processing raises this many times goes to failed/
     redeliver_max_s: float = 600.0  # undelivered SRs are retried while running, backoff capped here
+    # A delivered study's instances stay this long in done/, so late instances re-open it with all of
+    # them; then they and its SR files are deleted (out/<study>/sr.json, UIDs only, remains).
+    retain_delivered_s: float = 3600.0
     tls: TLS | None = None  # DICOM over TLS for receiving and sending; plain TCP without it
 
     @classmethod
@@ -97,6 +100,8 @@ class ListenerConfig:
             raise ValueError(f"{path}: 'allowed' must list at least one calling AE title")
         if cfg.destination is None or not cfg.destination.host or not cfg.destination.port:
             raise ValueError(f"{path}: 'destination' needs ae_title, host and port")
+        if cfg.retain_delivered_s < 0:
+            raise ValueError(f"{path}: retain_delivered_s must be >= 0, got {cfg.retain_delivered_s}")
         if cfg.tls is not None:
             cfg.tls.check(str(path))
             try:  # a key that does not match its certificate, or a CA file that is not one, fails here

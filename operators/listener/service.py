@@ -9,7 +9,7 @@
   enough). Complete studies move from ``spool/incoming`` to ``spool/ready`` (a rename), then run
   through the application's stages one at a time; the SR is C-STOREd to the destination with retries
   and exponential backoff, and the study moves to ``spool/done`` (``spool/failed`` with its reason when
-  it cannot be processed).
+  it cannot be processed); ``retain_delivered_s`` after delivery its instances and SR files are deleted.
 - Restart-safe: on start, studies in ``incoming`` get a fresh idle timer, those in ``ready`` are queued,
   and an SR already written but not sent is sent. SR UIDs derive from study, series and model
   (``pipeline.sr_uids``), so a study processed twice yields the same SR, never two different ones.
@@ -60,7 +60,7 @@ class Listener:
         self.spool = Spool(cfg.spool)
         pkg = load_package(cfg.model or default_package_dir())
         self.model = ZeroShotModel(pkg, device="auto")
-        self.prep = SeriesToModelInput(pkg.spec)
+        self.prep = SeriesToModelInput(self.model.package.spec)
         self.lock = threading.Lock()
         self.last_seen: dict[str, float] = {}  # study UID -> time of its last instance
         self.open_assoc: dict[int, set[str]] = {}  # association id -> studies it delivered
@@ -70,6 +70,13 @@ class Listener:
         self.server = None
         self.processed: list[dict] = []
         self.retry_round: dict[str, int] = {}  # study UID -> times it was queued again
+        # One lock per study: its spool moves (completion, processing, purge) never run at the same time,
+        # e.g. a second part completing while the first is being processed waits for it.
+        self.study_locks: dict[str, threading.Lock] = {}
+
+    def _study_lock(self, uid: str) -> threading.Lock:
+        with self.lock:
+            return self.study_locks.setdefault(uid, threading.Lock())
 
     # -- receiving -----------------------------------------------------------------------------
     def _allowed(self, assoc) -> bool:
@@ -134,18 +141,32 @@ class Listener:
 
     # -- completion and processing --------------------------------------------------------------
     def _watch(self):
+        purged_at = 0.0
         while not self.stop.is_set():
             now = time.monotonic()
+            if now - purged_at >= min(5.0, self.cfg.retain_delivered_s):
+                purged_at = now
+                try:
+                    self._purge_delivered()
+                except Exception as exc:  # noqa: BLE001 - a purge that fails is tried again; receiving goes on
+                    log.error("purge of delivered studies failed (%s)", describe(exc))
             with self.lock:
                 busy = set().union(*self.open_assoc.values()) if self.open_assoc else set()
                 done = [u for u, t in self.last_seen.items() if u not in busy and now - t >= self.cfg.idle_timeout_s]
                 for u in done:
                     del self.last_seen[u]
             for uid in done:
+                busy_study = self._study_lock(uid)
+                if not busy_study.acquire(blocking=False):  # being processed: complete it right after
+                    with self.lock:
+                        self.last_seen.setdefault(uid, now - self.cfg.idle_timeout_s)
+                    continue
                 try:
                     self._queue_complete(uid)
                 except Exception:  # noqa: BLE001 - one study's trouble must not stop the completion thread
                     log.exception("study %s: could not be queued", uid)
+                finally:
+                    busy_study.release()
             self.stop.wait(0.5)
 
     def _queue_complete(self, uid: str) -> None:
@@ -172,8 +193,15 @@ class Listener:
         sr = out / sr_filename(uid)
         record: dict[str, Any] = {"study_uid": uid}
         state, covers = self.spool.sr_state(uid), self.spool.instances_digest(uid)
-        if sr.exists() and state.get("instances") == covers and _sop_uid(sr) == state.get("sop"):
+        released = self._released(uid, state)
+        if sr.exists() and state.get("instances") == covers and _sr_identity(sr)["sop"] == state.get("sop"):
             record.update(status="ok", error="", resumed=True)  # built from these instances: (re)send it
+        elif released:
+            record.update(
+                status="failed",
+                error=f"{released} of the {len(state.get('covered', []))} instances its delivered SR covered were "
+                "deleted after retain_delivered_s; send the whole study again for a corrected SR",
+            )
         else:  # a study never processed, or one that received instances after its SR: (re)build
             studies = scan_tree(ready).studies()
             if uid not in studies:
@@ -183,17 +211,33 @@ class Listener:
                 work = run_study(work, self.model, self.prep, out)
                 record.update(status=work.status, error=work.reason)
                 if work.sr_path is not None:
-                    sop = _sop_uid(work.sr_path)
-                    self.spool.set_sr_state(uid, {**state, "instances": covers, "sop": sop, "revision": work.revision})
+                    built = {k: v for k, v in state.items() if k != "purged"}
+                    self.spool.set_sr_state(
+                        uid,
+                        {
+                            **built,
+                            **_sr_identity(work.sr_path),
+                            "instances": covers,
+                            "covered": self.spool.instance_uids(uid),
+                            "revision": work.revision,
+                        },
+                    )
                     record.update(revision=work.revision)
         if record["status"] != "ok":
             self.spool.finish(uid, record["error"])
             log.error("study %s: failed: %s", uid, record["error"])
-        elif self.sender.send(sr, uid):
+            self.processed.append(record)
+            return record
+        # Offered before it is sent: a later correction names every SR the destination may hold.
+        state = self.spool.sr_state(uid)
+        offer = {k: state[k] for k in ("sop", "series", "sop_class")}
+        offered = [o for o in state.get("offered", []) if o.get("sop") != offer["sop"]] + [offer]
+        self.spool.set_sr_state(uid, {**state, "offered": offered})
+        if self.sender.send(sr, uid):
             record["sent"] = True
             state = self.spool.sr_state(uid)
-            delivered = [*state.get("delivered", []), state.get("sop")]
-            self.spool.set_sr_state(uid, {**state, "delivered": list(dict.fromkeys(delivered))})
+            delivered = list(dict.fromkeys([*state.get("delivered", []), state.get("sop")]))
+            self.spool.set_sr_state(uid, {**state, "delivered": delivered, "delivered_at": time.time()})
             self.spool.finish(uid)
         else:
             record["sent"] = False
@@ -201,21 +245,49 @@ class Listener:
         self.processed.append(record)
         return record
 
+    def _released(self, uid: str, state: dict) -> int:
+        """How many instances an earlier SR of this (purged) study covered that ``ready/`` lacks now."""
+        if not state.get("purged"):
+            return 0
+        return len(set(state.get("covered", [])) - set(self.spool.instance_uids(uid)))
+
     def _revision(self, uid: str, state: dict, sr: Path) -> dict:
-        """The revision of the SR about to be built and the delivered SR it corrects (if any). An SR
-        built earlier is kept under ``out/<study>/superseded/`` before it is replaced."""
-        import pydicom
+        """The revision of the SR about to be built and the SRs it corrects: every one offered to the
+        destination (a crash between its C-STORE and the record of delivery leaves it there unrecorded).
+        An SR built earlier is kept under ``out/<study>/superseded/`` until the study is purged."""
+        from pydicom import Dataset
 
         if not state and not sr.exists():
             return {}
-        kept = sr.parent / "superseded"
         if sr.exists():
+            kept = sr.parent / "superseded"
             kept.mkdir(exist_ok=True)
-            shutil.copy2(sr, kept / f"{_sop_uid(sr)}.dcm")
-        delivered = state.get("delivered", [])
-        previous = kept / f"{delivered[-1]}.dcm" if delivered else None
-        predecessors = [pydicom.dcmread(previous)] if previous is not None and previous.is_file() else []
+            shutil.copy2(sr, kept / f"{_sr_identity(sr)['sop']}.dcm")
+        predecessors = []
+        for o in state.get("offered", []):
+            ref = Dataset()
+            ref.StudyInstanceUID, ref.SeriesInstanceUID = uid, o["series"]
+            ref.SOPClassUID, ref.SOPInstanceUID = o["sop_class"], o["sop"]
+            predecessors.append(ref)
         return {"revision": int(state.get("revision", 0)) + 1, "predecessors": predecessors}
+
+    def _purge_delivered(self) -> None:
+        """Studies whose SR was delivered ``retain_delivered_s`` ago: instances and SR files deleted."""
+        now = time.time()
+        for uid in self.spool.studies("done"):
+            at = self.spool.sr_state(uid).get("delivered_at")
+            if at is None or now - float(at) < self.cfg.retain_delivered_s:
+                continue
+            busy_study = self._study_lock(uid)
+            if not busy_study.acquire(blocking=False):
+                continue
+            try:
+                if not self.spool.path("done", uid).is_dir():
+                    continue  # re-opened meanwhile
+                self.spool.purge(uid, now)
+            finally:
+                busy_study.release()
+            log.info("study %s: SR delivered %.0f s ago; its instances and SR files deleted", uid, now - at)
 
     def _work(self):
         while not self.stop.is_set():
@@ -223,11 +295,14 @@ class Listener:
                 uid = self.queue.get(timeout=0.5)
             except queue.Empty:
                 continue
-            try:
-                record = self.process(uid)
-            except Exception as exc:  # noqa: BLE001 - never let one study end the service
-                self._poisoned(uid, exc)
-                continue
+            with self._study_lock(uid):
+                if not self.spool.path("ready", uid).is_dir():
+                    continue  # queued twice (a retry and a re-opening): already processed
+                try:
+                    record = self.process(uid)
+                except Exception as exc:  # noqa: BLE001 - never let one study end the service
+                    self._poisoned(uid, exc)
+                    continue
             if record["status"] == "ok" and not record.get("sent"):
                 self._redeliver_later(uid)
 
@@ -316,10 +391,13 @@ class Listener:
             t.join(timeout=10)
 
 
-def _sop_uid(path: Path) -> str:
+def _sr_identity(path: Path) -> dict[str, str]:
+    """An SR file's SOP Instance, Series Instance and SOP Class UIDs (what a later SR needs to name it)."""
     import pydicom
 
-    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    tags = ["SOPInstanceUID", "SeriesInstanceUID", "SOPClassUID"]
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    return {"sop": str(ds.SOPInstanceUID), "series": str(ds.SeriesInstanceUID), "sop_class": str(ds.SOPClassUID)}
 
 
 def serve(config: str | Path) -> int:

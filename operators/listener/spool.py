@@ -3,8 +3,10 @@
 ``incoming/<study>/`` receives instances (temporary file, fsync, rename: an instance is on disk before
 its C-STORE is answered); a complete study moves to ``ready/<study>/`` (a rename), its SR is written
 to ``out/<study>/``, and the study ends in ``done/<study>/`` or ``failed/<study>/`` (with
-``reason.txt``). Study and SOP Instance UIDs name the folders and files, so the spool refuses any
-that is not a valid DICOM UID: nothing a sender writes can name a path outside it.
+``reason.txt``). A delivered study is purged after the listener's retention time: its instances and SR
+files are deleted, ``out/<study>/sr.json`` (UIDs and times only) remains. Study and SOP Instance UIDs
+name the folders and files, so the spool refuses any that is not a valid DICOM UID: nothing a sender
+writes can name a path outside it.
 """
 
 from __future__ import annotations
@@ -95,10 +97,26 @@ class Spool:
         self.path("out", study_uid).mkdir(parents=True, exist_ok=True)
         write_atomic(self.path("out", study_uid) / SR_STATE, json.dumps(state, indent=1), fsync=True)
 
+    def instance_uids(self, study_uid: str, stage: str = "ready") -> list[str]:
+        """The SOP Instance UIDs a stage holds of a study (the file names), sorted."""
+        return sorted(f.name[: -len(".dcm")] for f in self.path(stage, study_uid).glob("*.dcm"))
+
     def instances_digest(self, study_uid: str) -> str:
         """Which instances ``ready/<study>`` holds (their SOP Instance UIDs, the file names)."""
-        names = sorted(f.name for f in self.path("ready", study_uid).glob("*.dcm"))
+        names = [u + ".dcm" for u in self.instance_uids(study_uid)]
         return hashlib.sha256("\n".join(names).encode()).hexdigest()[:32] + f"/{len(names)}"
+
+    def purge(self, study_uid: str, when: float) -> None:
+        """Delete a delivered study's instances (``done/``) and SR files (``out/``), keeping ``sr.json``
+        marked ``purged``: marked first, so a crash half-way leaves a study that is purged again, and a
+        late instance finds the record that says its study's earlier instances are gone."""
+        self.set_sr_state(study_uid, {**self.sr_state(study_uid), "purged": when})
+        shutil.rmtree(self.path("done", study_uid), ignore_errors=True)
+        out = self.path("out", study_uid)
+        shutil.rmtree(out / "superseded", ignore_errors=True)
+        for f in out.iterdir():
+            if f.name != SR_STATE:
+                f.unlink()
 
     def studies(self, stage: str) -> list[str]:
         return sorted(d.name for d in (self.root / stage).iterdir() if d.is_dir() and is_valid_uid(d.name))

@@ -1,12 +1,9 @@
 """The PACS listener against a real Orthanc (Debian `orthanc`, started here on loopback)."""
 
-import base64
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -16,141 +13,18 @@ import pytest
 import yaml
 
 from operators.sr import read_findings
+from tests.deploy.pacs import (
+    ORTHANC,
+    OrthancServer,
+    free_port,
+    start_listener,
+    wait_for,
+    wait_listening,
+    write_listener_config,
+)
 from tests.dicom_cases import small_study
 
-ORTHANC = "/usr/sbin/Orthanc"
 pytestmark = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Debian package orthanc needed")
-AUTH = "Basic " + base64.b64encode(b"ci:ci").decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class OrthancServer:
-    def __init__(self, root: Path, listener_port: int, tls: dict | None = None):
-        self.http, self.dicom = free_port(), free_port()
-        listener = ["CTZEROSHOT", "127.0.0.1", listener_port]
-        cfg = {
-            "Name": "ct-zeroshot-test",
-            "HttpPort": self.http,
-            "DicomPort": self.dicom,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True,
-            "RegisteredUsers": {"ci": "ci"},
-            "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": False,
-            "DicomModalities": {
-                "ctzs": dict(zip(("AET", "Host", "Port"), listener), UseDicomTls=True) if tls else listener
-            },
-            "StorageDirectory": str(root / "db"),
-            "IndexDirectory": str(root / "db"),
-            "Plugins": [],
-            **(tls or {}),
-        }
-        (root / "conf").mkdir(parents=True)
-        (root / "conf" / "orthanc.json").write_text(json.dumps(cfg))
-        self.log = open(root / "orthanc.log", "w")
-        self.proc = subprocess.Popen([ORTHANC, str(root / "conf") + "/"], stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(100):
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("Orthanc did not start: " + (root / "orthanc.log").read_text()[-2000:])
-
-    def request(self, method, path, data=None, ctype="application/json"):
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}{path}",
-            data=data,
-            method=method,
-            headers={"Authorization": AUTH, "Content-Type": ctype},
-        )
-        with urllib.request.urlopen(req, timeout=300) as r:
-            body = r.read()
-        return json.loads(body) if body and r.headers.get_content_type() == "application/json" else body
-
-    def get(self, path):
-        return self.request("GET", path)
-
-    def upload(self, files) -> str:
-        study = None
-        for f in files:
-            study = self.request("POST", "/instances", f.read_bytes(), "application/dicom")["ParentStudy"]
-        return study
-
-    def push(self, studies):
-        return self.request(
-            "POST", "/modalities/ctzs/store", json.dumps({"Resources": studies, "Synchronous": True}).encode()
-        )
-
-    def srs(self, study) -> list[str]:
-        out = []
-        for series in self.get(f"/studies/{study}/series"):
-            if series["MainDicomTags"].get("Modality") == "SR":
-                out += series["Instances"]
-        return out
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.log.close()
-
-
-def start_listener(cfg_path: Path, log: Path):
-    def stack():
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_STACK, (32 << 20, resource.getrlimit(resource.RLIMIT_STACK)[1]))
-
-    fh = open(log, "a")
-    return subprocess.Popen(
-        [sys.executable, "-m", "operators.cli", "serve", "--config", str(cfg_path)],
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        preexec_fn=stack,
-    )
-
-
-def wait_listening(port: int, proc, timeout=120):
-    t = time.time()
-    while time.time() - t < timeout:
-        assert proc.poll() is None, "listener exited"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError("listener did not open its port")
-
-
-def wait_for(pred, timeout, what):
-    t = time.time()
-    while time.time() - t < timeout:
-        if pred():
-            return
-        time.sleep(1)
-    raise TimeoutError(what)
-
-
-def write_listener_config(tmp_path: Path, port: int, orthanc: OrthancServer, tiny_package, **extra) -> Path:
-    """``tmp_path/listener.yaml``: the listener on ``port``, taking studies from Orthanc and sending SRs to it."""
-    cfg = {
-        "ae_title": "CTZEROSHOT",
-        "bind": "127.0.0.1",
-        "port": port,
-        "allowed": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
-        "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom},
-        "spool": str(tmp_path / "spool"),
-        "model": str(tiny_package["pkg"]),
-        "idle_timeout_s": 2.0,
-        **extra,
-    }
-    (tmp_path / "listener.yaml").write_text(yaml.safe_dump(cfg))
-    return tmp_path / "listener.yaml"
 
 
 @pytest.fixture

@@ -70,3 +70,27 @@ def test_a_study_that_receives_more_after_it_finished_is_reopened_with_everythin
     assert reopened and not (ready / "reason.txt").exists() and spool.instances_digest(study) == digest
     spool.set_sr_state(study, {"instances": digest, "sop": "1.2.3"})
     assert spool.sr_state(study) == {"instances": digest, "sop": "1.2.3"}
+
+
+def test_a_purged_study_keeps_only_its_record(tmp_path):
+    """After retention, a delivered study's instances and SR files go; sr.json (UIDs, times) stays."""
+    spool = Spool(tmp_path / "spool")
+    files = small_study(tmp_path, "purge", n=3)
+    ds = [pydicom.dcmread(p) for p in files]
+    study = str(ds[0].StudyInstanceUID)
+    for d, p in zip(ds, files):
+        spool.store(p.read_bytes(), study, str(d.SOPInstanceUID))
+    spool.complete(study)
+    covered = spool.instance_uids(study)
+    assert covered == sorted(str(d.SOPInstanceUID) for d in ds)
+    out = spool.path("out", study)
+    (out / "superseded").mkdir(parents=True)
+    (out / "superseded" / "1.2.3.dcm").write_bytes(b"old SR")
+    (out / f"SR_{study}.dcm").write_bytes(b"SR")
+    spool.set_sr_state(study, {"sop": "1.2.4", "covered": covered, "delivered_at": 1.0})
+    spool.finish(study)
+    spool.purge(study, 2.0)
+    assert spool.studies("done") == [] and [f.name for f in out.iterdir()] == ["sr.json"]
+    assert spool.sr_state(study) == {"sop": "1.2.4", "covered": covered, "delivered_at": 1.0, "purged": 2.0}
+    spool.purge(study, 3.0)  # again (a crash half-way through the first): harmless
+    assert spool.sr_state(study)["purged"] == 3.0
