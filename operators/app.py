@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from .custom_findings import FindingsFileError
 from .dicom_series import scan_tree
 from .package import MANIFEST, PackageError, default_package_dir, load_package
 from .phi import allow_identifiers, identifiers_allowed
@@ -133,7 +134,25 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let third-party exception texts, which may quote header values (PHI), into logs and reasons",
     )
+    add_findings_arguments(p)
     return p
+
+
+def add_findings_arguments(p: argparse.ArgumentParser) -> None:
+    """``--findings FILE --findings-mode add|replace`` (defaults from ``CT_ZEROSHOT_FINDINGS`` and
+    ``CT_ZEROSHOT_FINDINGS_MODE``, for the MAP layout): a site's own findings, written as prompts."""
+    p.add_argument(
+        "--findings",
+        default=os.environ.get("CT_ZEROSHOT_FINDINGS") or None,
+        help="a findings file (YAML: id, display, positive/negative prompts, optional code and threshold) "
+        "scored with the model's findings (default: $CT_ZEROSHOT_FINDINGS)",
+    )
+    p.add_argument(
+        "--findings-mode",
+        default=os.environ.get("CT_ZEROSHOT_FINDINGS_MODE", "add"),
+        choices=["add", "replace"],
+        help="add: the file's findings after the model's own (default); replace: the file's findings only",
+    )
 
 
 def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
@@ -149,10 +168,11 @@ def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
     t0 = time.perf_counter()
     try:
         package = load_package(find_package(models))
-    except PackageError as exc:
+        model = ZeroShotModel(package, device=args.device, findings=args.findings, findings_mode=args.findings_mode)
+    except (PackageError, FindingsFileError) as exc:
         log.error("%s", exc)
         return 2, []
-    model = ZeroShotModel(package, device=args.device)
+    package = model.package
     log.info(
         "model %s %s (%s); ONNX Runtime providers: %s; intended use: %s",
         package.name,

@@ -39,7 +39,7 @@ NOT_ASSESSED = "not assessed"  # the decision column of a finding the package ca
 _WORKER: dict = {}
 
 
-def _init_worker(package_dir: str, out_dir: str, threads: int, level: int) -> None:
+def _init_worker(package_dir: str, out_dir: str, threads: int, level: int, findings, findings_mode: str) -> None:
     import torch
 
     from .zeroshot import ZeroShotModel
@@ -49,9 +49,8 @@ def _init_worker(package_dir: str, out_dir: str, threads: int, level: int) -> No
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     allow_identifiers(identifiers_allowed())  # the parent's setting, through the environment
     pkg = load_package(package_dir)  # verified in every process that loads it (the files could change)
-    _WORKER.update(
-        model=ZeroShotModel(pkg, device="auto", threads=threads), prep=SeriesToModelInput(pkg.spec), out=Path(out_dir)
-    )
+    model = ZeroShotModel(pkg, device="auto", threads=threads, findings=findings, findings_mode=findings_mode)
+    _WORKER.update(model=model, prep=SeriesToModelInput(pkg.spec), out=Path(out_dir))
 
 
 def _process(study_uid: str, paths: list[str]) -> dict:
@@ -164,23 +163,31 @@ def run_batch(
     workers: int = 1,
     force: bool = False,
     progress: bool = True,
+    findings: str | Path | None = None,
+    findings_mode: str = "add",
 ) -> tuple[int, list[dict]]:
+    """``findings``: a site's findings file, scored beside (``findings_mode`` add) or instead of (replace)
+    the package's findings; its prompts are encoded once per process."""
 
     inp, out = Path(input_path), Path(out)
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input folder does not exist")
     package_dir = Path(model) if model else default_package_dir()
     pkg = load_package(package_dir)
+    if findings is not None:  # refused here, before anything is written, when the file is bad
+        from .zeroshot import package_with_findings
+
+        pkg = package_with_findings(pkg, findings, findings_mode)
     sr_dir = out / "sr"
     sr_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
-        return _run_locked(inp, out, sr_dir, pkg, workers, force, progress)
+        return _run_locked(inp, out, sr_dir, pkg, workers, force, progress, (findings, findings_mode))
     finally:
         lock.close()
 
 
-def _run_locked(inp: Path, out: Path, sr_dir: Path, pkg, workers: int, force: bool, progress: bool):
+def _run_locked(inp: Path, out: Path, sr_dir: Path, pkg, workers: int, force: bool, progress: bool, custom):
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -210,7 +217,7 @@ def _run_locked(inp: Path, out: Path, sr_dir: Path, pkg, workers: int, force: bo
         max_workers=max(1, workers),
         mp_context=get_context("spawn"),
         initializer=_init_worker,
-        initargs=(str(pkg.root), str(sr_dir), threads, level),
+        initargs=(str(pkg.root), str(sr_dir), threads, level, *custom),
     ) as pool:
         futures = [pool.submit(_process, uid, [str(p) for s in series for p in s.paths]) for uid, series in todo]
         for fut in as_completed(futures):
@@ -228,6 +235,7 @@ def _run_locked(inp: Path, out: Path, sr_dir: Path, pkg, workers: int, force: bo
             "identity": pkg.identity,
             "root": str(pkg.root),
             "intended_use": pkg.intended_use,
+            "custom_findings": None if pkg.custom_findings is None else pkg.custom_findings.to_dict(),
         },
         "workers": workers,
         "processed": len(todo),

@@ -19,6 +19,10 @@ from .volume import VolumeError
 def _findings(args: argparse.Namespace) -> int:
     from .findings import load_catalogue
 
+    if args.action == "check":
+        return _check_findings(args)
+    if args.file:
+        raise ValueError(f"{args.file}: a file is only read by 'findings check'")
     cat = load_catalogue()
     if args.json:
         print(
@@ -41,6 +45,59 @@ def _findings(args: argparse.Namespace) -> int:
     print(f"{'id':32s} {'section':16s} code")
     for f in cat:
         print(f'{f.id:32s} {f.section:16s} ({f.code.scheme}, {f.code.value}, "{f.code.meaning}")')
+    return 0
+
+
+def _check_findings(args: argparse.Namespace) -> int:
+    """``findings check FILE``: the file's own checks; with ``--model``, the model's (ids, prompt lengths,
+    a text encoder); with ``--studies``, each custom finding's margins over those studies."""
+    import numpy as np
+
+    from .custom_findings import read_findings_file
+
+    if not args.file:
+        raise ValueError("findings check: name the findings file to check")
+    ff = read_findings_file(args.file)
+    print(f"{args.file}: {len(ff.findings)} finding(s) read, digest {ff.digest[:16]}")
+    for c in ff.findings:
+        f = c.finding
+        print(
+            f"  {f.id:28s} {f.display[:28]:28s} ({f.code.scheme}, {f.code.value}) threshold {c.threshold:g}; "
+            f"{len(f.positive_prompts)} positive, {len(f.negative_prompts)} negative prompt(s)"
+        )
+    if not args.model and not args.studies:
+        print("file checks passed (add --model PKG to check it against a model package)")
+        return 0
+    from .package import default_package_dir, load_package
+    from .zeroshot import ZeroShotModel
+
+    pkg = load_package(args.model or default_package_dir())
+    model = ZeroShotModel(pkg, device="cpu", findings=args.file, findings_mode=args.findings_mode)
+    print(f"model {pkg.name} {pkg.version}: ids, prompt lengths and the text encoder accepted ({args.findings_mode})")
+    if not args.studies:
+        return 0
+    from .dicom_series import scan_tree
+    from .pipeline import SeriesToModelInput, StudyWork, select_series
+
+    prep = SeriesToModelInput(model.package.spec)
+    ids = model.package.catalogue.ids
+    cols = [ids.index(i) for i in ff.ids]
+    margins, probs = [], []
+    for uid, series in sorted(scan_tree(args.studies).studies().items()):
+        work = prep(select_series(StudyWork(uid, series)))
+        if work.failed or work.tensor is None:
+            print(f"  study {uid}: skipped ({work.reason})")
+            continue
+        found = model.decide(model.embed_images(work.tensor[None]))[0]
+        margins.append(found.margins[cols])
+        probs.append(found.present[cols])
+    if not margins:
+        raise ValueError(f"{args.studies}: no study could be scored")
+    m, present = np.asarray(margins), np.asarray(probs)
+    print(f"margins (s+ - s-) over {len(m)} studies: min / 25% / median / 75% / max; studies called present")
+    for j, fid in enumerate(ff.ids):
+        q = np.percentile(m[:, j], [0, 25, 50, 75, 100])
+        print(f"  {fid:28s} " + " / ".join(f"{v:+.4f}" for v in q) + f"; {int(present[:, j].sum())} of {len(m)}")
     return 0
 
 
@@ -143,7 +200,14 @@ def _infer(args: argparse.Namespace) -> int:
 
     with logging_redirect_tqdm(loggers=[logging.getLogger("ct-zeroshot")]):  # log lines do not cut the bar
         code, rows = run_batch(
-            args.input, args.out, args.model, workers=args.workers, force=args.force, progress=not args.quiet
+            args.input,
+            args.out,
+            args.model,
+            workers=args.workers,
+            force=args.force,
+            progress=not args.quiet,
+            findings=args.findings,
+            findings_mode=args.findings_mode,
         )
     failed = [r for r in rows if r["status"] != "ok"]
     print(
@@ -168,6 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .app import add_findings_arguments
 
     p = argparse.ArgumentParser(
         prog="ct-zeroshot",
@@ -176,8 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("findings", help="list the 30 findings with their sections and codes")
+    f = sub.add_parser(
+        "findings",
+        help="list the 30 findings with their sections and codes; 'findings check FILE' checks a site's findings file",
+    )
+    f.add_argument("action", nargs="?", choices=["list", "check"], default="list")
+    f.add_argument("file", nargs="?", help="check: the findings file (YAML)")
     f.add_argument("--json", action="store_true", help="full catalogue with prompts, as JSON")
+    f.add_argument("--model", help="check: the model package to check the file against (ids, prompt lengths)")
+    f.add_argument("--studies", help="check: a DICOM folder tree; print each custom finding's margins over it")
+    f.add_argument("--findings-mode", default="add", choices=["add", "replace"], help="check: as the run will use it")
     f.set_defaults(func=_findings)
     pp = sub.add_parser("preprocess", help="NIfTI file or DICOM series folder -> model input (.npy)")
     pp.add_argument("input")
@@ -202,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let third-party exception texts, which may quote header values (PHI), into logs and reasons",
     )
+    add_findings_arguments(i)
     i.set_defaults(func=_infer)
     sv = sub.add_parser(
         "serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)"

@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,9 @@ class ModelPackage:
     root: Path
     manifest: Manifest
     prompt_embeddings: np.ndarray  # (P, D) float32
+    # Set on a view made by operators.custom_findings.with_findings: the site's findings file, its mode
+    # and digest (the package on disk is unchanged).
+    custom_findings: Any = None
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -135,8 +139,10 @@ class ModelPackage:
     def identity(self) -> str:
         """What SR UIDs derive from: the model UID and the weights' digest (``manifest.weights_digest``),
         so a package whose weights changed under the same name, version and UID never reuses an SR UID
-        of the original (the files are verified on load)."""
-        return f"{self.uid}/{self.manifest.weights_digest}"
+        of the original (the files are verified on load). Scored with a site's findings file, the file's
+        digest too: other findings or other wording never reuse an SR UID."""
+        base = f"{self.uid}/{self.manifest.weights_digest}"
+        return base if self.custom_findings is None else f"{base}/findings {self.custom_findings.digest}"
 
     @property
     def embedding_dim(self) -> int:

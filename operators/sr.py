@@ -79,14 +79,17 @@ def build_sr(
     )
     groups = []
     uses_private = False
-    for j, f in enumerate(package.catalogue):
+    for j, (f, entry) in enumerate(zip(package.catalogue, package.manifest.findings)):
         code = _coded(f.code)
         uses_private |= f.code.scheme == package.catalogue.private_scheme.scheme
+        selection = entry.threshold_selection or {}
         algo = hd.sr.AlgorithmIdentification(
             name=algorithm,
             version=package.version,
             parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"]
-            + ([] if findings.assessed[j] else ["assessed=false (validation AUROC below the package's floor)"]),
+            + ([] if findings.assessed[j] else ["assessed=false (validation AUROC below the package's floor)"])
+            # a site's own finding: which wording decided (sha256 of its normalised prompts, 16 hex digits)
+            + ([f"custom prompts sha256={selection['prompts_digest']}"] if selection.get("method") == "custom" else []),
         )
         if not findings.assessed[j]:
             value = UNDETERMINED

@@ -109,10 +109,95 @@ def merlin_present(margins: np.ndarray) -> np.ndarray:
     return decide_present(margin_probability(margins, 1.0))
 
 
-class ZeroShotModel:
-    """A loaded package ready to score preprocessed volumes (and, if it has one, encode custom prompts)."""
+class PromptEncoder:
+    """A package's ONNX text encoder and tokenizer, opened on first use: custom prompts to embeddings."""
 
-    def __init__(self, package: ModelPackage, device: str = "auto", threads: int | None = None):
+    def __init__(self, package: ModelPackage, providers: Sequence[str] = ("CPUExecutionProvider",), threads=None):
+        self.package, self.providers, self.threads = package, list(providers), threads
+        self._session = None
+        self._tokenizer = None
+
+    def _text(self):
+        te = self.package.text_encoder
+        if te is None:
+            reason = self.package.manifest.text_encoder.absent_reason
+            raise RuntimeError(
+                f"model package {self.package.root} has no text encoder ({reason}); "
+                "custom prompts need the training side's torch model"
+            )
+        if self._session is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.package.root / str(te.tokenizer)))
+            self._session = open_session(self.package.root / str(te.file), self.providers, self.threads)
+        return te
+
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        self._text()
+        return tokenize(self._tokenizer, texts)
+
+    def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Embeddings of raw texts through the package's text encoder, after the text rule the tower was
+        trained with (``text_encoder.keep_sentences``: a denying prompt encodes as "Normal.")."""
+        te = self._text()
+        texts = [keep_sentences(t, te.keep_sentences) for t in texts]
+        out: list[np.ndarray] = []
+        for i in range(0, len(texts), batch_size):
+            feed = self.tokenize(texts[i : i + batch_size])
+            assert self._session is not None  # opened by _text()
+            out.append(self._session.run([te.output], {k: feed[k] for k in te.inputs})[0])
+        return np.concatenate(out) if out else np.zeros((0, self.package.embedding_dim), np.float32)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a text after the text rule, untruncated and unpadded (what a prompt needs)."""
+        from tokenizers import Tokenizer
+
+        te = self._text()
+        counter = Tokenizer.from_file(str(self.package.root / str(te.tokenizer)))
+        counter.no_truncation()
+        counter.no_padding()
+        return len(counter.encode(normalize_text(keep_sentences(text, te.keep_sentences))).ids)
+
+
+def package_with_findings(
+    package: ModelPackage, path: str | Path, mode: str = "add", encoder: PromptEncoder | None = None
+) -> ModelPackage:
+    """``package`` scoring a site's findings file (``operators.custom_findings``) beside (``add``) or
+    instead of (``replace``) its own findings; the prompts are encoded here, once, by the package's text
+    encoder. Refused with the file, line and problem (``FindingsFileError``)."""
+    from .custom_findings import FindingsFileError, check_against, check_lengths, read_findings_file, with_findings
+
+    ff = read_findings_file(path, package.manifest.private_scheme.scheme)
+    check_against(ff, package.catalogue.ids, mode)
+    te = package.text_encoder
+    if te is None:
+        reason = package.manifest.text_encoder.absent_reason
+        raise FindingsFileError(
+            f"{path}: model package {package.root} cannot encode prompts ({reason}); write a package that holds "
+            "them: ct-zeroshot-train encode-prompts --package PKG --text-model DIR --findings FILE --out PKG2"
+        )
+    encoder = encoder or PromptEncoder(package)
+    limit = te.sequence_length or te.max_length
+    if limit:
+        check_lengths(ff, encoder.count_tokens, limit)
+    view = with_findings(package, ff, mode, encoder.embed_texts)
+    log.info("custom findings from %s (%s mode, digest %s): %s", Path(path).name, mode, ff.digest[:16], ff.ids)
+    return view
+
+
+class ZeroShotModel:
+    """A loaded package ready to score preprocessed volumes (and, if it has one, encode custom prompts).
+    ``findings``: a site's findings file scored beside (``findings_mode`` add) or instead of (replace)
+    the package's own."""
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        device: str = "auto",
+        threads: int | None = None,
+        findings: str | Path | None = None,
+        findings_mode: str = "add",
+    ):
         self.package = package
         requested = select_providers(device)
         self.image_session = open_session(package.image_encoder_path, requested, threads)
@@ -121,9 +206,9 @@ class ZeroShotModel:
             log.warning("CUDA provider requested but did not load; running on %s", self.providers[0])
         ie = package.image_encoder
         self._image_in, self._image_out = ie.input, ie.output
-        self._text_session = None
-        self._tokenizer = None
-        self._threads = threads
+        self.prompts = PromptEncoder(package, self.providers, threads)
+        if findings is not None:
+            self.package = package_with_findings(package, findings, findings_mode, self.prompts)
 
     @property
     def device(self) -> str:
@@ -155,34 +240,8 @@ class ZeroShotModel:
         return self.decide(self.embed_images(volume[None]))[0]
 
     # -- custom prompts ---------------------------------------------------------------------------
-    def _text(self):
-        te = self.package.text_encoder
-        if te is None:
-            reason = self.package.manifest.text_encoder.absent_reason
-            raise RuntimeError(
-                f"model package {self.package.root} has no text encoder ({reason}); "
-                "custom prompts need the training side's torch model"
-            )
-        if self._text_session is None:
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(str(self.package.root / str(te.tokenizer)))
-            self._text_session = open_session(self.package.root / str(te.file), list(self.providers), self._threads)
-        return te
-
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
-        self._text()
-        return tokenize(self._tokenizer, texts)
+        return self.prompts.tokenize(texts)
 
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Embeddings of raw texts through the package's text encoder, after the text rule the tower was
-        trained with (``text_encoder.keep_sentences``: a denying prompt encodes as "Normal.")."""
-        te = self._text()
-        texts = [keep_sentences(t, te.keep_sentences) for t in texts]
-        out: list[np.ndarray] = []
-        for i in range(0, len(texts), batch_size):
-            feed = self.tokenize(texts[i : i + batch_size])
-            session = self._text_session
-            assert session is not None  # opened by _text()
-            out.append(session.run([te.output], {k: feed[k] for k in te.inputs})[0])
-        return np.concatenate(out) if out else np.zeros((0, self.package.embedding_dim), np.float32)
+        return self.prompts.embed_texts(texts, batch_size)

@@ -126,6 +126,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_prompts(args: argparse.Namespace) -> int:
+    from .encode_prompts import encode_prompts
+
+    encode_prompts(
+        args.package,
+        args.findings,
+        args.out,
+        mode=args.findings_mode,
+        run=args.run,
+        checkpoint=args.checkpoint,
+        text_model=args.text_model,
+    )
+    return 0
+
+
 def _convert_merlin(args: argparse.Namespace) -> int:
     from operators.package import load_package
 
@@ -364,6 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (try, keep if parity holds), onnx (fail without it)",
     )
     c.set_defaults(func=_convert_merlin)
+    ep = sub.add_parser(
+        "encode-prompts",
+        help="a site's findings file encoded by the torch text tower into a copy of a model package "
+        "(for packages without an ONNX text encoder, e.g. a converted Merlin)",
+    )
+    ep.add_argument("--package", required=True, help="the model package (left untouched)")
+    ep.add_argument("--findings", required=True, help="findings file (YAML; see `ct-zeroshot findings check`)")
+    ep.add_argument("--out", required=True, help="the new package folder (new or empty)")
+    ep.add_argument("--findings-mode", default="add", choices=["add", "replace"])
+    ep.add_argument("--run", help="the ct-zeroshot training run the package was exported from")
+    ep.add_argument("--checkpoint", help="Merlin's checkpoint the package was converted from")
+    ep.add_argument("--text-model", help="with --checkpoint: Clinical-Longformer's config and tokenizer folder")
+    ep.set_defaults(func=_encode_prompts)
     return p
 
 

@@ -74,6 +74,8 @@ class ListenerConfig:
     # them; then they and its SR files are deleted (out/<study>/sr.json, UIDs only, remains).
     retain_delivered_s: float = 3600.0
     tls: TLS | None = None  # DICOM over TLS for receiving and sending; plain TCP without it
+    findings: str | None = None  # a site's findings file (operators.custom_findings), scored with the model's
+    findings_mode: str = "add"  # add: after the model's own findings; replace: instead of them
 
     @classmethod
     def load(cls, path: str | Path) -> ListenerConfig:
@@ -100,6 +102,8 @@ class ListenerConfig:
             raise ValueError(f"{path}: 'allowed' must list at least one calling AE title")
         if cfg.destination is None or not cfg.destination.host or not cfg.destination.port:
             raise ValueError(f"{path}: 'destination' needs ae_title, host and port")
+        if cfg.findings_mode not in ("add", "replace"):
+            raise ValueError(f"{path}: findings_mode must be add or replace, got {cfg.findings_mode!r}")
         if cfg.retain_delivered_s < 0:
             raise ValueError(f"{path}: retain_delivered_s must be >= 0, got {cfg.retain_delivered_s}")
         if cfg.tls is not None:

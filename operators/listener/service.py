@@ -59,7 +59,7 @@ class Listener:
         allow_identifiers(cfg.log_patient_identifiers)  # header values in logs only where allowed
         self.spool = Spool(cfg.spool)
         pkg = load_package(cfg.model or default_package_dir())
-        self.model = ZeroShotModel(pkg, device="auto")
+        self.model = ZeroShotModel(pkg, device="auto", findings=cfg.findings, findings_mode=cfg.findings_mode)
         self.prep = SeriesToModelInput(self.model.package.spec)
         self.lock = threading.Lock()
         self.last_seen: dict[str, float] = {}  # study UID -> time of its last instance
