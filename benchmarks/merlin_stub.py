@@ -63,6 +63,18 @@ def random_merlin_state_dict(seed: int = 0, logit_scale: float = 2.3) -> dict[st
     return sd
 
 
+# Merlin's text architecture scaled down for tests: 2 layers of 64, attention window 64.
+SMALL_LONGFORMER = dict(
+    vocab_size=700,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=1026,
+    attention_window=64,
+)
+
+
 def write_longformer_stub(out: str | Path, **overrides) -> Path:
     """Clinical-Longformer's config (or a variant: ``overrides``) and a stand-in tokenizer in ``out``."""
     from tokenizers import ByteLevelBPETokenizer

@@ -82,7 +82,8 @@ def _check_findings(args: argparse.Namespace) -> int:
     prep = SeriesToModelInput(model.package.spec)
     ids = model.package.catalogue.ids
     cols = [ids.index(i) for i in ff.ids]
-    margins, probs = [], []
+    others = [j for j, i in enumerate(ids) if i not in ff.ids]
+    margins, probs, every = [], [], []
     for uid, series in sorted(scan_tree(args.studies).studies().items()):
         work = prep(select_series(StudyWork(uid, series)))
         if work.failed or work.tensor is None:
@@ -91,6 +92,7 @@ def _check_findings(args: argparse.Namespace) -> int:
         found = model.decide(model.embed_images(work.tensor[None]))[0]
         margins.append(found.margins[cols])
         probs.append(found.present[cols])
+        every.append(found.margins[others])
     if not margins:
         raise ValueError(f"{args.studies}: no study could be scored")
     m, present = np.asarray(margins), np.asarray(probs)
@@ -98,6 +100,17 @@ def _check_findings(args: argparse.Namespace) -> int:
     for j, fid in enumerate(ff.ids):
         q = np.percentile(m[:, j], [0, 25, 50, 75, 100])
         print(f"  {fid:28s} " + " / ".join(f"{v:+.4f}" for v in q) + f"; {int(present[:, j].sum())} of {len(m)}")
+    if len(m) >= 3 and others:
+        # A wording that only re-scores another finding (or "anything abnormal") follows it study by study.
+        o = np.asarray(every)
+        print("the model's finding each custom finding's margins follow most closely (Pearson r over these studies)")
+        for j, fid in enumerate(ff.ids):
+            r = [
+                np.corrcoef(m[:, j], o[:, k])[0, 1] if o[:, k].std() > 0 and m[:, j].std() > 0 else 0.0
+                for k in range(o.shape[1])
+            ]
+            k = int(np.nanargmax(np.abs(r)))
+            print(f"  {fid:28s} {ids[others[k]]} (r = {r[k]:+.2f})")
     return 0
 
 

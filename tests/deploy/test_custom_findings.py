@@ -162,7 +162,33 @@ def test_custom_findings_are_scored_reported_and_change_the_sr_identity(tmp_path
 
 def test_findings_check_prints_margins_over_studies(tmp_path, tiny_package):
     (tmp_path / "f.yaml").write_text(GOOD)
-    small_study(tmp_path / "in", "CHECK1", n=10, shape=(20, 20))
+    for name in ("CHECK1", "CHECK02", "CHECK003"):  # other names, other noise
+        small_study(tmp_path / "in", name, n=10, shape=(20, 20))
     proc = cli("findings", "check", tmp_path / "f.yaml", "--model", tiny_package["pkg"], "--studies", tmp_path / "in")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "margins (s+ - s-) over 1 studies" in proc.stdout and "violin_in_pelvis" in proc.stdout
+    assert "margins (s+ - s-) over 3 studies" in proc.stdout and "violin_in_pelvis" in proc.stdout
+    assert "follow most closely" in proc.stdout
+
+
+def test_the_wording_check_runs_and_writes_its_comparisons(tmp_path, tiny_package):
+    """Smoke test of ``python -m benchmarks.wording`` (README: "Does the wording work?")."""
+    (tmp_path / "f.yaml").write_text(GOOD)
+    out = tmp_path / "wording.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.wording",
+        "--package",
+        tiny_package["pkg"],
+        "--findings",
+        tmp_path / "f.yaml",
+    ]
+    cmd += ["--data", tiny_package["data"], "--cache", tiny_package["cache"], "--out", out, "--quiet"]
+    cmd += ["--against", "enlarged_liver=hepatomegaly", "--against", "violin_in_pelvis=*"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    liver, violin = result["comparisons"]
+    assert liver["against"] == "hepatomegaly" and "auroc_catalogue" in liver
+    assert 0.0 <= violin["auroc_min"] <= violin["auroc_mean"] <= violin["auroc_max"] <= 1.0
+    assert result["studies"] > 0 and result["split"] == "test"

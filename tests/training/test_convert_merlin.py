@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.merlin_stub import merlin_shapes, random_merlin_state_dict, write_longformer_stub
+from benchmarks.merlin_stub import SMALL_LONGFORMER, merlin_shapes, random_merlin_state_dict, write_longformer_stub
 from operators.findings import load_catalogue
 from operators.package import load_package
 from training.convert_merlin import ConversionError, build_merlin_model, load_merlin_state, read_checkpoint
@@ -119,13 +119,7 @@ def test_longformer_text_tower_ships_only_with_parity(longformer_dir, tmp_path):
 
     small = write_longformer_stub(
         tmp_path / "small-longformer",
-        vocab_size=700,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=1026,
-        attention_window=64,
+        **SMALL_LONGFORMER,
     )
     torch.manual_seed(0)
     model = DualEncoder(ImageEncoder("resnet10_tiny", 32), TextEncoder(small, 32, 1024, "first"), 1.0, "none").eval()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.merlin_stub import write_longformer_stub
+from benchmarks.merlin_stub import SMALL_LONGFORMER, write_longformer_stub
 from operators.package import load_package
 from operators.zeroshot import finding_scores, package_with_findings
 from tests.conftest import TINY_TRAIN, export_cli
@@ -39,13 +39,7 @@ def longformer_package(corpus200, tiny_package, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("longformer-run")
     small = write_longformer_stub(
         root / "small-longformer",
-        vocab_size=700,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=1026,
-        attention_window=64,
+        **SMALL_LONGFORMER,
     )
     cfg = TrainConfig.load("cpu-tiny", [*TINY_TRAIN, f"text.model={small}", "text.max_length=64", "train.steps=2"])
     train(corpus200, root / "run", cfg, cache_dir=tiny_package["cache"], progress=False)
