@@ -34,7 +34,8 @@ import numpy as np
 import yaml
 
 from .findings import SECTIONS, Code, Finding, _site
-from .manifest import FindingEntry, FindingRows, PromptTable, prompt_table
+from .manifest import FindingEntry, PromptTable
+from .prompts import FindingRows, prompt_table
 from .textnorm import normalize_text
 
 MODES = ("add", "replace")

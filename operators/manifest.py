@@ -20,6 +20,7 @@ from typing import Any
 
 from .findings import Catalogue, Code, Finding, check_unique, finding_from_dict, finding_to_dict
 from .preprocessing import PreprocessSpec
+from .prompts import FindingRows  # the prompt table's layout
 from .uids import is_valid_uid
 
 FORMAT = "ct-zeroshot-model-package"
@@ -213,30 +214,6 @@ class PromptTable:
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
-class FindingRows:
-    """Rows of ``prompt_embeddings.npy`` holding one finding's positive and negative prompts."""
-
-    positive: tuple[int, int]
-    negative: tuple[int, int]
-
-
-def prompt_table(catalogue: Catalogue | None = None) -> tuple[list[str], list[FindingRows]]:
-    """Every finding's prompts in one list (positives then negatives per finding) and the rows of each
-    finding: the layout of ``prompt_embeddings.npy``. Default: the project's catalogue."""
-    from .findings import load_catalogue
-
-    prompts: list[str] = []
-    rows = []
-    for f in catalogue or load_catalogue():
-        p0 = len(prompts)
-        prompts.extend(f.positive_prompts)
-        n0 = len(prompts)
-        prompts.extend(f.negative_prompts)
-        rows.append(FindingRows((p0, n0), (n0, len(prompts))))
-    return prompts, rows
 
 
 @dataclass(frozen=True)

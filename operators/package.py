@@ -35,13 +35,13 @@ from .manifest import (
     FORMAT,
     FORMAT_VERSION,
     UNSTATED_USE,
-    FindingRows,
     ImageEncoderRecord,
     Manifest,
     ManifestError,
     TextEncoderRecord,
 )
 from .preprocessing import PreprocessSpec
+from .prompts import FindingRows
 
 MANIFEST = "manifest.json"
 DEMO_PACKAGE = "demo"  # operators/models/demo: the embedded default model

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import FindingRows
 from .package import ModelPackage
+from .prompts import FindingRows
 from .textnorm import keep_sentences, normalize_text
 
 log = logging.getLogger(__name__)

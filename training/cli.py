@@ -129,15 +129,8 @@ def _export(args: argparse.Namespace) -> int:
 def _encode_prompts(args: argparse.Namespace) -> int:
     from .encode_prompts import encode_prompts
 
-    encode_prompts(
-        args.package,
-        args.findings,
-        args.out,
-        mode=args.findings_mode,
-        run=args.run,
-        checkpoint=args.checkpoint,
-        text_model=args.text_model,
-    )
+    tower = {k: getattr(args, k) for k in ("run", "checkpoint", "text_model")}
+    encode_prompts(args.package, args.findings, args.out, mode=args.findings_mode, **tower)
     return 0
 
 
@@ -379,11 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (try, keep if parity holds), onnx (fail without it)",
     )
     c.set_defaults(func=_convert_merlin)
-    ep = sub.add_parser(
-        "encode-prompts",
-        help="a site's findings file encoded by the torch text tower into a copy of a model package "
-        "(for packages without an ONNX text encoder, e.g. a converted Merlin)",
-    )
+    help_ep = "a findings file encoded by the torch text tower into a copy of a package without a text encoder"
+    ep = sub.add_parser("encode-prompts", help=help_ep)
     ep.add_argument("--package", required=True, help="the model package (left untouched)")
     ep.add_argument("--findings", required=True, help="findings file (YAML; see `ct-zeroshot findings check`)")
     ep.add_argument("--out", required=True, help="the new package folder (new or empty)")

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from operators.custom_findings import read_findings_file, with_findings
-from operators.manifest import prompt_table
 from operators.package import MANIFEST, load_package, write_manifest
+from operators.prompts import prompt_table
 
 PARITY_TOL = 1e-4
 

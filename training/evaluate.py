@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from operators.findings import load_catalogue
-from operators.manifest import FindingRows, prompt_table
+from operators.prompts import FindingRows, prompt_table
 from operators.zeroshot import finding_scores, merlin_present
 
 OCCLUSION_LEVELS = (0.0, 0.1, 0.25, 0.5)

@@ -45,11 +45,11 @@ from operators.manifest import (
     ModelIdentity,
     PromptTable,
     TextEncoderRecord,
-    prompt_table,
     weights_digest,
 )
 from operators.package import sha256_file, write_manifest
 from operators.preprocessing import PreprocessSpec
+from operators.prompts import prompt_table
 from operators.zeroshot import decide_present, margin_probability
 
 from .models.clip import DualEncoder

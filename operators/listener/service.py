@@ -31,7 +31,7 @@ from typing import Any
 from ..phi import allow_identifiers, describe
 from .config import ListenerConfig
 from .sender import Sender
-from .spool import Spool, SpoolError
+from .spool import Spool, SpoolError, offered_references, sr_identity
 
 log = logging.getLogger("ct-zeroshot.listener")
 
@@ -193,8 +193,8 @@ class Listener:
         sr = out / sr_filename(uid)
         record: dict[str, Any] = {"study_uid": uid}
         state, covers = self.spool.sr_state(uid), self.spool.instances_digest(uid)
-        released = self._released(uid, state)
-        if sr.exists() and state.get("instances") == covers and _sr_identity(sr)["sop"] == state.get("sop"):
+        released = self.spool.released(uid, state)
+        if sr.exists() and state.get("instances") == covers and sr_identity(sr)["sop"] == state.get("sop"):
             record.update(status="ok", error="", resumed=True)  # built from these instances: (re)send it
         elif released:
             record.update(
@@ -216,7 +216,7 @@ class Listener:
                         uid,
                         {
                             **built,
-                            **_sr_identity(work.sr_path),
+                            **sr_identity(work.sr_path),
                             "instances": covers,
                             "covered": self.spool.instance_uids(uid),
                             "revision": work.revision,
@@ -245,31 +245,17 @@ class Listener:
         self.processed.append(record)
         return record
 
-    def _released(self, uid: str, state: dict) -> int:
-        """How many instances an earlier SR of this (purged) study covered that ``ready/`` lacks now."""
-        if not state.get("purged"):
-            return 0
-        return len(set(state.get("covered", [])) - set(self.spool.instance_uids(uid)))
-
     def _revision(self, uid: str, state: dict, sr: Path) -> dict:
         """The revision of the SR about to be built and the SRs it corrects: every one offered to the
         destination (a crash between its C-STORE and the record of delivery leaves it there unrecorded).
         An SR built earlier is kept under ``out/<study>/superseded/`` until the study is purged."""
-        from pydicom import Dataset
-
         if not state and not sr.exists():
             return {}
         if sr.exists():
             kept = sr.parent / "superseded"
             kept.mkdir(exist_ok=True)
-            shutil.copy2(sr, kept / f"{_sr_identity(sr)['sop']}.dcm")
-        predecessors = []
-        for o in state.get("offered", []):
-            ref = Dataset()
-            ref.StudyInstanceUID, ref.SeriesInstanceUID = uid, o["series"]
-            ref.SOPClassUID, ref.SOPInstanceUID = o["sop_class"], o["sop"]
-            predecessors.append(ref)
-        return {"revision": int(state.get("revision", 0)) + 1, "predecessors": predecessors}
+            shutil.copy2(sr, kept / f"{sr_identity(sr)['sop']}.dcm")
+        return {"revision": int(state.get("revision", 0)) + 1, "predecessors": offered_references(uid, state)}
 
     def _purge_delivered(self) -> None:
         """Studies whose SR was delivered ``retain_delivered_s`` ago: instances and SR files deleted."""
@@ -389,15 +375,6 @@ class Listener:
             self.server.shutdown()
         for t in getattr(self, "threads", []):
             t.join(timeout=10)
-
-
-def _sr_identity(path: Path) -> dict[str, str]:
-    """An SR file's SOP Instance, Series Instance and SOP Class UIDs (what a later SR needs to name it)."""
-    import pydicom
-
-    tags = ["SOPInstanceUID", "SeriesInstanceUID", "SOPClassUID"]
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-    return {"sop": str(ds.SOPInstanceUID), "series": str(ds.SeriesInstanceUID), "sop_class": str(ds.SOPClassUID)}
 
 
 def serve(config: str | Path) -> int:

@@ -97,6 +97,12 @@ class Spool:
         self.path("out", study_uid).mkdir(parents=True, exist_ok=True)
         write_atomic(self.path("out", study_uid) / SR_STATE, json.dumps(state, indent=1), fsync=True)
 
+    def released(self, study_uid: str, state: dict) -> int:
+        """How many instances an earlier SR of this (purged) study covered that ``ready/`` lacks now."""
+        if not state.get("purged"):
+            return 0
+        return len(set(state.get("covered", [])) - set(self.instance_uids(study_uid)))
+
     def instance_uids(self, study_uid: str, stage: str = "ready") -> list[str]:
         """The SOP Instance UIDs a stage holds of a study (the file names), sorted."""
         return sorted(f.name[: -len(".dcm")] for f in self.path(stage, study_uid).glob("*.dcm"))
@@ -125,6 +131,29 @@ class Spool:
         """Temporary files of instances whose C-STORE was never answered (a crash mid-write)."""
         for f in self.path("incoming", study_uid).glob(f".*{PARTIAL_SUFFIX}"):
             f.unlink()
+
+
+def sr_identity(path: Path) -> dict[str, str]:
+    """An SR file's SOP Instance, Series Instance and SOP Class UIDs (what a later SR needs to name it)."""
+    import pydicom
+
+    tags = ["SOPInstanceUID", "SeriesInstanceUID", "SOPClassUID"]
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    return {"sop": str(ds.SOPInstanceUID), "series": str(ds.SeriesInstanceUID), "sop_class": str(ds.SOPClassUID)}
+
+
+def offered_references(study_uid: str, state: dict) -> list:
+    """Every SR of the study offered to the destination (``sr.json``'s ``offered``), as the references a
+    corrected SR's Predecessor Documents Sequence needs (highdicom reads these four UIDs)."""
+    from pydicom import Dataset
+
+    refs = []
+    for o in state.get("offered", []):
+        ref = Dataset()
+        ref.StudyInstanceUID, ref.SeriesInstanceUID = study_uid, o["series"]
+        ref.SOPClassUID, ref.SOPInstanceUID = o["sop_class"], o["sop"]
+        refs.append(ref)
+    return refs
 
 
 def _merge(src: Path, dst: Path) -> None:

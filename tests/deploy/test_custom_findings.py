@@ -98,17 +98,21 @@ def test_a_findings_file_is_read_with_codes_sites_and_private_codes(tmp_path):
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_a_bad_findings_file_is_refused_with_its_line_and_nothing_written(case, tmp_path, tiny_package):
+def test_a_bad_findings_file_is_refused_with_its_line_and_nothing_written(case, tmp_path, tiny_package, capsys):
+    """The command line's own entry point, in this process (a subprocess per case costs seconds of imports)."""
+    from operators.cli import main
+
     text, expected = BAD[case]
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    proc = cli("findings", "check", path, "--model", tiny_package["pkg"])
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert str(path) in proc.stderr and expected in proc.stderr, proc.stderr
+    assert main(["findings", "check", str(path), "--model", str(tiny_package["pkg"])]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and expected in err, err
     if case == "not YAML":  # the others fail the same way before anything is written
         out = tmp_path / "out"
-        proc = cli("infer", tmp_path, "--out", out, "--model", tiny_package["pkg"], "--findings", path, "--quiet")
-        assert proc.returncode == 2 and "not valid YAML" in proc.stderr and not out.exists()
+        argv = ["infer", str(tmp_path), "--out", str(out), "--model", str(tiny_package["pkg"]), "--findings", str(path)]
+        assert main([*argv, "--quiet"]) == 2
+        assert "not valid YAML" in capsys.readouterr().err and not out.exists()
 
 
 def test_custom_findings_are_scored_reported_and_change_the_sr_identity(tmp_path, tiny_package):

@@ -229,7 +229,7 @@ def test_merlin_rule_probability_is_the_two_way_softmax():
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     prom = rng.normal(size=(5, 8))
     prom /= np.linalg.norm(prom, axis=1, keepdims=True)
-    from operators.manifest import FindingRows
+    from operators.prompts import FindingRows
 
     rows = [FindingRows((0, 2), (2, 5))]
     margins, probs = finding_scores(img, prom, rows, 12.5)
