@@ -11,7 +11,7 @@ import pytest
 
 from operators.custom_findings import FindingsFileError, read_findings_file
 from operators.package import load_package
-from operators.pipeline import sr_filename
+from operators.pipeline import sr_filename, sr_uids
 from operators.sr import read_findings
 from operators.zeroshot import ZeroShotModel, package_with_findings
 from tests.dicom_cases import small_study, study_uid
@@ -155,9 +155,10 @@ def test_custom_findings_are_scored_reported_and_change_the_sr_identity(tmp_path
     assert "violin_in_pelvis.probability" in header and "enlarged_liver.present" in header
     meta = json.loads((out / "summary.json").read_text())["model"]
     assert meta["custom_findings"]["ids"] == ["enlarged_liver", "violin_in_pelvis"]
-    proc = cli("infer", tmp_path / "in", "--out", tmp_path / "plain", "--model", tiny_package["pkg"])
-    plain_sr = pydicom.dcmread(tmp_path / "plain" / "sr" / sr_filename(uid))
-    assert plain_sr.SOPInstanceUID != pydicom.dcmread(sr).SOPInstanceUID  # other findings, another SR UID
+    written = pydicom.dcmread(sr)
+    series = written.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert written.SOPInstanceUID == sr_uids(uid, series, custom.package.identity)[1]
+    assert written.SOPInstanceUID != sr_uids(uid, series, pkg.identity)[1]  # other findings, another SR UID
     if have_validators():
         assert validate_all([sr], pixelmed_files=1) == {}
     report = cli("report", sr)
