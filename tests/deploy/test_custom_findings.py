@@ -197,3 +197,15 @@ def test_the_wording_check_runs_and_writes_its_comparisons(tmp_path, tiny_packag
     assert liver["against"] == "hepatomegaly" and "auroc_catalogue" in liver
     assert 0.0 <= violin["auroc_min"] <= violin["auroc_mean"] <= violin["auroc_max"] <= 1.0
     assert result["studies"] > 0 and result["split"] == "test"
+
+
+def test_the_application_takes_the_findings_file_from_the_map_variables(tmp_path, tiny_package):
+    """``python -m operators`` as a MAP runs it: CT_ZEROSHOT_FINDINGS / _MODE instead of options."""
+    from tests.deploy.test_app import run_app
+
+    (tmp_path / "f.yaml").write_text(GOOD)
+    uid = study_uid(small_study(tmp_path / "in", "MAPVARS", n=10, shape=(20, 20))[0])
+    env = {"CT_ZEROSHOT_FINDINGS": str(tmp_path / "f.yaml"), "CT_ZEROSHOT_FINDINGS_MODE": "replace"}
+    proc = run_app("-i", tmp_path / "in", "-o", tmp_path / "out", "-m", tiny_package["pkg"], env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(read_findings(tmp_path / "out" / sr_filename(uid))) == ["enlarged_liver", "violin_in_pelvis"]
