@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,25 +33,22 @@ def score(package_dir, findings, data, split, run=None, cache=None, progress=Tru
 
     t0 = time.perf_counter()
     pkg = load_package(package_dir)
-    tmp = None
-    if pkg.text_encoder is None:
-        if run is None:
-            raise ValueError(f"{package_dir}: no text encoder; give --run (the run it was exported from)")
-        from training.encode_prompts import encode_prompts
+    with tempfile.TemporaryDirectory(prefix="wording-") as tmp:
+        if pkg.text_encoder is None:
+            if run is None:
+                raise ValueError(f"{package_dir}: no text encoder; give --run (the run it was exported from)")
+            from training.encode_prompts import encode_prompts
 
-        tmp = tempfile.TemporaryDirectory(prefix="wording-")
-        pkg = encode_prompts(package_dir, findings, Path(tmp.name) / "pkg", run=run, log=lambda s: None)
-        model = ZeroShotModel(pkg, device="cpu")
-    else:
-        model = ZeroShotModel(pkg, device="cpu", findings=findings)
-    studies = [s for s in load_studies(data) if s.split == split and s.labels is not None]
-    cache_ = volume_cache(model.package.spec, cache)
-    margins = []
-    for i in tqdm(range(0, len(studies), 16), desc="score", unit="batch", disable=not progress):
-        batch = np.stack([cache_.get(s) for s in studies[i : i + 16]])
-        margins += [f.margins for f in model.decide(model.embed_images(batch))]
-    if tmp is not None:
-        tmp.cleanup()
+            pkg = encode_prompts(package_dir, findings, Path(tmp) / "pkg", run=run, log=lambda s: None)
+            model = ZeroShotModel(pkg, device="cpu")
+        else:
+            model = ZeroShotModel(pkg, device="cpu", findings=findings)
+        studies = [s for s in load_studies(data) if s.split == split and s.labels is not None]
+        cache_ = volume_cache(model.package.spec, cache)
+        margins = []
+        for i in tqdm(range(0, len(studies), 16), desc="score", unit="batch", disable=not progress):
+            batch = np.stack([cache_.get(s) for s in studies[i : i + 16]])
+            margins += [f.margins for f in model.decide(model.embed_images(batch))]
     return {
         "ids": model.package.catalogue.ids,
         "margins": np.asarray(margins),
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     scored = score(args.package, args.findings, args.data, args.split, args.run, args.cache, not args.quiet)
     rows = compare(scored, args.against)
     result = {
-        "command": "python -m benchmarks.wording " + " ".join(argv or __import__("sys").argv[1:]),
+        "command": "python -m benchmarks.wording " + " ".join(sys.argv[1:] if argv is None else argv),
         "package": scored["package"],
         "data": str(args.data),
         "split": args.split,

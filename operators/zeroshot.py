@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +117,7 @@ class PromptEncoder:
         self.package, self.providers, self.threads = package, list(providers), threads
         self._session = None
         self._tokenizer = None
+        self._counter: Any = None  # tokenizers.Tokenizer, untruncated and unpadded (count_tokens)
 
     def _text(self):
         te = self.package.text_encoder
@@ -150,13 +152,14 @@ class PromptEncoder:
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a text after the text rule, untruncated and unpadded (what a prompt needs)."""
-        from tokenizers import Tokenizer
-
         te = self._text()
-        counter = Tokenizer.from_file(str(self.package.root / str(te.tokenizer)))
-        counter.no_truncation()
-        counter.no_padding()
-        return len(counter.encode(normalize_text(keep_sentences(text, te.keep_sentences))).ids)
+        if self._counter is None:  # the package's tokenizer without its truncation and padding, loaded once
+            from tokenizers import Tokenizer
+
+            self._counter = Tokenizer.from_file(str(self.package.root / str(te.tokenizer)))
+            self._counter.no_truncation()
+            self._counter.no_padding()
+        return len(self._counter.encode(normalize_text(keep_sentences(text, te.keep_sentences))).ids)
 
 
 def package_with_findings(
@@ -168,13 +171,14 @@ def package_with_findings(
     from .custom_findings import FindingsFileError, check_against, check_lengths, read_findings_file, with_findings
 
     ff = read_findings_file(path, package.manifest.private_scheme.scheme)
-    check_against(ff, package.catalogue.ids, mode)
+    check_against(ff, package.catalogue.ids, mode)  # before the text encoder: a clash is named first
     te = package.text_encoder
     if te is None:
         reason = package.manifest.text_encoder.absent_reason
         raise FindingsFileError(
-            f"{path}: model package {package.root} cannot encode prompts ({reason}); write a package that holds "
-            "them: ct-zeroshot-train encode-prompts --package PKG --text-model DIR --findings FILE --out PKG2"
+            f"{path}: model package {package.root} cannot encode prompts ({reason}); write a package that holds them: "
+            "ct-zeroshot-train encode-prompts --package PKG --findings FILE --out PKG2 --run RUN (or --checkpoint "
+            "MERLIN.pt --text-model DIR)"
         )
     encoder = encoder or PromptEncoder(package)
     limit = te.sequence_length or te.max_length

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from operators.custom_findings import read_findings_file, with_findings
 from operators.package import MANIFEST, load_package, write_manifest
@@ -54,17 +53,6 @@ def text_tower(run=None, checkpoint=None, text_model=None, run_checkpoint: str =
     return model.eval()
 
 
-def torch_encoder(model, batch_size: int = 16) -> Callable[[list[str]], np.ndarray]:
-    def encode(texts: list[str]) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                out.append(model.encode_texts(texts[i : i + batch_size]).float().numpy())
-        return np.concatenate(out).astype(np.float32)
-
-    return encode
-
-
 def encode_prompts(
     package: str | Path,
     findings: str | Path,
@@ -77,7 +65,7 @@ def encode_prompts(
     log: Callable[[str], None] = print,
 ):
     """Write ``out``: ``package`` with the findings file's findings; returns the loaded new package."""
-    from .export import _model_uid
+    from .export import _model_uid, embed_prompts
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -87,7 +75,10 @@ def encode_prompts(
         raise EncodeError(f"{out}: the output must be a new folder, not the package itself")
     ff = read_findings_file(findings, pkg.manifest.private_scheme.scheme)
     model = text_tower(run, checkpoint, text_model)
-    encode = torch_encoder(model)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return embed_prompts(model, texts)
+
     # The tower must be the package's: its own prompts, re-encoded, give its prompt table.
     prompts, _ = prompt_table(pkg.catalogue)
     if len(prompts) != len(pkg.prompt_embeddings):

@@ -96,6 +96,18 @@ def _model_uid(out: Path, text_rec: TextEncoderRecord) -> str:
     return str(generate_uid(entropy_srcs=[weights_digest({f: sha256_file(out / f) for f in decisive})]))
 
 
+def embed_prompts(model: DualEncoder, prompts: list[str], batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """(P, D) float32 embeddings of prompts by the torch text tower (the package's reference table)."""
+    from tqdm import tqdm
+
+    chunks = []
+    batches = range(0, len(prompts), batch_size)
+    with torch.no_grad():
+        for i in tqdm(batches, desc="prompt embeddings", unit="batch", leave=False, disable=not progress):
+            chunks.append(model.encode_texts(prompts[i : i + batch_size]).float().numpy())
+    return np.concatenate(chunks).astype(np.float32)
+
+
 def export_package(
     model: DualEncoder,
     out: str | Path,
@@ -129,13 +141,7 @@ def export_package(
     prompts, rows = prompt_table(catalogue)
 
     log(f"prompt embeddings: {len(prompts)} prompts of {len(catalogue)} findings")
-    from tqdm import tqdm
-
-    chunks = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(prompts), 16), desc="prompt embeddings", unit="batch", leave=False):
-            chunks.append(model.encode_texts(prompts[i : i + 16]).numpy())
-    prompt_emb = np.concatenate(chunks).astype(np.float32)
+    prompt_emb = embed_prompts(model, prompts, progress=True)
     np.save(out / "prompt_embeddings.npy", prompt_emb)
     dim = int(prompt_emb.shape[1])
 
