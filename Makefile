@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: study study-v2 venv lint test test-slow soak demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch merlin-check clean
+.PHONY: study study-v2 venv lint test test-slow soak image test-image demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ lint: venv
 # TEST_WORKERS pytest-xdist workers, each test file on one worker (its module fixtures built once);
 # much of the suite waits on subprocesses, Orthanc and listeners, so two workers overlap the waits.
 test: venv
-	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not image" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The main job on the embedded default: a few synthetic DICOM studies through the MONAI Deploy
 # application with the embedded demo model; prints each SR's findings beside the ground truth.
@@ -120,6 +120,16 @@ test-slow: venv
 # writes its counts to results/soak/listener.json (README, "The PACS listener").
 soak: venv
 	$(BIN)/python -m pytest -m slow tests/deploy/test_listener_soak.py $(PYTEST_ARGS)
+
+# The deploy image and the Orthanc image of the PACS pipeline (docker/build.sh: a local Debian 12 base
+# made with debootstrap when none is there, CUDA 13 from PyPI wheels). Needs a running Docker engine.
+image:
+	docker/build.sh
+
+# The image tests (tests/e2e/test_image.py): the container run offline as a non-root user, batch
+# inference, the MAP manifests, the compose pipeline Orthanc -> listener -> SR in Orthanc.
+test-image: venv
+	CT_ZEROSHOT_IMAGE_REQUIRED=1 $(BIN)/python -m pytest -m image tests/e2e/test_image.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

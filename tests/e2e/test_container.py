@@ -31,8 +31,9 @@ def test_entry_point_runs_the_app_as_the_image_would(corpus200, tiny_package, tm
     env, entry, copies = _dockerfile()
     assert entry == ["python3", "/opt/holoscan/app"]
     assert ("docker/app", "/opt/holoscan/app") in copies and ("app.yaml", "/var/holoscan/app.yaml") in copies
-    assert env["HOLOSCAN_INPUT_PATH"] == "/var/holoscan/input" and env["HOLOSCAN_OUTPUT_PATH"] == "/var/holoscan/output"
-    assert env["HOLOSCAN_MODEL_PATH"] == "/opt/holoscan/models"
+    # The packager's values: input/ and output/ relative to the working directory /var/holoscan.
+    assert env["HOLOSCAN_INPUT_PATH"] == "input/" and env["HOLOSCAN_OUTPUT_PATH"] == "output/"
+    assert env["HOLOSCAN_MODEL_PATH"] == "/opt/holoscan/models" and env["HOLOSCAN_WORKDIR"] == "/var/holoscan"
     fs = tmp_path / "image"  # the image's file system, rooted here
 
     def at(p):
@@ -46,7 +47,10 @@ def test_entry_point_runs_the_app_as_the_image_would(corpus200, tiny_package, tm
     for s in studies:
         shutil.copytree(s, at("/var/holoscan/input") / s.name)
     at("/var/holoscan/output").mkdir(parents=True)
-    run_env = {"PATH": str(Path(sys.executable).parent), **{k: str(at(v)) for k, v in env.items()}}
+    run_env = {
+        "PATH": str(Path(sys.executable).parent),
+        **{k: str(at(v)) if v.startswith("/") else v for k, v in env.items()},
+    }
     cmd = [sys.executable if entry[0] == "python3" else entry[0], str(at(entry[1]))]
     proc = subprocess.run(
         cmd, env=run_env, cwd=at("/var/holoscan"), capture_output=True, text=True, preexec_fn=_stack, timeout=600

@@ -1,0 +1,257 @@
+"""The deploy image, built by `make image`, run as a user runs it (`make test-image`; marked `image`).
+
+Needs a Docker engine and the images; without them the tests skip, unless CT_ZEROSHOT_IMAGE_REQUIRED=1
+(`make test-image`, CI), where a missing engine or image fails them.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from base64 import b64encode
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from operators import __version__
+from tests.sr_validators import have_validators, validate_all
+
+pytestmark = pytest.mark.image
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = os.environ.get("CT_ZEROSHOT_IMAGE", f"ct-zeroshot:{__version__}")
+ORTHANC_IMAGE = os.environ.get("ORTHANC_IMAGE", f"ct-zeroshot-orthanc:{__version__}")
+DOCKER = os.environ.get("DOCKER", "docker")
+REQUIRED = os.environ.get("CT_ZEROSHOT_IMAGE_REQUIRED") == "1"
+UID = 1000  # the image's user (holoscan)
+
+
+def docker(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args[:3])} ... exit {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def images():
+    for image in (IMAGE, ORTHANC_IMAGE):
+        try:
+            found = docker("image", "inspect", image, check=False, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            found = False
+        if not found:
+            why = f"no Docker engine or no image {image} (make image)"
+            if REQUIRED:
+                pytest.fail(why)
+            pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> Path:
+    """Three synthetic CT studies as DICOM (tiny profile), readable by the image's user."""
+    from training.synth.corpus import SynthConfig, generate_corpus
+
+    root = tmp_path_factory.mktemp("image-corpus")
+    generate_corpus(
+        SynthConfig(out=str(root / "c"), studies=3, seed=3, profile="tiny", dicom=True, version=2),
+        progress=False,
+    )
+    return root / "c" / "dicom"
+
+
+def _writable_by_image(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(path, UID, UID)
+    else:
+        path.chmod(0o777)
+    return path
+
+
+def _tree(path: Path) -> dict[str, float]:
+    return {str(p.relative_to(path)): p.stat().st_mtime for p in sorted(path.rglob("*"))}
+
+
+def test_image_imports_monai_resolves_holoscan_and_lists_the_cuda_provider():
+    proc = docker("run", "--rm", "--network", "none", "--entrypoint", "python3", IMAGE, "/opt/ct-zeroshot/smoke.py")
+    report = json.loads(proc.stdout)
+    assert report["problems"] == []
+    assert "CUDAExecutionProvider" in report["ort_providers"] and report["ort_device"] == "GPU"
+    assert report["holoscan_missing"] == {}
+    assert report["python"].startswith("3.11") and report["holoscan"].startswith("4.2")
+    # ldd itself, on the library every Holoscan app loads: nothing missing but the host's driver.
+    ldd = docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        IMAGE,
+        "-c",
+        "ldd /opt/venv/lib/python3.11/site-packages/holoscan/lib/libholoscan_core.so",
+    ).stdout
+    assert "libcudart.so.13 => /opt/venv" in ldd and "not found" not in ldd
+
+
+def test_map_manifests_match_the_image():
+    inspect = json.loads(docker("image", "inspect", IMAGE).stdout)[0]["Config"]
+    env = dict(e.split("=", 1) for e in inspect["Env"])
+    app = json.loads(docker("run", "--rm", "--entrypoint", "cat", IMAGE, "/etc/holoscan/app.json").stdout)
+    pkg = json.loads(docker("run", "--rm", "--entrypoint", "cat", IMAGE, "/etc/holoscan/pkg.json").stdout)
+    assert {k: env.get(k) for k in app["environment"]} == app["environment"]
+    assert json.loads(app["command"]) == inspect["Entrypoint"] == ["python3", "/opt/holoscan/app"]
+    assert app["timeout"] == 1800 and app["sdk"] == "monai-deploy" and app["version"] == __version__
+    assert pkg["models"] == {"demo": "/opt/holoscan/models/demo"} and pkg["platformConfig"] == "dgpu"
+    assert inspect["User"] == "holoscan" and inspect["WorkingDir"] == app["workingDirectory"]
+
+
+@pytest.mark.skipif(not have_validators(), reason="DICOM validators not installed")
+def test_container_run_writes_valid_srs_offline_as_a_non_root_user(studies, tmp_path):
+    before = _tree(studies)
+    out = _writable_by_image(tmp_path / "out")
+    proc = docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "stack=33554432",
+        "-v",
+        f"{studies}:/var/holoscan/input:ro",
+        "-v",
+        f"{out}:/var/holoscan/output",
+        IMAGE,
+    )
+    assert "model ct-zeroshot" in proc.stderr
+    srs = sorted(out.glob("*.dcm"))
+    assert len(srs) == 3, proc.stderr[-3000:]
+    assert all(p.stat().st_uid == UID for p in srs) or os.geteuid() != 0  # written by the image's user
+    assert validate_all(srs, pixelmed_files=1) == {}
+    assert _tree(studies) == before  # input untouched (and mounted read-only)
+
+
+def test_container_infer_command_runs_batch_inference(studies, tmp_path):
+    out = _writable_by_image(tmp_path / "batch")
+    docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "stack=33554432",
+        "-v",
+        f"{studies}:/data/in:ro",
+        "-v",
+        f"{out}:/data/out",
+        IMAGE,
+        "infer",
+        "/data/in",
+        "--out",
+        "/data/out",
+        "--quiet",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 0 and summary["processed"] == 3 and summary["complete"]
+    assert len(list((out / "sr").glob("*.dcm"))) == 3
+
+
+class Pipeline:
+    """docker/pacs/docker-compose.yml as a compose project of its own, torn down with its volumes."""
+
+    def __init__(self, tmp: Path):
+        self.project = "czs" + uuid.uuid4().hex[:8]
+        self.password = uuid.uuid4().hex
+        self.http = _free_port()
+        self.dir = tmp / "pacs"
+        shutil.copytree(ROOT / "docker" / "pacs", self.dir)
+        self.env = {
+            **os.environ,
+            "ORTHANC_PASSWORD": self.password,
+            "ORTHANC_HTTP": str(self.http),
+            "ORTHANC_DICOM": str(_free_port()),
+            "CT_ZEROSHOT_IMAGE": IMAGE,
+            "ORTHANC_IMAGE": ORTHANC_IMAGE,
+        }
+
+    def compose(self, *args, check=True):
+        cmd = ["docker-compose", "-p", self.project, "-f", str(self.dir / "docker-compose.yml"), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=300)
+        if check and proc.returncode:
+            raise AssertionError(f"{' '.join(cmd)}: {proc.stderr[-3000:]}")
+        return proc
+
+    def request(self, method, path, data=None, ctype="application/json"):
+        auth = "Basic " + b64encode(f"pacs:{self.password}".encode()).decode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http}{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": auth, "Content-Type": ctype},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = r.read()
+        return json.loads(body) if body and r.headers.get_content_type() == "application/json" else body
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(pred, timeout, what):
+    start = time.time()
+    while time.time() - start < timeout:
+        try:
+            if pred():
+                return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(what)
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_compose_pipeline_study_into_orthanc_sr_back_in_orthanc(studies, tmp_path):
+    pacs = Pipeline(tmp_path)
+    pacs.compose("up", "-d")
+    try:
+        _wait(lambda: pacs.request("GET", "/system"), 60, "Orthanc did not answer")
+        study_dir = sorted(studies.iterdir())[0]
+        files = sorted(p for p in study_dir.rglob("*") if p.is_file())
+        for f in files:  # a modality's store, through Orthanc's REST API
+            pacs.request("POST", "/instances", f.read_bytes(), "application/dicom")
+        study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        study = pacs.request("POST", "/tools/lookup", study_uid.encode(), "text/plain")[0]["ID"]
+
+        def sr_instances():
+            series = pacs.request("GET", f"/studies/{study}/series")
+            return [i for s in series if s["MainDicomTags"].get("Modality") == "SR" for i in s["Instances"]]
+
+        try:
+            _wait(sr_instances, 240, "no SR came back into Orthanc")
+        except TimeoutError:
+            logs = pacs.compose("logs", "--no-color", check=False).stdout
+            raise AssertionError(logs[-6000:]) from None
+        (sr_id,) = sr_instances()
+        sr_file = tmp_path / "sr.dcm"
+        sr_file.write_bytes(pacs.request("GET", f"/instances/{sr_id}/file"))
+        sr = pydicom.dcmread(sr_file)
+        assert sr.StudyInstanceUID == study_uid and sr.Modality == "SR"
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+        if have_validators():
+            assert validate_all([sr_file], pixelmed_files=0) == {}
+        # The SR's own (non-CT) series is not routed back: still one SR after two more stable periods.
+        time.sleep(12)
+        assert len(sr_instances()) == 1
+        logs = pacs.compose("logs", "--no-color", check=False).stdout
+        assert str(sr.PatientName) not in logs and sr.PatientID not in logs  # no PHI in either log
+    finally:
+        pacs.compose("down", "-v", "--remove-orphans", check=False)
