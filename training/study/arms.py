@@ -118,6 +118,58 @@ ARMS += (
         MULTI_POSITIVE,
     ),
 )
+# The learning issue's ablation (study preset ablation-cpu): the recipe is the preset's baseline arm
+# `random`; each arm turns one method off (or the wider image stem on), the last turns them all off.
+SCRATCH_TEXT = (
+    "text.model=",
+    "text.train_layers=-1",
+    "text.sentences=false",
+    "text.head=linear",
+    "text.pooling=first",
+    "text.max_length=192",
+)
+ARMS += (
+    Arm(
+        "abl-no-mp",
+        "recipe without the multi-positive loss",
+        {"kind": "random"},
+        "-",
+        "random",
+        ("joint.multi_positive=false",),
+    ),
+    Arm(
+        "abl-no-text-rule",
+        "recipe without the text rule (all sentences)",
+        {"kind": "random"},
+        "-",
+        "random",
+        ("text.keep_sentences=all",),
+    ),
+    Arm(
+        "abl-scratch-text",
+        "recipe with a from-scratch text tower instead of MiniLM",
+        {"kind": "random"},
+        "-",
+        "random",
+        SCRATCH_TEXT,
+    ),
+    Arm(
+        "abl-wide",
+        "recipe with the wider image stem (resnet10_wide)",
+        {"kind": "random"},
+        "-",
+        "random",
+        ("image.arch=resnet10_wide",),
+    ),
+    Arm(
+        "abl-none",
+        "every method off (from-scratch text, plain InfoNCE, all sentences)",
+        {"kind": "random"},
+        "-",
+        "random",
+        SCRATCH_TEXT + ("joint.multi_positive=false", "text.keep_sentences=all"),
+    ),
+)
 ARM_BY_NAME = {a.name: a for a in ARMS}
 SCALING_ARMS = ("subset-20", "subset-40", "subset-100")
 # Contrasts beyond "arm vs its compare_to": the rival explanation and the low-data question.
