@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: study study-v2 venv lint test test-slow soak image test-image demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch merlin-check clean
+.PHONY: study study-v2 venv lint test test-slow soak image test-image demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch bench-engines merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "installing $(TORCH_SPEC) (CPU build unless TORCH_PIP_ARGS says otherwise)"; \
 		$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; fi
-	$(BIN)/pip install -q -e ".[train,dev]"
+	$(BIN)/pip install -q -e ".[train,dev,ray]"
 	@$(BIN)/python -c "import shutil, torch; gpu = shutil.which('nvidia-smi'); \
 		cuda = torch.version.cuda; print(f'torch {torch.__version__} (cuda {cuda})'); \
 		exit(1 if (cuda and not gpu) else 0)" || \
@@ -99,6 +99,10 @@ bench-stages: venv
 # Batch throughput with the demo model at 1 and 2 workers (results/bench/batch_throughput.md).
 bench-batch: venv
 	$(BIN)/python -m benchmarks.bench_batch --out results/bench --studies 96 --workers 1,2
+
+# The local process pool against Ray actors on a local Ray cluster, 2 workers each (results/bench/batch_engines.*).
+bench-engines: venv
+	$(BIN)/python -m benchmarks.bench_batch --out results/bench --studies 96 --workers 2 --engines local,ray --reps 3
 
 # Full-size Merlin image encoder on this machine: ONNX Runtime vs torch eager (results/bench).
 bench-onnx: venv

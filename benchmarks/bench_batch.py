@@ -1,9 +1,16 @@
-"""Benchmark: batch inference throughput (studies per hour) at 1 and 2 workers, in one run.
+"""Benchmark: batch inference throughput (studies per hour) by worker count and engine, in one run.
 
 ``python -m benchmarks.bench_batch --out results/bench`` (``make bench-batch``): ``--studies`` synthetic
 DICOM studies (tiny profile unless ``--profile full``), then ``ct-zeroshot infer`` over them with the
 embedded demo model (or ``--model``) at each worker count, from scratch each time (``--force``).
 Writes ``batch_throughput.json`` and ``batch_throughput.md``.
+
+``--engines local,ray --workers 2 --reps 3`` (``make bench-engines``) compares the local process pool
+with Ray actors on a local Ray cluster: the runs alternate between the engines, each configuration's
+median of ``--reps`` is reported with the ratio to the first engine, and the Ray cluster's start-up
+(``ray.init``) is timed apart, once, since a cluster is started once for many batches. Wall time
+otherwise includes everything a batch does: scanning, worker start-up (model load), writing the summary.
+Files: ``batch_throughput.*`` or, with several engines, ``batch_engines.*``.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +33,18 @@ def main(argv=None) -> int:
     p.add_argument("--studies", type=int, default=96)
     p.add_argument("--profile", default="tiny", choices=["tiny", "full"])
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    p.add_argument("--engines", default="local", help="comma-separated engines: local, ray")
+    p.add_argument("--reps", type=int, default=1, help="runs per configuration (the median is reported)")
     p.add_argument("--model", default=None)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     counts = [int(w) for w in args.workers.split(",")]
-    results = {}
+    engines = args.engines.split(",")
+    configs = [(e, w) for e in engines for w in counts]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    oks: dict[tuple[str, int], int] = {}
+    ray_start_s = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"generating {args.studies} {args.profile} studies with DICOM ...", flush=True)
@@ -45,42 +59,72 @@ def main(argv=None) -> int:
             ),
             progress=True,
         )
-        for w in counts:
+        if "ray" in engines:
+            from operators import batch_ray
+
             t = time.perf_counter()
-            code, rows = run_batch(tmp / "corpus" / "dicom", tmp / f"out{w}", args.model, workers=w, force=True)
-            elapsed = time.perf_counter() - t
-            ok = sum(r["status"] == "ok" for r in rows)
-            results[w] = {"seconds": elapsed, "studies_ok": ok, "studies_per_hour": 3600 * ok / elapsed}
-            print(
-                f"{w} worker(s): {ok} studies in {elapsed:.1f} s = {results[w]['studies_per_hour']:.0f}/h", flush=True
-            )
-    base = results[counts[0]]["studies_per_hour"]
+            batch_ray.start(None)
+            ray_start_s = time.perf_counter() - t
+            print(f"ray: local cluster up in {ray_start_s:.1f} s", flush=True)
+        for rep in range(args.reps):
+            for engine, w in configs:  # alternating, so drifts of the machine hit every configuration
+                t = time.perf_counter()
+                _, rows = run_batch(
+                    tmp / "corpus" / "dicom", tmp / f"out-{engine}-{w}", args.model, workers=w, force=True,
+                    progress=False, engine=engine,
+                )  # fmt: skip
+                elapsed = time.perf_counter() - t
+                times[(engine, w)].append(elapsed)
+                oks[(engine, w)] = sum(r["status"] == "ok" for r in rows)
+                print(f"rep {rep + 1}/{args.reps} {engine} x{w}: {oks[(engine, w)]} ok in {elapsed:.1f} s", flush=True)
+    results = {}
+    for engine, w in configs:
+        med = statistics.median(times[(engine, w)])
+        results[f"{engine}-{w}"] = {
+            "engine": engine,
+            "workers": w,
+            "seconds_median": med,
+            "seconds": times[(engine, w)],
+            "studies_ok": oks[(engine, w)],
+            "studies_per_hour": 3600 * oks[(engine, w)] / med,
+        }
+    base = results[f"{configs[0][0]}-{configs[0][1]}"]["studies_per_hour"]
     for r in results.values():
-        r["speedup"] = r["studies_per_hour"] / base
+        r["ratio"] = r["studies_per_hour"] / base
     cmd = (
         f"python -m benchmarks.bench_batch --out {args.out} --studies {args.studies} --profile {args.profile} "
-        f"--workers {args.workers}" + (f" --model {args.model}" if args.model else "")
+        f"--workers {args.workers}"
+        + (f" --engines {args.engines}" if args.engines != "local" else "")
+        + (f" --reps {args.reps}" if args.reps != 1 else "")
+        + (f" --model {args.model}" if args.model else "")
     )
     doc = {
         "command": cmd,
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "results": results,
-        "note": "each worker count processes every study from scratch (--force); wall time includes "
-        "scanning, worker start-up (model load) and writing the summary",
+        "ray_cluster_start_s": ray_start_s,
+        "note": "each run processes every study from scratch (--force); wall time includes scanning, worker "
+        "start-up (model load) and writing the summary; the Ray cluster's own start-up is timed apart",
     }
-    (out / "batch_throughput.json").write_text(json.dumps(doc, indent=1))
+    name = "batch_engines" if len(engines) > 1 else "batch_throughput"
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
     lines = [
         f"# Batch throughput, {args.studies} synthetic {args.profile}-profile studies",
         "",
-        f"`{cmd}` on {os.cpu_count()} CPU cores.",
+        f"`{cmd}` on {os.cpu_count()} CPU cores; median of {args.reps} run(s) per row.",
         "",
-        "| workers | seconds | studies/hour | speed-up |",
-        "|---:|---:|---:|---:|",
+        "| engine | workers | seconds | studies/hour | ratio |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for w, r in results.items():
-        lines.append(f"| {w} | {r['seconds']:.1f} | {r['studies_per_hour']:.0f} | {r['speedup']:.2f}x |")
-    (out / "batch_throughput.md").write_text("\n".join(lines) + "\n")
+    for r in results.values():
+        lines.append(
+            f"| {r['engine']} | {r['workers']} | {r['seconds_median']:.1f} | {r['studies_per_hour']:.0f} "
+            f"| {r['ratio']:.2f}x |"
+        )
+    if ray_start_s is not None:
+        lines += ["", f"Ray's local cluster started in {ray_start_s:.1f} s (once; not in the rows above)."]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -28,7 +28,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from .dicom_series import SeriesFiles, scan_files, scan_tree
-from .files import write_atomic
+from .files import PARTIAL_SUFFIX, write_atomic
 from .package import default_package_dir, load_package
 from .phi import allow_identifiers, describe, identifiers_allowed
 from .pipeline import SeriesToModelInput, StudyWork, run_study, sr_filename
@@ -156,6 +156,28 @@ def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None) -> d
     return row
 
 
+def _remove_partials(sr_dir: Path) -> None:
+    for p in sr_dir.glob(f".*{PARTIAL_SUFFIX}"):
+        log.info("removing %s, left by a process killed while writing it", p.name)
+        p.unlink(missing_ok=True)
+
+
+def _rows(todo: list[tuple[str, list[str]]], init_args: tuple, workers: int, engine: str, gpus_per_worker: float):
+    """Summary rows of ``todo``'s studies, in the order they finish."""
+    if not todo:
+        return
+    if engine == "ray":
+        from . import batch_ray
+
+        yield from batch_ray.run(todo, init_args, workers, gpus_per_worker)
+        return
+    with ProcessPoolExecutor(
+        max_workers=max(1, workers), mp_context=get_context("spawn"), initializer=_init_worker, initargs=init_args
+    ) as pool:
+        for fut in as_completed([pool.submit(_process, uid, paths) for uid, paths in todo]):
+            yield fut.result()
+
+
 def run_batch(
     input_path: str | Path,
     out: str | Path,
@@ -165,11 +187,18 @@ def run_batch(
     progress: bool = True,
     findings: str | Path | None = None,
     findings_mode: str = "add",
+    engine: str = "local",
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> tuple[int, list[dict]]:
     """``findings``: a site's findings file, scored beside (``findings_mode`` add) or instead of (replace)
-    the package's findings; its prompts are encoded once per process."""
+    the package's findings; its prompts are encoded once per process. ``engine``: ``local`` (a process
+    pool on this machine) or ``ray`` (actors on a Ray cluster: ``address``, ``gpus_per_worker``;
+    ``operators.batch_ray``); the SRs and the summary are the same."""
 
     inp, out = Path(input_path), Path(out)
+    if engine not in ("local", "ray"):
+        raise BatchError(f"unknown engine {engine!r}: local or ray")
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input folder does not exist")
     package_dir = Path(model) if model else default_package_dir()
@@ -178,52 +207,68 @@ def run_batch(
         from .zeroshot import package_with_findings
 
         pkg = package_with_findings(pkg, findings, findings_mode)
+    if engine == "ray":
+        try:
+            from . import batch_ray
+        except ImportError as exc:  # batch_ray imports nothing of Ray at module level: this is ray itself
+            raise BatchError(f"--engine ray needs Ray: pip install 'ct-zeroshot[ray]' ({exc})") from None
+        batch_ray.start(address)
     sr_dir = out / "sr"
     sr_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
-        return _run_locked(inp, out, sr_dir, pkg, workers, force, progress, (findings, findings_mode))
+        return _run_locked(
+            inp, out, sr_dir, pkg, workers, force, progress, (findings, findings_mode), engine, gpus_per_worker
+        )
     finally:
         lock.close()
 
 
-def _run_locked(inp: Path, out: Path, sr_dir: Path, pkg, workers: int, force: bool, progress: bool, custom):
+def _discover(inp: Path, engine: str) -> dict[str, list[str]]:
+    """{study UID: its files}; unusable files are logged by name."""
+    if engine == "ray":
+        from . import batch_ray
+
+        studies, unreadable = batch_ray.discover(inp)
+    else:
+        scan = scan_tree(inp)
+        studies = {uid: [str(p) for s in series for p in s.paths] for uid, series in scan.studies().items()}
+        unreadable = [(str(p), why) for p, why in scan.unreadable]
+    for path, why in unreadable:
+        log.warning("%s: skipped: %s", path, why)
+    return dict(sorted(studies.items()))
+
+
+def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool, custom, engine, gpus_per_worker):
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    scan = scan_tree(inp)
-    for path, why in scan.unreadable:
-        log.warning("%s: skipped: %s", path, why)
-    studies = sorted(scan.studies().items())
+    studies = _discover(inp, engine)
     previous = _previous_rows(out)
     rows, todo = [], []
-    for uid, series in studies:
+    for uid, paths in studies.items():
         if not force and (sr_dir / sr_filename(uid)).exists():
             rows.append(_resumed_row(sr_dir / sr_filename(uid), uid, pkg, previous.get(uid)))
         else:
-            todo.append((uid, series))
+            todo.append((uid, paths))
     log.info(
-        "%d studies in %s: %d to process, %d already done; %d worker(s)",
+        "%d studies in %s: %d to process, %d already done; %d worker(s), engine %s",
         len(studies),
         inp,
         len(todo),
         len(rows),
         workers,
+        engine,
     )
+    _remove_partials(sr_dir)  # a run killed while writing; none can be writing now (the lock on OUT)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     bar = tqdm(total=len(todo), unit="study", desc="infer", disable=not progress)
-    level = log.getEffectiveLevel()
-    with ProcessPoolExecutor(
-        max_workers=max(1, workers),
-        mp_context=get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(str(pkg.root), str(sr_dir), threads, level, *custom),
-    ) as pool:
-        futures = [pool.submit(_process, uid, [str(p) for s in series for p in s.paths]) for uid, series in todo]
-        for fut in as_completed(futures):
-            rows.append(fut.result())
-            bar.update(1)
+    init_args = (str(pkg.root), str(sr_dir), threads, log.getEffectiveLevel(), *custom)
+    for row in _rows(todo, init_args, workers, engine, gpus_per_worker):
+        rows.append(row)
+        bar.update(1)
     bar.close()
+    _remove_partials(sr_dir)  # a worker killed while writing an SR (its study was retried or failed)
     elapsed = time.perf_counter() - t0
     failed = [r for r in rows if r["status"] != "ok"]
     meta = {
@@ -238,6 +283,7 @@ def _run_locked(inp: Path, out: Path, sr_dir: Path, pkg, workers: int, force: bo
             "custom_findings": None if pkg.custom_findings is None else pkg.custom_findings.to_dict(),
         },
         "workers": workers,
+        "engine": engine,
         "processed": len(todo),
         "resumed": len(rows) - len(todo),
         "failed": len(failed),

@@ -221,6 +221,9 @@ def _infer(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             findings=args.findings,
             findings_mode=args.findings_mode,
+            engine=args.engine,
+            address=args.address,
+            gpus_per_worker=args.gpus_per_worker,
         )
     failed = [r for r in rows if r["status"] != "ok"]
     print(
@@ -280,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="output folder: sr/, summary.csv, summary.json")
     i.add_argument("--model", default=None, help="model package (default: the embedded demo model)")
     i.add_argument("--workers", type=int, default=1, help="studies processed in parallel (default 1)")
+    i.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool on this machine (default); ray: actors on a Ray cluster (pip install "
+        "'ct-zeroshot[ray]'; archive and --out on storage every node sees)",
+    )
+    i.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: the cluster (auto: the one `ray start` runs here; HOST:PORT); default: a "
+        "local cluster with this machine's cores",
+    )
+    i.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="with --engine ray: GPUs each worker holds (default 0)"
+    )
     i.add_argument("--force", action="store_true", help="redo studies that already have an SR")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.add_argument("--verbose", action="store_true", help="log every stage of every study")
