@@ -118,6 +118,7 @@ ARMS += (
         MULTI_POSITIVE,
     ),
 )
+SAMPLER_ARMS = tuple(a.name for a in ARMS)  # a preset's arms when it names none: the sampler study
 # The learning issue's ablation (study preset ablation-cpu): the recipe is the preset's baseline arm
 # `random`; each arm turns one method off (or the wider image stem on), the last turns them all off.
 SCRATCH_TEXT = (
@@ -217,7 +218,7 @@ class StudyPreset:
     split: str = "test"
     occlusion: list = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5])
     bootstrap: int = 1000
-    arms: list = field(default_factory=lambda: [a.name for a in ARMS])
+    arms: list = field(default_factory=lambda: list(SAMPLER_ARMS))
 
     @classmethod
     def available(cls) -> list[str]:
