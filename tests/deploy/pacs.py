@@ -22,6 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def orthanc_request(port: int, auth: str, method: str, path: str, data=None, ctype="application/json", timeout=300):
+    """One call to the REST API of an Orthanc on 127.0.0.1:``port``: JSON decoded, other bodies as bytes."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=data,
+        method=method,
+        headers={"Authorization": auth, "Content-Type": ctype},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        body = r.read()
+    return json.loads(body) if body and r.headers.get_content_type() == "application/json" else body
+
+
 class OrthancServer:
     def __init__(self, root: Path, listener_port: int, tls: dict | None = None):
         self.http, self.dicom = free_port(), free_port()
@@ -64,15 +77,7 @@ class OrthancServer:
         raise RuntimeError("Orthanc did not start: " + (self.root / "orthanc.log").read_text()[-2000:])
 
     def request(self, method, path, data=None, ctype="application/json"):
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}{path}",
-            data=data,
-            method=method,
-            headers={"Authorization": AUTH, "Content-Type": ctype},
-        )
-        with urllib.request.urlopen(req, timeout=300) as r:
-            body = r.read()
-        return json.loads(body) if body and r.headers.get_content_type() == "application/json" else body
+        return orthanc_request(self.http, AUTH, method, path, data, ctype)
 
     def get(self, path):
         return self.request("GET", path)

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import time
 import urllib.error
-import urllib.request
 import uuid
 from base64 import b64encode
 from pathlib import Path
@@ -19,6 +18,7 @@ import pydicom
 import pytest
 
 from operators import __version__
+from tests.deploy.pacs import free_port, orthanc_request, wait_for
 from tests.sr_validators import have_validators, validate_all
 
 pytestmark = pytest.mark.image
@@ -74,6 +74,13 @@ def _writable_by_image(path: Path) -> Path:
     return path
 
 
+def run_offline(mounts: dict[Path, str], *args: str) -> subprocess.CompletedProcess:
+    """The image run as a user runs it: no network, its own (non-root) user, Holoscan's stack size,
+    ``mounts`` {host folder: container path[:ro]}."""
+    volumes = [a for host, inside in mounts.items() for a in ("-v", f"{host}:{inside}")]
+    return docker("run", "--rm", "--network", "none", "--ulimit", "stack=33554432", *volumes, IMAGE, *args)
+
+
 def _tree(path: Path) -> dict[str, float]:
     return {str(p.relative_to(path)): p.stat().st_mtime for p in sorted(path.rglob("*"))}
 
@@ -114,19 +121,7 @@ def test_map_manifests_match_the_image():
 def test_container_run_writes_valid_srs_offline_as_a_non_root_user(studies, tmp_path):
     before = _tree(studies)
     out = _writable_by_image(tmp_path / "out")
-    proc = docker(
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "--ulimit",
-        "stack=33554432",
-        "-v",
-        f"{studies}:/var/holoscan/input:ro",
-        "-v",
-        f"{out}:/var/holoscan/output",
-        IMAGE,
-    )
+    proc = run_offline({studies: "/var/holoscan/input:ro", out: "/var/holoscan/output"})
     assert "model ct-zeroshot" in proc.stderr
     srs = sorted(out.glob("*.dcm"))
     assert len(srs) == 3, proc.stderr[-3000:]
@@ -137,24 +132,7 @@ def test_container_run_writes_valid_srs_offline_as_a_non_root_user(studies, tmp_
 
 def test_container_infer_command_runs_batch_inference(studies, tmp_path):
     out = _writable_by_image(tmp_path / "batch")
-    docker(
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "--ulimit",
-        "stack=33554432",
-        "-v",
-        f"{studies}:/data/in:ro",
-        "-v",
-        f"{out}:/data/out",
-        IMAGE,
-        "infer",
-        "/data/in",
-        "--out",
-        "/data/out",
-        "--quiet",
-    )
+    run_offline({studies: "/data/in:ro", out: "/data/out"}, "infer", "/data/in", "--out", "/data/out", "--quiet")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == 0 and summary["processed"] == 3 and summary["complete"]
     assert len(list((out / "sr").glob("*.dcm"))) == 3
@@ -166,14 +144,14 @@ class Pipeline:
     def __init__(self, tmp: Path):
         self.project = "czs" + uuid.uuid4().hex[:8]
         self.password = uuid.uuid4().hex
-        self.http = _free_port()
+        self.http = free_port()
         self.dir = tmp / "pacs"
         shutil.copytree(ROOT / "docker" / "pacs", self.dir)
         self.env = {
             **os.environ,
             "ORTHANC_PASSWORD": self.password,
             "ORTHANC_HTTP": str(self.http),
-            "ORTHANC_DICOM": str(_free_port()),
+            "ORTHANC_DICOM": str(free_port()),
             "CT_ZEROSHOT_IMAGE": IMAGE,
             "ORTHANC_IMAGE": ORTHANC_IMAGE,
         }
@@ -187,35 +165,15 @@ class Pipeline:
 
     def request(self, method, path, data=None, ctype="application/json"):
         auth = "Basic " + b64encode(f"pacs:{self.password}".encode()).decode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}{path}",
-            data=data,
-            method=method,
-            headers={"Authorization": auth, "Content-Type": ctype},
-        )
-        with urllib.request.urlopen(req, timeout=60) as r:
-            body = r.read()
-        return json.loads(body) if body and r.headers.get_content_type() == "application/json" else body
+        return orthanc_request(self.http, auth, method, path, data, ctype, timeout=60)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(pred, timeout, what):
-    start = time.time()
-    while time.time() - start < timeout:
-        try:
-            if pred():
-                return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(1)
-    raise TimeoutError(what)
+def _answers(call):
+    """``call``'s result, or None while the server is not up yet (for ``wait_for``)."""
+    try:
+        return call()
+    except (OSError, urllib.error.URLError):
+        return None
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
@@ -223,7 +181,7 @@ def test_compose_pipeline_study_into_orthanc_sr_back_in_orthanc(studies, tmp_pat
     pacs = Pipeline(tmp_path)
     pacs.compose("up", "-d")
     try:
-        _wait(lambda: pacs.request("GET", "/system"), 60, "Orthanc did not answer")
+        wait_for(lambda: _answers(lambda: pacs.request("GET", "/system")), 60, "Orthanc did not answer")
         study_dir = sorted(studies.iterdir())[0]
         files = sorted(p for p in study_dir.rglob("*") if p.is_file())
         for f in files:  # a modality's store, through Orthanc's REST API
@@ -236,7 +194,7 @@ def test_compose_pipeline_study_into_orthanc_sr_back_in_orthanc(studies, tmp_pat
             return [i for s in series if s["MainDicomTags"].get("Modality") == "SR" for i in s["Instances"]]
 
         try:
-            _wait(sr_instances, 240, "no SR came back into Orthanc")
+            wait_for(lambda: _answers(sr_instances), 240, "no SR came back into Orthanc")
         except TimeoutError:
             logs = pacs.compose("logs", "--no-color", check=False).stdout
             raise AssertionError(logs[-6000:]) from None
