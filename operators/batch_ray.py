@@ -54,6 +54,9 @@ def start(address: str | None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray starts its workers at niceness 15 (so that its own daemons stay responsive); on a machine
+        # shared with other work that would starve the batch, which is this cluster's only job.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
     res = ray.cluster_resources()
     log.info("ray: %d node(s), %g CPUs, %g GPUs", len(ray.nodes()), res.get("CPU", 0), res.get("GPU", 0))

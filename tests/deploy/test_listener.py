@@ -29,14 +29,20 @@ pytestmark = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Debian packa
 
 @pytest.fixture
 def site(tmp_path, tiny_package):
-    """Orthanc, 10 small CT studies uploaded to it, and a listener config pointing back at it."""
+    """Orthanc, 10 small CT studies uploaded to it, and a listener config pointing back at it that scores a
+    site's findings file beside the model's 30 findings (``findings:``, add mode)."""
+    from tests.deploy.test_custom_findings import GOOD
+
+    (tmp_path / "site-findings.yaml").write_text(GOOD)
     lport = free_port()
     orthanc = OrthancServer(tmp_path / "orthanc", lport)
     studies = []
     for i in range(10):
         files = small_study(tmp_path / "studies", f"PACS{i:02d}", n=10, shape=(20, 20))
         studies.append(orthanc.upload(files))
-    write_listener_config(tmp_path, lport, orthanc, tiny_package, retries=5, backoff_s=0.5)
+    write_listener_config(
+        tmp_path, lport, orthanc, tiny_package, retries=5, backoff_s=0.5, findings=str(tmp_path / "site-findings.yaml")
+    )
     yield {
         "orthanc": orthanc,
         "studies": studies,
@@ -85,10 +91,12 @@ def test_two_senders_ten_studies_one_sr_each(site):
         wait_for(lambda: _one_sr_each(site), 300, "an SR for every study")
         time.sleep(3)  # nothing more arrives
         assert _one_sr_each(site)
-        # Orthanc's copy of one SR reads back with highdicom: 30 findings.
+        # Orthanc's copy of one SR reads back with highdicom: the model's 30 findings and the site's 2.
         sr_id = site["orthanc"].srs(site["studies"][0])[0]
         (site["tmp"] / "sr.dcm").write_bytes(site["orthanc"].get(f"/instances/{sr_id}/file"))
-        assert len(read_findings(site["tmp"] / "sr.dcm")) == 30
+        found = read_findings(site["tmp"] / "sr.dcm")
+        assert len(found) == 32 and found["enlarged_liver"]["code"] == ("SCT", "80515008", "Hepatomegaly")
+        assert found["violin_in_pelvis"]["code"][0] == "99CTZS"  # a private code where the file gives none
         log = site["log"].read_text()
         assert "association from INTRUDER@127.0.0.1 rejected" in log
         assert "ORTHANC@127.0.0.1 rejected" not in log
