@@ -74,7 +74,7 @@ def test_image_requirements_cover_the_runtime_dependencies():
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     req = (ROOT / "docker" / "requirements.txt").read_text()
-    names = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps}
-    in_image = {re.split(r"[<>=!~ ]", line)[0].lower() for line in req.splitlines() if line and line[0].isalpha()}
+    names = {re.split(r"[\[<>=!~ ]", d)[0].lower() for d in deps}
+    in_image = {re.split(r"[\[<>=!~ ]", line)[0].lower() for line in req.splitlines() if line and line[0].isalpha()}
     missing = names - in_image - {"onnxruntime"}  # the image has onnxruntime-gpu instead
     assert not missing and "onnxruntime-gpu" in in_image
