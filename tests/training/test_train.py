@@ -13,13 +13,19 @@ from training.train import train
 SMALL = [*TINY_TRAIN, "train.log_every=1"]
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One preprocessed-volume cache for this module's runs (the same spec): built by the first, read by
+    the rest, as runs share a cache in practice."""
+    return tmp_path_factory.mktemp("volume-cache")
+
+
 def _weights(run):
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-def test_resume_gives_the_same_weights(corpus200, tmp_path):
+def test_resume_gives_the_same_weights(corpus200, cache, tmp_path):
     cfg = TrainConfig.load("cpu-tiny", SMALL)
-    cache = tmp_path / "cache"
     a = train(corpus200, tmp_path / "a", cfg, cache_dir=cache, progress=False)
     assert a["finished"] and a["steps_done"] == 6
     b1 = train(corpus200, tmp_path / "b", cfg, cache_dir=cache, stop_after=3, progress=False)
@@ -45,12 +51,12 @@ def test_resume_gives_the_same_weights(corpus200, tmp_path):
     assert not torch.equal(init["encode_image.i3_resnet.conv1.weight"], wa["encode_image.i3_resnet.conv1.weight"])
 
 
-def test_a_different_config_does_not_resume(corpus200, tmp_path):
+def test_a_different_config_does_not_resume(corpus200, cache, tmp_path):
     cfg = TrainConfig.load("cpu-tiny", SMALL)
-    train(corpus200, tmp_path / "r", cfg, cache_dir=tmp_path / "cache", stop_after=1, progress=False)
+    train(corpus200, tmp_path / "r", cfg, cache_dir=cache, stop_after=1, progress=False)
     other = TrainConfig.load("cpu-tiny", [*SMALL, "optim.lr=0.1"])
     with pytest.raises(ValueError, match="different config"):
-        train(corpus200, tmp_path / "r", other, cache_dir=tmp_path / "cache", progress=False)
+        train(corpus200, tmp_path / "r", other, cache_dir=cache, progress=False)
 
 
 def test_wrong_data_format(tmp_path):
@@ -60,17 +66,17 @@ def test_wrong_data_format(tmp_path):
         train(tmp_path / "data", tmp_path / "run", TrainConfig.load("cpu-tiny", SMALL), progress=False)
 
 
-def test_train_and_evaluate_commands(corpus200, tmp_path):
+def test_train_and_evaluate_commands(corpus200, cache, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "training.cli"]
     p = subprocess.run(
-        [*cmd, "train", "--data", str(corpus200), "--out", str(run), "--cache", str(tmp_path / "c"), "--quiet", *SMALL],
+        [*cmd, "train", "--data", str(corpus200), "--out", str(run), "--cache", str(cache), "--quiet", *SMALL],
         capture_output=True,
         text=True,
     )
     assert p.returncode == 0, p.stderr
     p = subprocess.run(
-        [*cmd, "evaluate", "--run", str(run), "--data", str(corpus200), "--cache", str(tmp_path / "c"), "--quiet"],
+        [*cmd, "evaluate", "--run", str(run), "--data", str(corpus200), "--cache", str(cache), "--quiet"],
         capture_output=True,
         text=True,
     )
