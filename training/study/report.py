@@ -214,7 +214,13 @@ def summary_md(t: StudyTables) -> str:
         f"wall time of the study command(s): {seconds / 60:.1f} min",
         f"- Every arm: training preset `{preset.train_preset}` with {list(preset.overrides)}; "
         f"{tc.steps} steps of batch {tc.batch_size}, the same LR schedule and alternation schedule; "
-        f"only `sampler.*` differs. Checkpoint chosen on validation zero-shot macro F1.",
+        + (
+            "only `sampler.*` differs"
+            if not any(a.overrides for a in arms)
+            else "arms differ in `sampler.*` and in the overrides of their own: "
+            + "; ".join(f"`{a.name}` {list(a.overrides)}" for a in arms if a.overrides)
+        )
+        + ". Checkpoint chosen on validation zero-shot macro F1.",
         f"- Subset: {preset.subset_fraction:.4f} of the training split (the paper's: 4,362 / 15,331 = "
         f"{SUBSET_FRACTION:.4f}), "
         f"fixed by `sampler.subset_seed`; 20 % within 40 % within 100 %.",
