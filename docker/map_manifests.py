@@ -1,6 +1,6 @@
 """Write the MAP manifests (``app.json``, ``pkg.json``) the way ``monai-deploy package`` writes them.
 
-    python3 map_manifests.py APP_YAML APP_DIR MODELS_DIR --out DIR [--env]
+    python3 map_manifests.py APP_YAML APP_DIR MODELS_DIR --out DIR
 
 The packager (holoscan-cli 4.2) needs NVIDIA's registries and buildx, which a hospital's build host or
 this project's CI may not reach, so the image is built from ``docker/Dockerfile`` instead; this script
@@ -49,18 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("app_yaml", type=Path)
     ap.add_argument("app_dir", type=Path)
     ap.add_argument("models_dir", type=Path)
-    ap.add_argument("--out", type=Path, help="write app.json and pkg.json here")
-    ap.add_argument("--env", action="store_true", help="print app.json's environment as KEY=VALUE lines")
+    ap.add_argument("--out", type=Path, required=True, help="write app.json and pkg.json here")
     args = ap.parse_args(argv)
     app, pkg = manifests(args.app_yaml, args.app_dir, args.models_dir)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        # Compact JSON, as the packager writes it (json.dumps of the manifest's data).
-        (args.out / "app.json").write_text(json.dumps(app, default=str))
-        (args.out / "pkg.json").write_text(json.dumps(pkg, default=str))
-    if args.env:
-        for key, value in app["environment"].items():
-            print(f"{key}={value}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Compact JSON, as the packager writes it (json.dumps of the manifest's data).
+    (args.out / "app.json").write_text(json.dumps(app, default=str))
+    (args.out / "pkg.json").write_text(json.dumps(pkg, default=str))
     return 0
 
 

@@ -209,9 +209,11 @@ def run_batch(
         pkg = package_with_findings(pkg, findings, findings_mode)
     if engine == "ray":
         try:
-            from . import batch_ray
-        except ImportError as exc:  # batch_ray imports nothing of Ray at module level: this is ray itself
+            import ray  # noqa: F401  (the optional extra; batch_ray imports it only inside its functions)
+        except ImportError as exc:
             raise BatchError(f"--engine ray needs Ray: pip install 'ct-zeroshot[ray]' ({exc})") from None
+        from . import batch_ray
+
         batch_ray.start(address)
     sr_dir = out / "sr"
     sr_dir.mkdir(parents=True, exist_ok=True)

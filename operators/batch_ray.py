@@ -97,9 +97,6 @@ def _worker_class(cpus: float, gpus: float):
         def process(self, study_uid: str, paths: list[str]) -> dict:
             return batch._process(study_uid, paths)
 
-        def pid(self) -> int:
-            return os.getpid()
-
     return StudyWorker
 
 

@@ -130,6 +130,15 @@ def test_all_good_exits_zero_and_force_redoes(archive, tiny_package, tmp_path):
     assert json.loads((out / "summary.json").read_text())["resumed"] == 0
 
 
+def test_ray_engine_without_ray_is_a_clear_error(tmp_path, monkeypatch):
+    from operators.batch import BatchError, run_batch
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as without the extra
+    with pytest.raises(BatchError, match=r"--engine ray needs Ray: pip install 'ct-zeroshot\[ray\]'"):
+        run_batch(tmp_path, tmp_path / "out", engine="ray")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_missing_input_is_a_clear_error(tmp_path, tiny_package):
     proc = _infer(tmp_path / "nope", "--out", tmp_path / "o", "--model", tiny_package["pkg"])
     assert proc.returncode == 2 and "input folder does not exist" in proc.stderr
@@ -173,11 +182,6 @@ def _popen_infer(*args) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=RAY_ENV)
 
 
-def _finish(proc: subprocess.Popen, timeout=900) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
 def _rows(out: Path) -> dict[str, dict]:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"]
@@ -186,8 +190,6 @@ def _rows(out: Path) -> dict[str, dict]:
 
 def _srs(out: Path) -> dict[str, tuple]:
     """SR file -> (SOP Instance UID, findings): what a reader of the SR gets, without its time stamps."""
-    import pydicom
-
     return {
         p.name: (pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID, read_findings(p))
         for p in sorted((out / "sr").glob("*.dcm"))
@@ -223,21 +225,22 @@ def test_ray_engine_gives_the_local_engines_srs_and_rows_though_a_worker_is_kill
     while killed is None and proc.poll() is None and time.time() < deadline:
         for pid in _busy_workers():
             try:
-                if (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(b"ray::StudyWorker.process"):
-                    os.kill(pid, signal.SIGKILL)
-                    killed = pid
-                    break
-            except OSError:
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+                break
+            except OSError:  # it ended meanwhile
                 pass
         time.sleep(0.02)
-    code, stdout, err = _finish(proc)
+    stdout, err = proc.communicate(timeout=900)
+    code = proc.returncode
     assert killed is not None, "no worker was caught in the middle of a study"
     assert code == 1, err[-3000:]  # the broken studies failed, the batch went on
     # Every study ends as with the local engine: the killed worker's study was retried and finished.
     rows = _rows(out)
     assert rows == _rows(first_run["out"]) and len(rows) == 20
     assert sum(r["status"] == "failed" for r in rows.values()) == len(archive["bad"])
-    assert _srs(out) == _srs(first_run["out"]) and len(_srs(out)) == 16
+    srs = _srs(out)
+    assert srs == _srs(first_run["out"]) and len(srs) == 16
     assert json.loads((out / "summary.json").read_text())["engine"] == "ray"
     for uid in archive["bad"]:
         assert f"FAILED {uid}" in stdout
