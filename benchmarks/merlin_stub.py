@@ -13,6 +13,7 @@ Nothing here is Merlin's weights or vocabulary; it is what the tests and ``make 
 from __future__ import annotations
 
 import ast
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -20,21 +21,10 @@ import torch
 
 from operators.findings import load_catalogue
 
-CLINICAL_LONGFORMER = dict(
-    vocab_size=50265,
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    max_position_embeddings=4098,
-    attention_window=512,
-    type_vocab_size=1,
-    pad_token_id=1,
-    bos_token_id=0,
-    eos_token_id=2,
-    sep_token_id=2,
-    layer_norm_eps=1e-5,
-)
+_LONGFORMER = json.loads((Path(__file__).parent / "clinical_longformer.json").read_text())
+CLINICAL_LONGFORMER: dict = _LONGFORMER["config"]
+# Merlin's text architecture scaled down for tests.
+SMALL_LONGFORMER: dict = _LONGFORMER["small_for_tests"]
 
 
 def merlin_shapes() -> dict[str, tuple]:
@@ -63,18 +53,6 @@ def random_merlin_state_dict(seed: int = 0, logit_scale: float = 2.3) -> dict[st
     return sd
 
 
-# Merlin's text architecture scaled down for tests: 2 layers of 64, attention window 64.
-SMALL_LONGFORMER = dict(
-    vocab_size=700,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    max_position_embeddings=1026,
-    attention_window=64,
-)
-
-
 def write_longformer_stub(out: str | Path, **overrides) -> Path:
     """Clinical-Longformer's config (or a variant: ``overrides``) and a stand-in tokenizer in ``out``."""
     from tokenizers import ByteLevelBPETokenizer
@@ -90,15 +68,7 @@ def write_longformer_stub(out: str | Path, **overrides) -> Path:
     backend = bpe._tokenizer
     backend.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
     PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        sep_token="</s>",
-        cls_token="<s>",
-        model_max_length=4096,
+        tokenizer_object=backend, model_max_length=4096, **_LONGFORMER["special_tokens"]
     ).save_pretrained(out)
     return out
 

@@ -317,13 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple[type[Exception], ...]) -> int:
+    """Both command lines' entry: run the chosen sub-command; an expected error (``errors``) is one line
+    on stderr naming the command, and exit status 2, instead of a traceback."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (VolumeError, ValueError, OSError) as exc:
-        print(f"ct-zeroshot {args.command}: error: {exc}", file=sys.stderr)
+    except errors as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv, (VolumeError, ValueError, OSError))
 
 
 if __name__ == "__main__":

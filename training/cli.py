@@ -6,19 +6,24 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
+
+
+def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named options as keyword arguments (argparse's names are the functions' parameter names)."""
+    return {n: getattr(args, n) for n in names}
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    """The options every long-running command takes: the volume cache and the progress bars."""
+    return {"cache_dir": args.cache, "progress": not args.quiet}
 
 
 def _synth(args: argparse.Namespace) -> int:
     from .synth.corpus import SynthConfig, generate_corpus
 
     cfg = SynthConfig(
-        out=args.out,
-        studies=args.studies,
-        seed=args.seed,
-        profile=args.profile,
-        dicom=args.dicom,
-        workers=args.workers,
-        version=args.corpus_version,
+        **_pick(args, "out", "studies", "seed", "profile", "dicom", "workers"), version=args.corpus_version
     )
     summary = generate_corpus(cfg, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
@@ -31,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = TrainConfig.load(args.preset, args.overrides)
-    summary = train(args.data, args.out, cfg, cache_dir=args.cache, stop_after=args.stop_after, progress=not args.quiet)
+    summary = train(args.data, args.out, cfg, stop_after=args.stop_after, **_common(args))
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -41,9 +46,7 @@ def _pretrain_image(args: argparse.Namespace) -> int:
     from .pretrain import INIT_FILE, pretrain_image
 
     cfg = TrainConfig.load(args.preset, args.overrides)
-    summary = pretrain_image(
-        args.data, args.out, cfg, cache_dir=args.cache, stop_after=args.stop_after, progress=not args.quiet
-    )
+    summary = pretrain_image(args.data, args.out, cfg, stop_after=args.stop_after, **_common(args))
     print(json.dumps(summary, indent=1))
     if summary["finished"]:
         print(f"image init: {args.out}/{INIT_FILE} (train ... image.init={args.out}/{INIT_FILE})")
@@ -57,13 +60,9 @@ def _recipe(args: argparse.Namespace) -> int:
         args.out,
         args.preset,
         args.overrides,
-        data=args.data,
-        studies=args.studies,
-        seed=args.seed,
-        corpus_version=args.corpus_version,
-        cache_dir=args.cache,
+        **_pick(args, "data", "studies", "seed", "corpus_version"),
         supervised=not args.no_supervised,
-        progress=not args.quiet,
+        **_common(args),
     )
     print(json.dumps(result, indent=1))
     print(f"\nrecipe: {args.out}/recipe.json")
@@ -73,9 +72,7 @@ def _recipe(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate_run import evaluate_run
 
-    metrics_path, text = evaluate_run(
-        args.run, args.data, split=args.split, checkpoint=args.checkpoint, cache_dir=args.cache, progress=not args.quiet
-    )
+    metrics_path, text = evaluate_run(args.run, args.data, **_pick(args, "split", "checkpoint"), **_common(args))
     print(text)
     print(f"\nmetrics: {metrics_path}")
     return 0
@@ -84,16 +81,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from .probe import probe_run
 
-    path, text = probe_run(
-        args.run,
-        args.data,
-        checkpoint=args.checkpoint,
-        split=args.split,
-        train_limit=args.train_limit,
-        supervised_steps=args.supervised_steps,
-        cache_dir=args.cache,
-        progress=not args.quiet,
-    )
+    options = _pick(args, "checkpoint", "split", "train_limit", "supervised_steps")
+    path, text = probe_run(args.run, args.data, **options, **_common(args))
     print(text)
     print(f"\nprobe: {path}")
     return 0
@@ -104,20 +93,8 @@ def _export(args: argparse.Namespace) -> int:
 
     from .export import export_run
 
-    export_run(
-        args.run,
-        args.out,
-        args.data,
-        checkpoint=args.checkpoint,
-        thresholds=args.thresholds,
-        name=args.name,
-        version=args.model_version,
-        cache_dir=args.cache,
-        progress=not args.quiet,
-        text=args.text,
-        auroc_floor=args.auroc_floor,
-        intended_use=args.intended_use,
-    )
+    options = _pick(args, "checkpoint", "thresholds", "name", "text", "auroc_floor", "intended_use")
+    export_run(args.run, args.out, args.data, version=args.model_version, **options, **_common(args))
     pkg = load_package(args.out)  # the deploy side's loader must accept what was written
     print(
         f"model package {pkg.root}: {pkg.name} {pkg.version}, {len(pkg.catalogue)} findings, "
@@ -129,7 +106,7 @@ def _export(args: argparse.Namespace) -> int:
 def _encode_prompts(args: argparse.Namespace) -> int:
     from .encode_prompts import encode_prompts
 
-    tower = {k: getattr(args, k) for k in ("run", "checkpoint", "text_model")}
+    tower = _pick(args, "run", "checkpoint", "text_model")
     encode_prompts(args.package, args.findings, args.out, mode=args.findings_mode, **tower)
     return 0
 
@@ -166,16 +143,7 @@ def _study(args: argparse.Namespace) -> int:
         )
         return 0
     try:
-        run_study(
-            preset,
-            args.data,
-            args.out,
-            seeds=args.seeds,
-            resume=args.resume,
-            cache_dir=args.cache,
-            jobs=args.jobs,
-            progress=not args.quiet,
-        )
+        run_study(preset, args.data, args.out, **_pick(args, "seeds", "resume", "jobs"), **_common(args))
     except RuntimeError as exc:
         print(f"ct-zeroshot-train study: {exc}", file=sys.stderr)
         return 1
@@ -386,12 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"ct-zeroshot-train {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    from operators.cli import run_command
+
+    return run_command(build_parser(), argv, (FileExistsError, FileNotFoundError, ValueError, KeyError))
 
 
 if __name__ == "__main__":

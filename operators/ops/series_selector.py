@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from monai.deploy.core import Operator, OperatorSpec
+from monai.deploy.core import Fragment
 
 from ..pipeline import select_series
+from .stage import StageOperator
 
 
-class SeriesSelectorOperator(Operator):
+class SeriesSelectorOperator(StageOperator):
     """Inputs: ``study`` (``StudyWork``). Outputs: ``selected_series`` (``StudyWork`` with ``chosen``
     set, or failed with the reason no series is eligible)."""
 
-    def setup(self, spec: OperatorSpec):
-        spec.input("study")
-        spec.output("selected_series")
+    ports = ("study", "selected_series")
 
-    def compute(self, op_input, op_output, context):
-        op_output.emit(select_series(op_input.receive("study")), "selected_series")
+    def __init__(self, fragment: Fragment, *args, **kwargs):
+        super().__init__(fragment, *args, stage=select_series, **kwargs)

@@ -23,20 +23,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.deploy.pacs import (
-    ORTHANC,
-    OrthancServer,
-    free_port,
-    start_listener,
-    wait_for,
-    wait_listening,
-    write_listener_config,
-)
+from tests.deploy import pacs
 from tests.dicom_cases import small_study
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Debian package orthanc needed"),
+    pytest.mark.skipif(not Path(pacs.ORTHANC).exists(), reason="Debian package orthanc needed"),
 ]
 SEED = int(os.environ.get("SOAK_SEED", "7"))
 RESULT = Path(os.environ.get("SOAK_RESULT", "results/soak/listener.json"))
@@ -52,9 +44,9 @@ class Listener:
         self.starts = 0
 
     def start(self):
-        self.proc = start_listener(self.cfg, self.log, cwd=self.cwd)
+        self.proc = pacs.start_listener(self.cfg, self.log, cwd=self.cwd)
         self.starts += 1
-        wait_listening(self.port, self.proc)
+        pacs.wait_listening(self.port, self.proc)
 
     def kill(self):
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -78,7 +70,7 @@ def send(files: list[Path], aet: str, port: int, give_up_s: float = 240) -> int:
     raise TimeoutError(f"{aet}: could not deliver {len(files)} instances in {give_up_s} s")
 
 
-def orthanc_srs(orthanc: OrthancServer, study_uid: str) -> list[pydicom.Dataset]:
+def orthanc_srs(orthanc: pacs.OrthancServer, study_uid: str) -> list[pydicom.Dataset]:
     found = orthanc.request("POST", "/tools/lookup", study_uid.encode(), "text/plain")
     if not found:
         return []
@@ -112,8 +104,8 @@ def current(srs: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
 def test_soak(tmp_path, tiny_package):
     rng = random.Random(SEED)
     t_start = time.time()
-    lport = free_port()
-    orthanc = OrthancServer(tmp_path / "orthanc", lport)
+    lport = pacs.free_port()
+    orthanc = pacs.OrthancServer(tmp_path / "orthanc", lport)
     studies: dict[str, list[Path]] = {}
     for i in range(20):
         files = small_study(tmp_path / "studies", f"SOAK{i:02d}", n=16, shape=(20, 20))
@@ -121,7 +113,7 @@ def test_soak(tmp_path, tiny_package):
     uids = list(studies)
     sop = {u: {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in studies[u]} for u in uids}
     senders = ["SEND1", "SEND2", "SEND3"]
-    cfg = write_listener_config(
+    cfg = pacs.write_listener_config(
         tmp_path,
         lport,
         orthanc,
@@ -192,8 +184,8 @@ def test_soak(tmp_path, tiny_package):
         return True
 
     try:
-        wait_for(settled, 600, "exactly one current SR covering every instance, for every study")
-        wait_for(lambda: not os.listdir(spool / "done"), RETAIN_S + 60, "delivered studies purged")
+        pacs.wait_for(settled, 600, "exactly one current SR covering every instance, for every study")
+        pacs.wait_for(lambda: not os.listdir(spool / "done"), RETAIN_S + 60, "delivered studies purged")
         all_srs = {u: orthanc_srs(orthanc, u) for u in uids}
         for u in uids:
             cur = current(all_srs[u])
@@ -213,12 +205,14 @@ def test_soak(tmp_path, tiny_package):
         late = uids[1]
         old = current(all_srs[late])[0]
         send(studies[late][-1:], "SEND1", lport)
-        wait_for(lambda: (spool / "failed" / late / "reason.txt").is_file(), 120, "the late instance refused")
+        pacs.wait_for(lambda: (spool / "failed" / late / "reason.txt").is_file(), 120, "the late instance refused")
         reason = (spool / "failed" / late / "reason.txt").read_text()
         assert "send the whole study again" in reason, reason
         assert len(orthanc_srs(orthanc, late)) == len(all_srs[late])
         send(studies[late], "SEND1", lport)
-        wait_for(lambda: current(orthanc_srs(orthanc, late))[0].SOPInstanceUID != old.SOPInstanceUID, 120, "resent")
+        pacs.wait_for(
+            lambda: current(orthanc_srs(orthanc, late))[0].SOPInstanceUID != old.SOPInstanceUID, 120, "resent"
+        )
         cur = current(orthanc_srs(orthanc, late))
         assert len(cur) == 1 and evidence(cur[0]) == sop[late] and old.SOPInstanceUID in predecessors(cur[0])
         log = (tmp_path / "listener.log").read_text()

@@ -68,23 +68,21 @@ def test_bad_label_value(corpus_copy):
         read_merlin_release(corpus_copy)
 
 
-def test_report_without_findings_section(corpus_copy):
+@pytest.mark.parametrize(
+    "row,column,value,message",
+    [
+        (5, 1, "IMPRESSION: 1. No acute abnormality.", r"reports_final.csv line 6: .*no 'FINDINGS:' section"),
+        (3, 0, "SYmissing", r"line 4: image .*SYmissing.nii.gz does not exist"),
+    ],
+    ids=["report-without-findings-section", "missing-nifti"],
+)
+def test_bad_report_row(corpus_copy, row, column, value, message):
     def mutate(rows):
-        rows[5][1] = "IMPRESSION: 1. No acute abnormality."
+        rows[row][column] = value
         return rows
 
     _rewrite(corpus_copy / "reports_final.csv", mutate)
-    with pytest.raises(DataError, match=r"reports_final.csv line 6: .*no 'FINDINGS:' section"):
-        read_merlin_release(corpus_copy)
-
-
-def test_missing_nifti(corpus_copy, tmp_path):
-    def mutate(rows):
-        rows[3][0] = "SYmissing"
-        return rows
-
-    _rewrite(corpus_copy / "reports_final.csv", mutate)
-    with pytest.raises(DataError, match=r"line 4: image .*SYmissing.nii.gz does not exist"):
+    with pytest.raises(DataError, match=message):
         read_merlin_release(corpus_copy)
 
 

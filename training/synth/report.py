@@ -11,244 +11,32 @@ does not mention it.
 
 from __future__ import annotations
 
+from importlib import resources
+
 import numpy as np
+import yaml
 
 from operators.findings import SECTIONS, load_catalogue
 
 from .patient import Patient
 
-HEADERS = {
-    "lower thorax": ["Lower thorax", "LOWER THORAX", "Lung bases", "Lower chest"],
-    "liver": ["Liver and biliary tree", "Liver", "LIVER AND BILIARY TREE", "Liver/biliary tree"],
-    "gallbladder": ["Gallbladder", "Gall bladder", "GALLBLADDER"],
-    "spleen": ["Spleen", "SPLEEN"],
-    "pancreas": ["Pancreas", "PANCREAS"],
-    "adrenal glands": ["Adrenal glands", "Adrenals", "ADRENAL GLANDS"],
-    "kidneys": ["Kidneys and ureters", "Kidneys", "GU", "KIDNEYS AND URETERS"],
-    "bowel": ["Gastrointestinal tract", "GI tract", "Bowel", "Bowel/mesentery"],
-    "peritoneum": ["Peritoneal space", "Peritoneal cavity", "Peritoneum"],
-    "abdominal wall": ["Abdominal wall"],
-    "pelvic": ["Pelvic organs", "Pelvis"],
-    "circulatory": ["Vasculature", "Vessels", "VASCULATURE"],
-    "lymph nodes": ["Lymph nodes", "Lymphatics", "LYMPH NODES"],
-    "musculoskeletal": ["Musculoskeletal", "Bones", "Osseous structures", "MUSCULOSKELETAL"],
-}
-PELVIC_SPLIT = {"M": ["Bladder", "Prostate and seminal vesicles"], "F": ["Bladder", "Uterus and ovaries"]}
+# The phrase tables are data (report_phrases.yaml, package data): headers by organ system, what a quiet
+# section says, where each finding's sentence goes, the sentences that state and deny each finding,
+# label-neutral filler and the impression's order.
+_PHRASES = yaml.safe_load(resources.files("training.synth").joinpath("report_phrases.yaml").read_text())
+HEADERS: dict[str, list[str]] = _PHRASES["headers"]
+PELVIC_SPLIT: dict[str, list[str]] = _PHRASES["pelvic_split"]
+NORMAL_STATEMENTS: list[str] = _PHRASES["normal_statements"]
+REPORT_SECTION: dict[str, str] = _PHRASES["report_section"]
+SIZE: dict[str, str] = _PHRASES["size"]
+POSITIVE: dict[str, list[str]] = _PHRASES["positive"]
+NEGATIVE: dict[str, list[str]] = _PHRASES["negative"]
+FILLER: dict[str, list[str]] = _PHRASES["filler"]
+IMPRESSION_ORDER: list[str] = _PHRASES["impression_order"]
+
 # Merlin's 13 organ systems in report order, with the abdominal wall written after the peritoneum.
 _AFTER_PERITONEUM = SECTIONS.index("peritoneum") + 1
 ORDER = [*SECTIONS[:_AFTER_PERITONEUM], "abdominal wall", *SECTIONS[_AFTER_PERITONEUM:]]
-NORMAL_STATEMENTS = ["Normal.", "Unremarkable.", "Within normal limits.", "Normal in appearance.", "Normal."]
-
-# Where each finding's sentence goes (the section of its text, not always its catalogue section).
-REPORT_SECTION = {
-    "aortic_valve_calcification": "lower thorax",
-    "coronary_calcification": "lower thorax",
-    "cardiomegaly": "lower thorax",
-    "atelectasis": "lower thorax",
-    "pleural_effusion": "lower thorax",
-    "hiatal_hernia": "lower thorax",
-    "hepatic_steatosis": "liver",
-    "hepatomegaly": "liver",
-    "biliary_ductal_dilation": "liver",
-    "metastatic_disease": "liver",
-    "gallstones": "gallbladder",
-    "surgically_absent_gallbladder": "gallbladder",
-    "splenomegaly": "spleen",
-    "pancreatic_atrophy": "pancreas",
-    "renal_cyst": "kidneys",
-    "renal_hypodensities": "kidneys",
-    "hydronephrosis": "kidneys",
-    "bowel_obstruction": "bowel",
-    "submucosal_edema": "bowel",
-    "appendicitis": "bowel",
-    "ascites": "peritoneum",
-    "free_air": "peritoneum",
-    "anasarca": "abdominal wall",
-    "prostatomegaly": "pelvic",
-    "thrombosis": "circulatory",
-    "abdominal_aortic_aneurysm": "circulatory",
-    "atherosclerosis": "circulatory",
-    "lymphadenopathy": "lymph nodes",
-    "osteopenia": "musculoskeletal",
-    "fracture": "musculoskeletal",
-}
-
-SIZE = {"mild": "small", "moderate": "moderate", "severe": "large"}
-
-# {sev}: mild/moderate/severe; {size}: small/moderate/large; {side}: left/right/bilateral.
-POSITIVE = {
-    "submucosal_edema": [
-        "{Sev} diffuse submucosal edema of the colon.",
-        "There is submucosal edema of the colonic wall.",
-        "Colonic wall thickening with {sev} submucosal edema.",
-    ],
-    "renal_hypodensities": [
-        "Subcentimeter hypodensities in the {side} kidney, too small to characterize.",
-        "Multiple {side} renal hypodensities.",
-        "Small hypodensities in the {side} kidney.",
-    ],
-    "aortic_valve_calcification": ["Aortic valve calcification.", "{Sev} aortic valvular calcification."],
-    "coronary_calcification": [
-        "{Sev} coronary calcification.",
-        "Coronary artery calcifications are present.",
-        "There is {sev} coronary artery calcification.",
-    ],
-    "thrombosis": [
-        "There is thrombosis with a filling defect in the vessel.",
-        "Partial thrombosis is present.",
-        "Filling defect consistent with venous thrombosis.",
-    ],
-    "metastatic_disease": [
-        "Multiple hypodense hepatic lesions, consistent with metastatic disease.",
-        "Innumerable liver lesions concerning for metastatic disease.",
-    ],
-    "pancreatic_atrophy": ["{Sev} pancreatic parenchymal atrophy.", "The pancreas is atrophic."],
-    "renal_cyst": [
-        "{Size} {side} renal cyst.",
-        "Simple cyst in the {side} kidney measuring up to {mm} mm.",
-        "{Side} renal cyst.",
-    ],
-    "osteopenia": ["{Sev} diffuse osteopenia.", "Osteopenia.", "Diffuse osteopenia of the visualized bones."],
-    "surgically_absent_gallbladder": [
-        "Surgically absent.",
-        "Status post cholecystectomy.",
-        "The gallbladder is surgically absent.",
-    ],
-    "atelectasis": [
-        "{Side} lower lobe atelectasis.",
-        "{Sev} bibasilar atelectasis.",
-        "Dependent atelectasis at the {side} lung base.",
-    ],
-    "abdominal_aortic_aneurysm": [
-        "Infrarenal abdominal aortic aneurysm measuring {mm} mm.",
-        "Abdominal aortic aneurysm with mural thrombus, maximal diameter {mm} mm.",
-    ],
-    "anasarca": ["Anasarca.", "Diffuse subcutaneous edema compatible with anasarca."],
-    "hiatal_hernia": ["{Size} hiatal hernia.", "There is a {size} sliding hiatal hernia."],
-    "lymphadenopathy": [
-        "Retroperitoneal lymphadenopathy, largest node {mm} mm.",
-        "Mesenteric and retroperitoneal lymphadenopathy.",
-        "Enlarged lymph nodes consistent with lymphadenopathy.",
-    ],
-    "prostatomegaly": ["{Sev} prostatomegaly.", "The prostate is enlarged."],
-    "biliary_ductal_dilation": [
-        "{Sev} intrahepatic and extrahepatic biliary ductal dilation.",
-        "{Sev} biliary ductal dilation.",
-    ],
-    "cardiomegaly": ["{Sev} cardiomegaly.", "The heart is enlarged."],
-    "splenomegaly": ["{Sev} splenomegaly.", "The spleen is enlarged, measuring {mm} mm craniocaudally."],
-    "hepatomegaly": ["{Sev} hepatomegaly.", "The liver is enlarged."],
-    "atherosclerosis": [
-        "{Sev} atherosclerosis of the aorta and iliac arteries.",
-        "Atherosclerotic calcifications of the aorta.",
-        "{Sev} atherosclerosis.",
-    ],
-    "ascites": ["{Size} volume ascites.", "There is {size} volume ascites throughout the abdomen and pelvis."],
-    "pleural_effusion": ["{Size} {side} pleural effusion.", "{Side} pleural effusion."],
-    "hepatic_steatosis": [
-        "{Sev} hepatic steatosis.",
-        "Diffusely decreased hepatic attenuation consistent with {sev} steatosis.",
-    ],
-    "appendicitis": [
-        "The appendix is dilated to {mm} mm with periappendiceal fat stranding, consistent with acute appendicitis.",
-        "Findings consistent with acute appendicitis.",
-    ],
-    "gallstones": [
-        "Gallstones present without evidence of cholecystitis.",
-        "Cholelithiasis.",
-        "Multiple dense gallstones in the gallbladder.",
-    ],
-    "hydronephrosis": ["{Sev} {side} hydronephrosis.", "{Side} hydronephrosis and hydroureter."],
-    "bowel_obstruction": [
-        "Dilated fluid-filled small bowel loops with air-fluid levels, compatible with small bowel obstruction.",
-        "{Sev} small bowel obstruction.",
-    ],
-    "free_air": ["There is free air in the anterior abdomen.", "Foci of free intraperitoneal air."],
-    "fracture": [
-        "Compression fracture of a lower thoracic vertebral body with {pct}% height loss.",
-        "Vertebral compression fracture.",
-    ],
-}
-
-NEGATIVE = {
-    "submucosal_edema": ["No bowel wall thickening or submucosal edema."],
-    "renal_hypodensities": ["No focal renal lesions."],
-    "aortic_valve_calcification": ["No aortic valve calcification."],
-    "coronary_calcification": ["No coronary calcification."],
-    "thrombosis": ["No portal venous thrombosis.", "No evidence of venous thrombosis."],
-    "metastatic_disease": ["No evidence of metastatic disease.", "No suspicious hepatic lesions."],
-    "pancreatic_atrophy": ["No pancreatic atrophy."],
-    "renal_cyst": ["No renal cysts."],
-    "osteopenia": ["Normal bone mineralization."],
-    "surgically_absent_gallbladder": ["The gallbladder is present."],
-    "atelectasis": ["No atelectasis."],
-    "abdominal_aortic_aneurysm": ["No abdominal aortic aneurysm.", "The abdominal aorta is normal in caliber."],
-    "anasarca": ["No anasarca."],
-    "hiatal_hernia": ["No hiatal hernia."],
-    "lymphadenopathy": ["No lymphadenopathy.", "No enlarged lymph nodes."],
-    "prostatomegaly": ["No prostatomegaly.", "The prostate is normal in size."],
-    "biliary_ductal_dilation": [
-        "No biliary ductal dilation.",
-        "No intrahepatic or extrahepatic biliary ductal dilation.",
-    ],
-    "cardiomegaly": ["No cardiomegaly.", "The heart is normal in size."],
-    "splenomegaly": ["No splenomegaly.", "The spleen is normal in size."],
-    "hepatomegaly": ["No hepatomegaly.", "The liver is normal in size."],
-    "atherosclerosis": ["No significant atherosclerosis."],
-    "ascites": ["No ascites.", "No free fluid."],
-    "pleural_effusion": ["No pleural effusion.", "No pleural effusions."],
-    "hepatic_steatosis": ["No hepatic steatosis.", "Normal hepatic attenuation."],
-    "appendicitis": ["Normal appendix.", "No evidence of appendicitis."],
-    "gallstones": ["No gallstones.", "No radiopaque gallstones."],
-    "hydronephrosis": ["No hydronephrosis.", "No hydronephrosis or hydroureter."],
-    "bowel_obstruction": ["No bowel obstruction.", "No evidence of bowel obstruction."],
-    "free_air": ["No free air.", "No free intraperitoneal air."],
-    "fracture": ["No acute fracture.", "No fracture."],
-}
-
-# Extra, label-neutral sentences that real reports carry.
-FILLER = {
-    "liver": ["Patent portal and hepatic veins."],
-    "kidneys": ["Symmetric enhancement."],
-    "bowel": ["Normal caliber bowel loops."],
-    "circulatory": ["Patent major vessels."],
-    "musculoskeletal": ["Degenerative changes of the lumbar spine."],
-    "adrenal glands": ["No adrenal nodules."],
-}
-
-# Order of the impression: acute findings first.
-IMPRESSION_ORDER = [
-    "free_air",
-    "bowel_obstruction",
-    "appendicitis",
-    "thrombosis",
-    "metastatic_disease",
-    "abdominal_aortic_aneurysm",
-    "hydronephrosis",
-    "biliary_ductal_dilation",
-    "ascites",
-    "fracture",
-    "submucosal_edema",
-    "pleural_effusion",
-    "lymphadenopathy",
-    "splenomegaly",
-    "hepatomegaly",
-    "cardiomegaly",
-    "anasarca",
-    "hepatic_steatosis",
-    "gallstones",
-    "pancreatic_atrophy",
-    "hiatal_hernia",
-    "prostatomegaly",
-    "renal_cyst",
-    "osteopenia",
-    "atelectasis",
-    "coronary_calcification",
-    "aortic_valve_calcification",
-    "atherosclerosis",
-    "renal_hypodensities",
-    "surgically_absent_gallbladder",
-]
 
 
 def _fill(template: str, f, rng: np.random.Generator) -> str:

@@ -1,0 +1,28 @@
+"""The shape the middle operators share: one pipeline stage (``operators.pipeline``) per operator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from ..pipeline import StudyWork
+
+
+class StageOperator(Operator):
+    """One named input and one named output (``ports``, set by each subclass), both ``StudyWork``:
+    ``compute`` receives a study, applies the stage given to the constructor and emits the result (a
+    failed study passes through every stage as failed, so the SR writer records it)."""
+
+    ports: tuple[str, str]
+
+    def __init__(self, fragment: Fragment, *args, stage: Callable[[StudyWork], StudyWork], **kwargs):
+        self._stage = stage
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input(self.ports[0])
+        spec.output(self.ports[1])
+
+    def compute(self, op_input, op_output, context):
+        op_output.emit(self._stage(op_input.receive(self.ports[0])), self.ports[1])
