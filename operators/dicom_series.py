@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .phi import describe
 from .uids import is_valid_uid
@@ -39,6 +41,9 @@ class SeriesFiles:
     modality: str
     paths: list[Path] = field(default_factory=list)
     headers: list[Dataset] = field(default_factory=list)
+    # Where each file's Pixel Data element starts (the position the header read stopped at), for
+    # ``read_frame``'s direct read of native pixel data; None where unknown.
+    pixel_offsets: list[int | None] = field(default_factory=list)
 
 
 @dataclass
@@ -69,7 +74,9 @@ def scan_files(files: Iterable[str | Path]) -> ScanResult:
     unreadable: list[tuple[Path, str]] = []
     for path in map(Path, files):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with open(path, "rb") as fh:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True)
+                offset = fh.tell()  # pydicom stops before the Pixel Data tag
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         except Exception as exc:  # pydicom raises InvalidDicomError, EOFError, AttributeError...
             unreadable.append((path, f"not a readable DICOM instance ({describe(exc)})"))
@@ -84,7 +91,54 @@ def scan_files(files: Iterable[str | Path]) -> ScanResult:
         s = series.setdefault(key, SeriesFiles(study_uid, series_uid, str(ds.get("Modality", ""))))
         s.paths.append(path)
         s.headers.append(ds)
+        s.pixel_offsets.append(offset)
     return ScanResult(series, unreadable)
+
+
+_NATIVE_LE = {ImplicitVRLittleEndian: 8, ExplicitVRLittleEndian: 12}  # bytes of the Pixel Data tag, VR, length
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def read_frame(path: str | Path, header: Dataset, offset: int | None) -> np.ndarray:
+    """The pixels of a single-frame instance as pydicom decodes them (``pydicom.pixels.pixel_array``).
+
+    Native (uncompressed) little-endian 16-bit grey pixel data, the common CT case, is read straight
+    from ``offset`` (where the header scan stopped: the Pixel Data element) with ``numpy.fromfile``:
+    300 slices of 512x512 in 0.05 s against pydicom's 0.4 s, which parses each file again (README,
+    stage timings). The element's tag and length are checked first; unused high bits are handled as
+    pydicom does (shifted out, sign-extended for signed data). Anything else (compressed transfer
+    syntaxes, other bit depths, colour, multi-frame, an unexpected element) goes to pydicom."""
+    meta = getattr(header, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    rows, cols = int(header.get("Rows", 0)), int(header.get("Columns", 0))
+    stored = int(header.get("BitsStored", 0) or 0)
+    native = (
+        offset is not None
+        and ts in _NATIVE_LE
+        and header.get("BitsAllocated") == 16
+        and 1 <= stored <= 16
+        and header.get("SamplesPerPixel", 1) == 1
+        and int(header.get("NumberOfFrames", 1) or 1) == 1
+        and header.get("PixelRepresentation") in (0, 1)
+        and rows > 0
+        and cols > 0
+    )
+    if native:
+        head = _NATIVE_LE[ts]
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            element = fh.read(head)
+            length = int.from_bytes(element[-4:], "little")
+            if element[:4] == _PIXEL_DATA_TAG and length == rows * cols * 2:
+                dtype = np.dtype("<i2" if header.PixelRepresentation == 1 else "<u2")
+                arr = np.fromfile(fh, dtype=dtype, count=rows * cols)
+                if arr.size == rows * cols:
+                    arr = arr.reshape(rows, cols)
+                    if stored < 16:
+                        np.left_shift(arr, 16 - stored, out=arr)
+                        np.right_shift(arr, 16 - stored, out=arr)
+                    return arr
+    return pixel_array(str(path))
 
 
 def _floats(ds: Dataset, keyword: str, n: int, where: str) -> np.ndarray:

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom.pixels import pixel_array
 from pydicom.uid import generate_uid
 
-from .dicom_series import SeriesFiles, series_to_volume
+from .dicom_series import SeriesFiles, read_frame, series_to_volume
 from .phi import describe
 from .preprocessing import build_transform, preprocess
 from .volume import VolumeError
@@ -138,16 +137,17 @@ class SeriesToModelInput:
     def __call__(self, work: StudyWork) -> StudyWork:
         if work.failed:
             return work
-        # Geometry from the headers the scan already read; pixels decoded straight from each file
-        # (pydicom.pixels.pixel_array), without holding every full dataset and its cached array.
+        # Geometry from the headers the scan already read; pixels read straight from each file
+        # (dicom_series.read_frame), without holding every full dataset and its cached array.
         chosen = work.series_chosen()
         names = [str(p) for p in chosen.paths]
+        offsets = chosen.pixel_offsets or [None] * len(names)
         t = time.perf_counter()
         try:
             vol = series_to_volume(
                 chosen.headers,
                 names,
-                pixels=lambda n: pixel_array(names[n]),
+                pixels=lambda n: read_frame(names[n], chosen.headers[n], offsets[n]),
                 axcodes=self.spec.orientation,
                 out=self._buffer,
             )

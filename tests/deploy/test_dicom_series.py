@@ -138,3 +138,53 @@ def test_a_rescale_slope_that_is_not_a_number_is_named(series):
     ds.save_as(paths[2])
     with pytest.raises(VolumeError, match=f"{paths[2].name}: RescaleSlope is not a number"):
         load_dicom_folder(folder)
+
+
+@pytest.mark.parametrize(
+    "syntax,stored,signed",
+    [
+        (pydicom.uid.ExplicitVRLittleEndian, 12, 0),
+        (pydicom.uid.ExplicitVRLittleEndian, 12, 1),
+        (pydicom.uid.ExplicitVRLittleEndian, 16, 1),
+        (pydicom.uid.ImplicitVRLittleEndian, 12, 0),
+        (pydicom.uid.ImplicitVRLittleEndian, 16, 0),
+        (pydicom.uid.RLELossless, 12, 1),
+    ],
+)
+def test_read_frame_equals_pydicom(series, tmp_path, monkeypatch, syntax, stored, signed):
+    """The direct read of native pixel data gives pydicom's array bit for bit, unused high bits holding
+    garbage included; compressed data goes to pydicom (the only case it is called for here)."""
+    from operators import dicom_series
+
+    _, paths, _ = series
+    ds = pydicom.dcmread(paths[0])
+    rng = np.random.default_rng(stored + signed)
+    raw = rng.integers(0, 2**16, size=(ds.Rows, ds.Columns), dtype=np.uint16)  # every bit set somewhere
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = stored, stored - 1, signed
+    ds.PixelData = raw.astype("<u2").tobytes()
+    if syntax.is_compressed:
+        ds.PixelRepresentation = 0
+        ds.compress(syntax, encoding_plugin="pydicom")
+    else:
+        ds.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / "frame.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    expected = pydicom.pixels.pixel_array(str(path))
+    scan = scan_tree(path)
+    ((_, s),) = scan.series.items()
+    called = []
+    real = dicom_series.pixel_array
+    monkeypatch.setattr(dicom_series, "pixel_array", lambda p: called.append(p) or real(p))
+    got = dicom_series.read_frame(path, s.headers[0], s.pixel_offsets[0])
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert bool(called) == syntax.is_compressed
+
+
+def test_read_frame_falls_back_when_the_offset_is_wrong(series):
+    from operators.dicom_series import read_frame
+
+    _, paths, _ = series
+    s = next(iter(scan_tree(paths[0]).series.values()))
+    expected = pydicom.pixels.pixel_array(str(paths[0]))
+    for offset in (None, 0, s.pixel_offsets[0] + 2):
+        assert np.array_equal(read_frame(paths[0], s.headers[0], offset), expected)
