@@ -112,9 +112,10 @@ def read_frame(path: str | Path, header: Dataset, offset: int | None) -> np.ndar
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     rows, cols = int(header.get("Rows", 0)), int(header.get("Columns", 0))
     stored = int(header.get("BitsStored", 0) or 0)
+    head = _NATIVE_LE.get(ts) if ts is not None else None
     native = (
         offset is not None
-        and ts in _NATIVE_LE
+        and head is not None
         and header.get("BitsAllocated") == 16
         and 1 <= stored <= 16
         and header.get("SamplesPerPixel", 1) == 1
@@ -123,8 +124,7 @@ def read_frame(path: str | Path, header: Dataset, offset: int | None) -> np.ndar
         and rows > 0
         and cols > 0
     )
-    if native:
-        head = _NATIVE_LE[ts]
+    if native and offset is not None and head is not None:
         with open(path, "rb") as fh:
             fh.seek(offset)
             element = fh.read(head)

@@ -29,6 +29,7 @@ import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from . import __version__
@@ -44,6 +45,7 @@ ABSENT = codes.SCT.Absent
 UNDETERMINED = codes.SCT.Undetermined  # a finding the package cannot assess (validation AUROC below its floor)
 SR_SERIES_NUMBER = 9100
 SR_SERIES_DESCRIPTION = "ct-zeroshot AI findings"
+SR_CHARSET = "ISO_IR 192"  # UTF-8
 
 
 def _coded(code: FindingCode) -> hd.sr.CodedConcept:
@@ -65,23 +67,69 @@ def build_sr(
     # Every UID inside the document derives from its SOP Instance UID (itself derived from the study,
     # the series and the model by the pipeline), so the same input and model give the same content.
     sop_instance_uid = sop_instance_uid or generate_uid()
-    algorithm = f"{package.name}"
+    context = _observation_context(package)
+    report = measurement_report(context, _groups(package, findings, sop_instance_uid))
+    return _document(source, report, package, series_instance_uid, sop_instance_uid, predecessors)
+
+
+class Placeholders:
+    """Values that stand, in an ``SRTemplate``'s content, for what changes per study; each is unique in
+    the encoded content, so the template can find and replace it (``operators.sr_template``)."""
+
+    SCHEME = "99CTZSPH"
+
+    def uid(self, j: int) -> str:
+        return f"2.25.{10**30 + 7919 * (j + 1)}"
+
+    def code(self, j: int) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept(f"PH{j:06d}", self.SCHEME, f"placeholder {j}")
+
+    def number(self, j: int) -> float:
+        return 98765.4321 - j / 8  # exact in binary, so its DS and FD encodings are stable
+
+
+def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=package.uid,
         name="ct-zeroshot",
         manufacturer_name="ct-zeroshot",
         model_name=f"{package.name} {package.version}",
     )
-    context = hd.sr.ObservationContext(
+    return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.cid270.Device, observer_identifying_attributes=device
         )
     )
+
+
+def _value(findings: Findings, j: int) -> Code:  # pydicom's Code
+    if not findings.assessed[j]:
+        return UNDETERMINED
+    return PRESENT if bool(findings.present[j]) else ABSENT
+
+
+def _tracking_uid(sop_instance_uid: str, finding_id: str) -> str:
+    return generate_uid(entropy_srcs=[sop_instance_uid, "tracking", finding_id])
+
+
+def measurement_report(context: hd.sr.ObservationContext, groups: list) -> hd.sr.MeasurementReport:
+    return hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=PROCEDURE_CT, imaging_measurements=groups
+    )
+
+
+def _groups(
+    package: ModelPackage,
+    findings: Findings,
+    sop_instance_uid: str,
+    placeholders: Placeholders | None = None,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """TID 1500's measurement groups, one per finding. ``placeholders`` (``SRTemplate``) stand in for the values
+    that change from study to study: tracking UIDs, qualitative values and certainties."""
+    algorithm = f"{package.name}"
     groups = []
-    uses_private = False
     for j, (f, entry) in enumerate(zip(package.catalogue, package.manifest.findings)):
         code = _coded(f.code)
-        uses_private |= f.code.scheme == package.catalogue.private_scheme.scheme
         selection = entry.threshold_selection or {}
         algo = hd.sr.AlgorithmIdentification(
             name=algorithm,
@@ -91,15 +139,15 @@ def build_sr(
             # a site's own finding: which wording decided (sha256 of its normalised prompts, 16 hex digits)
             + ([f"custom prompts sha256={selection['prompts_digest']}"] if selection.get("method") == "custom" else []),
         )
-        if not findings.assessed[j]:
-            value = UNDETERMINED
+        value: Code | hd.sr.CodedConcept
+        if placeholders is None:
+            value, certainty = _value(findings, j), round(float(findings.probabilities[j]) * 100.0, 4)
+            tracking = _tracking_uid(sop_instance_uid, f.id)
         else:
-            value = PRESENT if bool(findings.present[j]) else ABSENT
+            value, certainty, tracking = placeholders.code(j), placeholders.number(j), placeholders.uid(j)
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", f.id]), identifier=f.id
-                ),
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking, identifier=f.id),
                 finding_type=code,
                 algorithm_id=algo,
                 finding_sites=[hd.sr.FindingSite(_coded(f.site))] if f.site is not None else None,
@@ -107,17 +155,27 @@ def build_sr(
                 measurements=[
                     hd.sr.Measurement(
                         name=codes.DCM.CertaintyOfFinding,
-                        value=round(float(findings.probabilities[j]) * 100.0, 4),
+                        value=certainty,
                         unit=codes.UCUM.Percent,
                         algorithm_id=algo,
                     )
                 ],
             )
         )
-    report = hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=PROCEDURE_CT, imaging_measurements=groups
-    )
+    return groups
+
+
+def _document(
+    source: Sequence[Dataset],
+    report: hd.sr.MeasurementReport,
+    package: ModelPackage,
+    series_instance_uid: str | None,
+    sop_instance_uid: str,
+    predecessors: Sequence[Dataset],
+) -> hd.sr.Comprehensive3DSR:
+    """The document around the report: patient and study from the source, evidence, equipment, UIDs."""
     schemes = [CodingSchemeIdentificationItem(designator="99IHE", name="IHE Radiology temporary codes")]
+    uses_private = any(f.code.scheme == package.catalogue.private_scheme.scheme for f in package.catalogue)
     if uses_private:
         ps = package.catalogue.private_scheme
         schemes.append(CodingSchemeIdentificationItem(designator=ps.scheme, name=ps.meaning, version=ps.value))
@@ -148,7 +206,7 @@ def build_sr(
         series_description=SR_SERIES_DESCRIPTION,
         manufacturer_model_name=f"{package.name} {package.version}",
         software_versions=f"ct-zeroshot {__version__}",
-        specific_character_set="ISO_IR 192",
+        specific_character_set=SR_CHARSET,
     )
 
 

@@ -1,0 +1,191 @@
+"""SRs at the cost of their values: a package's SR content built once, then filled in per study.
+
+highdicom builds and validates the ~1,400 content items of the 30 measurement groups for every study
+(0.4-0.5 s on this CPU: deep copies, and a search of the tree for evidence) and pydicom encodes them
+again (0.15 s), yet per study only three values per finding change: the tracking UID, the qualitative
+value (present / absent / undetermined) and the certainty. ``SRTemplate`` builds the content once per
+package with highdicom itself, with unique placeholders for those values (``sr.Placeholders``),
+encodes it once with undefined lengths (so a value of another length goes in without recomputing any
+enclosing length; both forms are standard DICOM, PS3.5 7.5), and per study joins the constant bytes
+with the encoded values. The document around the content (patient and study from the source,
+evidence, UIDs, predecessors, equipment) is still built by highdicom for every study, from a report
+with one group whose content is then replaced by the filled one. ``build_sr_fast`` falls back to
+``sr.build_sr`` where a template cannot be made; ``tests/deploy/test_sr_template.py`` checks that the
+two documents, read back, are equal element for element.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DS
+
+from .package import ModelPackage
+from .sr import (
+    ABSENT,
+    PRESENT,
+    SR_CHARSET,
+    UNDETERMINED,
+    Placeholders,
+    _document,
+    _groups,
+    _observation_context,
+    _tracking_uid,
+    _value,
+    build_sr,
+    measurement_report,
+)
+from .zeroshot import Findings
+
+CONTENT_SEQUENCE = Tag(0x0040, 0xA730)
+_SQ_HEADER, _SQ_DELIMITER = 12, 8  # explicit VR: tag, "SQ", reserved, length; the sequence delimiter
+
+
+def _encode(ds: Dataset) -> bytes:
+    """``ds``'s elements as they are encoded inside an SR (explicit VR little endian, the SR's charset)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds, parent_encoding=SR_CHARSET)
+    return fp.getvalue()
+
+
+def _undefined_lengths(ds: Dataset) -> None:
+    for elem in ds:
+        if elem.VR == "SQ":
+            elem.is_undefined_length = True
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = True
+                _undefined_lengths(item)
+
+
+def _uid(uid: str) -> bytes:
+    ds = Dataset()
+    ds.UID = uid
+    return _encode(ds)
+
+
+def _number(value: float) -> bytes:
+    """The measured value's two elements as highdicom's NumContentItem sets them (FD, then DS by tag)."""
+    ds = Dataset()
+    ds.FloatingPointValue = value
+    ds.NumericValue = DS(value, auto_format=True)
+    return _encode(ds)
+
+
+class SRTemplate:
+    """The encoded content of one package's SR with a slot per study-dependent value."""
+
+    def __init__(self, package: ModelPackage, findings: Findings):
+        ph = Placeholders()
+        context = _observation_context(package)
+        groups = _groups(package, findings, "1.2.3", ph)  # placeholders replace every derived UID
+        root = Dataset()
+        report = measurement_report(context, groups)
+        root.ContentSequence = report[0].ContentSequence
+        _undefined_lengths(root)
+        encoded = _encode(root)
+        body = encoded[_SQ_HEADER:-_SQ_DELIMITER]
+        slots: list[tuple[int, int, int, str]] = []  # (start, end, finding, kind)
+        n = len(package.catalogue)
+        for j in range(n):
+            for kind, needle in (
+                ("uid", _uid(ph.uid(j))),
+                ("code", _encode(ph.code(j))),
+                ("number", _number(ph.number(j))),
+            ):
+                at = body.find(needle)
+                if at < 0 or body.find(needle, at + 1) >= 0:
+                    raise ValueError(f"SR template: placeholder {kind} of finding {j} not found exactly once")
+                slots.append((at, at + len(needle), j, kind))
+        slots.sort()
+        self.chunks: list[bytes] = []
+        self.slots: list[tuple[int, str]] = []
+        pos = 0
+        for start, end, j, kind in slots:
+            self.chunks.append(body[pos:start])
+            self.slots.append((j, kind))
+            pos = end
+        self.chunks.append(body[pos:])
+        # The three qualitative values as highdicom encodes them in a CODE item's concept code.
+        self.codes = {
+            key: _encode(hd.sr.QualitativeEvaluation(name=code, value=code)[0].ConceptCodeSequence[0])
+            for key, code in (("present", PRESENT), ("absent", ABSENT), ("undetermined", UNDETERMINED))
+        }
+        # The document is built around a report with one group; its content is then replaced.
+        self.stub = measurement_report(context, groups[:1])
+        self.ids = [f.id for f in package.catalogue]
+
+    def content(self, findings: Findings, sop_instance_uid: str) -> RawDataElement:
+        """The Content Sequence of the study's SR, encoded."""
+        values = {}
+        for j, fid in enumerate(self.ids):
+            v = _value(findings, j)
+            key = "undetermined" if v is UNDETERMINED else "present" if v is PRESENT else "absent"
+            values[j, "uid"] = _uid(_tracking_uid(sop_instance_uid, fid))
+            values[j, "code"] = self.codes[key]
+            values[j, "number"] = _number(round(float(findings.probabilities[j]) * 100.0, 4))
+        parts = [self.chunks[0]]
+        for slot, chunk in zip(self.slots, self.chunks[1:]):
+            parts += [values[slot], chunk]
+        return RawDataElement(CONTENT_SEQUENCE, "SQ", 0xFFFFFFFF, b"".join(parts), 0, False, True, True, False)
+
+
+_TEMPLATES: OrderedDict[tuple, SRTemplate | None] = OrderedDict()
+_LOCK = threading.Lock()
+_KEEP = 8  # packages (or findings-file views) whose templates are kept
+
+
+def template_for(package: ModelPackage, findings: Findings) -> SRTemplate | None:
+    """The package's template (made on first use; None where one cannot be made)."""
+    key = (
+        package.identity,
+        package.name,
+        package.version,
+        tuple(f.id for f in package.catalogue),
+        np.asarray(findings.thresholds, dtype=np.float64).tobytes(),
+        np.asarray(findings.assessed, dtype=bool).tobytes(),
+    )
+    with _LOCK:
+        if key not in _TEMPLATES:
+            try:
+                _TEMPLATES[key] = SRTemplate(package, findings)
+            except ValueError:
+                _TEMPLATES[key] = None
+            while len(_TEMPLATES) > _KEEP:
+                _TEMPLATES.popitem(last=False)
+        _TEMPLATES.move_to_end(key)
+        return _TEMPLATES[key]
+
+
+def build_sr_fast(
+    source: Sequence[Dataset],
+    findings: Findings,
+    package: ModelPackage,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    predecessors: Sequence[Dataset] = (),
+) -> hd.sr.Comprehensive3DSR:
+    """``sr.build_sr``'s document, its content filled into the package's template."""
+    template = template_for(package, findings)
+    if template is None or not source:
+        return build_sr(source, findings, package, series_instance_uid, sop_instance_uid, predecessors)
+    sop_instance_uid = sop_instance_uid or generate_uid()
+    sr = _document(source, template.stub, package, series_instance_uid, sop_instance_uid, predecessors)
+    if sr.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian or sr.SpecificCharacterSet != SR_CHARSET:
+        return build_sr(source, findings, package, series_instance_uid, sop_instance_uid, predecessors)
+    sr[CONTENT_SEQUENCE] = template.content(findings, sop_instance_uid)
+    # Declared as already in the file's encoding, so pydicom writes the content's bytes as they are
+    # (otherwise it parses every raw element to re-encode it).
+    sr.set_original_encoding(False, True, convert_encodings(SR_CHARSET))
+    return sr

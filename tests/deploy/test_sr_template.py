@@ -1,0 +1,73 @@
+"""The SR template (operators.sr_template) writes the document highdicom builds (operators.sr.build_sr)."""
+
+import dataclasses
+
+import numpy as np
+import pydicom
+import pytest
+
+from operators.dicom_series import scan_tree
+from operators.package import default_package_dir, load_package
+from operators.sr import build_sr, read_findings, write_sr
+from operators.sr_template import build_sr_fast, template_for
+from operators.zeroshot import ZeroShotModel
+from tests.dicom_cases import small_study
+from tests.sr_validators import have_validators, validate_all
+
+# Set from the clock by highdicom: the only elements allowed to differ between two builds.
+STAMPS = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime")
+
+
+def _without_stamps(ds: pydicom.Dataset) -> pydicom.Dataset:
+    for elem in list(ds):
+        if elem.keyword in STAMPS:
+            del ds[elem.tag]
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                _without_stamps(item)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sr-template")
+    small_study(root / "in", "TPL", n=20, shape=(16, 16))
+    ((_, series),) = scan_tree(root / "in").studies().items()
+    pkg = load_package(default_package_dir())
+    model = ZeroShotModel(pkg, device="cpu")
+    emb = np.random.default_rng(0).normal(size=(3, pkg.embedding_dim)).astype(np.float32)
+    return root, series[0].headers, pkg, model.decide(emb)
+
+
+@pytest.mark.parametrize("pattern", ["as-scored", "all-present", "all-absent"])
+def test_fast_sr_equals_highdicom_sr(case, pattern):
+    root, headers, pkg, scored = case
+    findings = scored[0]
+    if pattern != "as-scored":  # every assessed finding present, or none (undetermined stay undetermined)
+        present = findings.assessed & (pattern == "all-present")
+        findings = dataclasses.replace(findings, present=present)
+    earlier = pydicom.dcmread(write_sr(build_sr(headers, scored[1], pkg), root / "earlier", "SR.dcm"))
+    uids = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")
+    ref = write_sr(build_sr(headers, findings, pkg, *uids, predecessors=[earlier]), root / f"ref-{pattern}", "SR.dcm")
+    fast = write_sr(
+        build_sr_fast(headers, findings, pkg, *uids, predecessors=[earlier]), root / f"fast-{pattern}", "SR.dcm"
+    )
+    a, b = (_without_stamps(pydicom.dcmread(p)) for p in (ref, fast))
+    assert a == b  # every element, the 30 groups' ~1,400 content items included
+    assert read_findings(fast) == read_findings(ref)
+    values = {v["present"] for k, v in read_findings(fast).items() if v["assessed"]}
+    assert values == {"as-scored": {True, False}, "all-present": {True}, "all-absent": {False}}[pattern]
+
+
+def test_one_template_per_package_and_decision_rule(case):
+    _, _, pkg, scored = case
+    assert template_for(pkg, scored[0]) is template_for(pkg, scored[1])
+    other = dataclasses.replace(scored[0], thresholds=scored[0].thresholds + 0.01)
+    assert template_for(pkg, other) is not template_for(pkg, scored[0])
+
+
+@pytest.mark.skipif(not have_validators(), reason="dicom3tools, dcmtk and PixelMed needed")
+def test_fast_sr_passes_the_validators(case):
+    root, headers, pkg, scored = case
+    path = write_sr(build_sr_fast(headers, scored[2], pkg), root / "validate", "SR.dcm")
+    assert validate_all([path], pixelmed_files=1) == {}  # {file: problems} of the files with any
