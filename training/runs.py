@@ -139,7 +139,13 @@ def ensure_text_model(cfg: TrainConfig, run: Path, train_studies: list[Study]) -
 def make_model(cfg: TrainConfig, run: Path) -> DualEncoder:
     """The dual encoder of ``cfg`` (image tower seeded by the run seed; text tower from its folder)."""
     torch.manual_seed(cfg.train.seed)
-    image = ImageEncoder(cfg.image.arch, cfg.image.embed_dim, frozen_stages=cfg.image.frozen_stages)
+    image = ImageEncoder(
+        cfg.image.arch,
+        cfg.image.embed_dim,
+        frozen_stages=cfg.image.frozen_stages,
+        pool=cfg.image.pool,
+        input_size=tuple(cfg.spec.spatial_size),
+    )
     t = cfg.text
     text = TextEncoder(
         text_model_dir(cfg, run),

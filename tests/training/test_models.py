@@ -117,6 +117,29 @@ def test_frozen_image_stages_train_the_rest_on_cached_trunk_output(frozen):
         ImageEncoder("resnet10_tiny", 16, frozen_stages=5)
 
 
+def test_flatten_pool_sees_where_a_feature_fires():
+    """image.pool=flatten: the head is a linear map of the whole last feature map, so the same pattern in
+    two places gives two embeddings (global average pooling gives one); the seed's initialisation of the
+    trunk is the same as with average pooling; it needs the input size."""
+    torch.manual_seed(0)
+    avg = ImageEncoder("resnet10_tiny", 16, pool="avg", input_size=(64, 56, 56)).eval()
+    torch.manual_seed(0)
+    flat = ImageEncoder("resnet10_tiny", 16, pool="flatten", input_size=(64, 56, 56)).eval()
+    assert flat.i3_resnet.contrastive_head.weight.shape == (16, 128, 2, 2, 2)  # (Z, X, Y) map of 2 x 2 x 2
+    assert torch.equal(avg.i3_resnet.conv1.weight, flat.i3_resnet.conv1.weight)
+    x = torch.zeros(2, 1, 64, 56, 56)
+    x[0, 0, 4:12, 4:12, 4:12] = 1.0  # one corner
+    x[1, 0, 52:60, 44:52, 44:52] = 1.0  # the opposite corner
+    with torch.no_grad():
+        f = flat(x)
+        assert f.shape == (2, 16) and not torch.allclose(f[0], f[1], atol=1e-3)
+        assert torch.allclose(flat(flat.trunk(x), from_trunk=True), f, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the input size"):
+        ImageEncoder("resnet10_tiny", 16, pool="flatten")
+    with pytest.raises(ValueError, match="image.pool must be"):
+        ImageEncoder("resnet10_tiny", 16, pool="max", input_size=(64, 56, 56))
+
+
 def test_a_run_with_frozen_stages_trains_only_the_rest(tiny_package, tmp_path):
     from tests.conftest import TINY_TRAIN
     from training.config import TrainConfig

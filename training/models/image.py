@@ -50,7 +50,7 @@ ARCHS = {
 class I3ResNet(ResNet):
     """MONAI ResNet trunk + Merlin's heads; ``forward`` returns the (unnormalised) projection."""
 
-    def __init__(self, arch: ImageArch, embed_dim: int, n_classes: int = 0):
+    def __init__(self, arch: ImageArch, embed_dim: int, n_classes: int = 0, map_shape: tuple[int, ...] | None = None):
         super().__init__(
             block=ResNetBottleneck if arch.block == "bottleneck" else ResNetBlock,
             layers=list(arch.layers),
@@ -64,8 +64,14 @@ class I3ResNet(ResNet):
             feed_forward=False,
             bias_downsample=False,
         )
-        self.contrastive_head = nn.Conv3d(arch.feature_dim, embed_dim, kernel_size=1)
-        self.classifier = nn.Conv3d(arch.feature_dim, n_classes, kernel_size=1) if n_classes else None
+        # map_shape: the last feature map's (Z, X, Y) for a head that sees all of it ("flatten": a
+        # convolution as large as the map, i.e. a linear map of the flattened features) instead of its
+        # average; None: Merlin's global average pooling and 1x1x1 heads.
+        kernel = tuple(map_shape) if map_shape else 1
+        if map_shape:
+            self.avgpool = nn.Identity()  # type: ignore[assignment]
+        self.contrastive_head = nn.Conv3d(arch.feature_dim, embed_dim, kernel_size=kernel)
+        self.classifier = nn.Conv3d(arch.feature_dim, n_classes, kernel_size=kernel) if n_classes else None
         self.gradient_checkpointing = False
 
     def _layers(self) -> tuple[nn.Module, ...]:
@@ -102,6 +108,15 @@ class I3ResNet(ResNet):
         return self.contrastive_head(self.features(x, start)).flatten(1)
 
 
+def _map_shape(arch: ImageArch, input_size: tuple[int, int, int]) -> tuple[int, ...]:
+    """The trunk's last feature map (Z, X, Y) for an (X, Y, Z) input, from a forward pass of zeros."""
+    x, y, z = input_size
+    with torch.no_grad(), torch.random.fork_rng():  # the tower's initialisation stays the seed's
+        trunk = I3ResNet(arch, 1).eval()
+        out = trunk.trunk(torch.zeros(1, arch.in_channels, z, x, y), 5)
+    return tuple(int(n) for n in out.shape[2:])
+
+
 class ImageEncoder(nn.Module):
     """(B, 1, X, Y, Z) in [0, 1] -> (B, D) joint-space embedding (not normalised).
 
@@ -110,14 +125,27 @@ class ImageEncoder(nn.Module):
     so training computes it once per volume (``trunk``) and each step runs only the rest
     (``forward(trunk_out, from_trunk=True)``); ``forward(image)`` is the whole tower, the same numbers."""
 
-    def __init__(self, arch_name: str, embed_dim: int, n_classes: int = 0, frozen_stages: int = 0):
+    def __init__(
+        self,
+        arch_name: str,
+        embed_dim: int,
+        n_classes: int = 0,
+        frozen_stages: int = 0,
+        pool: str = "avg",
+        input_size: tuple[int, int, int] | None = None,
+    ):
         super().__init__()
         if arch_name not in ARCHS:
             raise ValueError(f"unknown image architecture {arch_name!r}; choose from {sorted(ARCHS)}")
         if not 0 <= frozen_stages <= 4:
             raise ValueError(f"image.frozen_stages must be 0..4 (stem, layer1..3), got {frozen_stages}")
+        if pool not in ("avg", "flatten"):
+            raise ValueError(f"image.pool must be 'avg' or 'flatten', got {pool!r}")
+        if pool == "flatten" and input_size is None:
+            raise ValueError("image.pool=flatten needs the input size (preprocess.spatial_size)")
         self.arch = ARCHS[arch_name]
-        self.i3_resnet = I3ResNet(self.arch, embed_dim, n_classes)
+        map_shape = _map_shape(self.arch, input_size) if pool == "flatten" and input_size else None
+        self.i3_resnet = I3ResNet(self.arch, embed_dim, n_classes, map_shape)
         self.frozen_stages = frozen_stages
         for stage in self.i3_resnet.stages()[:frozen_stages]:
             for m in stage:
