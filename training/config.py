@@ -65,8 +65,9 @@ class ImageCfg:
     # the first k stages (1: the stem, 2: + layer1, ...) stay at their initial weights; their output per
     # volume is computed once per run and each step trains the rest (models/image.py)
     frozen_stages: int = 0
-    # How the last feature map becomes the embedding: "avg" (global average pooling, Merlin's) or
-    # "flatten" (a linear map of the whole map, so where a feature fires counts; models/image.py)
+    # How the last feature map becomes the embedding: "avg" (global average pooling, Merlin's),
+    # "flatten" (a linear map of the whole map, so where a feature fires counts) or "both" (the sum of
+    # the two heads; models/image.py)
     pool: str = "avg"
 
 

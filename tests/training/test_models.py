@@ -134,6 +134,14 @@ def test_flatten_pool_sees_where_a_feature_fires():
         f = flat(x)
         assert f.shape == (2, 16) and not torch.allclose(f[0], f[1], atol=1e-3)
         assert torch.allclose(flat(flat.trunk(x), from_trunk=True), f, atol=1e-6)
+    torch.manual_seed(0)
+    both = ImageEncoder("resnet10_tiny", 16, pool="both", input_size=(64, 56, 56)).eval()
+    assert both.i3_resnet.contrastive_head.weight.shape == (16, 128, 1, 1, 1)  # Merlin's head, and beside it
+    assert both.i3_resnet.position_head.weight.shape == (16, 128, 2, 2, 2)
+    with torch.no_grad():
+        b = both(x)
+        torch.nn.init.zeros_(both.i3_resnet.position_head.weight)  # without the position head: the average's
+        assert torch.allclose(both(x), avg(x), atol=1e-6) and not torch.allclose(b, avg(x), atol=1e-4)
     with pytest.raises(ValueError, match="needs the input size"):
         ImageEncoder("resnet10_tiny", 16, pool="flatten")
     with pytest.raises(ValueError, match="image.pool must be"):

@@ -50,7 +50,14 @@ ARCHS = {
 class I3ResNet(ResNet):
     """MONAI ResNet trunk + Merlin's heads; ``forward`` returns the (unnormalised) projection."""
 
-    def __init__(self, arch: ImageArch, embed_dim: int, n_classes: int = 0, map_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        arch: ImageArch,
+        embed_dim: int,
+        n_classes: int = 0,
+        map_shape: tuple[int, ...] | None = None,
+        pool: str = "avg",
+    ):
         super().__init__(
             block=ResNetBottleneck if arch.block == "bottleneck" else ResNetBlock,
             layers=list(arch.layers),
@@ -64,14 +71,21 @@ class I3ResNet(ResNet):
             feed_forward=False,
             bias_downsample=False,
         )
-        # map_shape: the last feature map's (Z, X, Y) for a head that sees all of it ("flatten": a
-        # convolution as large as the map, i.e. a linear map of the flattened features) instead of its
-        # average; None: Merlin's global average pooling and 1x1x1 heads.
-        kernel = tuple(map_shape) if map_shape else 1
-        if map_shape:
+        # pool "avg": Merlin's global average pooling and 1x1x1 heads. "flatten": the heads are
+        # convolutions as large as the last feature map (``map_shape``, (Z, X, Y)), i.e. linear maps of
+        # the flattened features, so where a feature fires counts. "both": the average's head plus a
+        # ``position_head`` over the whole map, summed.
+        self.pool = pool
+        kernel = tuple(map_shape) if pool == "flatten" and map_shape else 1
+        if pool == "flatten":
             self.avgpool = nn.Identity()  # type: ignore[assignment]
         self.contrastive_head = nn.Conv3d(arch.feature_dim, embed_dim, kernel_size=kernel)
         self.classifier = nn.Conv3d(arch.feature_dim, n_classes, kernel_size=kernel) if n_classes else None
+        self.position_head = (
+            nn.Conv3d(arch.feature_dim, embed_dim, kernel_size=tuple(map_shape), bias=False)
+            if pool == "both" and map_shape
+            else None
+        )
         self.gradient_checkpointing = False
 
     def _layers(self) -> tuple[nn.Module, ...]:
@@ -102,10 +116,13 @@ class I3ResNet(ResNet):
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
-        return self.avgpool(x)  # (B, F, 1, 1, 1)
+        return x if self.position_head is not None else self.avgpool(x)  # (B, F, 1, 1, 1) unless "both"
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return self.contrastive_head(self.features(x, start)).flatten(1)
+        f = self.features(x, start)
+        if self.position_head is not None:
+            return (self.contrastive_head(self.avgpool(f)) + self.position_head(f)).flatten(1)
+        return self.contrastive_head(f).flatten(1)
 
 
 def _map_shape(arch: ImageArch, input_size: tuple[int, int, int]) -> tuple[int, ...]:
@@ -139,13 +156,13 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"unknown image architecture {arch_name!r}; choose from {sorted(ARCHS)}")
         if not 0 <= frozen_stages <= 4:
             raise ValueError(f"image.frozen_stages must be 0..4 (stem, layer1..3), got {frozen_stages}")
-        if pool not in ("avg", "flatten"):
-            raise ValueError(f"image.pool must be 'avg' or 'flatten', got {pool!r}")
-        if pool == "flatten" and input_size is None:
-            raise ValueError("image.pool=flatten needs the input size (preprocess.spatial_size)")
+        if pool not in ("avg", "flatten", "both"):
+            raise ValueError(f"image.pool must be 'avg', 'flatten' or 'both', got {pool!r}")
+        if pool != "avg" and input_size is None:
+            raise ValueError(f"image.pool={pool} needs the input size (preprocess.spatial_size)")
         self.arch = ARCHS[arch_name]
-        map_shape = _map_shape(self.arch, input_size) if pool == "flatten" and input_size else None
-        self.i3_resnet = I3ResNet(self.arch, embed_dim, n_classes, map_shape)
+        map_shape = _map_shape(self.arch, input_size) if pool != "avg" and input_size else None
+        self.i3_resnet = I3ResNet(self.arch, embed_dim, n_classes, map_shape, pool)
         self.frozen_stages = frozen_stages
         for stage in self.i3_resnet.stages()[:frozen_stages]:
             for m in stage:
