@@ -137,12 +137,21 @@ class ModelPackage:
 
     @property
     def identity(self) -> str:
-        """What SR UIDs derive from: the model UID and the weights' digest (``manifest.weights_digest``),
-        so a package whose weights changed under the same name, version and UID never reuses an SR UID
-        of the original (the files are verified on load). Scored with a site's findings file, the file's
-        digest too: other findings or other wording never reuse an SR UID."""
-        base = f"{self.uid}/{self.manifest.weights_digest}"
+        """What SR UIDs derive from: the model UID, the weights' digest (``manifest.weights_digest``) and
+        the decisions' (``decisions_digest``), so a package whose weights or thresholds changed under the
+        same name, version and UID never reuses an SR UID of the original (the files are verified on
+        load). Scored with a site's findings file, the file's digest too: other findings or other wording
+        never reuse an SR UID."""
+        base = f"{self.uid}/{self.manifest.weights_digest}/decisions {self.decisions_digest}"
         return base if self.custom_findings is None else f"{base}/findings {self.custom_findings.digest}"
+
+    @property
+    def decisions_digest(self) -> str:
+        """sha256 (16 hex digits) of what turns scores into decisions: each finding's threshold and whether
+        it is assessed. Part of ``identity``: the same weights re-exported with other thresholds decide
+        differently, so their SRs must not reuse the first export's UIDs."""
+        rows = [f"{e.threshold!r}:{bool(e.assessed)}" for e in self.manifest.findings]
+        return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
     @property
     def embedding_dim(self) -> int:

@@ -129,3 +129,15 @@ def test_changed_weights_under_the_same_uid_change_the_sr_identity(demo_copy):
     assert after.uid == before.uid and after.identity != before.identity
     assert sr_uids("1.2.3", "1.2.4", after.identity) != sr_uids("1.2.3", "1.2.4", before.identity)
     assert load_package(default_package_dir()).identity == load_package(default_package_dir()).identity
+
+
+def test_other_thresholds_for_the_same_weights_change_the_sr_identity(demo_copy):
+    import dataclasses
+
+    before = load_package(demo_copy)
+    findings = list(before.manifest.findings)
+    findings[0] = dataclasses.replace(findings[0], threshold=findings[0].threshold / 2)
+    write_manifest(demo_copy, dataclasses.replace(before.manifest, findings=tuple(findings)).with_files({}))
+    after = load_package(demo_copy)
+    assert after.uid == before.uid and after.manifest.weights_digest == before.manifest.weights_digest
+    assert after.decisions_digest != before.decisions_digest and after.identity != before.identity

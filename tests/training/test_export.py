@@ -193,6 +193,22 @@ def test_validation_thresholds_maximise_f1_within_the_call_cap():
     assert notes_weak[0]["validation_calls"] <= 1.5 * notes_weak[0]["positives"]
 
 
+def test_the_call_cap_counts_unlabelled_studies_too():
+    """A finding the reports rarely mention: 20 labelled positives, 20 labelled negatives, 160 studies
+    that do not mention it (-1), most of them scoring as high as the positives. Counted on the labelled
+    studies alone, a low threshold passes the cap; counted on all 200 studies it must not."""
+    rng = np.random.default_rng(1)
+    y = np.full((200, 1), -1)
+    y[:20, 0], y[20:40, 0] = 1, 0
+    p = np.empty((200, 1))
+    p[:20, 0] = rng.uniform(0.6, 0.9, 20)
+    p[20:40, 0] = rng.uniform(0.0, 0.3, 20)
+    p[40:, 0] = rng.uniform(0.3, 0.8, 160)
+    thr, notes, assessed = choose_thresholds(p, y)
+    assert assessed[0] and notes[0]["validation_calls_all_studies"] == (p[:, 0] >= thr[0]).sum() <= 30
+    assert notes[0]["validation_calls"] <= notes[0]["validation_calls_all_studies"]
+
+
 def test_a_finding_not_assessed_is_never_reported_present(tiny_package, tmp_path):
     import shutil
 
