@@ -77,7 +77,7 @@ demo-model: venv
 	$(BIN)/ct-zeroshot-train evaluate --run $(DEMO_RUN) --data data/synth-4k-v2 --checkpoint init --quiet > /dev/null
 	rm -rf $(DEMO_RUN)/package operators/models/demo
 	$(BIN)/ct-zeroshot-train export --run $(DEMO_RUN) --data data/synth-4k-v2 --out $(DEMO_RUN)/package \
-		--thresholds validation --text none --name ct-zeroshot-demo --model-version 0.3.0
+		--thresholds validation --text none --name ct-zeroshot-demo --model-version 0.3.1
 	mkdir -p operators/models && cp -r $(DEMO_RUN)/package operators/models/demo
 
 # The sampler study on the learning recipe (12 arms x 3 seeds, sized to ~130-150 minutes of both cores):
