@@ -150,7 +150,8 @@ class ModelPackage:
         """sha256 (16 hex digits) of what turns scores into decisions: each finding's threshold and whether
         it is assessed. Part of ``identity``: the same weights re-exported with other thresholds decide
         differently, so their SRs must not reuse the first export's UIDs."""
-        rows = [f"{e.threshold!r}:{bool(e.assessed)}" for e in self.manifest.findings]
+        own = [e for e in self.manifest.findings if (e.threshold_selection or {}).get("method") != "custom"]
+        rows = [f"{e.threshold!r}:{bool(e.assessed)}" for e in own]  # a site's findings: its file's digest
         return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
     @property
