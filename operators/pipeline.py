@@ -193,8 +193,7 @@ def sr_filename(study_uid: str) -> str:
 
 
 def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> StudyWork:
-    from .sr import write_sr  # highdicom: imported when the first SR is written
-    from .sr_template import build_sr_fast
+    from .sr import build_sr, write_sr  # highdicom: imported when the first SR is written
 
     if work.failed:
         return work
@@ -204,7 +203,7 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
     t = time.perf_counter()
     try:
         series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.identity, work.revision)
-        sr = build_sr_fast(chosen.headers, findings, model.package, series_uid, sop_uid, work.predecessors)
+        sr = build_sr(chosen.headers, findings, model.package, series_uid, sop_uid, work.predecessors)
         work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch
         return work.fail(f"SR not written ({describe(exc)})")

@@ -59,14 +59,24 @@ def build_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     predecessors: Sequence[Dataset] = (),
+    template: bool = True,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one study. ``source``: the headers of the series the model saw (pixel data not needed).
-    ``predecessors``: earlier SRs of the study this one corrects (Predecessor Documents Sequence)."""
+    ``predecessors``: earlier SRs of the study this one corrects (Predecessor Documents Sequence).
+    ``template``: the content from the package's ``sr_template.SRTemplate`` (the same document, a tenth
+    of the time); False builds all of it with highdicom (the reference the template is tested against)."""
+    from .sr_template import fill, template_for
+
     if not source:
         raise ValueError("an SR needs the source series' headers")
     # Every UID inside the document derives from its SOP Instance UID (itself derived from the study,
     # the series and the model by the pipeline), so the same input and model give the same content.
     sop_instance_uid = sop_instance_uid or generate_uid()
+    tpl = template_for(package, findings) if template else None
+    if tpl is not None:
+        sr = _document(source, tpl.stub, package, series_instance_uid, sop_instance_uid, predecessors)
+        if fill(sr, tpl, findings, sop_instance_uid):
+            return sr
     context = _observation_context(package)
     report = measurement_report(context, _groups(package, findings, sop_instance_uid))
     return _document(source, report, package, series_instance_uid, sop_instance_uid, predecessors)

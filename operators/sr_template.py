@@ -9,16 +9,16 @@ encodes it once with undefined lengths (so a value of another length goes in wit
 enclosing length; both forms are standard DICOM, PS3.5 7.5), and per study joins the constant bytes
 with the encoded values. The document around the content (patient and study from the source,
 evidence, UIDs, predecessors, equipment) is still built by highdicom for every study, from a report
-with one group whose content is then replaced by the filled one. ``build_sr_fast`` falls back to
-``sr.build_sr`` where a template cannot be made; ``tests/deploy/test_sr_template.py`` checks that the
-two documents, read back, are equal element for element.
+with one group whose content is then replaced by the filled one. ``sr.build_sr`` uses it unless told
+not to (``template=False``, the reference) or a template cannot be made;
+``tests/deploy/test_sr_template.py`` checks that the two documents, read back, are equal element for
+element.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DS
 
 from .package import ModelPackage
@@ -38,12 +38,10 @@ from .sr import (
     SR_CHARSET,
     UNDETERMINED,
     Placeholders,
-    _document,
     _groups,
     _observation_context,
     _tracking_uid,
     _value,
-    build_sr,
     measurement_report,
 )
 from .zeroshot import Findings
@@ -168,24 +166,13 @@ def template_for(package: ModelPackage, findings: Findings) -> SRTemplate | None
         return _TEMPLATES[key]
 
 
-def build_sr_fast(
-    source: Sequence[Dataset],
-    findings: Findings,
-    package: ModelPackage,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    predecessors: Sequence[Dataset] = (),
-) -> hd.sr.Comprehensive3DSR:
-    """``sr.build_sr``'s document, its content filled into the package's template."""
-    template = template_for(package, findings)
-    if template is None or not source:
-        return build_sr(source, findings, package, series_instance_uid, sop_instance_uid, predecessors)
-    sop_instance_uid = sop_instance_uid or generate_uid()
-    sr = _document(source, template.stub, package, series_instance_uid, sop_instance_uid, predecessors)
+def fill(sr: Dataset, template: SRTemplate, findings: Findings, sop_instance_uid: str) -> bool:
+    """Put the study's content into ``sr`` (built around ``template.stub``); False, leaving ``sr`` as it
+    is, where the document is not encoded as the template is (explicit VR little endian, UTF-8)."""
     if sr.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian or sr.SpecificCharacterSet != SR_CHARSET:
-        return build_sr(source, findings, package, series_instance_uid, sop_instance_uid, predecessors)
+        return False
     sr[CONTENT_SEQUENCE] = template.content(findings, sop_instance_uid)
     # Declared as already in the file's encoding, so pydicom writes the content's bytes as they are
     # (otherwise it parses every raw element to re-encode it).
     sr.set_original_encoding(False, True, convert_encodings(SR_CHARSET))
-    return sr
+    return True

@@ -12,7 +12,7 @@ import pytest
 from operators.dicom_series import scan_tree
 from operators.package import default_package_dir, load_package
 from operators.sr import build_sr, read_findings, write_sr
-from operators.sr_template import build_sr_fast, template_for
+from operators.sr_template import CONTENT_SEQUENCE, template_for
 from operators.zeroshot import ZeroShotModel
 from tests.dicom_cases import small_study
 
@@ -48,12 +48,13 @@ def test_fast_sr_equals_highdicom_sr(case, pattern):
     if pattern != "as-scored":  # every assessed finding present, or none (undetermined stay undetermined)
         present = findings.assessed & (pattern == "all-present")
         findings = dataclasses.replace(findings, present=present)
-    earlier = pydicom.dcmread(write_sr(build_sr(headers, scored[1], pkg), root / "earlier", "SR.dcm"))
+    earlier = pydicom.dcmread(write_sr(build_sr(headers, scored[1], pkg, template=False), root / "earlier", "SR.dcm"))
     uids = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")
-    ref = write_sr(build_sr(headers, findings, pkg, *uids, predecessors=[earlier]), root / f"ref-{pattern}", "SR.dcm")
-    fast = write_sr(
-        build_sr_fast(headers, findings, pkg, *uids, predecessors=[earlier]), root / f"fast-{pattern}", "SR.dcm"
-    )
+    reference = build_sr(headers, findings, pkg, *uids, predecessors=[earlier], template=False)
+    ref = write_sr(reference, root / f"ref-{pattern}", "SR.dcm")
+    built = build_sr(headers, findings, pkg, *uids, predecessors=[earlier])
+    assert built.get_item(CONTENT_SEQUENCE).is_raw  # the template's bytes, not a highdicom tree
+    fast = write_sr(built, root / f"fast-{pattern}", "SR.dcm")
     a, b = (_without_stamps(pydicom.dcmread(p)) for p in (ref, fast))
     assert a == b  # every element, the 30 groups' ~1,400 content items included
     assert read_findings(fast) == read_findings(ref)
@@ -63,6 +64,7 @@ def test_fast_sr_equals_highdicom_sr(case, pattern):
 
 def test_one_template_per_package_and_decision_rule(case):
     _, _, pkg, scored = case
+    assert template_for(pkg, scored[0]) is not None
     assert template_for(pkg, scored[0]) is template_for(pkg, scored[1])
     other = dataclasses.replace(scored[0], thresholds=scored[0].thresholds + 0.01)
     assert template_for(pkg, other) is not template_for(pkg, scored[0])
