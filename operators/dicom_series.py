@@ -115,31 +115,30 @@ def read_frame(path: str | Path, header: Dataset, offset: int | None) -> np.ndar
     rows, cols = int(header.get("Rows", 0)), int(header.get("Columns", 0))
     stored = int(header.get("BitsStored", 0) or 0)
     head = _NATIVE_LE.get(ts) if ts is not None else None
-    native = (
-        offset is not None
-        and head is not None
-        and header.get("BitsAllocated") == 16
-        and 1 <= stored <= 16
-        and header.get("SamplesPerPixel", 1) == 1
-        and int(header.get("NumberOfFrames", 1) or 1) == 1
-        and header.get("PixelRepresentation") in (0, 1)
-        and rows > 0
-        and cols > 0
-    )
-    if native and offset is not None and head is not None:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            element = fh.read(head)
-            length = int.from_bytes(element[-4:], "little")
-            if element[:4] == _PIXEL_DATA_TAG and length == rows * cols * 2:
-                dtype = np.dtype("<i2" if header.PixelRepresentation == 1 else "<u2")
-                arr = np.fromfile(fh, dtype=dtype, count=rows * cols)
-                if arr.size == rows * cols:
-                    arr = arr.reshape(rows, cols)
-                    if stored < 16:
-                        np.left_shift(arr, 16 - stored, out=arr)
-                        np.right_shift(arr, 16 - stored, out=arr)
-                    return arr
+    if (
+        offset is None
+        or head is None
+        or header.get("BitsAllocated") != 16
+        or not 1 <= stored <= 16
+        or header.get("SamplesPerPixel", 1) != 1
+        or int(header.get("NumberOfFrames", 1) or 1) != 1
+        or header.get("PixelRepresentation") not in (0, 1)
+        or rows <= 0
+        or cols <= 0
+    ):
+        return pixel_array(str(path))
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        element = fh.read(head)
+        if element[:4] == _PIXEL_DATA_TAG and int.from_bytes(element[-4:], "little") == rows * cols * 2:
+            dtype = np.dtype("<i2" if header.PixelRepresentation == 1 else "<u2")
+            arr = np.fromfile(fh, dtype=dtype, count=rows * cols)
+            if arr.size == rows * cols:
+                arr = arr.reshape(rows, cols)
+                if stored < 16:
+                    np.left_shift(arr, 16 - stored, out=arr)
+                    np.right_shift(arr, 16 - stored, out=arr)
+                return arr
     return pixel_array(str(path))
 
 
@@ -316,15 +315,15 @@ def series_to_volume(
             for j0 in range(0, rows, _TILE):
                 dst[:, j0 : j0 + _TILE, b0 : b0 + k] = block[:k, j0 : j0 + _TILE, :].transpose(2, 1, 0)
 
-    # Two threads, each its own blocks of slices (disjoint slabs of the volume): reading native pixel
-    # data, converting and the tile copies run in numpy without the GIL, so they overlap.
-    step = 2 * _TILE
-    halves = [range(0, len(order), step), range(_TILE, len(order), step)]
-    if len(order) <= _TILE or _ASSEMBLY_THREADS < 2:
-        assemble(range(0, len(order), _TILE))
+    # _ASSEMBLY_THREADS threads, each every n-th block of slices (disjoint slabs of the volume): reading
+    # native pixel data, converting and the tile copies run in numpy without the GIL, so they overlap.
+    n = max(1, min(_ASSEMBLY_THREADS, -(-len(order) // _TILE)))
+    shares = [range(i * _TILE, len(order), n * _TILE) for i in range(n)]
+    if n == 1:
+        assemble(shares[0])
     else:
-        with ThreadPoolExecutor(_ASSEMBLY_THREADS) as pool:
-            for done in [pool.submit(assemble, h) for h in halves]:
+        with ThreadPoolExecutor(n) as pool:
+            for done in [pool.submit(assemble, share) for share in shares]:
                 done.result()
     return Volume(vol, affine, str(Path(names[order[0]]).parent))
 

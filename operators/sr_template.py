@@ -117,8 +117,8 @@ class SRTemplate:
         self.chunks.append(body[pos:])
         # The three qualitative values as highdicom encodes them in a CODE item's concept code.
         self.codes = {
-            key: _encode(hd.sr.QualitativeEvaluation(name=code, value=code)[0].ConceptCodeSequence[0])
-            for key, code in (("present", PRESENT), ("absent", ABSENT), ("undetermined", UNDETERMINED))
+            code: _encode(hd.sr.QualitativeEvaluation(name=code, value=code)[0].ConceptCodeSequence[0])
+            for code in (PRESENT, ABSENT, UNDETERMINED)
         }
         # The document is built around a report with one group; its content is then replaced.
         self.stub = measurement_report(context, groups[:1])
@@ -128,10 +128,8 @@ class SRTemplate:
         """The Content Sequence of the study's SR, encoded."""
         values = {}
         for j, fid in enumerate(self.ids):
-            v = _value(findings, j)
-            key = "undetermined" if v is UNDETERMINED else "present" if v is PRESENT else "absent"
             values[j, "uid"] = _uid(_tracking_uid(sop_instance_uid, fid))
-            values[j, "code"] = self.codes[key]
+            values[j, "code"] = self.codes[_value(findings, j)]
             values[j, "number"] = _number(round(float(findings.probabilities[j]) * 100.0, 4))
         parts = [self.chunks[0]]
         for slot, chunk in zip(self.slots, self.chunks[1:]):

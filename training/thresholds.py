@@ -29,7 +29,6 @@ def choose_thresholds(
     for j in range(probabilities.shape[1]):
         keep = labels[:, j] != -1
         y, p = labels[keep, j], probabilities[keep, j]
-        p_all = np.sort(probabilities[:, j])  # every validation study, for counting calls
         if y.sum() == 0 or y.sum() == y.size:
             thr.append(0.5)
             assessed.append(False)
@@ -61,6 +60,7 @@ def choose_thresholds(
         cand = np.unique(p)
         cuts = np.concatenate([[cand[0] - 1e-6], (cand[:-1] + cand[1:]) / 2])
         limit = max_call_ratio * int(y.sum())
+        p_all = np.sort(probabilities[:, j])  # every validation study, for counting calls
         best_f1, best_t = -1.0, float(cand[-1])
         for t in cuts:
             if p_all.size - np.searchsorted(p_all, t) > limit:  # calls over all validation studies

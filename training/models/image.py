@@ -75,7 +75,6 @@ class I3ResNet(ResNet):
         # convolutions as large as the last feature map (``map_shape``, (Z, X, Y)), i.e. linear maps of
         # the flattened features, so where a feature fires counts. "both": the average's head plus a
         # ``position_head`` over the whole map, summed.
-        self.pool = pool
         kernel = tuple(map_shape) if pool == "flatten" and map_shape else 1
         if pool == "flatten":
             self.avgpool = nn.Identity()  # type: ignore[assignment]
