@@ -178,18 +178,28 @@ def test_signature_table_covers_catalogue():
     assert set(SIGNATURES) == set(IDS)
 
 
-@pytest.mark.parametrize("fid", IDS)
-def test_every_finding_has_a_visible_signature(fid):
-    """The same patient with and without the finding differs where the finding lives."""
+GRID = Grid((80, 80, 60), (5.0, 5.0, 6.0), (-197.5, -185.5, 0.0))
+
+
+def _pair(fid: str, version: int, severity: str = "moderate"):
+    """The same patient without and with one finding, painted at the tiny profile's 5 mm voxels."""
     from training.synth.patient import FindingInstance
 
-    grid = Grid((80, 80, 60), (5.0, 5.0, 6.0), (-197.5, -185.5, 0.0))
     base = sample_patient(np.random.default_rng(11), 0)
     base.findings, base.sex = {}, "M"
     sick = sample_patient(np.random.default_rng(11), 0)
-    sick.findings, sick.sex = {fid: FindingInstance(fid, severity="moderate", side="bilateral")}, "M"
-    hu0, lab0 = build_phantom(base, grid, np.random.default_rng(5))
-    hu1, lab1 = build_phantom(sick, grid, np.random.default_rng(5))
+    sick.findings, sick.sex = {fid: FindingInstance(fid, severity=severity, side="bilateral")}, "M"
+    hu0, lab0 = build_phantom(base, GRID, np.random.default_rng(5), version=version)
+    hu1, lab1 = build_phantom(sick, GRID, np.random.default_rng(5), version=version)
+    return sick, (hu0, lab0), (hu1, lab1)
+
+
+@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("fid", IDS)
+def test_every_finding_has_a_visible_signature(fid, version):
+    """The same patient with and without the finding differs where the finding lives."""
+    grid = GRID
+    sick, (hu0, lab0), (hu1, lab1) = _pair(fid, version)
     kind, tissue = SIGNATURES[fid]
     if kind == "new":
         assert _count(lab1, tissue) >= 1 and _count(lab0, tissue) == 0
@@ -205,3 +215,38 @@ def test_every_finding_has_a_visible_signature(fid):
         idx = [int(round((site[a] - grid.origin[a]) / grid.spacing[a])) for a in range(3)]
         assert lab1[tuple(idx)] in (T.BOWEL_FLUID, T.BOWEL_AIR, T.BOWEL_WALL)
         assert lab0[tuple(idx)] not in (T.BOWEL_FLUID, T.BOWEL_AIR, T.BOWEL_WALL)
+
+
+# Version 3's promise (README, "Making the model learn"): the focal findings that version 2 left below
+# 0.70 with the labels span several 5 mm voxels even when mild.
+V3_FOCAL = {
+    "renal_hypodensities": (T.HYPODENSITY, 30),
+    "renal_cyst": (T.CYST, 60),
+    "coronary_calcification": (T.CALCIUM, 8),
+    "aortic_valve_calcification": (T.CALCIUM, 8),
+    "thrombosis": (T.THROMBUS, 150),
+    "free_air": (T.FREE_AIR, 15),
+    "lymphadenopathy": (T.NODE, 150),
+    "appendicitis": (T.STRANDING, 600),
+}
+
+
+@pytest.mark.parametrize("fid", sorted(V3_FOCAL))
+def test_version_3_focal_findings_span_several_voxels(fid):
+    tissue, least = V3_FOCAL[fid]
+    grown = []
+    for version in (2, 3):
+        _, (_, lab0), (_, lab1) = _pair(fid, version, severity="mild")
+        grown.append(_count(lab1, tissue) - _count(lab0, tissue))
+    assert grown[1] >= least, f"{fid}: {grown[1]} voxels at version 3"
+    assert grown[1] > grown[0], f"{fid}: version 3 ({grown[1]}) not larger than version 2 ({grown[0]})"
+
+
+def test_version_3_keeps_the_patients_and_reports(tmp_path):
+    """Only the painting changes between versions: the truth tables and the reports are identical."""
+    rows = {}
+    for version in (2, 3):
+        out = tmp_path / f"v{version}"
+        generate_corpus(SynthConfig(out=str(out), studies=6, seed=3, workers=1, version=version), progress=False)
+        rows[version] = (_rows(out / "reports_final.csv"), (out / "zero_shot_findings_disease_cls.csv").read_bytes())
+    assert rows[2] == rows[3]

@@ -46,7 +46,7 @@ SPLIT_FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 CORPUS_FORMAT = 1
 
 
-CORPUS_VERSIONS = (1, 2)
+CORPUS_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class SynthConfig:
     profile: str = "tiny"
     dicom: bool = False
     workers: int = 1
-    version: int = 1  # phantom version: 1 as first published; 2 makes the small focal findings conspicuous
+    version: int = 1  # phantom version: 1 as first published; 2 and 3 make the small focal findings conspicuous
 
     def __post_init__(self):
         if self.profile not in PROFILES:

@@ -24,7 +24,7 @@ class OrgansMixin:
         # Re-draw the portal vein inside the liver hilum.
         c.chain(self.portal[1:], 7.5, T.PORTAL, where=(T.LIVER,))
         if "biliary_ductal_dilation" in self.f:
-            r = self.sev("biliary_ductal_dilation", *self.v((3.5, 5.0, 7.0), (6.0, 8.0, 10.0)))
+            r = self.sev("biliary_ductal_dilation", *self.v((3.5, 5.0, 7.0), (6.0, 8.0, 10.0), (8.0, 10.0, 12.0)))
             hilum = np.array([-42.0, -16.0, self.Z(0.7)])
             for _ in range(5):
                 d = self.rng.normal(size=3)
@@ -42,7 +42,7 @@ class OrgansMixin:
                 off = self.rng.normal(size=3)
                 off *= self.u(0.0, 0.65) / np.linalg.norm(off)  # inside the liver
                 pt = tuple(center[i] + off[i] * radii[i] for i in range(3))
-                rr = self.u(6, 16) + self.v(0.0, 6.0)
+                rr = self.u(6, 16) + self.v(0.0, 6.0, 10.0)
                 c.ellipsoid(pt, (rr, rr, rr), T.METASTASIS, where=(T.LIVER,))
                 self.site("metastatic_disease", pt)
         # Gallbladder below the liver.
@@ -107,7 +107,7 @@ class OrgansMixin:
             c.ellipsoid(hil, (10, 9, 22), T.SINUS_FAT, where=(T.MEDULLA, T.CORTEX))
             c.ellipsoid(hil, (4, 4, 6), T.URINE, where=(T.SINUS_FAT,))
         if "hydronephrosis" in self.f:
-            g = self.sev("hydronephrosis", *self.v((1.0, 1.4, 1.9), (1.6, 2.0, 2.5)))
+            g = self.sev("hydronephrosis", *self.v((1.0, 1.4, 1.9), (1.6, 2.0, 2.5), (2.0, 2.4, 3.0)))
             for sx in self.sides("hydronephrosis"):
                 kc, kr = self.kid[sx]
                 hil = (kc[0] - sx * 8, kc[1] - 3, kc[2])
@@ -125,7 +125,7 @@ class OrgansMixin:
         if "renal_cyst" in self.f:
             for sx in self.sides("renal_cyst"):
                 kc, kr = self.kid[sx]
-                rr = self.sev("renal_cyst", *self.v((10, 16, 24), (14, 20, 28)))
+                rr = self.sev("renal_cyst", *self.v((10, 16, 24), (14, 20, 28), (20, 26, 34)))
                 pt = (kc[0] + sx * kr[0] * 0.7, kc[1] + self.u(-8, 8), kc[2] + self.u(-0.5, 0.5) * kr[2])
                 c.ellipsoid(pt, (rr, rr, rr), T.CYST, where=(T.CORTEX, T.MEDULLA, T.VISC_FAT, T.SINUS_FAT))
                 self.site("renal_cyst", pt)
@@ -136,9 +136,8 @@ class OrgansMixin:
                 for _ in range(n):
                     off = self.rng.uniform(-0.6, 0.6, size=3)
                     pt = tuple(kc[i] + off[i] * kr[i] for i in range(3))
-                    c.ellipsoid(
-                        pt, self.v((4.0, 4.0, 4.5), (7.0, 7.0, 7.5)), T.HYPODENSITY, where=(T.CORTEX, T.MEDULLA)
-                    )
+                    radii = self.v((4.0, 4.0, 4.5), (7.0, 7.0, 7.5), (9.0, 9.0, 10.0))
+                    c.ellipsoid(pt, radii, T.HYPODENSITY, where=(T.CORTEX, T.MEDULLA))
                     self.site("renal_hypodensities", pt)
 
     def bowel(self):
@@ -189,10 +188,14 @@ class OrgansMixin:
         base = np.array([-78.0, 10.0, self.Z(0.28)])
         tip = base + [20.0, 8.0, -45.0]
         if "appendicitis" in self.f:
-            ar = self.sev("appendicitis", 6.5, 8.0, 10.0)
-            c.ellipsoid((base + tip) / 2, (26, 24, 34), T.STRANDING, where=(T.VISC_FAT,))
+            ar = self.sev("appendicitis", *self.v((6.5, 8.0, 10.0), (6.5, 8.0, 10.0), (9.0, 11.0, 13.0)))
+            self.hu[T.STRANDING] = self.v(-35.0, -35.0, -5.0)  # only the inflamed fat is stranding
+            inflamed = self.v((26, 24, 34), (26, 24, 34), (34, 32, 42))
+            c.ellipsoid((base + tip) / 2, inflamed, T.STRANDING, where=(T.VISC_FAT,))
             c.chain(np.array([base, tip]), ar, T.BOWEL_WALL, where=(T.VISC_FAT, T.STRANDING, T.MUSCLE))
             c.chain(np.array([base, tip]), ar - 3.0, T.BOWEL_FLUID, where=(T.BOWEL_WALL,))
+            if self.version >= 3:  # an appendicolith near the base
+                c.ellipsoid(base + (tip - base) * 0.3, (5.0, 5.0, 5.0), T.STONE, where=(T.BOWEL_FLUID, T.BOWEL_WALL))
             self.site("appendicitis", (base + tip) / 2)
         else:
             c.chain(np.array([base, tip]), 3.0, T.BOWEL_WALL, where=(T.VISC_FAT,))
@@ -217,7 +220,7 @@ class OrgansMixin:
         sy = self.spine_y
         if "lymphadenopathy" in self.f:
             n = int(self.sev("lymphadenopathy", 4, 7, 11))
-            rr = self.sev("lymphadenopathy", *self.v((8.0, 11.0, 15.0), (11.0, 14.0, 18.0)))
+            rr = self.sev("lymphadenopathy", *self.v((8.0, 11.0, 15.0), (11.0, 14.0, 18.0), (14.0, 18.0, 22.0)))
         else:
             n, rr = 5, 3.5
         for _ in range(n):
@@ -225,7 +228,7 @@ class OrgansMixin:
             sx = -1 if rng.random() < 0.5 else 1
             pt = (
                 (14 + sx * self.u(16, 32), sy - 36 + self.u(-12, 12), z)
-                if rng.random() < 0.6
+                if rng.random() < self.v(0.6, 0.6, 0.9)  # version 3: mostly para-aortic, where no bowel lies
                 else (self.u(-40, 40), self.u(-40, 0), z)
             )
             c.ellipsoid(pt, (rr, rr * 0.9, rr * 1.1), T.NODE, where=(T.VISC_FAT,))
@@ -252,10 +255,10 @@ class OrgansMixin:
             self.site("ascites", (lc[0] - lr[0] * 0.8, lc[1], lc[2] - lr[2] * 0.3))
         if "free_air" in self.f:
             n = int(self.sev("free_air", 1, 2, 4))
-            rr = self.sev("free_air", 7.0, 12.0, 20.0)
+            rr = self.sev("free_air", *self.v((7.0, 12.0, 20.0), (7.0, 12.0, 20.0), (14.0, 20.0, 28.0)))
             for _ in range(n):
                 z = self.u(self.Z(0.4), self.Z(0.75))
-                x = self.u(-50, 50)
+                x = self.u(*self.v((-50, 50), (-50, 50), (-80, 20)))  # version 3: over the liver
                 y = -(self.b - self.fat - 9.0) + rr * 0.5
                 c.ellipsoid((x, y, z), (rr * 1.8, rr * 0.6, rr * 1.2), T.FREE_AIR, where=(T.VISC_FAT, T.FLUID, T.LIVER))
                 self.site("free_air", (x, y, z))

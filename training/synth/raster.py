@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -48,6 +49,14 @@ class Grid:
 Where = Iterable[int] | None
 
 
+@cache
+def _allowed(where: tuple[int, ...]) -> np.ndarray:
+    """A 256-entry table, True at the labels a shape may paint over (a lookup is ~10x faster than ``np.isin``)."""
+    table = np.zeros(256, dtype=bool)
+    table[np.asarray(where, dtype=np.intp)] = True
+    return table
+
+
 class Canvas:
     """A label volume plus the grid it samples."""
 
@@ -61,7 +70,7 @@ class Canvas:
             return
         region = self.labels[sl]
         if where is not None:
-            mask = mask & np.isin(region, np.fromiter(where, dtype=np.uint8))
+            mask = mask & _allowed(tuple(where))[region]
         region[mask] = label
 
     def _min_r(self, r: float, a: int) -> float:

@@ -58,13 +58,13 @@ class TrunkMixin:
         for i, (lo, hi) in enumerate(self.vertebrae):
             top = hi
             if i == frac_v:
-                loss = self.sev("fracture", 0.35, 0.5, 0.65)
+                loss = self.sev("fracture", *self.v((0.35, 0.5, 0.65), (0.35, 0.5, 0.65), (0.5, 0.62, 0.75)))
                 top = lo + (hi - lo) * (1 - loss)
                 self.site("fracture", (0.0, sy, (lo + top) / 2))
             c.sweep(lo, top, lambda z: (0.0, sy, 23, 18), T.CORTICAL_BONE)
             c.sweep(lo + 2.5, top - 2.5, lambda z: (0.0, sy, 20, 15), T.TRABECULAR_BONE)
             if i == frac_v:
-                c.sweep(top - 3.0, top, lambda z: (0.0, sy, 23, 18), T.SCLEROSIS)
+                c.sweep(top - self.v(3.0, 3.0, 6.0), top, lambda z: (0.0, sy, 23, 18), T.SCLEROSIS)
             # Posterior elements.
             c.sweep(lo + 3, hi - 3, lambda z: (0.0, sy + 30, 14, 12, 4.5), T.CORTICAL_BONE)
             c.sweep(lo + 5, hi - 5, lambda z: (0.0, sy + 52, 4, 12), T.CORTICAL_BONE)
@@ -125,17 +125,18 @@ class TrunkMixin:
             n = int(self.sev("coronary_calcification", 2, 4, 7))
             for _ in range(n):
                 ang = self.u(-2.2, -0.3)
-                zz = hc[2] - self.u(0.1, 0.6) * hr[2]
+                zz = hc[2] - self.u(*self.v((0.1, 0.6), (0.1, 0.6), (0.3, 0.8))) * hr[2]  # v3: inside the scan
                 pt = (hc[0] + 0.93 * hr[0] * np.cos(ang), hc[1] + 0.93 * hr[1] * np.sin(ang), zz)
-                c.ellipsoid(pt, self.v((2.5, 2.5, 3.0), (4.0, 4.0, 4.5)), T.CALCIUM)
+                c.ellipsoid(pt, self.v((2.5, 2.5, 3.0), (4.0, 4.0, 4.5), (5.5, 5.5, 6.0)), T.CALCIUM)
                 self.site("coronary_calcification", pt)
         if "aortic_valve_calcification" in self.f:
-            vc = (hc[0] - 18, hc[1] + 12, hc[2] - 0.2 * hr[2])
+            vc = (hc[0] - 18, hc[1] + 12, hc[2] - self.v(0.2, 0.2, 0.45) * hr[2])
+            ring = self.v(9.0, 9.0, 11.0)
             for _ in range(int(self.sev("aortic_valve_calcification", 2, 3, 5))):
                 ang = self.u(0, 2 * np.pi)
                 c.ellipsoid(
-                    (vc[0] + 9 * np.cos(ang), vc[1] + 9 * np.sin(ang), vc[2] + self.u(-3, 3)),
-                    self.v((3.0, 3.0, 3.0), (4.5, 4.5, 4.5)),
+                    (vc[0] + ring * np.cos(ang), vc[1] + ring * np.sin(ang), vc[2] + self.u(-3, 3)),
+                    self.v((3.0, 3.0, 3.0), (4.5, 4.5, 4.5), (6.0, 6.0, 6.0)),
                     T.CALCIUM,
                 )
             self.site("aortic_valve_calcification", vc)
@@ -231,10 +232,14 @@ class TrunkMixin:
         c.chain(pv, 7.5, T.PORTAL)
         if "thrombosis" in self.f:
             if self.rng.random() < 0.6:
-                c.chain(self.v(pv[:2], pv), self.v(6.0, 7.5), T.THROMBUS, where=(T.PORTAL,))
+                # version 3: the thrombus distends the vein
+                where = self.v((T.PORTAL,), (T.PORTAL,), (T.PORTAL, T.LIVER, T.VISC_FAT))
+                c.chain(self.v(pv[:2], pv), self.v(6.0, 7.5, 11.0), T.THROMBUS, where=where)
                 self.site("thrombosis", pv[1])
             else:
                 zt = self.Z(0.5)
                 half = self.v(25, 60)
-                c.sweep(zt - half, zt + half, lambda z: (-22.0, sy - 30, 10.0, 8.5), T.THROMBUS, where=(T.IVC,))
+                rx, ry = self.v((10.0, 8.5), (10.0, 8.5), (15.0, 13.0))
+                where = self.v((T.IVC,), (T.IVC,), (T.IVC, T.VISC_FAT, T.MUSCLE))
+                c.sweep(zt - half, zt + half, lambda z: (-22.0, sy - 30, rx, ry), T.THROMBUS, where=where)
                 self.site("thrombosis", (-22.0, sy - 30, zt))
