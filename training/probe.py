@@ -77,16 +77,35 @@ def train_supervised(
     weight_decay: float,
     seed: int = 0,
     progress: bool = True,
+    frozen_stages: int = 0,
+    pool: str = "avg",
+    input_size: tuple[int, int, int] | None = None,
 ) -> ImageEncoder:
     """A fresh ``arch`` image tower with one output per finding, trained with masked BCE on ``labels``
-    (-1 ignored) for ``steps`` steps of ``batch_size`` studies drawn without replacement per step."""
+    (-1 ignored) for ``steps`` steps of ``batch_size`` studies drawn without replacement per step.
+
+    ``frozen_stages``, ``pool``, ``input_size``: as the contrastive run's tower (``image.*``): frozen
+    stages stay at their initial weights and their output is computed once per volume, as ``train``
+    does, so the reference costs what the run's steps cost."""
     from tqdm import tqdm
 
     if steps < 1:
         raise ValueError(f"supervised steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
-    model = ImageEncoder(arch, labels.shape[1])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model = ImageEncoder(arch, labels.shape[1], frozen_stages=frozen_stages, pool=pool, input_size=input_size)
+    trunk = None
+    if frozen_stages:
+        model.eval()
+        trunk = torch.cat(
+            [
+                model.trunk(
+                    torch.from_numpy(np.stack([volumes[j] for j in range(i, min(i + batch_size, len(volumes)))]))
+                )
+                for i in range(0, len(volumes), batch_size)
+            ]
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=min(0.1, 50 / steps))
     rng = np.random.default_rng(seed)
     y_all = torch.from_numpy(labels.astype(np.float32))
@@ -94,11 +113,14 @@ def train_supervised(
     bar = tqdm(range(steps), desc="supervised reference", unit="step", disable=not progress)
     for _ in bar:
         idx = rng.choice(len(volumes), size=min(batch_size, len(volumes)), replace=False)
-        x = torch.from_numpy(np.stack([volumes[int(i)] for i in idx]))
+        if trunk is not None:
+            logits = model(trunk[torch.from_numpy(idx)], from_trunk=True)
+        else:
+            logits = model(torch.from_numpy(np.stack([volumes[int(i)] for i in idx])))
         y = y_all[idx]
         mask = (y != -1).float()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(x), y.clamp(min=0), weight=mask, reduction="sum"
+            logits, y.clamp(min=0), weight=mask, reduction="sum"
         ) / mask.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,6 +200,9 @@ def probe_run(
             cfg.optim.weight_decay,
             seed=seed,
             progress=progress,
+            frozen_stages=cfg.image.frozen_stages,
+            pool=cfg.image.pool,
+            input_size=cfg.spec.spatial_size,
         )
         columns["supervised"] = per_finding_auroc(_predict(sup, vol_te, bs), y_te)
         seconds["supervised"] = time.perf_counter() - t0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from training.probe import linear_probe, per_finding_auroc, train_supervised
 
@@ -41,13 +42,34 @@ def _toy_volumes(n, rng):
     return vols, labels
 
 
-def test_supervised_reference_learns_a_visible_finding_and_ignores_unmentioned_labels():
+@pytest.mark.parametrize("frozen_stages", [0, 2])
+def test_supervised_reference_learns_a_visible_finding_and_ignores_unmentioned_labels(frozen_stages):
+    """Also with the run's frozen stages (trained from their cached output, as train does), which
+    keep their initial weights."""
+    import torch
+
+    from training.models.image import ImageEncoder
+
     rng = np.random.default_rng(1)
     vols, labels = _toy_volumes(240, rng)
     model = train_supervised(
-        "resnet10_tiny", vols[:160], labels[:160], steps=60, batch_size=16, lr=3e-3, weight_decay=0.0, progress=False
+        "resnet10_tiny",
+        vols[:160],
+        labels[:160],
+        steps=60,
+        batch_size=16,
+        lr=3e-3,
+        weight_decay=0.0,
+        progress=False,
+        frozen_stages=frozen_stages,
     )
-    import torch
+    if frozen_stages:
+        torch.manual_seed(0)
+        fresh = ImageEncoder("resnet10_tiny", 2, frozen_stages=frozen_stages)
+        for stage_a, stage_b in zip(model.i3_resnet.stages()[:frozen_stages], fresh.i3_resnet.stages()[:frozen_stages]):
+            for ma, mb in zip(stage_a, stage_b):
+                for ta, tb in zip(ma.state_dict().values(), mb.state_dict().values()):
+                    assert torch.equal(ta, tb)
 
     with torch.no_grad():
         scores = model(torch.from_numpy(vols[160:])).numpy()
