@@ -148,10 +148,9 @@ class SeriesToModelInput:
                 chosen.headers,
                 names,
                 pixels=lambda n: read_frame(names[n], chosen.headers[n], offsets[n]),
-                axcodes=self.spec.orientation,
                 out=self._buffer,
             )
-            self._buffer = vol.array  # preprocessing copies out of it; the next study may refill it
+            self._buffer = vol.array.T  # the slice-major buffer; preprocessing copies out of it
         except VolumeError as exc:
             return work.fail(str(exc))
         work.timings["decode_volume_s"] = time.perf_counter() - t
