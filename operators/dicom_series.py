@@ -275,12 +275,14 @@ def series_to_volume(
                 raise VolumeError(
                     f"{names[idx]}: expected one {rows}x{cols} frame like the first slice, found pixels {pix.shape}"
                 )
-            plane = buf[k]
-            plane[...] = pix  # integer -> float32; the rescale below runs in float32
+            # integer -> float32 within the first operation; the rescale runs in float32
             slope = _number(ds, "RescaleSlope", 1.0, names[idx])
+            intercept = np.float32(_number(ds, "RescaleIntercept", 0.0, names[idx]))
             if slope != 1.0:
-                plane *= np.float32(slope)
-            plane += np.float32(_number(ds, "RescaleIntercept", 0.0, names[idx]))
+                np.multiply(pix, np.float32(slope), out=buf[k], casting="unsafe")
+                buf[k] += intercept
+            else:
+                np.add(pix, intercept, out=buf[k], casting="unsafe")
 
     # _ASSEMBLY_THREADS threads, each a contiguous slab of planes: reading native pixel data and the
     # conversions run in numpy without the GIL, so they overlap.

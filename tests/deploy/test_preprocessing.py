@@ -165,3 +165,22 @@ def test_oblique_volumes_and_nearest_interpolation():
     straight = Volume(hu, np.diag([2.0, 2.0, 3.0, 1.0]))
     assert _axis_plan(hu.shape, straight.affine, nearest) is None
     assert np.array_equal(preprocess(straight, nearest), _monai_reference(straight, nearest))
+
+
+def test_window_pad_crop_is_monais_bit_for_bit():
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    from operators.preprocessing import _intensity_and_size, _window_pad_crop
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        shape = tuple(int(v) for v in rng.integers(5, 40, size=3))
+        spec = PreprocessSpec(
+            spatial_size=tuple(int(v) for v in rng.integers(5, 40, size=3)),
+            hu_window=(float(rng.uniform(-1000, 0)), float(rng.uniform(1, 1500))),
+        )
+        x = rng.normal(0, 800, size=shape).astype(np.float32)
+        reference = Compose(_intensity_and_size(spec))(MetaTensor(torch.as_tensor(x)[None])).numpy()
+        assert np.array_equal(_window_pad_crop(x, spec), reference)
