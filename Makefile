@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: study study-v2 venv lint test test-slow soak image test-image demo corpus corpus-v2 recipe demo-model bench-onnx bench-stages bench-batch bench-engines merlin-check clean
+.PHONY: study study-v2 venv lint test test-slow soak image test-image demo corpus corpus-v2 corpus-v3 recipe demo-model bench-onnx bench-stages bench-batch bench-engines merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ corpus: venv
 # The corpus version 2 (conspicuous focal findings) that the cpu-small recipe and the demo model use.
 corpus-v2: venv
 	$(BIN)/ct-zeroshot-train synth data/synth-4k-v2 --studies 4000 --seed 0 --workers 2 --corpus-version 2
+
+# The corpus version 3 (every focal finding spans several 5 mm voxels): the learning recipe's.
+corpus-v3: venv
+	$(BIN)/ct-zeroshot-train synth data/synth-4k-v3 --studies 4000 --seed 0 --workers 2 --corpus-version 3
 
 # The CPU recipe from a fresh corpus to a model package, timed, with the supervised reference
 # (runs/recipe/recipe.json; copied to results/recipe/).
