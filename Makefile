@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: study study-v2 venv lint test test-slow soak image test-image demo corpus corpus-v2 corpus-v3 recipe demo-model bench-onnx bench-stages bench-batch bench-engines merlin-check clean
+.PHONY: study study-v2 study-v3 venv lint test test-slow soak image test-image demo corpus corpus-v2 corpus-v3 recipe demo-model bench-onnx bench-stages bench-batch bench-engines merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,12 @@ demo-model: venv
 study-v2: venv
 	@test -d data/synth-4k-v2 || $(MAKE) corpus-v2
 	$(BIN)/ct-zeroshot-train study --preset paper-cpu-v2 --data data/synth-4k-v2 --out results/study-paper-cpu-v2 --resume
+
+# The sampler study where the model learns (corpus version 3, 2,500 steps per run, 12 arms x 3 seeds,
+# sized to ~150 minutes of both cores): results/study-paper-cpu-v3. Resumable: rerun to continue.
+study-v3: venv
+	@test -d data/synth-4k-v3 || $(MAKE) corpus-v3
+	$(BIN)/ct-zeroshot-train study --preset paper-cpu-v3 --data data/synth-4k-v3 --out results/study-paper-cpu-v3 --resume
 
 # The early-training sampler study on a 2-core CPU (8 arms x 3 seeds; 35 minutes measured): results/study-paper-cpu.
 # Interrupted? `make study STUDY_ARGS=--resume` continues and skips finished runs.
