@@ -56,7 +56,7 @@ demo: venv
 corpus: venv
 	$(BIN)/ct-zeroshot-train synth data/synth-4k --studies 4000 --seed 0
 
-# The corpus version 2 (conspicuous focal findings) that the cpu-small recipe and the demo model use.
+# The corpus version 2 (conspicuous focal findings) that cpu-small-v2 and the demo model use.
 corpus-v2: venv
 	$(BIN)/ct-zeroshot-train synth data/synth-4k-v2 --studies 4000 --seed 0 --workers 2 --corpus-version 2
 
@@ -70,13 +70,13 @@ recipe: venv
 	$(BIN)/ct-zeroshot-train recipe --out runs/recipe --preset cpu-small
 	mkdir -p results/recipe && cp runs/recipe/recipe.json results/recipe/
 
-# The embedded demo model (operators/models/demo): cpu-small on corpus version 2, exported with
+# The embedded demo model (operators/models/demo): cpu-small-v2 on corpus version 2, exported with
 # validation thresholds (findings below the AUROC floor not assessed) and prompt embeddings only
 # (the MiniLM text encoder would add 90 MB to the repository). About 20 minutes on a 2-core CPU.
 DEMO_RUN ?= runs/demo-model
 demo-model: venv
 	@test -d data/synth-4k-v2 || $(MAKE) corpus-v2
-	$(BIN)/ct-zeroshot-train train --data data/synth-4k-v2 --out $(DEMO_RUN) --preset cpu-small
+	$(BIN)/ct-zeroshot-train train --data data/synth-4k-v2 --out $(DEMO_RUN) --preset cpu-small-v2
 	$(BIN)/ct-zeroshot-train evaluate --run $(DEMO_RUN) --data data/synth-4k-v2 --quiet > /dev/null
 	$(BIN)/ct-zeroshot-train evaluate --run $(DEMO_RUN) --data data/synth-4k-v2 --checkpoint init --quiet > /dev/null
 	rm -rf $(DEMO_RUN)/package operators/models/demo

@@ -27,7 +27,7 @@ def run_recipe(
     data: str | Path | None = None,
     studies: int = 4000,
     seed: int = 0,
-    corpus_version: int = 2,
+    corpus_version: int = 3,
     cache_dir: str | Path | None = None,
     supervised: bool = True,
     progress: bool = True,
