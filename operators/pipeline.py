@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from .dicom_series import SeriesFiles, read_frame, series_to_volume
+from .dicom_series import SeriesFiles, series_to_volume
 from .phi import describe
 from .preprocessing import build_transform, preprocess
 from .volume import VolumeError
@@ -147,7 +147,7 @@ class SeriesToModelInput:
             vol = series_to_volume(
                 chosen.headers,
                 names,
-                pixels=lambda n: read_frame(names[n], chosen.headers[n], offsets[n]),
+                offsets=offsets,
                 out=self._buffer,
             )
             self._buffer = vol.array.T  # the slice-major buffer; preprocessing copies out of it

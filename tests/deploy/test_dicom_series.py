@@ -178,6 +178,10 @@ def test_read_frame_equals_pydicom(series, tmp_path, monkeypatch, syntax, stored
     got = dicom_series.read_frame(path, s.headers[0], s.pixel_offsets[0])
     assert got.dtype == expected.dtype and np.array_equal(got, expected)
     assert bool(called) == syntax.is_compressed
+    # into a reused buffer (series_to_volume's per-thread scratch): the same pixels; too small, ignored
+    for scratch in (np.full(ds.Rows * ds.Columns * 2 + 7, 0xAB, dtype=np.uint8), np.zeros(10, dtype=np.uint8)):
+        again = dicom_series.read_frame(path, s.headers[0], s.pixel_offsets[0], scratch)
+        assert again.dtype == expected.dtype and np.array_equal(again, expected)
 
 
 def test_read_frame_falls_back_when_the_offset_is_wrong(series):
