@@ -141,50 +141,48 @@ def _axis_plan(shape: tuple[int, ...], affine: np.ndarray, spec: PreprocessSpec)
     return _AxisPlan(dst, source, positions)  # type: ignore[arg-type]
 
 
-_RESAMPLE_THREADS = 2  # the plane and row passes split their output across this many threads
-
-
-def _lerp_slices(x: np.ndarray, dim: int, lo, hi, weight, out: np.ndarray, js: range) -> None:
-    at = (slice(None),) * dim
-    for j in js:
-        o = out[at + (j,)]
-        np.subtract(x[at + (hi[j],)], x[at + (lo[j],)], out=o)
-        o *= weight[j]
-        o += x[at + (lo[j],)]
+_RESAMPLE_THREADS = 2  # output planes are split across this many threads (numpy releases the GIL)
 
 
 def _resample(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
     """Linear interpolation along one input axis at a time, borders clamped (grid_sample's "border"
     padding, MONAI Spacing's default), then the axes permuted into the output's order.
 
-    Written by hand for speed: trilinear interpolation is separable, so three 1-D passes, the first
-    over whole planes, each shrinking the volume, replace grid_sample's eight reads per output voxel
-    (a 512x512x300 CT to Merlin's grid; README, stage timings). The values agree with MONAI's to
-    float32 rounding (test_preprocessing)."""
+    Written by hand for speed: trilinear interpolation is separable, so three 1-D passes replace
+    grid_sample's eight reads per output voxel. They run one output plane at a time (two input planes
+    blended, then its rows, then its columns), so no full-size intermediate volume is ever allocated
+    (fresh memory is what costs most on a 512x512x300 CT; README, stage timings). The values agree with
+    MONAI's to float32 rounding (test_preprocessing)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    for a in sorted(range(3), key=lambda a: plan.source[a]):  # the slowest-varying memory axis first
-        dim, n = plan.source[a], x.shape[plan.source[a]]
+    axes = sorted(range(3), key=lambda a: plan.source[a])  # the output axes reading input dims 0, 1, 2
+    lo, hi, weight = [], [], []
+    for dim, a in enumerate(axes):
+        n = x.shape[dim]
         pos = np.clip(plan.positions[a], 0.0, n - 1)
-        lo = np.minimum(np.floor(pos), max(n - 2, 0)).astype(np.intp)
-        hi = np.minimum(lo + 1, n - 1)
-        weight = (pos - lo).astype(np.float32)
-        if dim < 2:  # whole planes (dim 0) or whole rows (dim 1): one in-place lerp per output index
-            shape = list(x.shape)
-            shape[dim] = len(pos)
-            out = np.empty(shape, dtype=np.float32)
-            bounds = np.linspace(0, len(pos), _RESAMPLE_THREADS + 1).astype(int)
-            with ThreadPoolExecutor(_RESAMPLE_THREADS) as pool:  # numpy releases the GIL on these
-                for done in [
-                    pool.submit(_lerp_slices, x, dim, lo, hi, weight, out, range(b0, b1))
-                    for b0, b1 in zip(bounds[:-1], bounds[1:])
-                ]:
-                    done.result()
-        else:  # the contiguous axis, on the volume the first two passes shrank: gather, then lerp
-            below = x[..., lo]
-            out = below + (x[..., hi] - below) * weight
-        x = out
-    return x.transpose(plan.source)
+        low = np.minimum(np.floor(pos), max(n - 2, 0)).astype(np.intp)
+        lo.append(low)
+        hi.append(np.minimum(low + 1, n - 1))
+        weight.append((pos - low).astype(np.float32))
+    out = np.empty((len(lo[0]), len(lo[1]), len(lo[2])), dtype=np.float32)
+    w_rows = weight[1][:, None]
+
+    def planes(js: range) -> None:
+        plane = np.empty(x.shape[1:], dtype=np.float32)
+        for j in js:
+            np.subtract(x[hi[0][j]], x[lo[0][j]], out=plane)
+            plane *= weight[0][j]
+            plane += x[lo[0][j]]
+            below = plane[lo[1]]
+            rows = below + (plane[hi[1]] - below) * w_rows
+            below = rows[:, lo[2]]
+            out[j] = below + (rows[:, hi[2]] - below) * weight[2]
+
+    bounds = np.linspace(0, out.shape[0], _RESAMPLE_THREADS + 1).astype(int)
+    with ThreadPoolExecutor(_RESAMPLE_THREADS) as pool:
+        for done in [pool.submit(planes, range(b0, b1)) for b0, b1 in zip(bounds[:-1], bounds[1:])]:
+            done.result()
+    return out.transpose(plan.source)
 
 
 def _window_pad_crop(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
