@@ -74,8 +74,8 @@ def pretrain_image(
     data: str | Path,
     out: str | Path,
     cfg: TrainConfig,
-    cache_dir: str | Path | None = None,
     stop_after: int | None = None,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
     """Run (or resume) the image pretext; returns its summary (``image_init.pt`` once finished)."""
