@@ -135,7 +135,7 @@ def read_frame(path: str | Path, header: Dataset, offset: int | None, scratch: n
             dtype = np.dtype("<i2" if header.PixelRepresentation == 1 else "<u2")
             if scratch is not None and scratch.dtype == np.uint8 and scratch.size >= rows * cols * 2:
                 arr = scratch[: rows * cols * 2].view(dtype)
-                got = fh.readinto(memoryview(scratch)[: rows * cols * 2])  # type: ignore[attr-defined]
+                got = fh.readinto(scratch[: rows * cols * 2].data)
                 arr = arr if got == rows * cols * 2 else arr[:0]
             else:
                 arr = np.fromfile(fh, dtype=dtype, count=rows * cols)

@@ -126,6 +126,7 @@ def _axis_plan(shape: tuple[int, ...], affine: np.ndarray, spec: PreprocessSpec)
     img = MetaTensor(torch.zeros(()).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
     out = Orientation(axcodes=spec.orientation, labels=_LABELS, lazy=True)(img)
     out = Spacing(pixdim=spec.spacing, mode=spec.interpolation, lazy=True)(out)  # type: ignore[arg-type]
+    assert isinstance(out, MetaTensor)  # a MetaTensor in, a MetaTensor with the pending grid out
     dst = np.asarray(out.peek_pending_affine(), dtype=np.float64)
     size = [int(v) for v in out.peek_pending_shape()]
     xform = np.linalg.solve(np.asarray(affine, dtype=np.float64), dst)  # output voxel -> input voxel
@@ -194,7 +195,8 @@ def _window_pad_crop(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     y = y * np.float32(b_max - b_min) + np.float32(b_min)
     np.clip(y, np.float32(b_min), np.float32(b_max), out=y)
     out = np.zeros((1, *spec.spatial_size), dtype=np.float32)
-    src, dst = [], []
+    src: list[slice] = []
+    dst: list[slice] = []
     for n, size in zip(y.shape, spec.spatial_size):
         if n <= size:  # SpatialPad: the extra voxel of an odd pad goes after
             before = (size - n) // 2
@@ -204,7 +206,7 @@ def _window_pad_crop(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
             start = n // 2 - size // 2
             src.append(slice(start, start + size))
             dst.append(slice(0, size))
-    out[(0, *dst)] = y[tuple(src)]
+    out[0][tuple(dst)] = y[tuple(src)]
     return out
 
 
