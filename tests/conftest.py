@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,14 @@ def tiny_package(corpus200, tmp_path_factory) -> dict:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+def dcmtk(tool: str) -> str:
+    """The path of DCMTK's ``tool`` (storescu, echoscu...): the first on PATH outside this Python's
+    environment, whose bin folder may hold pynetdicom's console scripts of the same names."""
+    own = Path(sys.prefix, "bin").resolve()
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != own)
+    found = shutil.which(tool, path=path)
+    if found is None:
+        raise FileNotFoundError(f"DCMTK's {tool} is not installed (apt-get install dcmtk)")
+    return found

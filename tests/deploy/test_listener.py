@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from operators.sr import read_findings
+from tests.conftest import dcmtk
 from tests.deploy.pacs import (
     ORTHANC,
     OrthancServer,
@@ -172,14 +173,14 @@ def test_dcmtk_jpeg_lossless_sender_echo_parts_and_refusals(site, tmp_path):
     try:
         wait_listening(site["port"], proc)
         peer = ["-aet", "ORTHANC", "-aec", "CTZEROSHOT", "127.0.0.1", str(site["port"])]
-        subprocess.run(["echoscu", *peer], check=True, capture_output=True)
+        subprocess.run([dcmtk("echoscu"), *peer], check=True, capture_output=True)
         ordered = sorted(jpeg.iterdir())  # CT0001.dcm ...: in slice order
         # The study in two parts: 8 slices, processed and its SR delivered; then 2 more, which re-open it.
-        sent = subprocess.run(["storescu", "-xs", "-R", *peer, *map(str, ordered[:8])], capture_output=True)
+        sent = subprocess.run([dcmtk("storescu"), "-xs", "-R", *peer, *map(str, ordered[:8])], capture_output=True)
         assert sent.returncode == 0, sent.stderr.decode()[-2000:]
         wait_for(lambda: (spool / "done" / study).is_dir(), 300, "the JPEG Lossless study processed and its SR sent")
         first = pydicom.dcmread(next((spool / "out" / study).glob("SR_*.dcm")))
-        sent = subprocess.run(["storescu", "-xs", "-R", *peer, *map(str, ordered[8:])], capture_output=True)
+        sent = subprocess.run([dcmtk("storescu"), "-xs", "-R", *peer, *map(str, ordered[8:])], capture_output=True)
         assert sent.returncode == 0, sent.stderr.decode()[-2000:]
         orthanc_study = site["orthanc"].request("POST", "/tools/lookup", study.encode(), "text/plain")[0]["ID"]
         wait_for(lambda: len(site["orthanc"].srs(orthanc_study)) == 2, 300, "the corrected SR delivered")

@@ -23,6 +23,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.conftest import dcmtk
 from tests.deploy import pacs
 from tests.dicom_cases import small_study
 
@@ -63,7 +64,7 @@ def send(files: list[Path], aet: str, port: int, give_up_s: float = 240) -> int:
     t, attempts = time.time(), 0
     while time.time() - t < give_up_s:
         attempts += 1
-        cmd = ["storescu", "-aet", aet, "-aec", "CTZEROSHOT", "127.0.0.1", str(port), *map(str, files)]
+        cmd = [dcmtk("storescu"), "-aet", aet, "-aec", "CTZEROSHOT", "127.0.0.1", str(port), *map(str, files)]
         if subprocess.run(cmd, capture_output=True).returncode == 0:
             return attempts
         time.sleep(1.0)
