@@ -35,7 +35,7 @@ from .data import load_studies
 from .evaluate import embed_images, finding_auroc, prompt_embeddings, zero_shot_metrics, zero_shot_scores
 from .files import write_json
 from .models.image import ImageEncoder
-from .runs import CachedVolumes, build_cache, load_run, volume_cache
+from .runs import CachedVolumes, build_cache, load_run, trunk_features, volume_cache
 
 
 def per_finding_auroc(scores: np.ndarray, labels: np.ndarray) -> list[float | None]:
@@ -93,17 +93,7 @@ def train_supervised(
         raise ValueError(f"supervised steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
     model = ImageEncoder(arch, labels.shape[1], frozen_stages=frozen_stages, pool=pool, input_size=input_size)
-    trunk = None
-    if frozen_stages:
-        model.eval()
-        trunk = torch.cat(
-            [
-                model.trunk(
-                    torch.from_numpy(np.stack([volumes[j] for j in range(i, min(i + batch_size, len(volumes)))]))
-                )
-                for i in range(0, len(volumes), batch_size)
-            ]
-        )
+    trunk = trunk_features(model, volumes, "cpu", batch_size, False, torch.float32) if frozen_stages else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=min(0.1, 50 / steps))

@@ -40,6 +40,22 @@ class CachedVolumes:
         return self.cache.get(self.studies[i])
 
 
+def trunk_features(
+    encoder: ImageEncoder, volumes: CachedVolumes, device, batch: int, progress: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """The frozen image stages' output for every volume, kept in memory as ``dtype``: computed once (after
+    any resume or image init has set the weights), since those stages never change. Leaves ``encoder`` in
+    eval mode."""
+    from tqdm import tqdm
+
+    encoder.eval()
+    out = []
+    for i in tqdm(range(0, len(volumes), batch), desc="frozen image stages", disable=not progress):
+        x = torch.from_numpy(np.stack([volumes[j] for j in range(i, min(i + batch, len(volumes)))])).to(device)
+        out.append(encoder.trunk(x.float()).to("cpu", dtype))
+    return torch.cat(out)
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ct-zeroshot" / "volumes"

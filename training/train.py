@@ -44,6 +44,7 @@ from .runs import (
     ensure_text_model,
     make_model,
     text_feature_cache,
+    trunk_features,
     volume_cache,
     write_run_config,
 )
@@ -197,25 +198,13 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         if main:
             Checkpoint(model=model.state_dict(), step=0).save(checkpoint_path(run, "init"))
     if cfg.image.frozen_stages and r.start < cfg.train.steps:  # a finished run trains no more
-        r.trunk = _trunk_features(model, r.volumes, device, cfg.train.batch_size, progress and main)
+        r.trunk = trunk_features(
+            model.encode_image, r.volumes, device, cfg.train.batch_size, progress and main, torch.float16
+        )
     epoch_start = planner.epoch(r.start) * planner.steps_per_epoch
     for s in range(epoch_start, r.start):  # unique volumes of the current epoch so far (resume)
         r.seen.update(it.index for it in planner.global_items(s))
     return r
-
-
-def _trunk_features(model: DualEncoder, volumes: CachedVolumes, device, batch: int, progress: bool) -> torch.Tensor:
-    """The frozen image stages' output for every training volume (float16, in memory): computed once,
-    after any resume or image init has set the weights, since those stages never change."""
-    from tqdm import tqdm
-
-    enc = model.encode_image
-    enc.eval()
-    out = []
-    for i in tqdm(range(0, len(volumes), batch), desc="frozen image stages", disable=not progress):
-        x = torch.from_numpy(np.stack([volumes[j] for j in range(i, min(i + batch, len(volumes)))])).to(device)
-        out.append(enc.trunk(x.float()).to("cpu", torch.float16))
-    return torch.cat(out)
 
 
 def _warm_text_features(
