@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .phi import describe
 from .uids import is_valid_uid
-from .volume import Volume, VolumeError
+from .volume import Volume, VolumeError, in_slabs
 
 # Orientation cosines must agree across a series to this tolerance.
 _IOP_TOL = 1e-3
@@ -294,17 +293,8 @@ def series_to_volume(
             else:
                 np.add(pix, intercept, out=buf[k], casting="unsafe")
 
-    # _ASSEMBLY_THREADS threads, each a contiguous slab of planes: reading native pixel data and the
-    # conversions run in numpy without the GIL, so they overlap.
-    n = max(1, min(_ASSEMBLY_THREADS, len(order)))
-    bounds = np.linspace(0, len(order), n + 1).astype(int)
-    shares = [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-    if n == 1:
-        assemble(shares[0])
-    else:
-        with ThreadPoolExecutor(n) as pool:
-            for done in [pool.submit(assemble, share) for share in shares]:
-                done.result()
+    # reading native pixel data and the conversions run in numpy without the GIL, so the slabs overlap
+    in_slabs(assemble, len(order), _ASSEMBLY_THREADS)
     return Volume(buf.transpose(2, 1, 0), affine, str(Path(names[order[0]]).parent))
 
 

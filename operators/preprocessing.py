@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .volume import Volume
+from .volume import Volume, in_slabs
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,9 @@ class _AxisPlan:
 
 def _axis_plan(shape: tuple[int, ...], affine: np.ndarray, spec: PreprocessSpec) -> _AxisPlan | None:
     """The output grid of the chain's Orientation and Spacing, asked of MONAI itself (lazily: no
-    voxel is computed), as a per-axis plan; None unless every output axis reads one input axis (an
-    oblique series, or nearest-neighbour interpolation: MONAI then does the resampling)."""
+    voxel is computed), as a per-axis plan. None for nearest-neighbour interpolation, or should an
+    output axis ever read more than one input axis (Spacing keeps an oblique series' direction cosines,
+    so even those map axis to axis): MONAI then does the resampling."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
@@ -154,8 +155,6 @@ def _resample(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
     blended, then its rows, then its columns), so no full-size intermediate volume is ever allocated
     (fresh memory is what costs most on a 512x512x300 CT; README, stage timings). The values agree with
     MONAI's to float32 rounding (test_preprocessing)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     axes = sorted(range(3), key=lambda a: plan.source[a])  # the output axes reading input dims 0, 1, 2
     lo, hi, weight = [], [], []
     for dim, a in enumerate(axes):
@@ -179,10 +178,7 @@ def _resample(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
             below = rows[:, lo[2]]
             out[j] = below + (rows[:, hi[2]] - below) * weight[2]
 
-    bounds = np.linspace(0, out.shape[0], _RESAMPLE_THREADS + 1).astype(int)
-    with ThreadPoolExecutor(_RESAMPLE_THREADS) as pool:
-        for done in [pool.submit(planes, range(b0, b1)) for b0, b1 in zip(bounds[:-1], bounds[1:])]:
-            done.result()
+    in_slabs(planes, out.shape[0], _RESAMPLE_THREADS)
     return out.transpose(plan.source)
 
 
@@ -217,7 +213,6 @@ def preprocess(volume: Volume, spec: PreprocessSpec, transform=None) -> np.ndarr
     import torch
     from monai.data import MetaTensor
 
-    transform = transform or build_transform(spec)
     array, affine = volume.array, volume.affine
     if array.flags.f_contiguous and not array.flags.c_contiguous:
         # Fortran order (nibabel's NIfTI arrays, the slice-major DICOM volumes of dicom_series): work
@@ -229,5 +224,5 @@ def preprocess(volume: Volume, spec: PreprocessSpec, transform=None) -> np.ndarr
     if plan is not None:
         return _window_pad_crop(_resample(array, plan), spec)
     img = MetaTensor(torch.as_tensor(array)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
-    out = transform(img)
+    out = (transform or build_transform(spec))(img)
     return np.ascontiguousarray(out.detach().cpu().numpy().astype(np.float32, copy=False))

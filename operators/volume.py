@@ -8,11 +8,29 @@ both paths meet in one preprocessing definition.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def in_slabs(work: Callable[[range], None], n: int, threads: int) -> None:
+    """Run ``work`` over ``range(n)`` cut into ``threads`` contiguous slabs, one thread each (the volume
+    code's loops spend their time in numpy, which releases the GIL); inline when one slab is enough.
+    An exception in any slab is raised here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, min(threads, n))
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    slabs = [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    if threads == 1:
+        work(slabs[0])
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(work, slab) for slab in slabs]:
+            done.result()
 
 
 class VolumeError(ValueError):
