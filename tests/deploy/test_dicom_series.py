@@ -51,6 +51,22 @@ def test_mixed_sizes(series):
         load_dicom_folder(folder)
 
 
+def test_native_decode_names_a_file_truncated_after_the_scan(series):
+    """The pipeline's path (headers from the scan, pixels read at the recorded offsets into each thread's
+    scratch buffer): a file cut short inside its pixel data is refused by name, not half-read."""
+    from operators.dicom_series import series_to_volume
+
+    _, paths, _ = series
+    (s,) = scan_tree(paths[0].parent).series.values()
+    names = [str(p) for p in s.paths]
+    whole = series_to_volume(s.headers, names, offsets=s.pixel_offsets)
+    assert np.array_equal(whole.array, load_dicom_folder(paths[0].parent).array)
+    data = s.paths[4].read_bytes()
+    s.paths[4].write_bytes(data[: len(data) - 100])
+    with pytest.raises(VolumeError, match=s.paths[4].name):
+        series_to_volume(s.headers, names, offsets=s.pixel_offsets)
+
+
 def test_uneven_spacing(series):
     folder, paths, _ = series
     paths[3].unlink()
