@@ -176,28 +176,46 @@ def _answers(call):
         return None
 
 
+def _store(pacs: Pipeline, study_dir: Path) -> tuple[str, str]:
+    """A modality's store of one study through Orthanc's REST API: (StudyInstanceUID, Orthanc ID)."""
+    files = sorted(p for p in study_dir.rglob("*") if p.is_file())
+    for f in files:
+        pacs.request("POST", "/instances", f.read_bytes(), "application/dicom")
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    return study_uid, pacs.request("POST", "/tools/lookup", study_uid.encode(), "text/plain")[0]["ID"]
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_compose_pipeline_study_into_orthanc_sr_back_in_orthanc(studies, tmp_path):
+    """The PACS pipeline end to end, through a listener outage: a study routed while the listener is
+    down is not lost (its failed route job is resubmitted with the next routed series)."""
     pacs = Pipeline(tmp_path)
-    pacs.compose("up", "-d")
+    pacs.compose("up", "-d")  # Orthanc starts once the listener is healthy (no routing race)
     try:
         wait_for(lambda: _answers(lambda: pacs.request("GET", "/system")), 60, "Orthanc did not answer")
-        study_dir = sorted(studies.iterdir())[0]
-        files = sorted(p for p in study_dir.rglob("*") if p.is_file())
-        for f in files:  # a modality's store, through Orthanc's REST API
-            pacs.request("POST", "/instances", f.read_bytes(), "application/dicom")
-        study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-        study = pacs.request("POST", "/tools/lookup", study_uid.encode(), "text/plain")[0]["ID"]
+        pacs.compose("stop", "listener")  # the listener restarting, say, for an update
+        first, second = sorted(studies.iterdir())[:2]
+        study_uid, study = _store(pacs, first)
 
-        def sr_instances():
+        def route_jobs(state):
+            jobs = pacs.request("GET", "/jobs?expand")
+            return [j for j in jobs if j["Type"] == "DicomModalityStore" and j["State"] == state]
+
+        wait_for(lambda: route_jobs("Failure"), 60, "the route to the stopped listener did not fail")
+        pacs.compose("start", "listener")
+        wait_for(lambda: "healthy" in pacs.compose("ps", "listener").stdout, 120, "listener not healthy again")
+        _, second_study = _store(pacs, second)  # its route resubmits the failed one
+
+        def sr_instances(study=study):
             series = pacs.request("GET", f"/studies/{study}/series")
             return [i for s in series if s["MainDicomTags"].get("Modality") == "SR" for i in s["Instances"]]
 
         try:
-            wait_for(lambda: _answers(sr_instances), 240, "no SR came back into Orthanc")
+            wait_for(lambda: _answers(sr_instances) and _answers(lambda: sr_instances(second_study)), 300, "no SR")
         except TimeoutError:
             logs = pacs.compose("logs", "--no-color", check=False).stdout
             raise AssertionError(logs[-6000:]) from None
+        assert not route_jobs("Failure") and len(route_jobs("Success")) == 2
         (sr_id,) = sr_instances()
         sr_file = tmp_path / "sr.dcm"
         sr_file.write_bytes(pacs.request("GET", f"/instances/{sr_id}/file"))
@@ -208,8 +226,9 @@ def test_compose_pipeline_study_into_orthanc_sr_back_in_orthanc(studies, tmp_pat
             assert validate_all([sr_file], pixelmed_files=0) == {}
         # The SR's own (non-CT) series is not routed back: still one SR after two more stable periods.
         time.sleep(12)
-        assert len(sr_instances()) == 1
+        assert len(sr_instances()) == 1 and len(sr_instances(second_study)) == 1
         logs = pacs.compose("logs", "--no-color", check=False).stdout
+        assert "resubmitted route job" in logs
         assert str(sr.PatientName) not in logs and sr.PatientID not in logs  # no PHI in either log
     finally:
         pacs.compose("down", "-v", "--remove-orphans", check=False)
