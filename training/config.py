@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "batching.system_choice": ("round_robin", "random"),
     "joint.embed_norm": EMBED_NORMS,
     "joint.positives": ("text", "labels"),
+    "train.select": ("macro_f1", "macro_auroc"),
 }
 
 _RATIO = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")
@@ -155,6 +156,9 @@ class TrainCfg:
     steps_per_epoch: int = 0  # 0: one pass of the full training split at the global batch size
     eval_every: int = 100
     eval_studies: int = 0  # 0: the whole validation split
+    # The validation metric that picks checkpoints/best.pt. Macro F1 at the validation split's own
+    # F1-optimal thresholds is noisy on a few hundred studies; macro AUROC ranks without thresholds.
+    select: str = "macro_f1"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     grad_checkpointing: bool = False
     num_workers: int = 0

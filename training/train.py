@@ -114,7 +114,7 @@ class _Run:
     val_labels: np.ndarray | None
     start: int = 0
     trunk: torch.Tensor | None = None  # frozen image stages' output per training volume (image.frozen_stages)
-    best: dict = field(default_factory=lambda: {"step": -1, "macro_f1": -1.0})
+    best: dict = field(default_factory=lambda: {"step": -1})  # the step and value of train.select
     seen: set[int] = field(default_factory=set)
 
     @property
@@ -291,9 +291,10 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
             run / "val.csv",
             {"step": next_step, "macro_f1": f"{m['macro_f1']:.5f}", "macro_auroc": f"{m['macro_auroc']:.5f}"},
         )
-        if m["macro_f1"] > r.best["macro_f1"]:
-            r.best = {"step": next_step, "macro_f1": m["macro_f1"]}
-            Checkpoint(model=r.model.state_dict(), step=next_step, val=m["macro_f1"]).save(checkpoint_path(run, "best"))
+        key = cfg.train.select
+        if m[key] > r.best.get(key, -1.0):
+            r.best = {"step": next_step, key: m[key]}
+            Checkpoint(model=r.model.state_dict(), step=next_step, val=m[key]).save(checkpoint_path(run, "best"))
     if r.main and (evaluate_now or next_step == end):
         Checkpoint(
             model=r.model.state_dict(),

@@ -51,6 +51,26 @@ def test_resume_gives_the_same_weights(corpus200, cache, tmp_path):
     assert not torch.equal(init["encode_image.i3_resnet.conv1.weight"], wa["encode_image.i3_resnet.conv1.weight"])
 
 
+@pytest.mark.parametrize("select", ["macro_f1", "macro_auroc"])
+def test_best_checkpoint_is_the_best_validation_step_by_train_select(corpus200, cache, tmp_path, select):
+    import csv
+
+    cfg = TrainConfig.load("cpu-tiny", [*SMALL, "train.eval_every=1", f"train.select={select}"])
+    summary = train(corpus200, tmp_path / "r", cfg, cache_dir=cache, progress=False)
+    with open(tmp_path / "r" / "val.csv", newline="") as fh:
+        rows = [(int(r["step"]), float(r[select])) for r in csv.DictReader(fh)]
+    assert len(rows) == 6
+    step, value = max(rows, key=lambda r: (r[1], -r[0]))  # the first step at the best value
+    best = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=False)
+    assert summary["best"]["step"] == best["step"] == step
+    assert best["val"] == pytest.approx(value, abs=1e-5)
+
+
+def test_train_select_refuses_an_unknown_metric():
+    with pytest.raises(ValueError, match="train.select 'loss'"):
+        TrainConfig.load("cpu-tiny", ["train.select=loss"])
+
+
 def test_a_different_config_does_not_resume(corpus200, cache, tmp_path):
     cfg = TrainConfig.load("cpu-tiny", SMALL)
     train(corpus200, tmp_path / "r", cfg, cache_dir=cache, stop_after=1, progress=False)
