@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: study study-v2 study-v3 venv lint test test-slow soak image test-image demo corpus corpus-v2 corpus-v3 recipe demo-model bench-onnx bench-stages bench-batch bench-engines merlin-check clean
+.PHONY: study study-v2 study-v3 venv lint test test-slow soak image test-image demo corpus corpus-v2 corpus-v3 recipe demo-model bench-onnx bench-stages voxel-signal bench-batch bench-engines merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +105,11 @@ study: venv
 # Stage timings of the application on a full-profile study (demo model and a Merlin-size encoder).
 bench-stages: venv
 	$(BIN)/python -m benchmarks.bench_stages --out results/bench --runs 3
+
+# Diagnostic: each focal finding's best single-voxel AUROC on corpus v3 (results/diagnostics/voxel_signal.md).
+voxel-signal: venv
+	@test -d data/synth-4k-v3 || $(MAKE) corpus-v3
+	$(BIN)/python -m benchmarks.voxel_signal --data data/synth-4k-v3 --out results/diagnostics
 
 # Batch throughput with the demo model at 1 and 2 workers (results/bench/batch_throughput.md).
 bench-batch: venv
