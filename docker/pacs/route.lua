@@ -7,7 +7,7 @@
 -- network down) is not lost: it stays in Orthanc's job list as failed (POST /jobs/ID/resubmit resends
 -- it) and is resubmitted automatically, up to MAX_ATTEMPTS times, whenever the next series is routed.
 -- Orthanc 1.10 (Debian 12) has no timer for Lua (OnHeartBeat came in 1.11), and sleeping here would
--- hold Orthanc's Lua lock, which every incoming store and HTTP request takes.
+-- block Orthanc's one Lua context for every other callback.
 
 local MAX_ATTEMPTS = 20
 local attempts = {}  -- job ID -> attempts so far, for the route jobs this script submitted
