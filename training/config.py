@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "joint.embed_norm": EMBED_NORMS,
     "joint.positives": ("text", "labels"),
     "train.select": ("macro_f1", "macro_auroc"),
+    "image.stem_pool": ("max", "maxmin"),
 }
 
 _RATIO = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")
@@ -70,6 +71,10 @@ class ImageCfg:
     # "flatten" (a linear map of the whole map, so where a feature fires counts) or "both" (the sum of
     # the two heads; models/image.py)
     pool: str = "avg"
+    # The stem's pooling window: "max" (ResNet's max-pool) or "maxmin" (half the stem's channels
+    # max-pooled, half min-pooled, so a structure darker than its neighbours survives as well as a
+    # brighter one; models/image.py)
+    stem_pool: str = "max"
 
 
 @dataclass

@@ -80,11 +80,12 @@ def train_supervised(
     frozen_stages: int = 0,
     pool: str = "avg",
     input_size: tuple[int, int, int] | None = None,
+    stem_pool: str = "max",
 ) -> ImageEncoder:
     """A fresh ``arch`` image tower with one output per finding, trained with masked BCE on ``labels``
     (-1 ignored) for ``steps`` steps of ``batch_size`` studies drawn without replacement per step.
 
-    ``frozen_stages``, ``pool``, ``input_size``: as the contrastive run's tower (``image.*``): frozen
+    ``frozen_stages``, ``pool``, ``input_size``, ``stem_pool``: as the contrastive run's tower (``image.*``): frozen
     stages stay at their initial weights and their output is computed once per volume, as ``train``
     does, so the reference costs what the run's steps cost."""
     from tqdm import tqdm
@@ -92,7 +93,9 @@ def train_supervised(
     if steps < 1:
         raise ValueError(f"supervised steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
-    model = ImageEncoder(arch, labels.shape[1], frozen_stages=frozen_stages, pool=pool, input_size=input_size)
+    model = ImageEncoder(
+        arch, labels.shape[1], frozen_stages=frozen_stages, pool=pool, input_size=input_size, stem_pool=stem_pool
+    )
     trunk = trunk_features(model, volumes, "cpu", batch_size, False, torch.float32) if frozen_stages else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -193,6 +196,7 @@ def probe_run(
             frozen_stages=cfg.image.frozen_stages,
             pool=cfg.image.pool,
             input_size=cfg.spec.spatial_size,
+            stem_pool=cfg.image.stem_pool,
         )
         columns["supervised"] = per_finding_auroc(_predict(sup, vol_te, bs), y_te)
         seconds["supervised"] = time.perf_counter() - t0

@@ -161,6 +161,7 @@ def make_model(cfg: TrainConfig, run: Path) -> DualEncoder:
         frozen_stages=cfg.image.frozen_stages,
         pool=cfg.image.pool,
         input_size=tuple(cfg.spec.spatial_size),
+        stem_pool=cfg.image.stem_pool,
     )
     t = cfg.text
     text = TextEncoder(

@@ -161,3 +161,26 @@ def test_a_run_with_frozen_stages_trains_only_the_rest(tiny_package, tmp_path):
     a, b = init.encode_image.i3_resnet, last.encode_image.i3_resnet
     assert torch.equal(a.layer1[0].conv1.weight, b.layer1[0].conv1.weight)
     assert not torch.equal(a.layer2[0].conv1.weight, b.layer2[0].conv1.weight)
+
+
+def test_maxmin_stem_min_pools_half_the_channels():
+    """image.stem_pool=maxmin: the first half of the stem's channels max-pooled as before, the second
+    half min-pooled (never above the max), from the seed's same initial weights; the whole tower equals
+    trunk-then-rest. (Measured while writing this: a 2-voxel dark spot in a bright field moves the
+    random stem's pooled output less with maxmin, 2.4, than with max, 3.5: random filters of both signs
+    already turn a dip into a peak, so the max-pool does not drop it.)"""
+    stems = {}
+    for mode in ("max", "maxmin"):
+        torch.manual_seed(0)
+        stems[mode] = ImageEncoder("resnet10_tiny", 16, frozen_stages=1, stem_pool=mode).eval()
+    assert torch.equal(stems["max"].i3_resnet.conv1.weight, stems["maxmin"].i3_resnet.conv1.weight)
+    x = torch.rand(1, 1, 64, 56, 56)
+    with torch.no_grad():
+        a, b = stems["max"].trunk(x), stems["maxmin"].trunk(x)
+        h = a.shape[1] // 2
+        assert a.shape == b.shape and torch.equal(a[:, :h], b[:, :h])
+        assert (b[:, h:] <= a[:, h:]).all() and (b[:, h:] < a[:, h:]).float().mean() > 0.5
+        enc = stems["maxmin"]
+        assert torch.allclose(enc(x), enc(enc.trunk(x), from_trunk=True), atol=1e-6)
+    with pytest.raises(ValueError, match="stem_pool must be"):
+        ImageEncoder("resnet10_tiny", 16, stem_pool="min")

@@ -57,6 +57,7 @@ class I3ResNet(ResNet):
         n_classes: int = 0,
         map_shape: tuple[int, ...] | None = None,
         pool: str = "avg",
+        stem_pool: str = "max",
     ):
         super().__init__(
             block=ResNetBottleneck if arch.block == "bottleneck" else ResNetBlock,
@@ -86,13 +87,19 @@ class I3ResNet(ResNet):
             else None
         )
         self.gradient_checkpointing = False
+        self.stem_pool = stem_pool
 
     def _layers(self) -> tuple[nn.Module, ...]:
         return (self.layer1, self.layer2, self.layer3, self.layer4)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.conv1(x)))
-        return x if self.no_max_pool else self.maxpool(x)
+        if self.no_max_pool:
+            return x
+        if self.stem_pool == "maxmin":  # after the ReLU a darker spot is a dip: keep the window's minimum too
+            h = x.shape[1] // 2
+            return torch.cat([self.maxpool(x[:, :h]), -self.maxpool(-x[:, h:])], dim=1)
+        return self.maxpool(x)
 
     def stages(self) -> list[list[nn.Module]]:
         """The trunk in order: the stem (conv1, bn1, max-pool), then layer1..4."""
@@ -149,6 +156,7 @@ class ImageEncoder(nn.Module):
         frozen_stages: int = 0,
         pool: str = "avg",
         input_size: tuple[int, int, int] | None = None,
+        stem_pool: str = "max",
     ):
         super().__init__()
         if arch_name not in ARCHS:
@@ -159,9 +167,11 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"image.pool must be 'avg', 'flatten' or 'both', got {pool!r}")
         if pool != "avg" and input_size is None:
             raise ValueError(f"image.pool={pool} needs the input size (preprocess.spatial_size)")
+        if stem_pool not in ("max", "maxmin"):
+            raise ValueError(f"image.stem_pool must be 'max' or 'maxmin', got {stem_pool!r}")
         self.arch = ARCHS[arch_name]
         map_shape = _map_shape(self.arch, input_size) if pool != "avg" and input_size else None
-        self.i3_resnet = I3ResNet(self.arch, embed_dim, n_classes, map_shape, pool)
+        self.i3_resnet = I3ResNet(self.arch, embed_dim, n_classes, map_shape, pool, stem_pool)
         self.frozen_stages = frozen_stages
         for stage in self.i3_resnet.stages()[:frozen_stages]:
             for m in stage:
