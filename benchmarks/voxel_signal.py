@@ -68,9 +68,8 @@ def render(out: Path) -> str:
         "|---|---:|---:|---|---:|",
     ]
     for r in sorted(rows, key=lambda r: r["best_voxel_auroc"]):
-        where = ",".join(map(str, r["best_voxel"][-3:])) + (
-            " (brighter)" if r["brighter_in_positives"] else " (darker)"
-        )
+        side = " (brighter)" if r["brighter_in_positives"] else " (darker)"
+        where = ",".join(map(str, r["best_voxel"])) + side
         lines.append(
             f"| {r['finding']} | {r['positives']} / {r['negatives']} | {r['best_voxel_auroc']:.3f} | {where} "
             f"| {r['voxels_over_0.70']} |"

@@ -72,8 +72,8 @@ class ImageCfg:
     # the two heads; models/image.py)
     pool: str = "avg"
     # The stem's pooling window: "max" (ResNet's max-pool) or "maxmin" (half the stem's channels
-    # max-pooled, half min-pooled, so a structure darker than its neighbours survives as well as a
-    # brighter one; models/image.py)
+    # max-pooled, half min-pooled: an experiment for dark structures in enhanced organs; README,
+    # "The 30-minute recipe"; models/image.py)
     stem_pool: str = "max"
 
 

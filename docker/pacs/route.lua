@@ -36,7 +36,12 @@ function OnStableSeries(seriesId, tags, metadata)
     print('ct-zeroshot: could not submit the route of series ' .. seriesId .. '; resend it from Orthanc')
     return
   end
-  attempts[ParseJson(answer)['ID']] = 1
+  local job = ParseJson(answer)['ID']
+  if job == nil then
+    print('ct-zeroshot: Orthanc answered the route of series ' .. seriesId .. ' without a job; resend it from Orthanc')
+    return
+  end
+  attempts[job] = 1
 end
 
 function OnJobFailure(jobId)
