@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--out", required=True, help="recipe folder: corpus/, pretext/, run/, package/, recipe.json")
     rc.add_argument("--preset", default="cpu-small")
     rc.add_argument("--data", default=None, help="an existing corpus (default: generate one in OUT/corpus)")
-    rc.add_argument("--studies", type=int, default=4000, help="studies in the generated corpus")
+    rc.add_argument(
+        "--studies", type=int, default=12000, help="studies in the generated corpus (4,000 missed the learning bars)"
+    )
     rc.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
     rc.add_argument("--corpus-version", type=int, default=3, choices=[1, 2, 3])
     rc.add_argument("--no-supervised", action="store_true", help="skip the supervised reference")

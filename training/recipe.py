@@ -25,7 +25,7 @@ def run_recipe(
     preset: str,
     overrides: list[str],
     data: str | Path | None = None,
-    studies: int = 4000,
+    studies: int = 12000,
     seed: int = 0,
     corpus_version: int = 3,
     cache_dir: str | Path | None = None,
