@@ -22,6 +22,7 @@ from operators.preprocessing import PreprocessSpec
 
 # How each tower's projection is normalised before the L2 norm (see models/clip.py).
 EMBED_NORMS = ("none", "batch", "batch_affine", "text")
+STEM_POOLS = ("max", "maxmin")  # image.stem_pool; models/image.py
 # Settings that take one of a few words: key -> the words (checked by TrainConfig.validate).
 CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.kind": ("random", "balanced"),
@@ -35,7 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "joint.embed_norm": EMBED_NORMS,
     "joint.positives": ("text", "labels"),
     "train.select": ("macro_f1", "macro_auroc"),
-    "image.stem_pool": ("max", "maxmin"),
+    "image.stem_pool": STEM_POOLS,
 }
 
 _RATIO = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")

@@ -18,6 +18,8 @@ from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import STEM_POOLS
+
 
 @dataclass(frozen=True)
 class ImageArch:
@@ -167,8 +169,8 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"image.pool must be 'avg', 'flatten' or 'both', got {pool!r}")
         if pool != "avg" and input_size is None:
             raise ValueError(f"image.pool={pool} needs the input size (preprocess.spatial_size)")
-        if stem_pool not in ("max", "maxmin"):
-            raise ValueError(f"image.stem_pool must be 'max' or 'maxmin', got {stem_pool!r}")
+        if stem_pool not in STEM_POOLS:
+            raise ValueError(f"image.stem_pool must be one of {STEM_POOLS}, got {stem_pool!r}")
         self.arch = ARCHS[arch_name]
         map_shape = _map_shape(self.arch, input_size) if pool != "avg" and input_size else None
         self.i3_resnet = I3ResNet(self.arch, embed_dim, n_classes, map_shape, pool, stem_pool)
