@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from .recipe import STUDIES as RECIPE_STUDIES
+
 
 def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The named options as keyword arguments (argparse's names are the functions' parameter names)."""
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--preset", default="cpu-small")
     rc.add_argument("--data", default=None, help="an existing corpus (default: generate one in OUT/corpus)")
     rc.add_argument(
-        "--studies", type=int, default=12000, help="studies in the generated corpus (4,000 missed the learning bars)"
+        "--studies", type=int, default=RECIPE_STUDIES, help="studies in the generated corpus (default %(default)s)"
     )
     rc.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
     rc.add_argument("--corpus-version", type=int, default=3, choices=[1, 2, 3])
