@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: study study-v2 study-v3 venv lint test test-slow soak image test-image demo corpus corpus-v2 corpus-v3 recipe demo-model bench-onnx bench-stages voxel-signal bench-batch bench-engines merlin-check clean
+.PHONY: study study-v2 study-v3 study-v4 venv lint test test-slow soak image test-image demo corpus corpus-v2 corpus-v3 corpus-v3-12k recipe demo-model bench-onnx bench-stages voxel-signal bench-batch bench-engines merlin-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ corpus-v2: venv
 corpus-v3: venv
 	$(BIN)/ct-zeroshot-train synth data/synth-4k-v3 --studies 4000 --seed 0 --workers 2 --corpus-version 3
 
+# The recipe's corpus (12,000 studies, version 3; contains corpus-v3's 4,000): the v4 sampler study's.
+corpus-v3-12k: venv
+	$(BIN)/ct-zeroshot-train synth data/synth-12k-v3 --studies 12000 --seed 0 --workers 2 --corpus-version 3
+
 # The CPU recipe from a fresh 12,000-study corpus to a model package, timed, with the supervised
 # reference (runs/recipe/recipe.json; copied to results/recipe/). About 29 minutes without the
 # reference on a 2-core CPU (session 14).
@@ -96,6 +100,12 @@ study-v2: venv
 study-v3: venv
 	@test -d data/synth-4k-v3 || $(MAKE) corpus-v3
 	$(BIN)/ct-zeroshot-train study --preset paper-cpu-v3 --data data/synth-4k-v3 --out results/study-paper-cpu-v3 --resume
+
+# The sampler study on the recipe's 12,000-study corpus (paper-cpu-v3's arms and steps; 12 arms x 3 seeds):
+# results/study-paper-cpu-v4. Resumable: rerun to continue.
+study-v4: venv
+	@test -d data/synth-12k-v3 || $(MAKE) corpus-v3-12k
+	$(BIN)/ct-zeroshot-train study --preset paper-cpu-v4 --data data/synth-12k-v3 --out results/study-paper-cpu-v4 --resume
 
 # The early-training sampler study on a 2-core CPU (8 arms x 3 seeds; 35 minutes measured): results/study-paper-cpu.
 # Interrupted? `make study STUDY_ARGS=--resume` continues and skips finished runs.
