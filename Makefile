@@ -101,7 +101,8 @@ study-v3: venv
 	@test -d data/synth-4k-v3 || $(MAKE) corpus-v3
 	$(BIN)/ct-zeroshot-train study --preset paper-cpu-v3 --data data/synth-4k-v3 --out results/study-paper-cpu-v3 --resume
 
-# The sampler study on the recipe's 12,000-study corpus (paper-cpu-v3's arms and steps; 12 arms x 3 seeds):
+# The sampler study on the recipe's 12,000-study corpus (paper-cpu-v3's arms, 3,000 steps, checkpoints kept on
+# validation macro AUROC; 12 arms x 3 seeds, sized to ~120 minutes of both cores):
 # results/study-paper-cpu-v4. Resumable: rerun to continue.
 study-v4: venv
 	@test -d data/synth-12k-v3 || $(MAKE) corpus-v3-12k

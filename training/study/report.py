@@ -27,6 +27,8 @@ from .statistics import (
     verdict,
 )
 
+_SELECTED = {"macro_f1": "macro F1", "macro_auroc": "macro AUROC"}  # train.select, as the summary says it
+
 
 @dataclass
 class Comparison:
@@ -220,7 +222,7 @@ def summary_md(t: StudyTables) -> str:
             else "arms differ in `sampler.*` and in the overrides of their own: "
             + "; ".join(f"`{a.name}` {list(a.overrides)}" for a in arms if a.overrides)
         )
-        + ". Checkpoint chosen on validation zero-shot macro F1.",
+        + f". Checkpoint chosen on validation zero-shot {_SELECTED[tc.select]}.",
         f"- Subset: {preset.subset_fraction:.4f} of the training split (the paper's: 4,362 / 15,331 = "
         f"{SUBSET_FRACTION:.4f}), "
         f"fixed by `sampler.subset_seed`; 20 % within 40 % within 100 %.",
