@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -66,13 +66,19 @@ def smoke_study(corpus200, tmp_path_factory):
     cut_preset["arms"] = CUT_ARMS
     (root / "cut.yaml").write_text(yaml.safe_dump(cut_preset))
     cut = root / "cut"
-    cut_cmd = [*_study_cmd(corpus200, cut, cache, "--seeds", "1"), "--preset", str(root / "cut.yaml")]
+    # Two runs at a time (pool workers), and SIGTERM to the study process alone, as `kill PID` sends it:
+    # its workers must go with it (no orphaned run training on), and the session's time is recorded.
+    cut_cmd = [*_study_cmd(corpus200, cut, cache, "--seeds", "1", "--jobs", "2"), "--preset", str(root / "cut.yaml")]
     p = subprocess.Popen(cut_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list(cut.glob("runs/*/*/study_run.json")) and p.poll() is None:
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)  # the study and its run, mid-way
-    p.wait()
+    workers = psutil.Process(p.pid).children(recursive=True)
+    assert workers, "the study ran no pool workers"
+    p.send_signal(signal.SIGTERM)  # the study, mid-way
+    assert p.wait(timeout=60) != 0
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers outlived the study: {alive}"
     finished_before = sorted(str(f.parent.relative_to(cut)) for f in cut.glob("runs/*/*/study_run.json"))
     assert 0 < len(finished_before) < len(CUT_ARMS)
     assert not (cut / "results.csv").exists()  # nothing looks complete after a kill
@@ -149,7 +155,9 @@ def test_killed_study_resumes_to_the_same_results(smoke_study):
     assert pick(cut) and pick(cut) == pick(whole)
     assert cut == [r for r in whole if r[1] == "0" and r[0] in CUT_ARMS]  # the runs cut off mid-way resumed exactly
     record = json.loads((smoke_study["cut"] / "study.json").read_text())
-    assert len(record["sessions"]) == 1 and record["sessions"][0]["runs"] < len(CUT_ARMS)  # resumed session skipped
+    killed, resumed = record["sessions"]  # the killed session's time counts toward the study's wall time
+    assert killed["interrupted"] and killed["runs"] <= len(finished) and killed["seconds"] > 0
+    assert "interrupted" not in resumed and resumed["runs"] == len(CUT_ARMS) - len(finished)  # finished runs skipped
 
 
 def test_aggregate_only_rewrites_the_same_results(smoke_study):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 import traceback
 from dataclasses import asdict
@@ -19,6 +21,22 @@ from .report import aggregate, finished_run, run_dir
 
 def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _follow_parent(parent: int) -> None:
+    """Pool worker initializer: exit when the study process is gone (killed, even with SIGKILL), so that
+    no orphaned run goes on training into a folder a later study may have removed or reused."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="follow-study", daemon=True).start()
+
+
+def _sigterm_to_exit(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the study's finally: the session's time is recorded
 
 
 def _run_one(job: dict) -> dict:
@@ -191,29 +209,45 @@ def run_study(
         if walls and left:  # runs left x median run wall time / runs at a time
             bar.set_postfix_str(f"~{left * float(np.median(walls)) / jobs / 60:.0f} min left", refresh=True)
 
-    if jobs == 1 or len(todo) <= 1:
-        for job in todo:
-            report(_run_one(job))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            for fut in as_completed([pool.submit(_run_one, j) for j in todo]):
-                report(fut.result())
-    bar.close()
-    if not main:
-        return record
-    record["sessions"].append(
-        {
+    def session(interrupted: bool) -> dict:
+        entry = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-            "runs": len(todo),
+            "runs": len(todo) if not interrupted else bar.n - done,  # runs finished in this session
             "jobs": jobs,
             "threads": preset.threads,
             "seconds": round(time.time() - t0, 1),
         }
-    )
+        return {**entry, "interrupted": True} if interrupted else entry
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _sigterm_to_exit) if on_main_thread else None
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            for job in todo:
+                report(_run_one(job))
+        else:
+            import multiprocessing
+
+            # multiprocessing's Pool rather than concurrent.futures: leaving its block, an interruption
+            # included, terminates the workers instead of waiting minutes for their runs to end.
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(jobs, initializer=_follow_parent, initargs=(os.getpid(),)) as pool:
+                for info in pool.imap_unordered(_run_one, todo, chunksize=1):
+                    report(info)
+    except (KeyboardInterrupt, SystemExit):
+        bar.close()
+        if main:  # the time spent counts toward the study's wall time; its finished runs are on disk
+            record["sessions"].append(session(interrupted=True))
+            write_json(record_path, record)
+            print(f"study interrupted: {bar.n} of {total} runs finished; rerun with --resume to continue", flush=True)
+        raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+    bar.close()
+    if not main:
+        return record
+    record["sessions"].append(session(interrupted=False))
     record["failures"] = failures
     write_json(record_path, record)
     aggregate(preset, out, seeds, record, progress=progress)
