@@ -212,7 +212,7 @@ def run_study(
     def session(interrupted: bool) -> dict:
         entry = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-            "runs": len(todo) if not interrupted else bar.n - done,  # runs finished in this session
+            "runs": len(walls) + len(failures),  # runs finished in this session (the bar does not count when quiet)
             "jobs": jobs,
             "threads": preset.threads,
             "seconds": round(time.time() - t0, 1),
@@ -239,7 +239,11 @@ def run_study(
         if main:  # the time spent counts toward the study's wall time; its finished runs are on disk
             record["sessions"].append(session(interrupted=True))
             write_json(record_path, record)
-            print(f"study interrupted: {bar.n} of {total} runs finished; rerun with --resume to continue", flush=True)
+            finished_runs = done + len(walls) + len(failures)
+            print(
+                f"study interrupted: {finished_runs} of {total} runs finished; rerun with --resume to continue",
+                flush=True,
+            )
         raise
     finally:
         if on_main_thread:
