@@ -21,6 +21,7 @@ from typing import Any
 from .findings import Catalogue, Code, Finding, check_unique, finding_from_dict, finding_to_dict
 from .preprocessing import PreprocessSpec
 from .prompts import FindingRows  # the prompt table's layout
+from .textnorm import KEEP_RULES
 from .uids import is_valid_uid
 
 FORMAT = "ct-zeroshot-model-package"
@@ -169,13 +170,16 @@ class TextEncoderRecord:
         inputs = r.get("inputs", "list")
         if not all(isinstance(x, str) for x in inputs):
             raise r.error(r.where("inputs"), f"must list input names, got {inputs!r}")
+        keep = r.get("keep_sentences", "str", optional=True) or "all"
+        if keep not in KEEP_RULES:  # a rule this deploy does not know would fail at the first prompt
+            raise r.error(r.where("keep_sentences"), f"must be one of {', '.join(KEEP_RULES)}, got {keep!r}")
         return cls(
             file,
             None,
             tuple(inputs),
             r.get("output", "str"),
             r.get("tokenizer", "str"),
-            r.get("keep_sentences", "str", optional=True) or "all",
+            keep,
             r.get("pad_token_id", "int"),
             r.get("max_length", "int"),
             r.get("sequence_length", "int", optional=True),

@@ -67,21 +67,40 @@ _SENTENCE_END = re.compile(r"(?<=[.;])\s+|\n+")
 _LEAD_HEADER = re.compile(r"^[a-z][a-z /&,\-]{0,40} : ")
 
 
+KEEP_RULES = ("all", "findings", "bare")
+_NUMBERING = re.compile(r"^[\d\s.)]*$")  # a list number left as a sentence of its own ("2.")
+_LIST_TAIL = re.compile(r"^n?or\b|\bor$")  # "or free air": a list cut from its denial ("no ascites or free air")
+
+
 def keep_sentences(text: str, keep: str) -> str:
     """The text a model encodes, reports and prompts alike. ``keep="all"``: the text as written
     (Merlin's); ``"findings"``: only the sentences that state a finding (a leading "Kidneys:" header is
     looked past when judging, and kept), so a report's embedding moves with what it reports rather than
     with how many findings it denies; "Normal." when none does (so a denying prompt such as "no
-    hydronephrosis" encodes as "Normal."). A model package records the rule its text tower was
-    trained with (``text_encoder.keep_sentences``) and the deploy side applies it before tokenising."""
+    hydronephrosis" encodes as "Normal."). ``"bare"``: as ``findings``, and each kept sentence loses its
+    leading section header ("Kidneys: Mild hydronephrosis." -> "Mild hydronephrosis.") and list numbers
+    left as sentences of their own ("IMPRESSION: 1.", "2.") are dropped, so that a report's sentences
+    look like the prompts they are scored against (which carry neither); a fragment that opens or ends
+    with "or" ("or free air", "hydronephrosis or": three of Merlin's denying prompts) is the tail of a
+    list whose denial was cut off, and states nothing. A model package records the
+    rule its text tower was trained with (``text_encoder.keep_sentences``) and the deploy side applies it
+    before tokenising."""
     if keep == "all":
         return text
-    if keep != "findings":
-        raise ValueError(f"keep must be 'all' or 'findings', got {keep!r}")
+    if keep not in KEEP_RULES:
+        raise ValueError(f"keep must be one of {', '.join(KEEP_RULES)}, got {keep!r}")
     kept = []
     for part in _SENTENCE_END.split(text):
         norm = normalize_text(part).strip(" .;")
-        norm = _LEAD_HEADER.sub("", norm)
-        if norm and norm not in ("findings :", "findings") and states_finding(norm):
-            kept.append(part.strip())
+        header = _LEAD_HEADER.match(norm)
+        norm = norm[header.end() :] if header else norm
+        if not norm or norm in ("findings :", "findings") or not states_finding(norm):
+            continue
+        part = part.strip()
+        if keep == "bare":
+            if _NUMBERING.match(norm) or _LIST_TAIL.search(norm):
+                continue
+            if header:  # the header holds no ":" of its own, so the raw text's first ":" ends it
+                part = part.split(":", 1)[1].strip()
+        kept.append(part)
     return " ".join(kept) if kept else "Normal."

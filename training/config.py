@@ -28,7 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.kind": ("random", "balanced"),
     "sampler.order": ("passes", "independent"),
     "sampler.section_rule": ("finding", "stock"),
-    "text.keep_sentences": ("all", "findings"),
+    "text.keep_sentences": ("all", "findings", "bare"),
     "text.pooling": ("first", "mean"),
     "text.head": ("linear", "mlp"),
     "batching.schedule": ("alternate", "full", "sections"),
@@ -105,7 +105,8 @@ class TextCfg:
     sentences: bool = False  # a text's embedding = mean of the head over its sentences (models/text.py)
     head: str = "linear"  # linear (Merlin) | mlp
     # which sentences of a report or section train and evaluate: all (Merlin) | findings (only those that
-    # state a finding, by the negation-aware rule of reports.py; a text with none becomes "Normal.")
+    # state a finding, by the negation-aware rule of reports.py; a text with none becomes "Normal.") |
+    # bare (findings, without section headers and list numbers: sentences shaped like the prompts)
     keep_sentences: str = "all"
 
 

@@ -231,10 +231,12 @@ class BatchPlanner:
         if item.text == FULL:
             return keep_sentences(st.findings_text, keep)
         kept = keep_sentences(st.sections[item.text], keep)
-        if keep == "findings" and kept == NORMAL:
+        if keep in ("findings", "bare") and kept == NORMAL:
             # A section that states no finding encodes as "Normal.", as a normal report and a denying
             # prompt do; the text tower applies the same rule again and this text is its fixed point.
             return NORMAL
+        if keep == "bare":
+            return kept  # the tower would strip a "<section>: " header again
         return f"{item.text}: {kept}"
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from operators.manifest import Manifest
+from operators.manifest import Manifest, ManifestError
 from operators.package import FORMAT_VERSION, PackageError, load_package, write_manifest
 from operators.zeroshot import ZeroShotModel, finding_scores
 from tests.conftest import export_cli
@@ -103,6 +103,15 @@ def test_the_deploy_side_applies_the_text_rule_the_package_records(exported, tmp
     assert np.abs(a - b).max() < 1e-6
     plain = ZeroShotModel(load_package(exported["pkg"]), device="cpu").embed_texts(["No hydronephrosis.", "Normal."])
     assert np.abs(plain[0] - plain[1]).max() > 1e-3
+    m["text_encoder"]["keep_sentences"] = "bare"  # ... and drops section headers
+    write_manifest(pkg, Manifest.from_dict(m))
+    a, b = ZeroShotModel(load_package(pkg), device="cpu").embed_texts(
+        ["Kidneys: Mild hydronephrosis.", "mild hydronephrosis"]
+    )
+    assert np.abs(a - b).max() < 1e-6
+    m["text_encoder"]["keep_sentences"] = "sentences"  # a rule this deploy does not know
+    with pytest.raises(ManifestError, match=r"field 'text_encoder.keep_sentences'.*must be one of all, findings, bare"):
+        Manifest.from_dict(m)
 
 
 def test_one_changed_byte_is_refused(exported, tmp_path):

@@ -149,9 +149,30 @@ def test_keep_sentences_findings_drops_denials_and_normal_descriptions():
         keep_sentences(text, "some")
 
 
+def test_keep_sentences_bare_leaves_sentences_shaped_like_prompts():
+    """``bare``: the findings rule, then no section headers, no list numbers and no list tails."""
+    from training.reports import keep_sentences
+
+    report = (
+        "LOWER THORAX: Aortic valve calcification. No atelectasis. Kidneys: Mild right hydronephrosis. "
+        "IMPRESSION: 1. Mild right hydronephrosis. 2. Aortic valve calcification."
+    )
+    assert keep_sentences(report, "bare") == (
+        "Aortic valve calcification. Mild right hydronephrosis. Mild right hydronephrosis. Aortic valve calcification."
+    )
+    assert keep_sentences(report, "findings").startswith("LOWER THORAX: Aortic valve calcification. Kidneys:")
+    assert keep_sentences("pancreas : severe atrophy", "bare") == "severe atrophy"
+    for denial in ("or free air", "hydronephrosis or", "no hydronephrosis", "kidneys : normal"):
+        assert keep_sentences(denial, "bare") == "Normal.", denial
+    assert keep_sentences("or free air", "findings") == "or free air"  # the committed runs' rule is unchanged
+    once = keep_sentences(report, "bare")
+    assert keep_sentences(once, "bare") == once  # a fixed point, as the planner's texts must be
+
+
 def test_planner_trains_on_the_kept_sentences(corpus200):
     from training.config import TrainConfig
     from training.data import read_merlin_release
+    from training.reports import keep_sentences
     from training.sampling import FULL, BatchPlanner, Item
 
     studies = [s for s in read_merlin_release(corpus200) if s.split == "train"]
@@ -162,3 +183,9 @@ def test_planner_trains_on_the_kept_sentences(corpus200):
     sec = p.sections[0]
     i = int(p.normal[sec][0])
     assert p.text_of(Item(i, sec)) == "Normal."  # a section that states no finding, as a normal report
+    bare = BatchPlanner(studies, TrainConfig.load("cpu-tiny", ["train.batch_size=8", "text.keep_sentences=bare"]))
+    j = int(p.abnormal[sec][0])
+    assert p.text_of(Item(j, sec)).startswith(f"{sec}: ")
+    text = bare.text_of(Item(j, sec))  # no "<section>: " prefix, and the tower's rule leaves it as it is
+    assert text == keep_sentences(studies[j].sections[sec], "bare") != "Normal."
+    assert keep_sentences(text, "bare") == text
