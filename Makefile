@@ -102,7 +102,7 @@ study-v3: venv
 	$(BIN)/ct-zeroshot-train study --preset paper-cpu-v3 --data data/synth-4k-v3 --out results/study-paper-cpu-v3 --resume
 
 # The sampler study on the recipe's 12,000-study corpus (paper-cpu-v3's arms, 3,000 steps, checkpoints kept on
-# validation macro AUROC; 12 arms x 3 seeds, ~135 minutes of both cores: 24 runs took 88.7 in session 15):
+# validation macro AUROC; 12 arms x 3 seeds, 136.4 minutes of both cores measured over sessions 15-16):
 # results/study-paper-cpu-v4. Resumable: rerun to continue.
 study-v4: venv
 	@test -d data/synth-12k-v3 || $(MAKE) corpus-v3-12k
