@@ -99,8 +99,9 @@ def smoke_study(corpus200, tmp_path_factory):
 
 def test_smoke_outputs(smoke_study):
     out = smoke_study["whole"]
-    # Its wall time (about a minute alone on 2 cores: 65 s measured) is printed, not asserted: under pytest-xdist it shares
-    # the cores with the other worker, and a timed assertion measures the neighbours, not the study.
+    # Its wall time (about a minute alone on 2 cores: 65 s measured) is printed, not asserted: under
+    # pytest-xdist it shares the cores with the other worker, and a timed assertion measures the
+    # neighbours, not the study.
     print(f"smoke study: {smoke_study['seconds']:.0f} s")
     rows = _rows(out / "results.csv")
     assert {(a, s) for a, s, _, _ in rows} == {(a, str(s)) for a in ARM_NAMES for s in range(2)}
