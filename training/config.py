@@ -35,6 +35,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "batching.system_choice": ("round_robin", "random"),
     "joint.embed_norm": EMBED_NORMS,
     "joint.positives": ("text", "labels"),
+    "joint.match": ("report", "sentences"),
+    "joint.loss": ("infonce", "sigmoid"),
     "train.select": ("macro_f1", "macro_auroc"),
     "image.stem_pool": STEM_POOLS,
 }
@@ -118,6 +120,12 @@ class JointCfg:
     init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
     multi_positive: bool = False  # identical normalised texts are positives of each other (loss.py)
     positives: str = "text"  # with multi_positive: text (identical texts) | labels (identical finding labels)
+    # report: an image against its text's one embedding (the mean over its sentences with text.sentences);
+    # sentences: an image against every distinct sentence of the batch, its own text's sentences the
+    # positives (loss.sentence_loss)
+    match: str = "report"
+    loss: str = "infonce"  # infonce (softmax, both ways) | sigmoid (SigLIP's pairwise loss; match=sentences)
+    init_logit_bias: float = -10.0  # the sigmoid loss's learnable bias at the start (SigLIP's)
 
 
 @dataclass
@@ -226,6 +234,10 @@ class TrainConfig:
             value = getattr(getattr(self, section), name)
             if value not in allowed:
                 raise ConfigError(f"{key} {value!r}: expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+        if self.joint.loss == "sigmoid" and self.joint.match != "sentences":
+            raise ConfigError("joint.loss sigmoid needs joint.match=sentences (it scores image-sentence pairs)")
+        if self.joint.match == "sentences" and self.joint.multi_positive and self.joint.positives == "labels":
+            raise ConfigError("joint.match=sentences: positives come from the sentences, not joint.positives=labels")
         parse_ratio(self.sampler.ratio)
         for name in ("subset_fraction", "data_fraction"):
             v = getattr(self.sampler, name)

@@ -73,3 +73,77 @@ def clip_loss(
         return 0.5 * (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels))
     pos = keys.to(image.device)[:, None] == all_keys[None, :]  # (n, N); a symmetric relation, diagonal included
     return 0.5 * (_multi_positive_ce(logits_i, pos) + _multi_positive_ce(logits_t, pos))
+
+
+def _gather_ragged(x: torch.Tensor, grad: bool) -> tuple[torch.Tensor, list[int]]:
+    """All ranks' ``x`` (rows of differing counts) concatenated in rank order, and each rank's count."""
+    counts_t = _gather_nograd(torch.tensor([x.shape[0]], device=x.device))
+    counts = [int(c) for c in counts_t.tolist()]
+    pad = max(counts) - x.shape[0]
+    padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+    parts = (_gather if grad else _gather_nograd)(padded).split(max(counts))
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
+
+
+def sentence_loss(
+    image: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_keys: torch.Tensor,
+    pairs: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    kind: str = "sigmoid",
+) -> torch.Tensor:
+    """Images against the distinct sentences of the batch (``joint.match=sentences``).
+
+    ``image`` (n, D) and ``sentences`` (u, D) L2-normalised; ``sentence_keys`` (u,) int64 (``text_keys``
+    of the normalised sentences, distinct within the process); ``pairs`` (P, 2) long: (image row,
+    sentence row) for every sentence of every image's text. A sentence is a positive of exactly the
+    images whose text states it, so a report's findings are each matched on their own instead of through
+    the mean of the report's sentences, in which a finding of a many-finding report is diluted.
+
+    ``kind``: ``sigmoid`` (SigLIP's pairwise loss: every (image, sentence) pair a binary decision,
+    ``scale * cos + bias``; the mean over images of the sum over sentences), or ``softmax`` (the
+    multi-positive InfoNCE both ways: an image's positives are its sentences, a sentence's positives
+    the images that state it). Under torch.distributed the sentences of all ranks are gathered with
+    gradients and duplicates dropped (the first copy kept), so the loss and, with DDP's averaging, the
+    gradients equal one process on the global batch (tested with two processes).
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    n, device = image.shape[0], image.device
+    if distributed:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        all_sent, counts = _gather_ragged(sentences, grad=True)
+        all_keys, _ = _gather_ragged(sentence_keys.to(device), grad=False)
+        offset = sum(counts[:rank])
+    else:
+        world, rank, all_sent, all_keys, offset = 1, 0, sentences, sentence_keys.to(device), 0
+    columns, inverse = torch.unique(all_keys, return_inverse=True)
+    # the first copy of each distinct key: its position among all gathered sentences
+    positions = torch.arange(all_keys.shape[0], device=device)
+    first = torch.full((columns.shape[0],), all_keys.shape[0], device=device, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    cols = all_sent[first]  # (C, D)
+    pos = torch.zeros(n, columns.shape[0], dtype=torch.bool, device=device)
+    pos[pairs[:, 0].to(device), inverse[offset + pairs[:, 1].to(device)]] = True
+    logits = scale * image @ cols.T
+    if kind == "sigmoid":
+        if bias is not None:
+            logits = logits + bias
+        sign = pos.to(logits.dtype) * 2 - 1
+        return -F.logsigmoid(sign * logits).sum(1).mean()
+    if kind != "softmax":
+        raise ValueError(f"sentence loss kind must be 'sigmoid' or 'softmax', got {kind!r}")
+    image_to_text = _multi_positive_ce(logits, pos)
+    # sentence -> images: each distinct sentence is a row once, on the rank that holds its first copy
+    if distributed:
+        all_image = _gather(image)
+        all_pos = _gather_nograd(pos.to(torch.uint8)).bool()  # gloo has no bool all_gather
+    else:
+        all_image, all_pos = image, pos
+    owner = (first >= offset) & (first < offset + sentences.shape[0])
+    rows = scale * cols[owner] @ all_image.T  # (owned, N)
+    text_to_image = (
+        torch.logsumexp(rows, dim=1) - torch.logsumexp(rows.masked_fill(~all_pos.T[owner], float("-inf")), dim=1)
+    ).sum() * (world / columns.shape[0])
+    return 0.5 * (image_to_text + text_to_image)

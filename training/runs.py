@@ -174,7 +174,8 @@ def make_model(cfg: TrainConfig, run: Path) -> DualEncoder:
         t.head,
         t.keep_sentences,
     )
-    return DualEncoder(image, text, cfg.joint.init_logit_scale, cfg.joint.embed_norm)
+    bias = cfg.joint.init_logit_bias if cfg.joint.loss == "sigmoid" else None
+    return DualEncoder(image, text, cfg.joint.init_logit_scale, cfg.joint.embed_norm, bias)
 
 
 def text_feature_cache(cfg: TrainConfig, run: Path, cache_dir: str | Path | None) -> Path:

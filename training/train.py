@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .data import load_studies
 from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
 from .files import append_csv, truncate_csv, write_json
-from .loss import clip_loss, text_keys
+from .loss import clip_loss, sentence_loss, text_keys
 from .models.clip import DualEncoder
 from .optim import make_optimizer
 from .runs import (
@@ -235,15 +235,26 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         images = torch.from_numpy(np.stack([r.volumes[it.index] for it in local])).to(r.device, non_blocking=True)
     texts = [r.planner.text_of(it) for it in local]
-    keys = None
-    if r.cfg.joint.multi_positive:
-        by_labels = r.cfg.joint.positives == "labels"
-        keys = text_keys(
-            [r.planner.label_key_of(it) if by_labels else normalize_text(t) for it, t in zip(local, texts)]
-        )
-    with r.autocast:
-        img, txt, scale = r.ddp(images, texts=texts, from_trunk=r.trunk is not None)
-    loss = clip_loss(img.float(), txt.float(), scale.float(), keys=keys)  # the loss in float32, outside autocast
+    joint = r.cfg.joint
+    if joint.match == "sentences":
+        units, pairs = r.model.encode_text.sentence_units(texts)
+        with r.autocast:
+            img, txt, scale = r.ddp(images, units=units, from_trunk=r.trunk is not None)
+        bias = r.model.logit_bias.float() if joint.loss == "sigmoid" else None
+        kind = "sigmoid" if joint.loss == "sigmoid" else "softmax"
+        loss = sentence_loss(
+            img.float(), txt.float(), text_keys(units), torch.tensor(pairs), scale.float(), bias, kind
+        )  # in float32, outside autocast
+    else:
+        keys = None
+        if joint.multi_positive:
+            by_labels = joint.positives == "labels"
+            keys = text_keys(
+                [r.planner.label_key_of(it) if by_labels else normalize_text(t) for it, t in zip(local, texts)]
+            )
+        with r.autocast:
+            img, txt, scale = r.ddp(images, texts=texts, from_trunk=r.trunk is not None)
+        loss = clip_loss(img.float(), txt.float(), scale.float(), keys=keys)  # in float32, outside autocast
     r.opt.zero_grad(set_to_none=True)
     if r.scaler is not None:
         r.scaler.scale(loss).backward()

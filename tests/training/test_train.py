@@ -118,3 +118,27 @@ def test_train_and_evaluate_commands(corpus200, cache, tmp_path):
         text=True,
     )
     assert p.returncode == 2 and "does not parse" in p.stderr
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "infonce"])
+def test_sentence_match_trains_and_resumes_exactly(corpus200, cache, tmp_path, loss):
+    cfg = TrainConfig.load("cpu-tiny", [*SMALL, "train.steps=4", "joint.match=sentences", f"joint.loss={loss}"])
+    a = train(corpus200, tmp_path / "a", cfg, cache_dir=cache, progress=False)
+    train(corpus200, tmp_path / "b", cfg, cache_dir=cache, stop_after=2, progress=False)
+    assert train(corpus200, tmp_path / "b", cfg, cache_dir=cache, progress=False)["finished"] and a["finished"]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    init = torch.load(tmp_path / "a" / "checkpoints" / "init.pt", weights_only=False)["model"]
+    # the sigmoid loss learns its bias; the softmax form has none (the state dict keeps Merlin's keys)
+    assert ("logit_bias" in wa) == (loss == "sigmoid")
+    if loss == "sigmoid":
+        assert wa["logit_bias"] != init["logit_bias"] == cfg.joint.init_logit_bias
+    losses = [float(r.split(",")[3]) for r in (tmp_path / "a" / "log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 4 and all(v == v and v > 0 for v in losses)  # finite, positive
+
+
+def test_sigmoid_needs_sentence_match():
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="joint.match=sentences"):
+        TrainConfig.load("cpu-tiny", ["joint.loss=sigmoid"])

@@ -23,11 +23,16 @@ class DualEncoder(nn.Module):
         text: TextEncoder,
         init_logit_scale: float = math.log(1 / 0.07),
         embed_norm: str = "none",
+        init_logit_bias: float | None = None,
     ):
         super().__init__()
         self.encode_image = image
         self.encode_text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # the sigmoid loss's learnable bias (joint.loss=sigmoid, as SigLIP); absent otherwise, so the
+        # state dict of every other model (and of Merlin's checkpoint) keeps its keys
+        if init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         if embed_norm not in EMBED_NORMS:
             raise ValueError(f"embed_norm must be one of {', '.join(EMBED_NORMS)}, got {embed_norm!r}")
         # "batch": centre and scale each tower's projection with BatchNorm (no affine) before the L2
@@ -52,6 +57,10 @@ class DualEncoder(nn.Module):
         """Raw texts -> L2-normalised joint-space embeddings (sentence means, cached features: ``TextEncoder``)."""
         return F.normalize(self.text_norm(self.encode_text.embed(texts, device).float()), dim=-1)
 
+    def sentence_embeddings(self, units: list[str], device=None) -> torch.Tensor:
+        """L2-normalised joint-space embeddings of single sentences (``TextEncoder.sentence_units``)."""
+        return F.normalize(self.text_norm(self.encode_text.embed_units(units, device).float()), dim=-1)
+
     def encode_texts(self, texts: list[str], device=None, batch_size: int = 64) -> torch.Tensor:
         out = [self.texts_to_embeddings(texts[i : i + batch_size], device) for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.empty(0)
@@ -66,11 +75,20 @@ class DualEncoder(nn.Module):
             self.logit_scale.clamp_(0.0, math.log(100.0))
 
     def forward(
-        self, images, input_ids=None, attention_mask=None, texts: list[str] | None = None, from_trunk: bool = False
+        self,
+        images,
+        input_ids=None,
+        attention_mask=None,
+        texts: list[str] | None = None,
+        from_trunk: bool = False,
+        units: list[str] | None = None,
     ):
-        """(image embeddings, text embeddings, scale); text from token ids or, with ``texts``, raw texts;
-        ``from_trunk``: ``images`` are the frozen image stages' output (``ImageEncoder.trunk``)."""
-        if texts is not None:
+        """(image embeddings, text embeddings, scale); text from token ids or, with ``texts``, raw texts,
+        or, with ``units``, one embedding per sentence; ``from_trunk``: ``images`` are the frozen image
+        stages' output (``ImageEncoder.trunk``)."""
+        if units is not None:
+            txt = self.sentence_embeddings(units, images.device)
+        elif texts is not None:
             txt = self.texts_to_embeddings(texts, images.device)
         else:
             txt = self.text_embeddings(input_ids, attention_mask)

@@ -280,6 +280,20 @@ class TextEncoder(nn.Module):
         self.cache_features(keys)  # normalisation is idempotent: keys map to themselves
         return torch.stack([self._features[k] for k in keys]).to(device)
 
+    def sentence_units(self, texts: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+        """The distinct normalised sentences of ``texts`` (after ``keep_sentences``) and the
+        (text, sentence) pairs that say which text states which (``joint.match=sentences``)."""
+        units: dict[str, int] = {}
+        pairs = []
+        for i, t in enumerate(texts):
+            for part in split_sentences(keep_sentences(t, self.keep_sentences)):
+                pairs.append((i, units.setdefault(normalize_text(part), len(units))))
+        return list(units), sorted(set(pairs))
+
+    def embed_units(self, units: list[str], device=None) -> torch.Tensor:
+        """(U, D) embeddings of single sentences (already normalised), each its own text."""
+        return self.linear_layer(self._units(units, device))
+
     def embed(self, texts: list[str], device=None) -> torch.Tensor:
         """(B, D) embeddings of raw texts (the training and evaluation path), after ``keep_sentences``."""
         texts = [keep_sentences(t, self.keep_sentences) for t in texts]
