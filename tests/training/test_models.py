@@ -184,3 +184,18 @@ def test_maxmin_stem_min_pools_half_the_channels():
         assert torch.allclose(enc(x), enc(enc.trunk(x), from_trunk=True), atol=1e-6)
     with pytest.raises(ValueError, match="stem_pool must be"):
         ImageEncoder("resnet10_tiny", 16, stem_pool="min")
+
+
+def test_sentence_embeddings_of_a_single_distinct_sentence_train(tmp_path):
+    """A section batch whose texts all reduce to "Normal." holds one distinct sentence: batch
+    normalisation then uses its running statistics instead of failing."""
+    from training.models.clip import DualEncoder
+    from training.models.text import TextEncoder, build_small_text_model, train_wordpiece
+
+    tok = train_wordpiece(["normal liver", "a cyst in the kidney"], 60, tmp_path)
+    build_small_text_model(tok, 16, 1, 2, 32, tmp_path)
+    model = DualEncoder(ImageEncoder("resnet10_tiny", 8), TextEncoder(tmp_path, 8, 30), embed_norm="batch").train()
+    one = model.sentence_embeddings(["normal ."])
+    assert one.shape == (1, 8) and torch.isfinite(one).all()
+    assert torch.allclose(one.norm(dim=-1), torch.ones(1))
+    assert model.sentence_embeddings(["normal .", "a cyst ."]).shape == (2, 8)

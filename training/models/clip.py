@@ -59,7 +59,15 @@ class DualEncoder(nn.Module):
 
     def sentence_embeddings(self, units: list[str], device=None) -> torch.Tensor:
         """L2-normalised joint-space embeddings of single sentences (``TextEncoder.sentence_units``)."""
-        return F.normalize(self.text_norm(self.encode_text.embed_units(units, device).float()), dim=-1)
+        x = self.encode_text.embed_units(units, device).float()
+        norm = self.text_norm
+        if self.training and len(units) < 2 and isinstance(norm, nn.BatchNorm1d):
+            # a batch whose texts all state one sentence (a section batch of "Normal."): no batch
+            # statistics to take, so the running ones (and no update of them)
+            x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        else:
+            x = norm(x)
+        return F.normalize(x, dim=-1)
 
     def encode_texts(self, texts: list[str], device=None, batch_size: int = 64) -> torch.Tensor:
         out = [self.texts_to_embeddings(texts[i : i + batch_size], device) for i in range(0, len(texts), batch_size)]
