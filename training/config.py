@@ -126,6 +126,9 @@ class JointCfg:
     match: str = "report"
     loss: str = "infonce"  # infonce (softmax, both ways) | sigmoid (SigLIP's pairwise loss; match=sentences)
     init_logit_bias: float = -10.0  # the sigmoid loss's learnable bias at the start (SigLIP's)
+    # match=sentences: a batch sentence whose locked-tower cosine to one of an image's own sentences is
+    # at least this is neither its positive nor its negative (0: off; loss.sentence_loss)
+    neighbours: float = 0.0
 
 
 @dataclass
@@ -238,6 +241,8 @@ class TrainConfig:
             raise ConfigError("joint.loss sigmoid needs joint.match=sentences (it scores image-sentence pairs)")
         if self.joint.match == "sentences" and self.joint.multi_positive and self.joint.positives == "labels":
             raise ConfigError("joint.match=sentences: positives come from the sentences, not joint.positives=labels")
+        if self.joint.neighbours and (self.joint.match != "sentences" or self.text.train_layers != 0):
+            raise ConfigError("joint.neighbours needs joint.match=sentences and a locked tower (text.train_layers=0)")
         parse_ratio(self.sampler.ratio)
         for name in ("subset_fraction", "data_fraction"):
             v = getattr(self.sampler, name)

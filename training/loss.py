@@ -93,6 +93,8 @@ def sentence_loss(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     kind: str = "sigmoid",
+    features: torch.Tensor | None = None,
+    neighbours: float = 0.0,
 ) -> torch.Tensor:
     """Images against the distinct sentences of the batch (``joint.match=sentences``).
 
@@ -108,6 +110,12 @@ def sentence_loss(
     the images that state it). Under torch.distributed the sentences of all ranks are gathered with
     gradients and duplicates dropped (the first copy kept), so the loss and, with DDP's averaging, the
     gradients equal one process on the global batch (tested with two processes).
+
+    ``neighbours`` > 0 with ``features`` (u, H), the locked text tower's output for each sentence: a
+    sentence not in an image's text but at least this cosine-similar to one of its sentences is left
+    out of that image's pairs, neither positive nor negative. A report says "mild left hydronephrosis"
+    where another says "moderate bilateral hydronephrosis"; without this each is a negative of the
+    other's image.
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     n, device = image.shape[0], image.device
@@ -124,26 +132,39 @@ def sentence_loss(
     first = torch.full((columns.shape[0],), all_keys.shape[0], device=device, dtype=torch.long)
     first = first.scatter_reduce(0, inverse, positions, reduce="amin")
     cols = all_sent[first]  # (C, D)
+    own = torch.zeros(n, sentences.shape[0], device=device)
+    own[pairs[:, 0].to(device), pairs[:, 1].to(device)] = 1.0
     pos = torch.zeros(n, columns.shape[0], dtype=torch.bool, device=device)
     pos[pairs[:, 0].to(device), inverse[offset + pairs[:, 1].to(device)]] = True
+    keep = torch.ones_like(pos)
+    if neighbours > 0:
+        if features is None:
+            raise ValueError("sentence_loss: neighbours needs the sentences' text-tower features")
+        feats = F.normalize(features.detach().float().to(device), dim=-1)
+        all_feats = _gather_ragged(feats, grad=False)[0] if distributed else feats
+        near = (feats @ all_feats[first].T) >= neighbours  # (u, C): my sentences' neighbours
+        keep = pos | ~((own @ near.float()) > 0)
     logits = scale * image @ cols.T
     if kind == "sigmoid":
         if bias is not None:
             logits = logits + bias
         sign = pos.to(logits.dtype) * 2 - 1
-        return -F.logsigmoid(sign * logits).sum(1).mean()
+        return -(F.logsigmoid(sign * logits) * keep).sum(1).mean()
     if kind != "softmax":
         raise ValueError(f"sentence loss kind must be 'sigmoid' or 'softmax', got {kind!r}")
-    image_to_text = _multi_positive_ce(logits, pos)
+    ignore = float("-inf")
+    image_to_text = _multi_positive_ce(logits.masked_fill(~keep, ignore), pos)
     # sentence -> images: each distinct sentence is a row once, on the rank that holds its first copy
     if distributed:
         all_image = _gather(image)
-        all_pos = _gather_nograd(pos.to(torch.uint8)).bool()  # gloo has no bool all_gather
+        # gloo has no bool all_gather
+        all_pos = _gather_nograd(pos.to(torch.uint8)).bool()
+        all_keep = _gather_nograd(keep.to(torch.uint8)).bool()
     else:
-        all_image, all_pos = image, pos
+        all_image, all_pos, all_keep = image, pos, keep
     owner = (first >= offset) & (first < offset + sentences.shape[0])
-    rows = scale * cols[owner] @ all_image.T  # (owned, N)
+    rows = (scale * cols[owner] @ all_image.T).masked_fill(~all_keep.T[owner], ignore)  # (owned, N)
     text_to_image = (
-        torch.logsumexp(rows, dim=1) - torch.logsumexp(rows.masked_fill(~all_pos.T[owner], float("-inf")), dim=1)
+        torch.logsumexp(rows, dim=1) - torch.logsumexp(rows.masked_fill(~all_pos.T[owner], ignore), dim=1)
     ).sum() * (world / columns.shape[0])
     return 0.5 * (image_to_text + text_to_image)

@@ -242,8 +242,19 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
             img, txt, scale = r.ddp(images, units=units, from_trunk=r.trunk is not None)
         bias = r.model.logit_bias.float() if joint.loss == "sigmoid" else None
         kind = "sigmoid" if joint.loss == "sigmoid" else "softmax"
+        feats = None
+        if joint.neighbours:  # the locked tower's cached output of each sentence (cached by the forward)
+            feats = torch.stack([r.model.encode_text._features[u] for u in units])
         loss = sentence_loss(
-            img.float(), txt.float(), text_keys(units), torch.tensor(pairs), scale.float(), bias, kind
+            img.float(),
+            txt.float(),
+            text_keys(units),
+            torch.tensor(pairs),
+            scale.float(),
+            bias,
+            kind,
+            features=feats,
+            neighbours=joint.neighbours,
         )  # in float32, outside autocast
     else:
         keys = None

@@ -43,19 +43,24 @@ def _images():
     return torch.randn(WORLD * LOCAL, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
-def _loss(model, x, texts, kind):
+# the locked tower's features of each word: "cyst" and "mass" are neighbours (cosine 0.8)
+FEATURES = {"normal": [1.0, 0.0, 0.0], "cyst": [0.0, 1.0, 0.0], "stone": [0.0, 0.0, 1.0], "mass": [0.0, 0.8, 0.6]}
+
+
+def _loss(model, x, texts, kind, neighbours=0.0):
     units, pairs = _units(texts)
     img, sent, scale = model(x, units)
     bias = (model.module if hasattr(model, "module") else model).logit_bias
-    return sentence_loss(img, sent, text_keys(units), pairs, scale, bias, kind)
+    feats = torch.tensor([FEATURES[u] for u in units], dtype=torch.float64)
+    return sentence_loss(img, sent, text_keys(units), pairs, scale, bias, kind, feats, neighbours)
 
 
-def _worker(rank, port, out, kind):
+def _worker(rank, port, out, kind, neighbours):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.manual_seed(1)
     model = nn.parallel.DistributedDataParallel(Toy(kind).double())
     sl = slice(rank * LOCAL, (rank + 1) * LOCAL)
-    loss = _loss(model, _images()[sl], TEXTS[sl], kind)
+    loss = _loss(model, _images()[sl], TEXTS[sl], kind, neighbours)
     loss.backward()
     out[rank] = {k: p.grad.detach().clone() for k, p in model.module.named_parameters() if p.grad is not None}
     dist.destroy_process_group()
@@ -68,16 +73,17 @@ def _free_port():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("neighbours", [0.0, 0.7], ids=["", "neighbours"])
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
-def test_two_process_gradients_equal_single_process(kind):
+def test_two_process_gradients_equal_single_process(kind, neighbours):
     torch.manual_seed(1)
     ref_model = Toy(kind).double()
-    _loss(ref_model, _images(), TEXTS, kind).backward()
+    _loss(ref_model, _images(), TEXTS, kind, neighbours).backward()
     ref = {k: p.grad for k, p in ref_model.named_parameters() if p.grad is not None}
     assert "words.weight" in ref and "img.0.weight" in ref
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), out, kind), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), out, kind, neighbours), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         assert set(out[rank]) == set(ref)
         for k, g in ref.items():
@@ -130,3 +136,28 @@ def test_duplicate_sentences_count_once_and_the_unknown_kind_is_refused():
     assert torch.allclose(one, two)
     with pytest.raises(ValueError, match="sigmoid' or 'softmax"):
         sentence_loss(img, sent, text_keys(["x", "y"]), pairs, s, None, "hinge")
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_neighbour_sentences_are_neither_positive_nor_negative(kind):
+    # Image 0 states "cyst"; "mass" (cosine 0.8 to "cyst") is another image's sentence. With
+    # neighbours=0.7 pointing image 0 at "mass" costs nothing extra; without, it is a negative.
+    units, pairs = ["cyst", "mass", "normal"], torch.tensor([[0, 0], [1, 1], [2, 2]])
+    feats = torch.tensor([FEATURES[u] for u in units])
+    sent = torch.eye(3)
+    s, b = torch.tensor(10.0), torch.tensor(-5.0)
+
+    def loss(img0, neighbours):
+        img = torch.stack([F.normalize(img0, dim=0), sent[1], sent[2]])
+        return sentence_loss(
+            img, sent, text_keys(units), pairs, s, b if kind == "sigmoid" else None, kind, feats, neighbours
+        )
+
+    toward_mass = torch.tensor([1.0, 1.0, 0.0])
+    assert loss(toward_mass, 0.0) > loss(sent[0], 0.0)
+    plain, masked = loss(toward_mass, 0.7), loss(sent[0], 0.7)
+    assert plain < loss(toward_mass, 0.0) and masked <= loss(sent[0], 0.0)
+    # and an unrelated sentence ("normal", cosine 0) stays a negative
+    assert loss(torch.tensor([1.0, 0.0, 1.0]), 0.7) > masked
+    with pytest.raises(ValueError, match="features"):
+        sentence_loss(sent, sent, text_keys(units), pairs, s, None, kind, None, 0.7)
