@@ -129,6 +129,9 @@ class JointCfg:
     # match=sentences: a batch sentence whose locked-tower cosine to one of an image's own sentences is
     # at least this is neither its positive nor its negative (0: off; loss.sentence_loss)
     neighbours: float = 0.0
+    # match=report: the sentence-level loss (joint.loss, joint.neighbours) added with this weight to the
+    # report-level InfoNCE (0: off)
+    sentence_weight: float = 0.0
 
 
 @dataclass
@@ -237,12 +240,15 @@ class TrainConfig:
             value = getattr(getattr(self, section), name)
             if value not in allowed:
                 raise ConfigError(f"{key} {value!r}: expected {', '.join(allowed[:-1])} or {allowed[-1]}")
-        if self.joint.loss == "sigmoid" and self.joint.match != "sentences":
-            raise ConfigError("joint.loss sigmoid needs joint.match=sentences (it scores image-sentence pairs)")
+        if self.joint.sentence_weight < 0 or (self.joint.sentence_weight and self.joint.match == "sentences"):
+            raise ConfigError("joint.sentence_weight must be >= 0, and is for joint.match=report")
+        if self.joint.loss == "sigmoid" and self.joint.match != "sentences" and not self.joint.sentence_weight:
+            raise ConfigError("joint.loss sigmoid needs joint.match=sentences or joint.sentence_weight")
         if self.joint.match == "sentences" and self.joint.multi_positive and self.joint.positives == "labels":
             raise ConfigError("joint.match=sentences: positives come from the sentences, not joint.positives=labels")
-        if self.joint.neighbours and (self.joint.match != "sentences" or self.text.train_layers != 0):
-            raise ConfigError("joint.neighbours needs joint.match=sentences and a locked tower (text.train_layers=0)")
+        sentence_level = self.joint.match == "sentences" or self.joint.sentence_weight
+        if self.joint.neighbours and (not sentence_level or self.text.train_layers != 0):
+            raise ConfigError("joint.neighbours needs a sentence-level loss and a locked tower (text.train_layers=0)")
         parse_ratio(self.sampler.ratio)
         for name in ("subset_fraction", "data_fraction"):
             v = getattr(self.sampler, name)

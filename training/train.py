@@ -224,6 +224,26 @@ def _warm_text_features(
         torch.distributed.barrier()
 
 
+def _sentence_term(r: _Run, img, sent, scale, units, pairs) -> torch.Tensor:
+    """``loss.sentence_loss`` of the step's images against its distinct sentences, as ``joint`` sets it."""
+    joint = r.cfg.joint
+    feats = None
+    if joint.neighbours:  # the locked tower's cached output of each sentence (cached by the forward)
+        feats = torch.stack([r.model.encode_text._features[u] for u in units])
+    sigmoid = joint.loss == "sigmoid"
+    return sentence_loss(
+        img,
+        sent,
+        text_keys(units),
+        torch.tensor(pairs),
+        scale,
+        r.model.logit_bias.float() if sigmoid else None,
+        "sigmoid" if sigmoid else "softmax",
+        features=feats,
+        neighbours=joint.neighbours,
+    )
+
+
 def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on this rank's slice of the step's global batch: (loss, logit scale)."""
     r.model.train()
@@ -236,26 +256,15 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.from_numpy(np.stack([r.volumes[it.index] for it in local])).to(r.device, non_blocking=True)
     texts = [r.planner.text_of(it) for it in local]
     joint = r.cfg.joint
-    if joint.match == "sentences":
+    by_sentence = joint.match == "sentences"
+    units = pairs = None
+    if by_sentence or joint.sentence_weight:
         units, pairs = r.model.encode_text.sentence_units(texts)
-        with r.autocast:
-            img, txt, scale = r.ddp(images, units=units, from_trunk=r.trunk is not None)
-        bias = r.model.logit_bias.float() if joint.loss == "sigmoid" else None
-        kind = "sigmoid" if joint.loss == "sigmoid" else "softmax"
-        feats = None
-        if joint.neighbours:  # the locked tower's cached output of each sentence (cached by the forward)
-            feats = torch.stack([r.model.encode_text._features[u] for u in units])
-        loss = sentence_loss(
-            img.float(),
-            txt.float(),
-            text_keys(units),
-            torch.tensor(pairs),
-            scale.float(),
-            bias,
-            kind,
-            features=feats,
-            neighbours=joint.neighbours,
-        )  # in float32, outside autocast
+    with r.autocast:
+        out = r.ddp(images, texts=None if by_sentence else texts, units=units, from_trunk=r.trunk is not None)
+    img, txt, scale = out[0].float(), out[1].float(), out[2].float()  # the loss in float32, outside autocast
+    if by_sentence:
+        loss = _sentence_term(r, img, txt, scale, units, pairs)
     else:
         keys = None
         if joint.multi_positive:
@@ -263,9 +272,9 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
             keys = text_keys(
                 [r.planner.label_key_of(it) if by_labels else normalize_text(t) for it, t in zip(local, texts)]
             )
-        with r.autocast:
-            img, txt, scale = r.ddp(images, texts=texts, from_trunk=r.trunk is not None)
-        loss = clip_loss(img.float(), txt.float(), scale.float(), keys=keys)  # in float32, outside autocast
+        loss = clip_loss(img, txt, scale, keys=keys)
+        if units is not None:  # the sentence-level term beside the report-level one (joint.sentence_weight)
+            loss = loss + joint.sentence_weight * _sentence_term(r, img, out[3].float(), scale, units, pairs)
     r.opt.zero_grad(set_to_none=True)
     if r.scaler is not None:
         r.scaler.scale(loss).backward()

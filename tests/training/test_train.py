@@ -120,9 +120,16 @@ def test_train_and_evaluate_commands(corpus200, cache, tmp_path):
     assert p.returncode == 2 and "does not parse" in p.stderr
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "infonce"])
-def test_sentence_match_trains_and_resumes_exactly(corpus200, cache, tmp_path, loss):
-    cfg = TrainConfig.load("cpu-tiny", [*SMALL, "train.steps=4", "joint.match=sentences", f"joint.loss={loss}"])
+@pytest.mark.parametrize(
+    "loss,match",
+    [
+        ("sigmoid", "joint.match=sentences"),
+        ("infonce", "joint.match=sentences"),
+        ("infonce", "joint.sentence_weight=0.5"),
+    ],
+)
+def test_sentence_level_loss_trains_and_resumes_exactly(corpus200, cache, tmp_path, loss, match):
+    cfg = TrainConfig.load("cpu-tiny", [*SMALL, "train.steps=4", match, f"joint.loss={loss}"])
     a = train(corpus200, tmp_path / "a", cfg, cache_dir=cache, progress=False)
     train(corpus200, tmp_path / "b", cfg, cache_dir=cache, stop_after=2, progress=False)
     assert train(corpus200, tmp_path / "b", cfg, cache_dir=cache, progress=False)["finished"] and a["finished"]
@@ -140,5 +147,5 @@ def test_sentence_match_trains_and_resumes_exactly(corpus200, cache, tmp_path, l
 def test_sigmoid_needs_sentence_match():
     from training.config import ConfigError
 
-    with pytest.raises(ConfigError, match="joint.match=sentences"):
+    with pytest.raises(ConfigError, match="joint.match=sentences or joint.sentence_weight"):
         TrainConfig.load("cpu-tiny", ["joint.loss=sigmoid"])

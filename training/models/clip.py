@@ -92,8 +92,13 @@ class DualEncoder(nn.Module):
         units: list[str] | None = None,
     ):
         """(image embeddings, text embeddings, scale); text from token ids or, with ``texts``, raw texts,
-        or, with ``units``, one embedding per sentence; ``from_trunk``: ``images`` are the frozen image
+        or, with ``units``, one embedding per sentence (with both, the sentences' embeddings are a fourth
+        output); ``from_trunk``: ``images`` are the frozen image
         stages' output (``ImageEncoder.trunk``)."""
+        if units is not None and texts is not None:  # both: the sentences' embeddings come fourth
+            img = self.image_embeddings(images, from_trunk)
+            txt = self.texts_to_embeddings(texts, images.device)
+            return img, txt, self.scale(), self.sentence_embeddings(units, images.device)
         if units is not None:
             txt = self.sentence_embeddings(units, images.device)
         elif texts is not None:
