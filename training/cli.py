@@ -64,6 +64,7 @@ def _recipe(args: argparse.Namespace) -> int:
         args.overrides,
         **_pick(args, "data", "studies", "seed", "corpus_version"),
         supervised=not args.no_supervised,
+        reference=args.reference,
         **_common(args),
     )
     print(json.dumps(result, indent=1))
@@ -223,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
     rc.add_argument("--corpus-version", type=int, default=3, choices=[1, 2, 3])
     rc.add_argument("--no-supervised", action="store_true", help="skip the supervised reference")
+    rc.add_argument(
+        "--reference",
+        default=None,
+        help="with --no-supervised: a probe.json of the same image tower, steps and corpus (e.g. results/recipe/"
+        "probe.json) whose supervised macro AUROC the gap is measured against",
+    )
     rc.add_argument("--cache", default=None)
     rc.add_argument("--quiet", action="store_true")
     rc.add_argument("overrides", nargs="*", help="config overrides")

@@ -38,3 +38,23 @@ def test_recipe_writes_times_bars_and_a_package(corpus200, tmp_path):
     assert saved["bars"]["test_macro_auroc >= 0.85"] is False  # three steps learn nothing
     pkg = load_package(tmp_path / "r" / "package")
     assert pkg.assessed is not None and len(pkg.assessed) == 30
+    # The gap against a reference probe of the same tower, without the supervised stage (24 CPU minutes
+    # at the recipe's size): the bar is recorded, with where its yardstick came from.
+    ref = tmp_path / "r" / "run" / "probe.json"
+    plain = [o for o in SMALL if not o.startswith(("image.init", "pretrain."))]
+    again = run_recipe(
+        tmp_path / "s", "cpu-tiny", plain, data=corpus200, supervised=False, reference=ref,
+        cache_dir=tmp_path / "cache", progress=False,
+    )  # fmt: skip
+    assert "supervised_reference" not in again["seconds"] and again["supervised_reference"] == str(ref)
+    assert again["gap_to_supervised"] == saved["supervised_macro_auroc"] - again["test_macro_auroc"]
+    assert "gap_to_supervised <= 0.05" in again["bars"]
+
+
+def test_recipe_refuses_a_reference_beside_its_own_supervised_stage_or_missing(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="--no-supervised"):
+        run_recipe(tmp_path / "r", "cpu-tiny", [], data=tmp_path, reference=tmp_path / "probe.json")
+    with pytest.raises(FileNotFoundError, match="probe.json"):
+        run_recipe(tmp_path / "r", "cpu-tiny", [], data=tmp_path, supervised=False, reference=tmp_path / "probe.json")
