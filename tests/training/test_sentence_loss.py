@@ -1,7 +1,5 @@
 """The sentence-level loss (joint.match=sentences): what it rewards, and exact under two processes."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,6 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from tests.training.test_loss_ddp import _free_port
 from training.loss import sentence_loss, text_keys
 
 WORLD, LOCAL = 2, 3
@@ -64,12 +63,6 @@ def _worker(rank, port, out, kind, neighbours):
     loss.backward()
     out[rank] = {k: p.grad.detach().clone() for k, p in model.module.named_parameters() if p.grad is not None}
     dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
