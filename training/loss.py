@@ -132,14 +132,14 @@ def sentence_loss(
     first = torch.full((columns.shape[0],), all_keys.shape[0], device=device, dtype=torch.long)
     first = first.scatter_reduce(0, inverse, positions, reduce="amin")
     cols = all_sent[first]  # (C, D)
-    own = torch.zeros(n, sentences.shape[0], device=device)
-    own[pairs[:, 0].to(device), pairs[:, 1].to(device)] = 1.0
     pos = torch.zeros(n, columns.shape[0], dtype=torch.bool, device=device)
     pos[pairs[:, 0].to(device), inverse[offset + pairs[:, 1].to(device)]] = True
     keep = torch.ones_like(pos)
     if neighbours > 0:
         if features is None:
             raise ValueError("sentence_loss: neighbours needs the sentences' text-tower features")
+        own = torch.zeros(n, sentences.shape[0], device=device)  # (n, u): which of my sentences each image states
+        own[pairs[:, 0].to(device), pairs[:, 1].to(device)] = 1.0
         feats = F.normalize(features.detach().float().to(device), dim=-1)
         all_feats = _gather_ragged(feats, grad=False)[0] if distributed else feats
         near = (feats @ all_feats[first].T) >= neighbours  # (u, C): my sentences' neighbours

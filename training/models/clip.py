@@ -93,8 +93,7 @@ class DualEncoder(nn.Module):
     ):
         """(image embeddings, text embeddings, scale); text from token ids or, with ``texts``, raw texts,
         or, with ``units``, one embedding per sentence (with both, the sentences' embeddings are a fourth
-        output); ``from_trunk``: ``images`` are the frozen image
-        stages' output (``ImageEncoder.trunk``)."""
+        output); ``from_trunk``: ``images`` are the frozen image stages' output (``ImageEncoder.trunk``)."""
         if units is not None and texts is not None:  # both: the sentences' embeddings come fourth
             img = self.image_embeddings(images, from_trunk)
             txt = self.texts_to_embeddings(texts, images.device)
