@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from benchmarks import bench_parser
 from benchmarks.merlin_stub import random_merlin_state_dict
-from operators.preprocessing import PreprocessSpec
-from operators.zeroshot import open_session, select_providers
+from operators.contract.preprocessing import PreprocessSpec
+from operators.contract.scoring import open_session, select_providers
 from training.models.image import ImageEncoder
 from training.onnx_export import export_image_onnx
 from training.synth.inputs import synthetic_inputs

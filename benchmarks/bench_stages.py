@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from benchmarks import bench_parser
-from operators.dicom_series import scan_tree
-from operators.manifest import TextEncoderRecord
-from operators.package import default_package_dir, load_package, write_manifest
+from operators.contract.dicom_series import scan_tree
+from operators.contract.manifest import TextEncoderRecord
+from operators.contract.package import default_package_dir, load_package, write_manifest
+from operators.contract.preprocessing import PreprocessSpec
+from operators.contract.scoring import ZeroShotModel
 from operators.pipeline import SeriesToModelInput, StudyWork, infer, select_series, write_report
-from operators.preprocessing import PreprocessSpec
-from operators.zeroshot import ZeroShotModel
 from training.onnx_export import export_image_onnx
 
 STAGES = ("select_s", "decode_volume_s", "preprocess_s", "encoder_s", "decide_s", "sr_s")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from operators.findings import load_catalogue
+from operators.contract.findings import load_catalogue
 
 _LONGFORMER = json.loads((Path(__file__).parent / "clinical_longformer.json").read_text())
 CLINICAL_LONGFORMER: dict = _LONGFORMER["config"]

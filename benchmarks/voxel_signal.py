@@ -92,9 +92,9 @@ def main(argv=None) -> int:
         print(render(out))
         return 0
 
-    from operators.findings import load_catalogue
+    from operators.contract.findings import load_catalogue
+    from training.cache import split_volumes
     from training.config import TrainConfig
-    from training.runs import split_volumes
 
     ids = load_catalogue().ids
     wanted = ids if args.findings == "all" else [f.strip() for f in args.findings.split(",") if f.strip()]

@@ -26,10 +26,10 @@ import numpy as np
 def score(package_dir, findings, data, split, run=None, cache=None, progress=True) -> dict:
     from tqdm import tqdm
 
-    from operators.package import load_package
-    from operators.zeroshot import ZeroShotModel
+    from operators.contract.package import load_package
+    from operators.contract.scoring import ZeroShotModel
+    from training.cache import volume_cache
     from training.data import load_studies
-    from training.runs import volume_cache
 
     t0 = time.perf_counter()
     pkg = load_package(package_dir)
@@ -60,7 +60,7 @@ def score(package_dir, findings, data, split, run=None, cache=None, progress=Tru
 
 
 def compare(scored: dict, against: list[str]) -> list[dict]:
-    from operators.findings import load_catalogue
+    from operators.contract.findings import load_catalogue
     from training.evaluate import finding_auroc
 
     catalogue = load_catalogue().ids

@@ -21,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from .custom_findings import FindingsFileError
-from .dicom_series import scan_tree
-from .package import MANIFEST, PackageError, default_package_dir, load_package
-from .phi import allow_identifiers, identifiers_allowed
+from .contract.custom_findings import FindingsFileError
+from .contract.dicom_series import scan_tree
+from .contract.package import MANIFEST, PackageError, default_package_dir, load_package
+from .contract.phi import allow_identifiers, identifiers_allowed
+from .contract.scoring import ZeroShotModel
+from .contract.volume import VolumeError
 from .pipeline import SeriesToModelInput, StudyWork
-from .volume import VolumeError
-from .zeroshot import ZeroShotModel
 
 log = logging.getLogger("ct-zeroshot")
 

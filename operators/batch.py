@@ -27,10 +27,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from .dicom_series import SeriesFiles, scan_files, scan_tree
-from .files import PARTIAL_SUFFIX, write_atomic
-from .package import default_package_dir, load_package
-from .phi import allow_identifiers, describe, identifiers_allowed
+from .contract.dicom_series import SeriesFiles, scan_files, scan_tree
+from .contract.files import PARTIAL_SUFFIX, write_atomic
+from .contract.package import default_package_dir, load_package
+from .contract.phi import allow_identifiers, describe, identifiers_allowed
 from .pipeline import SeriesToModelInput, StudyWork, run_study, sr_filename
 
 log = logging.getLogger("ct-zeroshot")
@@ -42,7 +42,7 @@ _WORKER: dict = {}
 def _init_worker(package_dir: str, out_dir: str, threads: int, level: int, findings, findings_mode: str) -> None:
     import torch
 
-    from .zeroshot import ZeroShotModel
+    from .contract.scoring import ZeroShotModel
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -204,7 +204,7 @@ def run_batch(
     package_dir = Path(model) if model else default_package_dir()
     pkg = load_package(package_dir)
     if findings is not None:  # refused here, before anything is written, when the file is bad
-        from .zeroshot import package_with_findings
+        from .contract.scoring import package_with_findings
 
         pkg = package_with_findings(pkg, findings, findings_mode)
     if engine == "ray":

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
-from .dicom_series import scan_files
+from .contract.dicom_series import scan_files
 from .pipeline import StudyWork
 
 log = logging.getLogger("ct-zeroshot")

@@ -12,12 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from .findings import load_catalogue
-from .volume import VolumeError
+from .contract.findings import load_catalogue
+from .contract.volume import VolumeError
 
 
 def _findings(args: argparse.Namespace) -> int:
-    from .findings import load_catalogue
+    from .contract.findings import load_catalogue
 
     if args.action == "check":
         return _check_findings(args)
@@ -53,7 +53,7 @@ def _check_findings(args: argparse.Namespace) -> int:
     a text encoder); with ``--studies``, each custom finding's margins over those studies."""
     import numpy as np
 
-    from .custom_findings import read_findings_file
+    from .contract.custom_findings import read_findings_file
 
     if not args.file:
         raise ValueError("findings check: name the findings file to check")
@@ -68,15 +68,15 @@ def _check_findings(args: argparse.Namespace) -> int:
     if not args.model and not args.studies:
         print("file checks passed (add --model PKG to check it against a model package)")
         return 0
-    from .package import default_package_dir, load_package
-    from .zeroshot import ZeroShotModel
+    from .contract.package import default_package_dir, load_package
+    from .contract.scoring import ZeroShotModel
 
     pkg = load_package(args.model or default_package_dir())
     model = ZeroShotModel(pkg, device="cpu", findings=args.file, findings_mode=args.findings_mode)
     print(f"model {pkg.name} {pkg.version}: ids, prompt lengths and the text encoder accepted ({args.findings_mode})")
     if not args.studies:
         return 0
-    from .dicom_series import scan_tree
+    from .contract.dicom_series import scan_tree
     from .pipeline import SeriesToModelInput, StudyWork, select_series
 
     prep = SeriesToModelInput(model.package.spec)
@@ -115,7 +115,7 @@ def _check_findings(args: argparse.Namespace) -> int:
 
 
 def _spec(value: str):
-    from .preprocessing import PreprocessSpec
+    from .contract.preprocessing import PreprocessSpec
 
     if value == "merlin":
         return PreprocessSpec.merlin()
@@ -130,9 +130,9 @@ def _spec(value: str):
 def _preprocess(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .dicom_series import load_dicom_folder
-    from .preprocessing import preprocess
-    from .volume import load_nifti
+    from .contract.dicom_series import load_dicom_folder
+    from .contract.preprocessing import preprocess
+    from .contract.volume import load_nifti
 
     spec = _spec(args.spec)
     src = Path(args.input)
@@ -198,7 +198,7 @@ def _infer(args: argparse.Namespace) -> int:
     import logging
 
     from .batch import run_batch
-    from .phi import allow_identifiers, identifiers_allowed
+    from .contract.phi import allow_identifiers, identifiers_allowed
 
     allow_identifiers(args.log_patient_identifiers or identifiers_allowed())
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from .dicom_series import SeriesFiles, series_to_volume
-from .phi import describe
-from .preprocessing import build_transform, preprocess
-from .volume import VolumeError
-from .zeroshot import Findings, ZeroShotModel
+from .contract.dicom_series import SeriesFiles, series_to_volume
+from .contract.phi import describe
+from .contract.preprocessing import build_transform, preprocess
+from .contract.scoring import Findings, ZeroShotModel
+from .contract.volume import VolumeError
 
 log = logging.getLogger("ct-zeroshot")
 

@@ -33,10 +33,10 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from . import __version__
-from .files import atomic_path
-from .findings import Code as FindingCode
-from .package import ModelPackage
-from .zeroshot import Findings
+from .contract.files import atomic_path
+from .contract.findings import Code as FindingCode
+from .contract.package import ModelPackage
+from .contract.scoring import Findings
 
 PROCEDURE_CT = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
 PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")

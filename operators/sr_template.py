@@ -31,7 +31,8 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DS
 
-from .package import ModelPackage
+from .contract.package import ModelPackage
+from .contract.scoring import Findings
 from .sr import (
     ABSENT,
     PRESENT,
@@ -44,7 +45,6 @@ from .sr import (
     _value,
     measurement_report,
 )
-from .zeroshot import Findings
 
 CONTENT_SEQUENCE = Tag(0x0040, 0xA730)
 _SQ_HEADER, _SQ_DELIMITER = 12, 8  # explicit VR: tag, "SQ", reserved, length; the sequence delimiter

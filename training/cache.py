@@ -13,16 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from operators.preprocessing import PreprocessSpec, build_transform, preprocess
+from operators.contract.files import atomic_path
+from operators.contract.preprocessing import PreprocessSpec, build_transform, preprocess
 
-from .data import Study, load_volume
-from .files import atomic_path
+from .config import TrainConfig
+from .data import Study, load_studies, load_volume
 
 
 def spec_hash(spec: PreprocessSpec) -> str:
@@ -90,3 +92,55 @@ class VolumeCache:
 def _put_one(args) -> None:
     root, spec, study = args
     VolumeCache(root, spec).put(study)
+
+
+class CachedVolumes:
+    """Sequence view of preprocessed volumes for a list of studies."""
+
+    def __init__(self, cache: VolumeCache, studies: list[Study]):
+        self.cache, self.studies = cache, studies
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.cache.get(self.studies[i])
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ct-zeroshot" / "volumes"
+
+
+def volume_cache(spec, cache_dir: str | Path | None) -> VolumeCache:
+    return VolumeCache(cache_dir or default_cache_dir(), spec)
+
+
+def build_cache(cache: VolumeCache, studies: list[Study], progress: bool) -> None:
+    cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
+
+
+def split_volumes(
+    cfg: TrainConfig,
+    data: str | Path,
+    split: str,
+    *,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    labelled: bool = False,
+    studies: list[Study] | None = None,
+) -> tuple[list[Study], CachedVolumes]:
+    """The studies of one split (the first ``limit``), their volumes cached under ``cfg``'s spec.
+
+    ``labelled``: refuse a split with studies lacking finding labels. ``studies``: already loaded."""
+    chosen = [s for s in (studies if studies is not None else load_studies(data)) if s.split == split]
+    if not chosen:
+        raise ValueError(f"{data}: no studies in split {split!r}")
+    if labelled and any(s.labels is None for s in chosen):
+        raise ValueError(f"{data}: split {split!r} has studies without finding labels")
+    if limit:
+        chosen = chosen[:limit]
+    cache = volume_cache(cfg.spec, cache_dir)
+    build_cache(cache, chosen, progress)
+    return chosen, CachedVolumes(cache, chosen)

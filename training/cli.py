@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from .recipe import STUDIES as RECIPE_STUDIES
+from .research.recipe import STUDIES as RECIPE_STUDIES
 
 
 def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _pretrain_image(args: argparse.Namespace) -> int:
     from .config import TrainConfig
-    from .pretrain import INIT_FILE, pretrain_image
+    from .research.pretrain import INIT_FILE, pretrain_image
 
     cfg = TrainConfig.load(args.preset, args.overrides)
     summary = pretrain_image(args.data, args.out, cfg, stop_after=args.stop_after, **_common(args))
@@ -56,7 +56,7 @@ def _pretrain_image(args: argparse.Namespace) -> int:
 
 
 def _recipe(args: argparse.Namespace) -> int:
-    from .recipe import run_recipe
+    from .research.recipe import run_recipe
 
     result = run_recipe(
         args.out,
@@ -82,7 +82,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .probe import probe_run
+    from .research.probe import probe_run
 
     options = _pick(args, "checkpoint", "split", "train_limit", "supervised_steps")
     path, text = probe_run(args.run, args.data, **options, **_common(args))
@@ -92,7 +92,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from operators.package import load_package
+    from operators.contract.package import load_package
 
     from .export import export_run
 
@@ -115,7 +115,7 @@ def _encode_prompts(args: argparse.Namespace) -> int:
 
 
 def _convert_merlin(args: argparse.Namespace) -> int:
-    from operators.package import load_package
+    from operators.contract.package import load_package
 
     from .convert_merlin import convert_merlin
 
@@ -131,11 +131,11 @@ def _convert_merlin(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .study import StudyPreset, aggregate, run_study
+    from .research.study import StudyPreset, aggregate, run_study
 
     preset = StudyPreset.load(args.preset)
     if args.seed_level_only:
-        from .study.seed_level import write_seed_level
+        from .research.study.seed_level import write_seed_level
 
         print(write_seed_level(preset, Path(args.out)))
         return 0

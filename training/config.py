@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from operators.findings import SECTIONS
-from operators.preprocessing import PreprocessSpec
+from operators.contract.findings import SECTIONS
+from operators.contract.preprocessing import PreprocessSpec
 
 # How each tower's projection is normalised before the L2 norm (see models/clip.py).
 EMBED_NORMS = ("none", "batch", "batch_affine", "text")
@@ -82,7 +82,7 @@ class ImageCfg:
 
 @dataclass
 class PretrainCfg:
-    """The self-supervised image pretext (``pretrain-image``; training/pretrain.py)."""
+    """The self-supervised image pretext (``pretrain-image``; training/research/pretrain.py)."""
 
     steps: int = 300
     batch_size: int = 16

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from operators.manifest import Manifest
-from operators.preprocessing import PreprocessSpec
+from operators.contract.manifest import Manifest
+from operators.contract.preprocessing import PreprocessSpec
 
 from .export import export_package
 from .models.clip import DualEncoder

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.findings import load_catalogue
+from operators.contract.findings import load_catalogue
 
 from .reports import ParsedReport, ReportError, parse_report, section_status
 
@@ -255,8 +255,8 @@ def load_studies(source: str | Path, check_images: bool = True) -> list[Study]:
 
 
 def load_volume(study: Study):
-    """The study's HU volume (NIfTI or DICOM series) as an ``operators.volume.Volume``."""
-    from operators.dicom_series import load_dicom_folder
-    from operators.volume import load_nifti
+    """The study's HU volume (NIfTI or DICOM series) as an ``operators.contract.volume.Volume``."""
+    from operators.contract.dicom_series import load_dicom_folder
+    from operators.contract.volume import load_nifti
 
     return load_dicom_folder(study.image) if study.image.is_dir() else load_nifti(study.image)

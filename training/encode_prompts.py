@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.custom_findings import read_findings_file, with_findings
-from operators.package import MANIFEST, load_package, write_manifest
-from operators.prompts import prompt_table
+from operators.contract.custom_findings import read_findings_file, with_findings
+from operators.contract.package import MANIFEST, load_package, write_manifest
+from operators.contract.prompts import prompt_table
 
 PARITY_TOL = 1e-4
 
@@ -41,7 +41,7 @@ def text_tower(run=None, checkpoint=None, text_model=None, run_checkpoint: str =
     if (run is None) == (checkpoint is None):
         raise EncodeError("give the text tower as --run RUN, or as --checkpoint MERLIN.pt with --text-model DIR")
     if run is not None:
-        from .runs import load_run
+        from .run_folder import load_run
 
         return load_run(run, run_checkpoint, device="cpu")[0].eval()
     if text_model is None:

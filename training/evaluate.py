@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from operators.findings import load_catalogue
-from operators.prompts import FindingRows, prompt_table
-from operators.zeroshot import finding_scores, merlin_present
+from operators.contract.findings import load_catalogue
+from operators.contract.prompts import FindingRows, prompt_table
+from operators.contract.scoring import finding_scores, merlin_present
 
 OCCLUSION_LEVELS = (0.0, 0.1, 0.25, 0.5)
 RECALL_AT = (1, 5, 10)

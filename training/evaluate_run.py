@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from operators.contract.files import write_json
+
+from .cache import split_volumes
 from .evaluate import evaluate_model, format_tables
-from .files import write_json
-from .runs import load_run, read_run_config, split_volumes
+from .run_folder import load_run, read_run_config
 
 
 def evaluate_run(

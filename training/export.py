@@ -1,4 +1,4 @@
-"""Export a dual encoder to a model package (see ``operators/package.py`` for the contract).
+"""Export a dual encoder to a model package (see ``operators/contract/package.py`` for the contract).
 
 What is written, in this order (the manifest last, so an interrupted export is refused on load):
 
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from operators import __version__
-from operators.findings import load_catalogue
-from operators.manifest import (
+from operators.contract.findings import load_catalogue
+from operators.contract.manifest import (
     FindingEntry,
     ImageEncoderRecord,
     Manifest,
@@ -47,10 +47,10 @@ from operators.manifest import (
     TextEncoderRecord,
     weights_digest,
 )
-from operators.package import sha256_file, write_manifest
-from operators.preprocessing import PreprocessSpec
-from operators.prompts import prompt_table
-from operators.zeroshot import decide_present, margin_probability
+from operators.contract.package import sha256_file, write_manifest
+from operators.contract.preprocessing import PreprocessSpec
+from operators.contract.prompts import prompt_table
+from operators.contract.scoring import decide_present, margin_probability
 
 from .models.clip import DualEncoder
 from .onnx_export import (
@@ -272,8 +272,9 @@ def export_run(
     held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``).
     ``intended_use``: stated in the package and every SR; by default, for a run on the synthetic corpus,
     that it knows phantoms only."""
+    from .cache import split_volumes
     from .evaluate import embed_images, prompt_embeddings, zero_shot_scores
-    from .runs import load_run, split_volumes
+    from .run_folder import load_run
 
     run = Path(run)
     if thresholds not in ("merlin", "validation"):

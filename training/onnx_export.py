@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from operators.zeroshot import finding_scores, open_session, tokenize
+from operators.contract.scoring import finding_scores, open_session, tokenize
 
 from .models.clip import DualEncoder
 
@@ -107,7 +107,7 @@ def write_tokenizer(model: DualEncoder, path: Path, fixed_length: int | None = N
 
 
 def deploy_tokenize(tokenizer_file: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """What the deploy side does (``operators.zeroshot.tokenize``), without loading the package."""
+    """What the deploy side does (``operators.contract.scoring.tokenize``), without loading the package."""
     from tokenizers import Tokenizer
 
     return tokenize(Tokenizer.from_file(str(tokenizer_file)), texts)

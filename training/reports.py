@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from operators.findings import SECTIONS
-from operators.textnorm import NORMAL_STATEMENTS, normalize_text, states_finding
-from operators.textnorm import keep_sentences as keep_sentences  # re-exported for the training side
+from operators.contract.findings import SECTIONS
+from operators.contract.textnorm import NORMAL_STATEMENTS, normalize_text, states_finding
+from operators.contract.textnorm import keep_sentences as keep_sentences  # re-exported for the training side
 
 
 class ReportError(ValueError):

@@ -81,7 +81,7 @@ class BatchPlanner:
         self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(studies) // self.global_batch)
         self.shortfall: Counter = Counter()  # draws made with replacement, by batch kind
         self._kinds: list[str] = []  # kind of steps 0.. (memo for occurrence counts under a random choice)
-        from operators.findings import load_catalogue
+        from operators.contract.findings import load_catalogue
 
         cat = load_catalogue()
         self._section_findings = {sec: [j for j, f in enumerate(cat) if f.section == sec] for sec in self.sections}

@@ -27,27 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from operators.textnorm import normalize_text
+from operators.contract.files import write_json
+from operators.contract.textnorm import normalize_text
 
+from .cache import CachedVolumes, build_cache, volume_cache
 from .config import TrainConfig
 from .data import load_studies
 from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
-from .files import append_csv, truncate_csv, write_json
+from .logs import append_csv, truncate_csv
 from .loss import clip_loss, sentence_loss, text_keys
 from .models.clip import DualEncoder
+from .models.factory import ensure_text_model, make_model, text_feature_cache, trunk_features
 from .optim import make_optimizer
-from .runs import (
-    CachedVolumes,
-    Checkpoint,
-    build_cache,
-    checkpoint_path,
-    ensure_text_model,
-    make_model,
-    text_feature_cache,
-    trunk_features,
-    volume_cache,
-    write_run_config,
-)
+from .run_folder import Checkpoint, checkpoint_path, write_run_config
 from .sampling import BatchPlanner
 
 
@@ -192,7 +184,7 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
             truncate_csv(run / "epochs.csv", r.start, key="last_step")  # rows of epochs ended before start
     else:
         if cfg.image.init:  # a fresh run starts from the pretext's image tower (every rank loads it)
-            from .pretrain import load_image_init
+            from .research.pretrain import load_image_init
 
             load_image_init(model.encode_image, cfg.image.init, cfg.image.arch)
         if main:

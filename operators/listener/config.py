@@ -74,7 +74,7 @@ class ListenerConfig:
     # them; then they and its SR files are deleted (out/<study>/sr.json, UIDs only, remains).
     retain_delivered_s: float = 3600.0
     tls: TLS | None = None  # DICOM over TLS for receiving and sending; plain TCP without it
-    findings: str | None = None  # a site's findings file (operators.custom_findings), scored with the model's
+    findings: str | None = None  # a site's findings file (operators.contract.custom_findings), scored with the model's
     findings_mode: str = "add"  # add: after the model's own findings; replace: instead of them
 
     @classmethod

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..phi import allow_identifiers, describe
+from ..contract.phi import allow_identifiers, describe
 from .config import ListenerConfig
 from .sender import Sender
 from .spool import Spool, SpoolError, offered_references, sr_identity
@@ -51,9 +51,9 @@ class Listener:
     pipeline one study at a time (``_work`` -> ``process``) and hands SRs to the ``Sender``."""
 
     def __init__(self, cfg: ListenerConfig):
-        from ..package import default_package_dir, load_package
+        from ..contract.package import default_package_dir, load_package
+        from ..contract.scoring import ZeroShotModel
         from ..pipeline import SeriesToModelInput
-        from ..zeroshot import ZeroShotModel
 
         self.cfg = cfg
         allow_identifiers(cfg.log_patient_identifiers)  # header values in logs only where allowed
@@ -185,7 +185,7 @@ class Listener:
         self.queue.put(uid)
 
     def process(self, uid: str) -> dict:
-        from ..dicom_series import scan_tree
+        from ..contract.dicom_series import scan_tree
         from ..pipeline import StudyWork, run_study, sr_filename
 
         ready = self.spool.path("ready", uid)

@@ -17,8 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..files import PARTIAL_SUFFIX, write_atomic
-from ..uids import is_valid_uid
+from ..contract.files import PARTIAL_SUFFIX, write_atomic
+from ..contract.uids import is_valid_uid
 
 STAGES = ("incoming", "ready", "done", "failed", "out")
 SR_STATE = "sr.json"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from ..contract.scoring import ZeroShotModel
 from ..pipeline import StudyWork, write_report
-from ..zeroshot import ZeroShotModel
 
 
 class SRWriterOperator(Operator):

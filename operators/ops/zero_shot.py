@@ -6,8 +6,8 @@ from functools import partial
 
 from monai.deploy.core import Fragment
 
+from ..contract.scoring import ZeroShotModel
 from ..pipeline import infer
-from ..zeroshot import ZeroShotModel
 from .stage import StageOperator
 
 

@@ -10,11 +10,11 @@ import sys
 import pydicom
 import pytest
 
-from operators.dicom_series import scan_tree
-from operators.package import load_package
+from operators.contract.dicom_series import scan_tree
+from operators.contract.package import load_package
+from operators.contract.scoring import ZeroShotModel
 from operators.pipeline import SeriesToModelInput, StudyWork, select_series, sr_filename
 from operators.sr import read_findings, read_intended_use
-from operators.zeroshot import ZeroShotModel
 from tests.dicom_cases import broken_studies, small_study, study_uid
 from tests.sr_validators import have_validators, validate_all
 

@@ -101,7 +101,7 @@ def test_batch_reports_broken_studies_and_resumes(archive, tiny_package, first_r
     shutil.copytree(tiny_package["pkg"], other)
     import numpy as np
 
-    from operators.package import load_package, write_manifest
+    from operators.contract.package import load_package, write_manifest
 
     m = load_package(other).manifest
     emb = np.load(other / "prompt_embeddings.npy")
@@ -160,7 +160,7 @@ def test_no_header_value_in_logs_or_summary_unless_allowed(tiny_package, tmp_pat
 
 
 def test_a_site_may_let_header_values_into_its_logs(monkeypatch):
-    from operators.phi import ENV, allow_identifiers, describe
+    from operators.contract.phi import ENV, allow_identifiers, describe
 
     monkeypatch.setenv(ENV, "0")
     exc = ValueError("Unable to convert '1954-11-03' to 'DA' object")

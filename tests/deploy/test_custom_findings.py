@@ -9,11 +9,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from operators.custom_findings import FindingsFileError, read_findings_file
-from operators.package import load_package
+from operators.contract.custom_findings import FindingsFileError, read_findings_file
+from operators.contract.package import load_package
+from operators.contract.scoring import ZeroShotModel, package_with_findings
 from operators.pipeline import sr_filename, sr_uids
 from operators.sr import read_findings
-from operators.zeroshot import ZeroShotModel, package_with_findings
 from tests.dicom_cases import small_study, study_uid
 from tests.sr_validators import have_validators, validate_all
 

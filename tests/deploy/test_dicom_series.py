@@ -4,8 +4,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from operators.dicom_series import load_dicom_folder, read_series, scan_tree
-from operators.volume import VolumeError
+from operators.contract.dicom_series import load_dicom_folder, read_series, scan_tree
+from operators.contract.volume import VolumeError
 from tests.dicom_cases import small_study
 from training.synth.dicom_writer import make_identity, write_ct_series
 from training.synth.raster import Grid
@@ -54,7 +54,7 @@ def test_mixed_sizes(series):
 def test_native_decode_names_a_file_truncated_after_the_scan(series):
     """The pipeline's path (headers from the scan, pixels read at the recorded offsets into each thread's
     scratch buffer): a file cut short inside its pixel data is refused by name, not half-read."""
-    from operators.dicom_series import series_to_volume
+    from operators.contract.dicom_series import series_to_volume
 
     _, paths, _ = series
     (s,) = scan_tree(paths[0].parent).series.values()
@@ -170,7 +170,7 @@ def test_a_rescale_slope_that_is_not_a_number_is_named(series):
 def test_read_frame_equals_pydicom(series, tmp_path, monkeypatch, syntax, stored, signed):
     """The direct read of native pixel data gives pydicom's array bit for bit, unused high bits holding
     garbage included; compressed data goes to pydicom (the only case it is called for here)."""
-    from operators import dicom_series
+    from operators.contract import dicom_series
 
     _, paths, _ = series
     ds = pydicom.dcmread(paths[0])
@@ -201,7 +201,7 @@ def test_read_frame_equals_pydicom(series, tmp_path, monkeypatch, syntax, stored
 
 
 def test_read_frame_falls_back_when_the_offset_is_wrong(series):
-    from operators.dicom_series import read_frame
+    from operators.contract.dicom_series import read_frame
 
     _, paths, _ = series
     s = next(iter(scan_tree(paths[0]).series.values()))

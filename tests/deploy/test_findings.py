@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-from operators.findings import SECTIONS, load_catalogue
-from operators.textnorm import normalize_text
+from operators.contract.findings import SECTIONS, load_catalogue
+from operators.contract.textnorm import normalize_text
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "merlin_findings.json"
 

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from operators.manifest import Manifest, ManifestError
-from operators.package import MANIFEST, PackageError, default_package_dir, load_package, write_manifest
-from operators.prompts import prompt_table
+from operators.contract.manifest import Manifest, ManifestError
+from operators.contract.package import MANIFEST, PackageError, default_package_dir, load_package, write_manifest
+from operators.contract.prompts import prompt_table
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from operators.dicom_series import load_dicom_folder
-from operators.preprocessing import PreprocessSpec, preprocess
-from operators.volume import Volume, load_nifti, save_nifti
+from operators.contract.dicom_series import load_dicom_folder
+from operators.contract.preprocessing import PreprocessSpec, preprocess
+from operators.contract.volume import Volume, load_nifti, save_nifti
 from training.synth.dicom_writer import make_identity, write_ct_series
 from training.synth.raster import Grid
 
@@ -83,7 +83,7 @@ def test_spec_roundtrip_and_validation():
 def test_deploy_path_matches_nifti_and_reuses_its_buffer(corpus200, position):
     """The application's path (headers from the scan, pixels from the files, axes reversed into the
     model's orientation while copying, one buffer reused across studies) gives the training path's tensor."""
-    from operators.dicom_series import scan_tree
+    from operators.contract.dicom_series import scan_tree
     from operators.pipeline import SeriesToModelInput, StudyWork, select_series
 
     spec = PreprocessSpec.tiny()
@@ -111,7 +111,7 @@ def _monai_reference(volume: Volume, spec: PreprocessSpec) -> np.ndarray:
     import torch
     from monai.data import MetaTensor
 
-    from operators.preprocessing import build_transform
+    from operators.contract.preprocessing import build_transform
 
     img = MetaTensor(
         torch.as_tensor(np.ascontiguousarray(volume.array, dtype=np.float32))[None],
@@ -124,7 +124,7 @@ def _monai_reference(volume: Volume, spec: PreprocessSpec) -> np.ndarray:
 def test_per_axis_resampling_equals_monai(case):
     """Axis-aligned volumes of any axis order, direction, memory order and spacing: preprocess's own
     per-axis interpolation gives MONAI's output to float32 rounding, with the same shape."""
-    from operators.preprocessing import _axis_plan
+    from operators.contract.preprocessing import _axis_plan
 
     rng = np.random.default_rng(case)
     shape = tuple(int(v) for v in rng.integers(20, 60, size=3))
@@ -152,7 +152,7 @@ def test_oblique_volumes_and_nearest_interpolation():
     """MONAI's Spacing keeps an oblique series' direction cosines (it resamples along the voxel axes),
     so the per-axis plan covers it too; nearest-neighbour interpolation has no plan and MONAI
     resamples, exactly as the definition does."""
-    from operators.preprocessing import _axis_plan
+    from operators.contract.preprocessing import _axis_plan
 
     rng = np.random.default_rng(1)
     hu = rng.normal(0, 300, size=(30, 30, 20)).astype(np.float32)
@@ -172,7 +172,7 @@ def test_window_pad_crop_is_monais_bit_for_bit():
     from monai.data import MetaTensor
     from monai.transforms import Compose
 
-    from operators.preprocessing import _intensity_and_size, _window_pad_crop
+    from operators.contract.preprocessing import _intensity_and_size, _window_pad_crop
 
     rng = np.random.default_rng(3)
     for _ in range(40):

@@ -9,11 +9,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from operators.dicom_series import scan_tree
-from operators.package import default_package_dir, load_package
+from operators.contract.dicom_series import scan_tree
+from operators.contract.package import default_package_dir, load_package
+from operators.contract.scoring import ZeroShotModel
 from operators.sr import build_sr, read_findings, write_sr
 from operators.sr_template import CONTENT_SEQUENCE, template_for
-from operators.zeroshot import ZeroShotModel
 from tests.dicom_cases import small_study
 
 # Set from the clock by highdicom: the only elements allowed to differ between two builds.

@@ -1,6 +1,6 @@
 import pytest
 
-from operators.textnorm import normalize_text, wordpunct_tokens
+from operators.contract.textnorm import normalize_text, wordpunct_tokens
 
 EXAMPLES = [
     "Liver: Normal.",

@@ -37,8 +37,9 @@ def test_preprocess_and_findings_commands(corpus200, tmp_path):
 
 def test_operators_never_import_training():
     code = (
-        "import sys, operators.cli, operators.preprocessing, operators.dicom_series, operators.findings, "
-        "operators.app, operators.pipeline, operators.package, operators.zeroshot, operators.sr; "
+        "import sys, operators.cli, operators.contract.preprocessing, operators.contract.dicom_series, "
+        "operators.contract.findings, operators.app, operators.pipeline, operators.contract.package, "
+        "operators.contract.scoring, operators.sr, operators.batch, operators.listener; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'transformers', 'tokenizers')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -2,7 +2,7 @@ import os
 
 import numpy as np
 
-from operators.preprocessing import PreprocessSpec, preprocess
+from operators.contract.preprocessing import PreprocessSpec, preprocess
 from training.cache import VolumeCache
 from training.data import load_volume, read_merlin_release
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from benchmarks.merlin_stub import SMALL_LONGFORMER, merlin_shapes, random_merlin_state_dict, write_longformer_stub
-from operators.findings import load_catalogue
-from operators.package import load_package
+from operators.contract.findings import load_catalogue
+from operators.contract.package import load_package
 from training.convert_merlin import ConversionError, build_merlin_model, load_merlin_state, read_checkpoint
 
 
@@ -109,8 +109,8 @@ def test_convert_merlin_end_to_end(longformer_dir, tmp_path):
 def test_longformer_text_tower_ships_only_with_parity(longformer_dir, tmp_path):
     """A small Longformer (Merlin's text architecture, scaled down): exported padded to its attention
     window when ONNX Runtime reproduces it, otherwise left out with the reason in the manifest."""
-    from operators.preprocessing import PreprocessSpec
-    from operators.zeroshot import ZeroShotModel
+    from operators.contract.preprocessing import PreprocessSpec
+    from operators.contract.scoring import ZeroShotModel
     from training.export import export_package
     from training.models.clip import DualEncoder
     from training.models.image import ImageEncoder

@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from operators.volume import VolumeError, load_nifti
+from operators.contract.volume import VolumeError, load_nifti
 from training.data import DataError, load_studies, load_volume, read_manifest, read_merlin_release
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from benchmarks.merlin_stub import SMALL_LONGFORMER, write_longformer_stub
-from operators.package import load_package
-from operators.zeroshot import finding_scores, package_with_findings
+from operators.contract.package import load_package
+from operators.contract.scoring import finding_scores, package_with_findings
 from tests.conftest import TINY_TRAIN, export_cli
 from training.config import TrainConfig
-from training.runs import load_run
+from training.run_folder import load_run
 from training.train import train
 
 FINDINGS = """\

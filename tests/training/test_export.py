@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from operators.manifest import Manifest, ManifestError
-from operators.package import FORMAT_VERSION, PackageError, load_package, write_manifest
-from operators.zeroshot import ZeroShotModel, finding_scores
+from operators.contract.manifest import Manifest, ManifestError
+from operators.contract.package import FORMAT_VERSION, PackageError, load_package, write_manifest
+from operators.contract.scoring import ZeroShotModel, finding_scores
 from tests.conftest import export_cli
 from training.data import load_studies
 from training.evaluate import prompt_embeddings, zero_shot_scores
-from training.runs import load_run
+from training.run_folder import load_run
 from training.thresholds import choose_thresholds
 
 
@@ -55,8 +55,7 @@ def test_package_scores_equal_the_torch_evaluation(exported):
     """ONNX image encoder + stored prompt embeddings give the training side's probabilities."""
     pkg = load_package(exported["pkg"])
     model, cfg = load_run(exported["run"])
-    from training.cache import VolumeCache
-    from training.runs import CachedVolumes
+    from training.cache import CachedVolumes, VolumeCache
 
     studies = [s for s in load_studies(exported["data"]) if s.split == "test"][:6]
     cache = VolumeCache(exported["cache"], cfg.spec)
@@ -223,8 +222,8 @@ def test_a_finding_not_assessed_is_never_reported_present(tiny_package, tmp_path
 
     import pydicom
 
+    from operators.contract.scoring import ZeroShotModel
     from operators.sr import read_findings, write_sr
-    from operators.zeroshot import ZeroShotModel
     from tests.dicom_cases import small_study
 
     pkg_dir = tmp_path / "pkg"
@@ -254,7 +253,7 @@ def test_merlin_rule_probability_is_the_two_way_softmax():
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     prom = rng.normal(size=(5, 8))
     prom /= np.linalg.norm(prom, axis=1, keepdims=True)
-    from operators.prompts import FindingRows
+    from operators.contract.prompts import FindingRows
 
     rows = [FindingRows((0, 2), (2, 5))]
     margins, probs = finding_scores(img, prom, rows, 12.5)

@@ -151,7 +151,7 @@ def test_flatten_pool_sees_where_a_feature_fires():
 def test_a_run_with_frozen_stages_trains_only_the_rest(tiny_package, tmp_path):
     from tests.conftest import TINY_TRAIN
     from training.config import TrainConfig
-    from training.runs import load_run
+    from training.run_folder import load_run
     from training.train import train
 
     cfg = TrainConfig.load("cpu-tiny", TINY_TRAIN + ["image.frozen_stages=2"])

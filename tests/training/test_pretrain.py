@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from training.config import TrainConfig
-from training.pretrain import INIT_FILE, pretrain_image
+from training.research.pretrain import INIT_FILE, pretrain_image
 from training.train import train
 
 PRE = [

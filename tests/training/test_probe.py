@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from training.probe import linear_probe, per_finding_auroc, train_supervised
+from training.research.probe import linear_probe, per_finding_auroc, train_supervised
 
 
 def test_linear_probe_finds_an_encoded_finding_and_not_a_random_one():

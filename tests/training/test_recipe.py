@@ -2,8 +2,8 @@
 
 import json
 
-from operators.package import load_package
-from training.recipe import run_recipe
+from operators.contract.package import load_package
+from training.research.recipe import run_recipe
 
 SMALL = [
     "train.batch_size=8",

@@ -1,6 +1,6 @@
 import pytest
 
-from operators.findings import SECTIONS
+from operators.contract.findings import SECTIONS
 from training.reports import ReportError, is_normal_section, parse_report, section_status, states_finding
 
 MERLIN_STYLE = (
@@ -115,7 +115,7 @@ def test_finding_rule_agrees_with_the_corpus_labels(corpus200):
     """On the generated corpus's phrasings: a section holding a labelled finding of its organ system
     is abnormal under the finding rule whenever its text reports one; a section that only denies is
     normal (the stock rule called most of those abnormal)."""
-    from operators.findings import load_catalogue
+    from operators.contract.findings import load_catalogue
     from training.data import read_merlin_release
 
     cols: dict = {}

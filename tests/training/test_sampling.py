@@ -138,7 +138,7 @@ def test_deterministic_and_reseeded_per_step(train_studies):
 
 
 def test_label_keys_follow_the_findings_stated_present(train_studies):
-    from operators.findings import load_catalogue
+    from operators.contract.findings import load_catalogue
 
     p = planner(train_studies)
     cat = load_catalogue()

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from training.config import ConfigError
-from training.study import ARMS, StudyPreset, hierarchical_bootstrap, holm_levels, run_study, verdict
-from training.study.arms import SAMPLER_ARMS
-from training.study.statistics import bootstrap_p, interval, seed_level_interval
+from training.research.study import ARMS, StudyPreset, hierarchical_bootstrap, holm_levels, run_study, verdict
+from training.research.study.arms import SAMPLER_ARMS
+from training.research.study.statistics import bootstrap_p, interval, seed_level_interval
 
 ARM_NAMES = StudyPreset.load("smoke").arms  # the sampler study's kinds of arm, each once
 CUT_ARMS = ["random", "balanced-50-50", "subset-20"]

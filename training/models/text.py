@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from operators.textnorm import keep_sentences, normalize_text
+from operators.contract.textnorm import keep_sentences, normalize_text
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
@@ -114,7 +114,7 @@ class TextEncoder(nn.Module):
     A prompt is one sentence, so ``forward`` on its tokens (the ONNX graph) gives the same vector.
     ``head``: ``linear`` (Merlin's ``linear_layer``) or ``mlp`` (two layers with a GELU).
     ``keep_sentences``: ``findings`` encodes only the sentences of a text that state a finding
-    (``operators.textnorm.keep_sentences``; a denying prompt becomes "Normal."), for every text."""
+    (``operators.contract.textnorm.keep_sentences``; a denying prompt becomes "Normal."), for every text."""
 
     def __init__(
         self,
@@ -223,7 +223,7 @@ class TextEncoder(nn.Module):
             self._features.update(torch.load(path, map_location="cpu", weights_only=True))
 
     def save_features(self, path: Path) -> None:
-        from operators.files import atomic_path
+        from operators.contract.files import atomic_path
 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from operators import __version__
-from operators.files import atomic_path, write_atomic, write_json
-from operators.findings import load_catalogue
-from operators.volume import Volume, save_nifti
+from operators.contract.files import atomic_path, write_atomic, write_json
+from operators.contract.findings import load_catalogue
+from operators.contract.volume import Volume, save_nifti
 
 from .dicom_writer import make_identity, write_ct_series
 from .patient import sample_patient
@@ -189,7 +189,7 @@ def write_montage(out: Path, results: list[dict], profile: str, max_panels: int 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from operators.volume import load_nifti
+    from operators.contract.volume import load_nifti
 
     panels = []
     seen = set()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from operators.preprocessing import PreprocessSpec
+from operators.contract.preprocessing import PreprocessSpec
 
 
 def synthetic_inputs(spec: PreprocessSpec, n: int = 4, seed: int = 20261128) -> np.ndarray:
     """``n`` procedural phantoms (tiny profile) preprocessed with ``spec``: parity inputs when no data
     set is given (e.g. converting the Merlin checkpoint). Seeded apart from any corpus."""
-    from operators.preprocessing import build_transform, preprocess
-    from operators.volume import Volume
+    from operators.contract.preprocessing import build_transform, preprocess
+    from operators.contract.volume import Volume
 
     from .corpus import make_grid
     from .patient import sample_patient

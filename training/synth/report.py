@@ -16,7 +16,7 @@ from importlib import resources
 import numpy as np
 import yaml
 
-from operators.findings import SECTIONS, load_catalogue
+from operators.contract.findings import SECTIONS, load_catalogue
 
 from .patient import Patient
 

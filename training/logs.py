@@ -1,12 +1,7 @@
-"""Result files: the deploy side's one atomic writer (``operators/files.py``), re-exported here for the
-training side's modules, and the training logs' CSV rows."""
+"""The training logs' CSV rows (``epochs.csv``, ``val.csv``): appended per step, cut back on resume."""
 
 import csv
 from pathlib import Path
-
-from operators.files import atomic_path, write_atomic, write_json
-
-__all__ = ["append_csv", "atomic_path", "truncate_csv", "write_atomic", "write_json"]
 
 
 def append_csv(path: Path, row: dict) -> None:

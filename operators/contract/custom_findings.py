@@ -221,7 +221,7 @@ def check_lengths(ff: FindingsFile, count_tokens: Callable[[str], int], limit: i
 
 
 def with_findings(package, ff: FindingsFile, mode: str, encode: Callable[[list[str]], np.ndarray]):
-    """A copy of ``package`` (an ``operators.package.ModelPackage``) whose catalogue and prompt table hold
+    """A copy of ``package`` (an ``operators.contract.package.ModelPackage``) whose catalogue and prompt table hold
     the custom findings; ``encode`` maps prompts to L2-normalised embeddings (N, D)."""
     from .package import ModelPackage
 

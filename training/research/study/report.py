@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..files import write_atomic
+from operators.contract.files import write_atomic
+
 from .arms import ARM_BY_NAME, SCALING_ARMS, SUBSET_FRACTION, Arm, Contrast, StudyPreset, contrasts
 from .plots import plots
 from .statistics import (
@@ -60,7 +61,7 @@ def finished_run(rd: Path, digest: str) -> dict | None:
 
 def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = None, progress: bool = True) -> None:
     """results.csv, summary.md and the plots from every finished run of the study."""
-    from operators.findings import load_catalogue
+    from operators.contract.findings import load_catalogue
 
     arms = [ARM_BY_NAME[a] for a in preset.arms]
     finished: dict[str, list[int]] = {}

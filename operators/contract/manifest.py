@@ -157,7 +157,7 @@ class TextEncoderRecord:
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     output: str = "embedding"
     tokenizer: str | None = None
-    keep_sentences: str = "all"  # the text rule the tower was trained with (operators.textnorm)
+    keep_sentences: str = "all"  # the text rule the tower was trained with (operators.contract.textnorm)
     pad_token_id: int = 0
     max_length: int = 0
     sequence_length: int | None = None  # fixed traced length (Longformer), None: dynamic
@@ -282,7 +282,7 @@ class Manifest:
     parity: dict = field(default_factory=dict)
     text_normalisation: str = (
         "merlin: lowercase, NLTK wordpunct tokens joined by single spaces "
-        "(operators.textnorm.normalize_text); applied to prompts and custom text"
+        "(operators.contract.textnorm.normalize_text); applied to prompts and custom text"
     )
     logit_scale: float | None = None  # exp(log_logit_scale) unless given
     files: dict = field(default_factory=dict)  # relative path -> {"sha256", "bytes"}; set when written

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, TrainConfig
+from ...config import ConfigError, TrainConfig
 
 SUBSET_FRACTION = 4362 / 15331  # the paper's subset of Merlin's training split
 

@@ -14,7 +14,7 @@ prompts then need the torch path of the training side.
 
 ``load_package`` refuses anything it cannot vouch for (a missing or extra-large file, a file listed
 outside the package or reached through a link, a checksum that does not match, a malformed manifest
-(``operators.manifest`` names the field), a format version newer than this code reads) with a
+(``operators.contract.manifest`` names the field), a format version newer than this code reads) with a
 ``PackageError`` naming the package, the file and the problem. Nothing is repaired silently.
 """
 
@@ -86,7 +86,7 @@ class ModelPackage:
     root: Path
     manifest: Manifest
     prompt_embeddings: np.ndarray  # (P, D) float32
-    # Set on a view made by operators.custom_findings.with_findings: the site's findings file, its mode
+    # Set on a view made by operators.contract.custom_findings.with_findings: the site's findings file, its mode
     # and digest (the package on disk is unchanged).
     custom_findings: Any = None
 
@@ -257,7 +257,7 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
 
 def default_package_dir() -> Path:
     """The embedded demo model (``operators/models/demo``), used when no model is given."""
-    path = Path(str(resources.files(__package__).joinpath("models", DEMO_PACKAGE)))
+    path = Path(str(resources.files("operators").joinpath("models", DEMO_PACKAGE)))
     if not (path / MANIFEST).is_file():
         raise PackageError(
             f"the embedded demo model is missing from {path}; build it with `make demo-model` or pass a model package"

@@ -12,7 +12,8 @@ import csv
 import math
 from pathlib import Path
 
-from ..files import write_atomic
+from operators.contract.files import write_atomic
+
 from .arms import StudyPreset, contrasts
 from .statistics import holm_levels, seed_level_interval
 

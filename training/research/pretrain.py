@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .data import load_studies
-from .files import atomic_path, write_json
-from .loss import clip_loss
-from .models.image import ImageEncoder
-from .optim import warmup_cosine
-from .runs import CachedVolumes, build_cache, volume_cache
+from operators.contract.files import atomic_path, write_json
+
+from ..cache import CachedVolumes, build_cache, volume_cache
+from ..config import TrainConfig
+from ..data import load_studies
+from ..loss import clip_loss
+from ..models.image import ImageEncoder
+from ..optim import warmup_cosine
 
 INIT_FILE = "image_init.pt"
 
@@ -81,7 +82,7 @@ def pretrain_image(
     """Run (or resume) the image pretext; returns its summary (``image_init.pt`` once finished)."""
     from tqdm import tqdm
 
-    from .runs import Checkpoint, write_run_config
+    from ..run_folder import Checkpoint, write_run_config
 
     out = Path(out)
     p = cfg.pretrain

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.zeroshot import merlin_present
+from operators.contract.scoring import merlin_present
 
 
 def _flatten(prefix: str, obj, rows: list) -> None:
@@ -69,7 +69,7 @@ def hierarchical_bootstrap(
 
     ``terms``: (coefficient, per-seed prediction matrices) per arm, the seed lists aligned (index i is
     the same training seed in every arm). Seeds and test studies are resampled (see the module text)."""
-    from ..evaluate import macro_f1_from
+    from ...evaluate import macro_f1_from
 
     n_seeds = min(len(p) for _, p in terms)
     n = labels.shape[0]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..files import write_json
+from operators.contract.files import write_json
+
+from ...config import TrainConfig
 from .arms import ARM_BY_NAME, StudyPreset
 from .report import aggregate, finished_run, run_dir
 
@@ -44,8 +45,8 @@ def _run_one(job: dict) -> dict:
     import torch
     import transformers
 
-    from ..evaluate_run import evaluate_run
-    from ..train import train
+    from ...evaluate_run import evaluate_run
+    from ...train import train
 
     transformers.utils.logging.disable_progress_bar()  # one study bar, not one per checkpoint load
     transformers.utils.logging.set_verbosity_error()
@@ -98,8 +99,8 @@ def _run_one(job: dict) -> dict:
 
 def _finding_share(data: str, cfg: TrainConfig) -> dict:
     """What the run's section batches held (replayed from the sampler, a pure function of the seed)."""
-    from ..data import load_studies
-    from ..sampling import BatchPlanner
+    from ...data import load_studies
+    from ...sampling import BatchPlanner
 
     train = [s for s in load_studies(data, check_images=False) if s.split == "train"]
     return BatchPlanner(train, cfg).finding_share(cfg.train.steps)
@@ -118,9 +119,8 @@ def run_study(
     """Run (or resume) every arm x seed, then aggregate. Returns the study record."""
     from tqdm import tqdm
 
-    from ..cache import VolumeCache
-    from ..data import load_studies
-    from ..runs import default_cache_dir
+    from ...cache import VolumeCache, default_cache_dir
+    from ...data import load_studies
 
     out = Path(out)
     data = Path(data).resolve()

@@ -13,8 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from .config import TrainConfig
-from .files import write_json
+from operators.contract.files import write_json
+
+from ..config import TrainConfig
 
 PRETEXT = "pretext"  # image.init value: run the image pretext first and start from its tower
 STUDIES = 12000  # the generated corpus: 4,000 studies missed the learning bars (README, "The 30-minute recipe")
@@ -38,12 +39,12 @@ def run_recipe(
         raise ValueError("recipe: --reference replaces the supervised stage; give it with --no-supervised")
     if reference is not None:  # read before the stages run: a wrong path fails in seconds, not after 30 minutes
         ref_probe = json.loads(Path(reference).read_text())["macro_auroc"]
-    from .evaluate_run import evaluate_run
-    from .export import export_run
+    from ..evaluate_run import evaluate_run
+    from ..export import export_run
+    from ..synth.corpus import SynthConfig, generate_corpus
+    from ..train import train
     from .pretrain import INIT_FILE, pretrain_image
     from .probe import probe_run
-    from .synth.corpus import SynthConfig, generate_corpus
-    from .train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,13 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from operators.findings import load_catalogue
+from operators.contract.files import write_json
+from operators.contract.findings import load_catalogue
 
-from .data import load_studies
-from .evaluate import embed_images, finding_auroc, prompt_embeddings, zero_shot_metrics, zero_shot_scores
-from .files import write_json
-from .models.image import ImageEncoder
-from .runs import CachedVolumes, build_cache, load_run, trunk_features, volume_cache
+from ..cache import CachedVolumes, build_cache, volume_cache
+from ..data import load_studies
+from ..evaluate import embed_images, finding_auroc, prompt_embeddings, zero_shot_metrics, zero_shot_scores
+from ..models.factory import trunk_features
+from ..models.image import ImageEncoder
+from ..run_folder import load_run
 
 
 def per_finding_auroc(scores: np.ndarray, labels: np.ndarray) -> list[float | None]:

@@ -165,7 +165,7 @@ class PromptEncoder:
 def package_with_findings(
     package: ModelPackage, path: str | Path, mode: str = "add", encoder: PromptEncoder | None = None
 ) -> ModelPackage:
-    """``package`` scoring a site's findings file (``operators.custom_findings``) beside (``add``) or
+    """``package`` scoring a site's findings file (``operators.contract.custom_findings``) beside (``add``) or
     instead of (``replace``) its own findings; the prompts are encoded here, once, by the package's text
     encoder. Refused with the file, line and problem (``FindingsFileError``)."""
     from .custom_findings import FindingsFileError, check_against, check_lengths, read_findings_file, with_findings

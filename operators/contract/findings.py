@@ -147,4 +147,4 @@ def _parse(data: dict, origin: str) -> Catalogue:
 def load_catalogue() -> Catalogue:
     """The project's catalogue of Merlin's 30 findings, in label-column order."""
     text = resources.files(__package__).joinpath("findings.json").read_text(encoding="utf-8")
-    return _parse(json.loads(text), "operators/findings.json")
+    return _parse(json.loads(text), "operators/contract/findings.json")
