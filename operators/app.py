@@ -5,7 +5,11 @@
 Run it as ``python -m operators -i IN -o OUT -m MODELS`` or inside the MAP, where the paths come from
 ``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH`` (flags win, then the
 variables, then ``input``, ``output``, ``models``). ``MODELS`` is a model package, or a folder holding
-exactly one (the MAP's ``/opt/holoscan/models/<name>``); without one the embedded demo model is used.
+exactly one (the MAP's ``/opt/holoscan/models/<name>``). A named model that is missing or does not load
+ends the run with exit status 2; only when no model is named at all is the embedded demo model used (it
+knows synthetic phantoms, not patients), and the log and every SR say so. ``--device cuda`` without a CUDA
+provider that loads is an error too; ``--device auto`` takes the CPU then, and the log and the SRs say which
+device ran.
 
 The input is any folder tree of DICOM files holding one or more studies. Studies that cannot be
 processed end with a log line naming the study and the reason and get no SR; the exit status is
@@ -25,20 +29,21 @@ from .contract.custom_findings import FindingsFileError
 from .contract.dicom_series import scan_tree
 from .contract.package import MANIFEST, PackageError, default_package_dir, load_package
 from .contract.phi import allow_identifiers, identifiers_allowed
-from .contract.scoring import ZeroShotModel
+from .contract.scoring import DeviceError, ZeroShotModel
 from .contract.volume import VolumeError
-from .pipeline import SeriesToModelInput, StudyWork
+from .pipeline import SeriesToModelInput, StudyWork, log_model
 
 log = logging.getLogger("ct-zeroshot")
 
 
 def find_package(models: Path | None) -> Path:
     """The package in ``models`` (itself, or its one sub-folder with a manifest); the embedded demo model
-    when ``models`` is None or does not exist."""
-    if models is None or not models.exists():
-        if models is not None:
-            log.warning("model path %s does not exist; using the embedded demo model", models)
+    only when no model is named (``models`` is None). A named path that does not exist is refused."""
+    if models is None:
+        log.warning("no model named: using the embedded demo model (trained on synthetic phantoms only)")
         return default_package_dir()
+    if not models.exists():
+        raise PackageError(f"{models}: model path does not exist")
     if (models / MANIFEST).is_file():
         return models
     found = sorted(p.parent for p in models.glob(f"*/{MANIFEST}"))
@@ -169,18 +174,10 @@ def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
     try:
         package = load_package(find_package(models))
         model = ZeroShotModel(package, device=args.device, findings=args.findings, findings_mode=args.findings_mode)
-    except (PackageError, FindingsFileError) as exc:
+    except (PackageError, FindingsFileError, DeviceError) as exc:
         log.error("%s", exc)
         return 2, []
-    package = model.package
-    log.info(
-        "model %s %s (%s); ONNX Runtime providers: %s; intended use: %s",
-        package.name,
-        package.version,
-        package.root,
-        ", ".join(model.providers),
-        package.intended_use,
-    )
+    log_model(model)
     if not inp.exists():
         log.error("input %s does not exist", inp)
         return 1, []

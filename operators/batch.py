@@ -201,6 +201,8 @@ def run_batch(
         raise BatchError(f"unknown engine {engine!r}: local or ray")
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input folder does not exist")
+    if not model:
+        log.warning("no model named: using the embedded demo model (trained on synthetic phantoms only)")
     package_dir = Path(model) if model else default_package_dir()
     pkg = load_package(package_dir)
     if findings is not None:  # refused here, before anything is written, when the file is bad

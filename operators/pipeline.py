@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from .contract.dicom_series import SeriesFiles, series_to_volume
+from .contract.package import is_embedded_demo
 from .contract.phi import describe
 from .contract.preprocessing import build_transform, preprocess
 from .contract.scoring import Findings, ZeroShotModel
@@ -202,7 +203,9 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
     t = time.perf_counter()
     try:
         series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.identity, work.revision)
-        sr = build_sr(chosen.headers, findings, model.package, series_uid, sop_uid, work.predecessors)
+        sr = build_sr(
+            chosen.headers, findings, model.package, series_uid, sop_uid, work.predecessors, device=model.device
+        )
         work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch
         return work.fail(f"SR not written ({describe(exc)})")
@@ -224,3 +227,21 @@ def run_study(work: StudyWork, model: ZeroShotModel, prep: SeriesToModelInput, o
     work = write_report(infer(prep(select_series(work)), model), model, out_dir)
     work.timings["total_s"] = time.perf_counter() - t
     return work
+
+
+def log_model(model: ZeroShotModel) -> None:
+    """The model, the device it runs on (and what was asked for), its intended use; a warning when the
+    embedded demo model decides."""
+    package = model.package
+    log.info(
+        "model %s %s (%s); device %s (requested %s; ONNX Runtime providers: %s); intended use: %s",
+        package.name,
+        package.version,
+        package.root,
+        model.device,
+        model.requested_device,
+        ", ".join(model.providers),
+        package.intended_use,
+    )
+    if is_embedded_demo(package):
+        log.warning("the embedded demo model decides: it knows synthetic phantoms, not patients")

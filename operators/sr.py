@@ -35,7 +35,7 @@ from pydicom.uid import generate_uid
 from . import __version__
 from .contract.files import atomic_path
 from .contract.findings import Code as FindingCode
-from .contract.package import ModelPackage
+from .contract.package import ModelPackage, is_embedded_demo
 from .contract.scoring import Findings
 
 PROCEDURE_CT = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
@@ -60,11 +60,13 @@ def build_sr(
     sop_instance_uid: str | None = None,
     predecessors: Sequence[Dataset] = (),
     template: bool = True,
+    device: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one study. ``source``: the headers of the series the model saw (pixel data not needed).
     ``predecessors``: earlier SRs of the study this one corrects (Predecessor Documents Sequence).
     ``template``: the content from the package's ``sr_template.SRTemplate`` (the same document, a tenth
-    of the time); False builds all of it with highdicom (the reference the template is tested against)."""
+    of the time); False builds all of it with highdicom (the reference the template is tested against).
+    ``device``: where the image encoder ran (``cpu`` or ``cuda``), stated in the document."""
     from .sr_template import fill, template_for
 
     if not source:
@@ -74,12 +76,12 @@ def build_sr(
     sop_instance_uid = sop_instance_uid or generate_uid()
     tpl = template_for(package, findings) if template else None
     if tpl is not None:
-        sr = _document(source, tpl.stub, package, series_instance_uid, sop_instance_uid, predecessors)
+        sr = _document(source, tpl.stub, package, series_instance_uid, sop_instance_uid, predecessors, device)
         if fill(sr, tpl, findings, sop_instance_uid):
             return sr
     context = _observation_context(package)
     report = measurement_report(context, _groups(package, findings, sop_instance_uid))
-    return _document(source, report, package, series_instance_uid, sop_instance_uid, predecessors)
+    return _document(source, report, package, series_instance_uid, sop_instance_uid, predecessors, device)
 
 
 class Placeholders:
@@ -182,6 +184,7 @@ def _document(
     series_instance_uid: str | None,
     sop_instance_uid: str,
     predecessors: Sequence[Dataset],
+    device: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The document around the report: patient and study from the source, evidence, equipment, UIDs."""
     schemes = [CodingSchemeIdentificationItem(designator="99IHE", name="IHE Radiology temporary codes")]
@@ -196,7 +199,7 @@ def _document(
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=f"{package.name} {package.version}",
         software_versions=f"ct-zeroshot {__version__}",
-        contribution_description=contribution_description(package),
+        contribution_description=contribution_description(package, device),
     )
     equipment.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
     return hd.sr.Comprehensive3DSR(
@@ -220,13 +223,18 @@ def _document(
     )
 
 
-def contribution_description(package: ModelPackage) -> str:
-    """The algorithm's contribution and the model's intended use, as the package states it (ST: <= 1024)."""
-    text = (
-        "zero-shot finding detection (image-text dual encoder, prompt similarities). "
-        f"Intended use: {package.intended_use}"
-    )
-    return text[:1024]
+def contribution_description(package: ModelPackage, device: str | None = None) -> str:
+    """The algorithm's contribution, where it ran, whether the embedded demo model decided, and the model's
+    intended use as the package states it (ST: <= 1024)."""
+    text = "zero-shot finding detection (image-text dual encoder, prompt similarities)"
+    if device:
+        text += f", image encoder on {DEVICE_NAMES.get(device, device)}"
+    if is_embedded_demo(package):
+        text += ", by the embedded demo model (trained on synthetic phantoms only)"
+    return f"{text}. Intended use: {package.intended_use}"[:1024]
+
+
+DEVICE_NAMES = {"cpu": "the CPU", "cuda": "a CUDA GPU"}
 
 
 def read_intended_use(sr: Dataset) -> str | None:

@@ -20,6 +20,7 @@ outside the package or reached through a link, a checksum that does not match, a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -196,6 +197,8 @@ def _inside(root: Path, rel: str) -> Path:
 def read_manifest(root: str | Path) -> Manifest:
     """Parse ``manifest.json`` into a ``Manifest`` (format, version and fields; not yet the files)."""
     root = Path(root)
+    if not root.exists():
+        raise _fail(root, "does not exist")
     if not root.is_dir():
         raise _fail(root, "not a directory")
     path = root / MANIFEST
@@ -256,10 +259,23 @@ def load_package(root: str | Path, verify: bool = True) -> ModelPackage:
 
 
 def default_package_dir() -> Path:
-    """The embedded demo model (``operators/models/demo``), used when no model is given."""
+    """The embedded demo model (``operators/models/demo``), used only when no model is named at all: a
+    named model that is missing or does not load is an error, never a reason to fall back to this one."""
     path = Path(str(resources.files("operators").joinpath("models", DEMO_PACKAGE)))
     if not (path / MANIFEST).is_file():
-        raise PackageError(
-            f"the embedded demo model is missing from {path}; build it with `make demo-model` or pass a model package"
-        )
+        raise PackageError(f"the embedded demo model is missing from {path}; name a model package")
     return path
+
+
+def is_embedded_demo(package: ModelPackage) -> bool:
+    """Whether ``package`` is the embedded demo model (by its model UID: also when a copy of it is named, as
+    the container names it), so the log and every SR can say that a phantom-trained model decided."""
+    return package.uid == _embedded_demo_uid()
+
+
+@functools.cache
+def _embedded_demo_uid() -> str | None:
+    try:
+        return read_manifest(default_package_dir()).model.uid
+    except PackageError:
+        return None

@@ -52,8 +52,13 @@ def tokenize(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
     }
 
 
+class DeviceError(RuntimeError):
+    """A named device that cannot be used (``--device cuda`` without a CUDA provider that loads)."""
+
+
 def select_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime providers to ask for: CUDA first when requested or available, CPU always last."""
+    """ONNX Runtime providers to ask for: CUDA first when requested or available, CPU always last.
+    ``cuda`` without ONNX Runtime's CUDA provider is a ``DeviceError``; ``auto`` then takes the CPU."""
     import onnxruntime as ort
 
     if device not in ("auto", "cpu", "cuda"):
@@ -64,7 +69,10 @@ def select_providers(device: str = "auto") -> list[str]:
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
-        raise RuntimeError(f"device 'cuda' requested but ONNX Runtime has no CUDA provider (has {available})")
+        raise DeviceError(
+            f"device cuda: this ONNX Runtime has no CUDA provider (it has {', '.join(available)}); "
+            "install onnxruntime-gpu with its CUDA libraries, or use --device auto or cpu"
+        )
     return ["CPUExecutionProvider"]
 
 
@@ -207,7 +215,14 @@ class ZeroShotModel:
         self.image_session = open_session(package.image_encoder_path, requested, threads)
         self.providers = self.image_session.get_providers()
         if requested[0] == "CUDAExecutionProvider" and self.providers[0] != "CUDAExecutionProvider":
-            log.warning("CUDA provider requested but did not load; running on %s", self.providers[0])
+            if device == "cuda":
+                raise DeviceError(
+                    f"device cuda: the CUDA provider did not load for {package.image_encoder_path} (ONNX Runtime "
+                    "fell back to the CPU: the CUDA or cuDNN libraries, or the driver, are missing); "
+                    "use --device auto or cpu"
+                )
+            log.warning("device auto: the CUDA provider is installed but did not load; running on the CPU")
+        self.requested_device = device
         ie = package.image_encoder
         self._image_in, self._image_out = ie.input, ie.output
         self.prompts = PromptEncoder(package, self.providers, threads)

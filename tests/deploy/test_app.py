@@ -172,3 +172,84 @@ def test_jpeg_lossless_and_rle_give_the_same_findings(tree, tiny_package, tmp_pa
     ref = read_findings(tmp_path / "out-plain" / sr_filename(uid))
     for name, got in outs.items():
         assert got == ref, name
+
+
+# -- safe defaults: a named model or device that cannot be used is an error, never a fallback -------------
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_a_missing_named_model_exits_2_naming_the_path(tree, tmp_path, how):
+    missing = tmp_path / "nonexistent" / "models"
+    if how == "flag":
+        proc = run_app("-i", tree["root"], "-o", tmp_path / "o", "-m", missing, cwd=tmp_path)
+    else:
+        env = {"HOLOSCAN_INPUT_PATH": str(tree["root"]), "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "o")}
+        proc = run_app(env={**env, "HOLOSCAN_MODEL_PATH": str(missing)}, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{missing}: model path does not exist" in proc.stderr
+    assert "embedded demo model" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_named_model_that_does_not_load_exits_2(tree, tmp_path):
+    bad = tmp_path / "pkg"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    proc = run_app("-i", tree["root"], "-o", tmp_path / "o", "-m", bad)
+    assert proc.returncode == 2 and f"model package {bad}" in proc.stderr, proc.stderr[-2000:]
+    assert "embedded demo model" not in proc.stderr
+
+
+def _cuda_loads() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(_cuda_loads(), reason="this ONNX Runtime has a CUDA provider")
+def test_device_cuda_without_a_cuda_provider_exits_2(tree, tiny_package, tmp_path):
+    proc = run_app("-i", tree["root"], "-o", tmp_path / "o", "-m", tiny_package["pkg"], "--device", "cuda")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "device cuda: this ONNX Runtime has no CUDA provider" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(_cuda_loads(), reason="this ONNX Runtime has a CUDA provider")
+def test_a_cuda_provider_that_does_not_load_is_an_error_for_cuda_and_the_cpu_for_auto(tiny_package, monkeypatch):
+    """A CUDA build whose libraries are missing lists the provider and then runs on the CPU: ONNX Runtime's own
+    fallback, reproduced here by listing the provider on a CPU build (the session then really falls back)."""
+    import onnxruntime as ort
+
+    from operators.contract.scoring import DeviceError
+
+    real = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    pkg = load_package(tiny_package["pkg"])
+    with pytest.raises(DeviceError, match="the CUDA provider did not load for .*image_encoder.onnx"):
+        ZeroShotModel(pkg, device="cuda")
+    model = ZeroShotModel(pkg, device="auto")
+    assert model.device == "cpu" and model.requested_device == "auto"
+
+
+def test_the_demo_model_only_when_none_is_named_and_the_sr_says_so(tree, tiny_package, tmp_path):
+    """No model named: the embedded demo model, with a warning in the log and a statement in the SR; a named
+    model's SR does not carry it. Both SRs say which device ran the image encoder."""
+    uid, sid = next(iter(tree["good"].items()))
+    src = next(p for p in tree["root"].rglob(sid) if p.is_dir())
+    one = tmp_path / "in" / sid
+    shutil.copytree(src, one)
+    proc = run_app("-i", one.parent, "-o", tmp_path / "demo", cwd=tmp_path)  # no -m, no ./models, no variable
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no model named: using the embedded demo model" in proc.stderr
+    assert "device cpu (requested auto" in proc.stderr
+    desc = pydicom.dcmread(tmp_path / "demo" / sr_filename(uid)).ContributingEquipmentSequence[0]
+    assert "image encoder on the CPU, by the embedded demo model" in desc.ContributionDescription
+    named = pydicom.dcmread(app_run_sr(tiny_package, one.parent, tmp_path / "named", uid))
+    text = named.ContributingEquipmentSequence[0].ContributionDescription
+    assert "image encoder on the CPU" in text and "embedded demo model" not in text
+
+
+def app_run_sr(tiny_package, inp, out, uid):
+    proc = run_app("-i", inp, "-o", out, "-m", tiny_package["pkg"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / sr_filename(uid)
