@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a dual encoder (symmetric InfoNCE, alternating section batches)")
     t.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV")
     t.add_argument("--out", required=True, help="run folder (an existing run is resumed)")
-    t.add_argument("--preset", default="cpu-tiny", help="preset name (cpu-tiny, merlin) or a YAML file")
+    t.add_argument("--preset", default="cpu-tiny", help="preset name (cpu-tiny, cpu-base, cpu-small, merlin) or a YAML file")
     t.add_argument("--cache", default=None, help="preprocessed-volume cache (default ~/.cache/ct-zeroshot/volumes)")
     t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     t.add_argument("--quiet", action="store_true")
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--preset",
         default="paper-cpu",
-        help="study preset (paper-cpu-v2, paper-cpu, paper-merlin, smoke) or a YAML file (default paper-cpu)",
+        help="study preset (paper-cpu, paper-merlin, smoke) or a YAML file (default paper-cpu)",
     )
     st.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV")
     st.add_argument("--out", required=True, help="study folder: results.csv, summary.md, plots, runs/")

@@ -119,8 +119,8 @@ ARMS += (
     ),
 )
 SAMPLER_ARMS = tuple(a.name for a in ARMS)  # a preset's arms when it names none: the sampler study
-# The learning issue's ablation (study preset ablation-cpu): the recipe is the preset's baseline arm
-# `random`; each arm turns one method off (or the wider image stem on), the last turns them all off.
+# Ablation arms (a study preset that names them): the preset's training recipe is the baseline arm `random`;
+# each arm turns one method off (or the wider image stem on), the last turns them all off.
 SCRATCH_TEXT = (
     "text.model=''",  # empty: the small BERT + WordPiece built offline (text.model= alone parses as null)
     "text.train_layers=-1",
