@@ -1,11 +1,11 @@
 """Benchmark: batch inference throughput (studies per hour) by worker count and engine, in one run.
 
-``python -m benchmarks.bench_batch --out results/bench`` (``make bench-batch``): ``--studies`` synthetic
+``python -m benchmarks.bench_batch --out results/bench``: ``--studies`` synthetic
 DICOM studies (tiny profile unless ``--profile full``), then ``ct-zeroshot infer`` over them with the
 embedded demo model (or ``--model``) at each worker count, from scratch each time (``--force``).
 Writes ``batch_throughput.json`` and ``batch_throughput.md``.
 
-``--engines local,ray --workers 2 --reps 3`` (``make bench-engines``) compares the local process pool
+``--engines local,ray --workers 2 --reps 3`` compares the local process pool
 with Ray actors on a local Ray cluster: the runs alternate between the engines, each configuration's
 median of ``--reps`` is reported with the ratio to the first engine, and the Ray cluster's start-up
 (``ray.init``) is timed apart, once, since a cluster is started once for many batches. Wall time

@@ -1,6 +1,6 @@
 """Benchmark: Merlin's full-size image encoder, ONNX Runtime vs torch eager, in one process.
 
-``python -m benchmarks.bench_onnx --out results/bench`` (``make bench-onnx``): random weights in Merlin's
+``python -m benchmarks.bench_onnx --out results/bench``: random weights in Merlin's
 layout (timing does not depend on the values), one preprocessed input of Merlin's size
 (1,1,224,224,160) made from a synthetic phantom, a warm-up pass per engine, then ``--runs`` timed
 passes per engine, interleaved so that drifting machine load hits both alike. Reports medians, the

@@ -1,6 +1,6 @@
 """Benchmark: the application's stage timings on a full-profile CT study.
 
-``python -m benchmarks.bench_stages --out results/bench`` (``make bench-stages``): one synthetic study with
+``python -m benchmarks.bench_stages --out results/bench``: one synthetic study with
 clinical geometry (512x512, ~300 slices at 1.25 mm unless ``--slices``) written as a DICOM series,
 then the pipeline's stages (series selection, DICOM read, decode + geometry, preprocessing, image
 encoder, decision, SR) timed with

@@ -7,7 +7,8 @@
   BPE tokenizer with RoBERTa's special tokens learnt from the prompts (the real vocabulary is not
   available offline; only token ids differ, not the architecture).
 
-Nothing here is Merlin's weights or vocabulary; it is what the tests and ``make merlin-check`` use.
+Nothing here is Merlin's weights or vocabulary; it is what the tests and the full-size converter check
+(docs/model-package.md) use.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Diagnostic: is a finding's signal in the preprocessed voxels at all, and where?
 
-``python -m benchmarks.voxel_signal --data data/synth-4k-v3 --out results/diagnostics`` reads the
+``python -m benchmarks.voxel_signal --data data/synth-4k-v3 --out runs/diagnostics`` reads the
 training split's preprocessed volumes (the preset's spec, from the volume cache) and, per finding, the
 AUROC of every single voxel's value for the finding's label (studies labelled 1 against 0; the -1s,
 findings the report does not mention, left out), with max(AUROC, 1 - AUROC) so that a darker voxel
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--findings", default=",".join(FOCAL), help="comma-separated finding ids, or 'all'")
     p.add_argument("--render-only", action="store_true", help="rewrite voxel_signal.md from voxel_signal.json")
     args = p.parse_args(argv)
-    out = Path("results/diagnostics" if args.out == "results/bench" else args.out)
+    out = Path("runs/diagnostics" if args.out == "results/bench" else args.out)
     if args.render_only:
         print(render(out))
         return 0

@@ -4,4 +4,4 @@ This package never imports ``training`` or training-only dependencies: the deplo
 image ships without them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

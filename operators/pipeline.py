@@ -4,7 +4,7 @@ The MONAI Deploy operators (``operators/ops``), the batch front end and the PACS
 these stages, so they cannot drift. A stage that fails marks the study failed with a reason naming
 the study and, where there is one, the file; later stages pass it through; nothing is written for it.
 
-**Series selection rule** (documented in the README). A series is *eligible* when it is CT Image
+**Series selection rule** (documented in docs/deploy.md). A series is *eligible* when it is CT Image
 Storage, Modality CT, ImageType ORIGINAL\\PRIMARY and not LOCALIZER, axial (slice normal within ~25
 degrees of the patient's head-feet axis) and has at least ``MIN_SLICES`` instances. Among eligible series
 the model sees the one with the most instances (the longest or thinnest coverage); ties go to the
@@ -132,7 +132,7 @@ class SeriesToModelInput:
         self.spec = spec
         self.transform = build_transform(spec)
         # The last volume's memory, reused when the next series has the same size (faulting in a fresh
-        # 300 MB array costs as much as decoding; README, stage timings). One per worker, never shared.
+        # 300 MB array costs as much as decoding; docs/performance.md, stage timings). One per worker, never shared.
         self._buffer: np.ndarray | None = None
 
     def __call__(self, work: StudyWork) -> StudyWork:

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[1, 2, 3],
         help=(
             "phantom version: 1 as first published; 2 draws the small focal findings larger; "
-            "3 makes every focal finding span several 5 mm voxels (README)"
+            "3 makes every focal finding span several 5 mm voxels (docs/corpus.md)"
         ),
     )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a dual encoder (symmetric InfoNCE, alternating section batches)")
     t.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV")
     t.add_argument("--out", required=True, help="run folder (an existing run is resumed)")
-    t.add_argument("--preset", default="cpu-tiny", help="preset name (cpu-tiny, cpu-base, cpu-small, merlin) or a YAML file")
+    t.add_argument(
+        "--preset", default="cpu-tiny", help="preset name (cpu-tiny, cpu-base, cpu-small, merlin) or a YAML file"
+    )
     t.add_argument("--cache", default=None, help="preprocessed-volume cache (default ~/.cache/ct-zeroshot/volumes)")
     t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     t.add_argument("--quiet", action="store_true")

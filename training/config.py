@@ -75,8 +75,8 @@ class ImageCfg:
     # the two heads; models/image.py)
     pool: str = "avg"
     # The stem's pooling window: "max" (ResNet's max-pool) or "maxmin" (half the stem's channels
-    # max-pooled, half min-pooled: an experiment for dark structures in enhanced organs; README,
-    # "The 30-minute recipe"; models/image.py)
+    # max-pooled, half min-pooled, for dark structures in enhanced organs; experiments/recipe-variants;
+    # models/image.py)
     stem_pool: str = "max"
 
 

@@ -103,7 +103,7 @@ def read_frame(path: str | Path, header: Dataset, offset: int | None, scratch: n
 
     Native (uncompressed) little-endian 16-bit grey pixel data, the common CT case, is read straight
     from ``offset`` (where the header scan stopped: the Pixel Data element) with ``numpy.fromfile``:
-    300 slices of 512x512 in 0.05 s against pydicom's 0.4 s, which parses each file again (README,
+    300 slices of 512x512 in 0.05 s against pydicom's 0.4 s, which parses each file again (docs/performance.md,
     stage timings). The element's tag and length are checked first; unused high bits are handled as
     pydicom does (shifted out, sign-extended for signed data). Anything else (compressed transfer
     syntaxes, other bit depths, colour, multi-frame, an unexpected element) goes to pydicom.
@@ -256,7 +256,7 @@ def series_to_volume(
 
     The array is the (I, J, K) view of a slice-major buffer (K, J, I): each decoded frame is copied
     once, whole, into its plane, instead of strided across the volume (a 512x512x300 series: 0.42 s ->
-    ~0.15 s; README, stage timings). ``preprocess`` reads that layout without a copy. ``out``: a float32
+    ~0.15 s; docs/performance.md, stage timings). ``preprocess`` reads that layout without a copy. ``out``: a float32
     C-ordered (K, J, I) buffer to fill when it has the right shape (a worker reusing one buffer across
     studies skips faulting in a new one per study)."""
     names = (

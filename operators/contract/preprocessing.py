@@ -153,7 +153,7 @@ def _resample(x: np.ndarray, plan: _AxisPlan) -> np.ndarray:
     Written by hand for speed: trilinear interpolation is separable, so three 1-D passes replace
     grid_sample's eight reads per output voxel. They run one output plane at a time (two input planes
     blended, then its rows, then its columns), so no full-size intermediate volume is ever allocated
-    (fresh memory is what costs most on a 512x512x300 CT; README, stage timings). The values agree with
+    (fresh memory is what costs most on a 512x512x300 CT; docs/performance.md, stage timings). The values agree with
     MONAI's to float32 rounding (test_preprocessing)."""
     axes = sorted(range(3), key=lambda a: plan.source[a])  # the output axes reading input dims 0, 1, 2
     lo, hi, weight = [], [], []

@@ -176,7 +176,7 @@ def test_findings_check_prints_margins_over_studies(tmp_path, tiny_package):
 
 
 def test_the_wording_check_runs_and_writes_its_comparisons(tmp_path, tiny_package):
-    """Smoke test of ``python -m benchmarks.wording`` (README: "Does the wording work?")."""
+    """Smoke test of ``python -m benchmarks.wording`` (docs/custom-findings.md: "Does the wording work?")."""
     (tmp_path / "f.yaml").write_text(GOOD)
     out = tmp_path / "wording.json"
     cmd = [

@@ -1,4 +1,4 @@
-"""Soak test of the PACS listener (``make soak``; marked slow, so not in the default run).
+"""Soak test of the PACS listener (marked slow: `make test-slow` runs it, not `make test`).
 
 20 small CT studies of 16 slices from 3 concurrent DCMTK senders (every third study in two parts, the
 first a complete series of 8-12 slices, so it may get an SR of its own before the rest arrives, a
@@ -7,7 +7,8 @@ for a while. Then, after the retention time: every study has exactly one current
 other SR of the study names it as a predecessor), and it covers all of the study's instances; the spool
 holds no delivered work (``out/<study>/sr.json`` only); nothing was written outside the spool. Last, an
 instance that arrives after its study was purged fails that study (no SR from it alone), and the whole
-study sent again gets a corrected SR. The counts go to ``results/soak/listener.json`` (README).
+study sent again gets a corrected SR. The counts go to ``$SOAK_RESULT`` (default ``runs/soak/listener.json``;
+the figures in ``results/soak/listener.json`` come from ``SOAK_RESULT=results/soak/listener.json``).
 """
 
 import io
@@ -32,7 +33,7 @@ pytestmark = [
     pytest.mark.skipif(not Path(pacs.ORTHANC).exists(), reason="Debian package orthanc needed"),
 ]
 SEED = int(os.environ.get("SOAK_SEED", "7"))
-RESULT = Path(os.environ.get("SOAK_RESULT", "results/soak/listener.json"))
+RESULT = Path(os.environ.get("SOAK_RESULT", "runs/soak/listener.json"))  # results/soak/listener.json: see docs/pacs.md
 RETAIN_S = 90.0  # longer than a second part can be late here (a 20 s pause plus restarts under load)
 
 

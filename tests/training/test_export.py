@@ -263,7 +263,7 @@ def test_merlin_rule_probability_is_the_two_way_softmax():
 
 
 def test_onnx_benchmark_smoke(tmp_path):
-    """The benchmark command's structure, on a small architecture (the real run is `make bench-onnx`)."""
+    """The benchmark command's structure, on a small architecture (the real run: python -m benchmarks.bench_onnx)."""
     proc = subprocess.run(
         [
             sys.executable,

@@ -195,7 +195,8 @@ def test_hierarchical_bootstrap_holds_seed_variance_and_holm_corrects():
     assert verdict((0.05, 0.01, 0.09), 0.02) == "same direction as the paper"
     assert verdict((0.05, 0.01, 0.09), -0.02) == "opposite to the paper"
     assert verdict((0.01, -0.01, 0.03), -0.02).startswith("not resolved")
-    # the early-training study's subset-20 vs random per-seed differences (README): not resolved
+    # the early-training study's subset-20 vs random per-seed differences (experiments/sampler-study-early):
+    # not resolved
     mean, lo, hi = seed_level_interval([-1.04, -0.07, -3.02])
     assert lo < 0 < hi and abs(mean + 1.3767) < 1e-3
 

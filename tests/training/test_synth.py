@@ -217,7 +217,7 @@ def test_every_finding_has_a_visible_signature(fid, version):
         assert lab0[tuple(idx)] not in (T.BOWEL_FLUID, T.BOWEL_AIR, T.BOWEL_WALL)
 
 
-# Version 3's promise (README, "Making the model learn"): the focal findings that version 2 left below
+# Version 3's promise (docs/corpus.md): the focal findings that version 2 left below
 # 0.70 with the labels span several 5 mm voxels even when mild.
 V3_FOCAL = {
     "renal_hypodensities": (T.HYPODENSITY, 30),

@@ -39,7 +39,7 @@ class DualEncoder(nn.Module):
         # norm: towers trained from scratch start with a large common component that cancels
         # InfoNCE's gradient. "batch_affine": the same plus a learnable per-dimension scale and
         # offset, so the image embeddings can carry a finding's prior. "text": centre only the text
-        # tower. What each measured is in the README (Training, cpu-tiny results).
+        # tower. What each measured: experiments/cpu-tiny-baseline.
         dim = image.i3_resnet.contrastive_head.out_channels
         affine = embed_norm == "batch_affine"
         self.image_norm = (

@@ -18,7 +18,7 @@ from operators.contract.files import write_json
 from ..config import TrainConfig
 
 PRETEXT = "pretext"  # image.init value: run the image pretext first and start from its tower
-STUDIES = 12000  # the generated corpus: 4,000 studies missed the learning bars (README, "The 30-minute recipe")
+STUDIES = 12000  # the generated corpus (docs/training.md, the CPU recipe)
 BARS = {"test_macro_auroc": 0.85, "test_macro_f1_package": 0.60, "max_gap_to_supervised": 0.05, "minutes": 30.0}
 
 

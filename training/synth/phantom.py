@@ -123,7 +123,7 @@ def build_phantom(
     the report come from their own draws): at the tiny profile's 5 mm voxels, version 1's
     calcifications, renal hypodensities, metastases, thrombi and duct dilations were not learnable even
     with the labels as the loss. ``version`` 3 goes further for the findings that version 2 left below
-    0.70 with the labels (README, "Making the model learn"): each focal lesion spans several 5 mm
+    0.70 with the labels (docs/corpus.md): each focal lesion spans several 5 mm
     voxels, and the findings that looked like normal anatomy at that size get the sign a radiologist
     reads them by (enlarged nodes in the retroperitoneum where no bowel lies, a distended thrombosed
     vein, an appendicolith, free air over the liver)."""
