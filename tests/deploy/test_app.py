@@ -242,11 +242,18 @@ def test_the_demo_model_only_when_none_is_named_and_the_sr_says_so(tree, tiny_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no model named: using the embedded demo model" in proc.stderr
     assert "device cpu (requested auto" in proc.stderr
-    desc = pydicom.dcmread(tmp_path / "demo" / sr_filename(uid)).ContributingEquipmentSequence[0]
-    assert "image encoder on the CPU, by the embedded demo model" in desc.ContributionDescription
-    named = pydicom.dcmread(app_run_sr(tiny_package, one.parent, tmp_path / "named", uid))
-    text = named.ContributingEquipmentSequence[0].ContributionDescription
-    assert "image encoder on the CPU" in text and "embedded demo model" not in text
+    demo = _contribution(tmp_path / "demo" / sr_filename(uid))
+    assert "image encoder on the CPU, by the embedded demo model" in demo
+    named = _contribution(app_run_sr(tiny_package, one.parent, tmp_path / "named", uid))
+    assert "image encoder on the CPU" in named and "embedded demo model" not in named
+
+
+def _contribution(path) -> str:
+    """The Contribution Description of the SR's algorithm (the equipment that states the intended use)."""
+    items = pydicom.dcmread(path).ContributingEquipmentSequence
+    return next(
+        str(e.ContributionDescription) for e in items if "Intended use: " in e.get("ContributionDescription", "")
+    )
 
 
 def app_run_sr(tiny_package, inp, out, uid):

@@ -65,7 +65,11 @@ def test_batch_quick_start(quickstart):
 
 def test_retrain_quick_start(quickstart):
     work = quickstart["work"]
-    assert json.loads((work / "runs/quick/metrics.json").read_text())
+    assert "zero-shot macro F1" in quickstart["runs"][1].stdout and "occlusion" in quickstart["runs"][1].stdout
+    m = json.loads((work / "runs/quick/metrics.json").read_text())
+    assert 0 <= m["zero_shot"]["macro_f1"] <= 1 and len(m["zero_shot"]["per_finding"]) == 30
+    assert set(m["retrieval"]) == {"image_to_report", "report_to_image", "n"}
+    assert set(m["occlusion"]) == {"0%", "10%", "25%", "50%"}
     manifest = json.loads((work / "models/quick/manifest.json").read_text())
     assert len(manifest["findings"]) == 30
     rows = _summary(work / "out/quick/summary.csv")

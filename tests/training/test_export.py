@@ -146,8 +146,11 @@ def test_malformed_and_unfinished_packages_are_refused(exported, tmp_path):
     (pkg / "manifest.json").unlink()
     with pytest.raises(PackageError, match="manifest.json is missing"):
         load_package(pkg)
-    with pytest.raises(PackageError, match="not a directory"):
+    with pytest.raises(PackageError, match="nowhere: does not exist"):
         load_package(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(PackageError, match="a-file: not a directory"):
+        load_package(tmp_path / "a-file")
 
 
 def test_a_rewritten_manifest_is_still_checked_for_consistency(exported, tmp_path):
