@@ -231,7 +231,7 @@ def test_a_cuda_provider_that_does_not_load_is_an_error_for_cuda_and_the_cpu_for
     assert model.device == "cpu" and model.requested_device == "auto"
 
 
-def test_the_demo_model_only_when_none_is_named_and_the_sr_says_so(tree, tiny_package, tmp_path):
+def test_the_demo_model_only_when_none_is_named_and_the_sr_says_so(tree, app_run, tmp_path):
     """No model named: the embedded demo model, with a warning in the log and a statement in the SR; a named
     model's SR does not carry it. Both SRs say which device ran the image encoder."""
     uid, sid = next(iter(tree["good"].items()))
@@ -244,7 +244,7 @@ def test_the_demo_model_only_when_none_is_named_and_the_sr_says_so(tree, tiny_pa
     assert "device cpu (requested auto" in proc.stderr
     demo = _contribution(tmp_path / "demo" / sr_filename(uid))
     assert "image encoder on the CPU, by the embedded demo model" in demo
-    named = _contribution(app_run_sr(tiny_package, one.parent, tmp_path / "named", uid))
+    named = _contribution(app_run["out"] / sr_filename(uid))  # the same study, the model named with -m
     assert "image encoder on the CPU" in named and "embedded demo model" not in named
 
 
@@ -254,9 +254,3 @@ def _contribution(path) -> str:
     return next(
         str(e.ContributionDescription) for e in items if "Intended use: " in e.get("ContributionDescription", "")
     )
-
-
-def app_run_sr(tiny_package, inp, out, uid):
-    proc = run_app("-i", inp, "-o", out, "-m", tiny_package["pkg"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / sr_filename(uid)
