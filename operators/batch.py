@@ -205,9 +205,10 @@ def run_batch(
         log.warning("no model named: using the embedded demo model (trained on synthetic phantoms only)")
     package_dir = Path(model) if model else default_package_dir()
     pkg = load_package(package_dir)
-    if findings is not None:  # refused here, before anything is written, when the file is bad
-        from .contract.scoring import package_with_findings
+    from .contract.scoring import ZeroShotModel, package_with_findings
 
+    ZeroShotModel(pkg, device="cpu", threads=1)  # an encoder that cannot run is refused before anything is written
+    if findings is not None:  # refused here, before anything is written, when the file is bad
         pkg = package_with_findings(pkg, findings, findings_mode)
     if engine == "ray":
         try:

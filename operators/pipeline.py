@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +109,13 @@ def select_series(work: StudyWork) -> StudyWork:
         return work.fail("no eligible series: " + "; ".join(reasons) if reasons else "no series")
 
     def key(s: SeriesFiles):
-        ds = s.headers[0]
-        thick = float(ds.get("SliceThickness") or 1e9)
-        number = int(ds.get("SeriesNumber") or 1 << 30)
-        return (-len(s.paths), thick, number, s.series_uid)
+        ds = s.headers[0]  # a tie-break only: a value that is absent or not a number sorts last
+        return (
+            -len(s.paths),
+            _number_or(ds, "SliceThickness", 1e9),
+            _number_or(ds, "SeriesNumber", 1 << 30),
+            s.series_uid,
+        )
 
     work.chosen = sorted(eligible, key=key)[0]
     log.info(
@@ -122,6 +127,28 @@ def select_series(work: StudyWork) -> StudyWork:
         len(eligible),
     )
     return work
+
+
+def _number_or(ds, keyword: str, default: float) -> float:
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return default
+    return value if np.isfinite(value) else default
+
+
+def contained(stage: Callable[[StudyWork], StudyWork], name: str) -> Callable[[StudyWork], StudyWork]:
+    """``stage`` whose unexpected error fails the study it was working on (reason: the stage and the
+    error's type; its text only where identifiers may be logged) instead of leaving the stage: one bad
+    study never stops the application's graph, a batch or the listener."""
+
+    def run(work: StudyWork) -> StudyWork:
+        try:
+            return stage(work)
+        except Exception as exc:  # noqa: BLE001 - contained here by design, the reason recorded
+            return work.fail(f"{name} failed ({describe(exc)})")
+
+    return run
 
 
 class SeriesToModelInput:
@@ -224,7 +251,10 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
 def run_study(work: StudyWork, model: ZeroShotModel, prep: SeriesToModelInput, out_dir: str | Path) -> StudyWork:
     """All stages for one study (the batch and listener path; the app runs them as operators)."""
     t = time.perf_counter()
-    work = write_report(infer(prep(select_series(work)), model), model, out_dir)
+    work = contained(select_series, "series selection")(work)
+    work = contained(prep, "reading the series")(work)
+    work = contained(partial(infer, model=model), "inference")(work)
+    work = contained(partial(write_report, model=model, out_dir=out_dir), "writing the SR")(work)
     work.timings["total_s"] = time.perf_counter() - t
     return work
 

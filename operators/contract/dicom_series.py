@@ -22,6 +22,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .phi import describe
+from .plausibility import check_geometry, check_hounsfield, check_rescale
 from .uids import is_valid_uid
 from .volume import Volume, VolumeError, in_slabs
 
@@ -198,8 +199,10 @@ def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[n
     gap = float(np.median(gaps))
     if np.abs(gaps - gap).max() > _GAP_TOL * gap:
         raise VolumeError(f"{names[order[0]]}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm)")
-    _check_stacking(headers, ipps[order], iops[0], normal, names[order[0]])
     dr, dc = spacings[0]  # PixelSpacing = (row spacing, column spacing)
+    rows, cols = sizes.pop()
+    check_geometry(rows, cols, len(headers), float(dr), float(dc), gap, names[order[0]])  # before any allocation
+    _check_stacking(headers, ipps[order], iops[0], normal, names[order[0]])
     lps = np.eye(4)
     lps[:3, 0] = row_dir * dc  # i: along a row, i.e. across columns
     lps[:3, 1] = col_dir * dr  # j: down a column, i.e. across rows
@@ -208,14 +211,22 @@ def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[n
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, order
 
 
-def _number(ds: Dataset, keyword: str, default: float, name: str) -> float:
+def _number(ds: Dataset, keyword: str, name: str) -> float | None:
+    """A numeric header value (None when absent); refused, without quoting it, when it is not a number."""
+    if ds.get(keyword) is None:
+        return None
     try:
-        value = float(ds.get(keyword, default))
+        return float(ds.get(keyword))
     except (TypeError, ValueError):
         raise VolumeError(f"{name}: {keyword} is not a number") from None
-    if not np.isfinite(value):
-        raise VolumeError(f"{name}: {keyword} is not finite")
-    return value
+
+
+def _rescale(ds: Dataset, name: str) -> tuple[float, float]:
+    """The slice's RescaleSlope and RescaleIntercept, present and plausible (``plausibility``)."""
+    slope, intercept = _number(ds, "RescaleSlope", name), _number(ds, "RescaleIntercept", name)
+    check_rescale(slope, intercept, name)
+    assert slope is not None and intercept is not None
+    return slope, intercept
 
 
 def _check_stacking(headers: Sequence[Dataset], ipps: np.ndarray, iop: np.ndarray, normal, first: str) -> None:
@@ -285,16 +296,19 @@ def series_to_volume(
                     f"{names[idx]}: expected one {rows}x{cols} frame like the first slice, found pixels {pix.shape}"
                 )
             # integer -> float32 within the first operation; the rescale runs in float32
-            slope = _number(ds, "RescaleSlope", 1.0, names[idx])
-            intercept = np.float32(_number(ds, "RescaleIntercept", 0.0, names[idx]))
+            slope, intercept = _rescale(ds, names[idx])
             if slope != 1.0:
                 np.multiply(pix, np.float32(slope), out=buf[k], casting="unsafe")
-                buf[k] += intercept
+                buf[k] += np.float32(intercept)
             else:
-                np.add(pix, intercept, out=buf[k], casting="unsafe")
+                np.add(pix, np.float32(intercept), out=buf[k], casting="unsafe")
+            low[k], high[k] = buf[k].min(), buf[k].max()
 
+    low = np.empty(len(order), dtype=np.float64)  # each plane's value range after rescale
+    high = np.empty(len(order), dtype=np.float64)
     # reading native pixel data and the conversions run in numpy without the GIL, so the slabs overlap
     in_slabs(assemble, len(order), _ASSEMBLY_THREADS)
+    check_hounsfield(float(low.min()), float(high.max()), names[order[0]])
     return Volume(buf.transpose(2, 1, 0), affine, str(Path(names[order[0]]).parent))
 
 

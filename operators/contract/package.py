@@ -13,7 +13,9 @@ Longformer) ships the prompt embeddings only and says so in ``text_encoder.absen
 prompts then need the torch path of the training side.
 
 ``load_package`` refuses anything it cannot vouch for (a missing or extra-large file, a file listed
-outside the package or reached through a link, a checksum that does not match, a malformed manifest
+outside the package or reached through a link, a file in the package that the manifest does not list (an
+encoder's ONNX external data would carry weights outside the checksums), a checksum that does not match,
+a malformed manifest
 (``operators.contract.manifest`` names the field), a format version newer than this code reads) with a
 ``PackageError`` naming the package, the file and the problem. Nothing is repaired silently.
 """
@@ -216,7 +218,7 @@ def read_manifest(root: str | Path) -> Manifest:
 
 def verify_files(root: Path, manifest: Manifest) -> None:
     """Every listed file lies inside the package with its recorded size and sha256; the required ones
-    are listed."""
+    are listed; nothing else is in the package folder."""
     files = manifest.files
     if not files:
         raise _fail(root, "manifest.json: 'files' must list the package's files")
@@ -236,6 +238,14 @@ def verify_files(root: Path, manifest: Manifest) -> None:
     for rel in manifest.required_files:
         if rel not in files:
             raise _fail(root, f"{rel}: required by the manifest but not covered by its checksums")
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            continue
+        if rel != MANIFEST and rel not in files:
+            # ONNX Runtime reads an encoder's external data from beside it: a file outside the checksums
+            # could change the weights under the same manifest.
+            raise _fail(root, f"{rel}: in the package but not listed in the manifest (no checksum covers it)")
 
 
 def load_package(root: str | Path, verify: bool = True) -> ModelPackage:

@@ -225,9 +225,38 @@ class ZeroShotModel:
         self.requested_device = device
         ie = package.image_encoder
         self._image_in, self._image_out = ie.input, ie.output
+        self._check_image_encoder()
         self.prompts = PromptEncoder(package, self.providers, threads)
         if findings is not None:
             self.package = package_with_findings(package, findings, findings_mode, self.prompts)
+
+    def _check_image_encoder(self) -> None:
+        """One pass over a zero volume of the spec's shape: the encoder takes the manifest's input name and
+        shape and gives finite (1, embedding_dim) embeddings under its output name, or the package is
+        refused at load (``PackageError``) rather than failing every study."""
+        from .package import PackageError
+
+        pkg, where = self.package, f"model package {self.package.root}: {self.package.image_encoder.file}"
+        inputs = [i.name for i in self.image_session.get_inputs()]
+        outputs = [o.name for o in self.image_session.get_outputs()]
+        if self._image_in not in inputs or self._image_out not in outputs:
+            raise PackageError(
+                f"{where}: takes {inputs} and gives {outputs}; the manifest names input {self._image_in!r} "
+                f"and output {self._image_out!r}"
+            )
+        try:
+            emb = self.embed_images(np.zeros((1, 1, *pkg.spec.spatial_size), dtype=np.float32))
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a wrong shape
+            raise PackageError(
+                f"{where}: fails on a volume of the manifest's shape {tuple(pkg.spec.spatial_size)} "
+                f"({type(exc).__name__})"
+            ) from None
+        if emb.shape != (1, pkg.embedding_dim):
+            raise PackageError(
+                f"{where}: gives embeddings of shape {emb.shape}, the manifest says (1, {pkg.embedding_dim})"
+            )
+        if not np.isfinite(emb).all():
+            raise PackageError(f"{where}: gives non-finite embeddings for a zero volume")
 
     @property
     def device(self) -> str:

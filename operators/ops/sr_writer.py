@@ -7,7 +7,7 @@ from pathlib import Path
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from ..contract.scoring import ZeroShotModel
-from ..pipeline import StudyWork, write_report
+from ..pipeline import StudyWork, contained, write_report
 
 
 class SRWriterOperator(Operator):
@@ -26,4 +26,5 @@ class SRWriterOperator(Operator):
         spec.input("findings")
 
     def compute(self, op_input, op_output, context):
-        self._results.append(write_report(op_input.receive("findings"), self._model, self._out))
+        write = contained(lambda work: write_report(work, self._model, self._out), "writing the SR")
+        self._results.append(write(op_input.receive("findings")))
