@@ -8,6 +8,7 @@ Merlin's chain: Orientation(RAS) -> Spacing(1.5, 1.5, 3 mm, bilinear) -> ScaleIn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -143,6 +144,21 @@ def _axis_plan(shape: tuple[int, ...], affine: np.ndarray, spec: PreprocessSpec)
     return _AxisPlan(dst, source, positions)  # type: ignore[arg-type]
 
 
+def _cropped(plan: _AxisPlan, size: Sequence[int]) -> _AxisPlan:
+    """The plan restricted to the output voxels CenterSpatialCrop keeps (the same window as
+    ``_window_pad_crop``), so a large field of view is never resampled whole: the values are the same,
+    since each output voxel is interpolated on its own."""
+    affine = plan.affine.copy()
+    positions = []
+    for a, (pos, keep) in enumerate(zip(plan.positions, size)):
+        if len(pos) > keep:
+            start = len(pos) // 2 - keep // 2
+            pos = pos[start : start + keep]
+            affine[:3, 3] += affine[:3, a] * start
+        positions.append(pos)
+    return _AxisPlan(affine, plan.source, tuple(positions))  # type: ignore[arg-type]
+
+
 _RESAMPLE_THREADS = 2  # output planes are split across this many threads (numpy releases the GIL)
 
 
@@ -222,7 +238,7 @@ def preprocess(volume: Volume, spec: PreprocessSpec, transform=None) -> np.ndarr
     array = np.ascontiguousarray(array, dtype=np.float32)
     plan = _axis_plan(array.shape, affine, spec)
     if plan is not None:
-        return _window_pad_crop(_resample(array, plan), spec)
+        return _window_pad_crop(_resample(array, _cropped(plan, spec.spatial_size)), spec)
     img = MetaTensor(torch.as_tensor(array)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
     out = (transform or build_transform(spec))(img)
     return np.ascontiguousarray(out.detach().cpu().numpy().astype(np.float32, copy=False))

@@ -184,3 +184,19 @@ def test_window_pad_crop_is_monais_bit_for_bit():
         x = rng.normal(0, 800, size=shape).astype(np.float32)
         reference = Compose(_intensity_and_size(spec))(MetaTensor(torch.as_tensor(x)[None])).numpy()
         assert np.array_equal(_window_pad_crop(x, spec), reference)
+
+
+def test_only_what_the_crop_keeps_is_resampled():
+    """A 500 mm field of view at Merlin's 1.5 mm is 333 voxels across, cropped to 224: only the kept window
+    is interpolated, and the tensor equals resampling everything and cropping after, bit for bit."""
+    from operators.contract.preprocessing import _axis_plan, _cropped, _resample, _window_pad_crop
+
+    spec = PreprocessSpec.merlin()
+    hu = np.random.default_rng(3).normal(0, 300, size=(200, 200, 60)).astype(np.float32)
+    affine = np.diag([-2.5, -2.5, 5.0, 1.0])  # 500 x 500 x 300 mm
+    plan = _axis_plan(hu.shape, affine, spec)
+    assert plan is not None and len(plan.positions[0]) > spec.spatial_size[0]
+    cropped = _resample(hu, _cropped(plan, spec.spatial_size))
+    assert cropped.shape[:2] == tuple(spec.spatial_size[:2])  # never the whole field of view
+    full = _window_pad_crop(_resample(hu, plan), spec)
+    assert np.array_equal(preprocess(Volume(hu, affine), spec), full)
