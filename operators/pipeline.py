@@ -51,6 +51,7 @@ class StudyWork:
     findings: Findings | None = None
     sr_path: Path | None = None
     timings: dict = field(default_factory=dict)
+    transient: bool = False  # failed for a reason of the machine's (storage), not the study's
     # A corrected SR (the listener re-opened the study): its revision (0: the first SR) and the earlier
     # delivered SR it supersedes (its Predecessor Documents Sequence).
     revision: int = 0
@@ -66,8 +67,10 @@ class StudyWork:
             raise RuntimeError(f"study {self.study_uid}: no series selected")
         return self.chosen
 
-    def fail(self, reason: str) -> StudyWork:
-        self.status, self.reason = "failed", reason
+    def fail(self, reason: str, transient: bool = False) -> StudyWork:
+        """Mark the study failed. ``transient``: the machine failed, not the study (storage): a front end
+        that keeps the study (the listener) tries it again instead of giving it up."""
+        self.status, self.reason, self.transient = "failed", reason, transient
         self.tensor = None
         log.error("study %s: %s", self.study_uid, reason)
         return self
@@ -234,6 +237,8 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
             chosen.headers, findings, model.package, series_uid, sop_uid, work.predecessors, device=model.device
         )
         work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
+    except OSError as exc:  # the output's storage (full, read-only): the machine's failure, not the study's
+        return work.fail(f"SR not written ({describe(exc)})", transient=True)
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch
         return work.fail(f"SR not written ({describe(exc)})")
     work.timings["sr_s"] = time.perf_counter() - t

@@ -68,7 +68,8 @@ class ListenerConfig:
     backoff_s: float = 2.0
     log_patient_identifiers: bool = False
     max_instance_mb: float = 512.0  # a C-STORE larger than this is refused (out of resources)
-    max_attempts: int = 3  # a study whose processing raises this many times goes to failed/
+    max_attempts: int = 3  # a study whose processing starts this many times without finishing (it raised, or
+    # the process died: out of memory, a crashing decoder) goes to failed/
     redeliver_max_s: float = 600.0  # undelivered SRs are retried while running, backoff capped here
     # A delivered study's instances stay this long in done/, so late instances re-open it with all of
     # them; then they and its SR files are deleted (out/<study>/sr.json, UIDs only, remains).

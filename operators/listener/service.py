@@ -46,6 +46,10 @@ ACCEPTED_TRANSFER_SYNTAXES = (
 )
 
 
+class TransientError(RuntimeError):
+    """Processing failed for a reason of the machine's (storage), not the study's: try again later."""
+
+
 class Listener:
     """Receives (pynetdicom handlers ``on_*``), decides when a study is complete (``_watch``), runs the
     pipeline one study at a time (``_work`` -> ``process``) and hands SRs to the ``Sender``."""
@@ -73,6 +77,7 @@ class Listener:
         self.server = None
         self.processed: list[dict] = []
         self.retry_round: dict[str, int] = {}  # study UID -> times it was queued again
+        self.broken: str | None = None  # why the pipeline thread ended (then nothing more is accepted)
         # One lock per study: its spool moves (completion, processing, purge) never run at the same time,
         # e.g. a second part completing while the first is being processed waits for it.
         self.study_locks: dict[str, threading.Lock] = {}
@@ -115,6 +120,8 @@ class Listener:
         """Refuse what cannot be spooled safely; write the rest as received, then acknowledge."""
         if id(event.assoc) not in self.open_assoc:
             return 0xC211  # refused: not an accepted caller
+        if self.broken:
+            return 0xA700  # the pipeline cannot run: never acknowledge what would not be processed
         try:
             data = event.encoded_dataset(include_meta=True)  # the bytes as received, with file meta
         except Exception as exc:  # noqa: BLE001 - a malformed dataset must not stop the listener
@@ -212,6 +219,8 @@ class Listener:
             else:
                 work = StudyWork(uid, studies[uid], **self._revision(uid, state, sr))
                 work = run_study(work, self.model, self.prep, out)
+                if work.transient:  # storage failed, not the study: kept in ready/ and tried again
+                    raise TransientError(work.reason)
                 record.update(status=work.status, error=work.reason)
                 if work.sr_path is not None:
                     built = {k: v for k, v in state.items() if k != "purged"}
@@ -279,32 +288,60 @@ class Listener:
             log.info("study %s: SR delivered %.0f s ago; its instances and SR files deleted", uid, now - at)
 
     def _work(self):
-        while not self.stop.is_set():
-            try:
-                uid = self.queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            with self._study_lock(uid):
-                if not self.spool.path("ready", uid).is_dir():
-                    continue  # queued twice (a retry and a re-opening): already processed
+        """The pipeline thread. Nothing a study does ends it; should it end anyway, ``broken`` says why:
+        the listener then refuses every instance (0xA700) and ``serve`` exits for its supervisor, so it
+        never acknowledges what it will not process."""
+        try:
+            while not self.stop.is_set():
                 try:
-                    record = self.process(uid)
-                except Exception as exc:  # noqa: BLE001 - never let one study end the service
-                    self._poisoned(uid, exc)
+                    uid = self.queue.get(timeout=0.5)
+                except queue.Empty:
                     continue
-            if record["status"] == "ok" and not record.get("sent"):
-                self._redeliver_later(uid)
+                try:
+                    self._attempt(uid)
+                except Exception as exc:  # noqa: BLE001 - the spool itself failed (storage): tried again later
+                    log.error("study %s: its spool could not be updated (%s); tried again later", uid, describe(exc))
+                    self._redeliver_later(uid)
+        except BaseException as exc:
+            self.broken = f"the pipeline thread ended ({type(exc).__name__})"
+            log.critical("%s: no more instances are accepted", self.broken)
+            raise
 
-    def _poisoned(self, uid: str, exc: BaseException) -> None:
-        """Processing raised: retry the study later; after ``max_attempts`` it goes to ``failed/``."""
-        n = self.spool.attempts(uid, add=1)
-        reason = f"unexpected {describe(exc)} while processing (attempt {n} of {self.cfg.max_attempts})"
-        log.error("study %s: %s", uid, reason)
-        if n >= self.cfg.max_attempts:
-            self.spool.finish(uid, reason)
-            self.processed.append({"study_uid": uid, "status": "failed", "error": reason})
-        else:
+    def _attempt(self, uid: str) -> None:
+        """Process one queued study. The attempt is recorded *before* processing, so a study that kills the
+        process (out of memory, a crashing decoder) is counted too and goes to ``failed/`` after
+        ``max_attempts`` instead of being re-queued by every restart; a storage failure is not the
+        study's: it is tried again without counting."""
+        with self._study_lock(uid):
+            if not self.spool.path("ready", uid).is_dir():
+                return  # queued twice (a retry and a re-opening): already processed
+            n = self.spool.attempts(uid, add=1)
+            if n > self.cfg.max_attempts:
+                self._give_up(uid, f"processing did not finish in {n - 1} attempts (the process died or it raised)")
+                return
+            try:
+                record = self.process(uid)
+            except TransientError as exc:
+                self.spool.attempts(uid, reset=True)
+                log.error("study %s: %s; kept, tried again later", uid, exc)
+                self._redeliver_later(uid)
+                return
+            except Exception as exc:  # noqa: BLE001 - never let one study end the service
+                reason = f"unexpected {describe(exc)} while processing (attempt {n} of {self.cfg.max_attempts})"
+                log.error("study %s: %s", uid, reason)
+                if n >= self.cfg.max_attempts:
+                    self._give_up(uid, reason)
+                else:
+                    self._redeliver_later(uid)
+                return
+            self.spool.attempts(uid, reset=True)
+        if record["status"] == "ok" and not record.get("sent"):
             self._redeliver_later(uid)
+
+    def _give_up(self, uid: str, reason: str) -> None:
+        log.error("study %s: %s; moved to failed/", uid, reason)
+        self.spool.finish(uid, reason)
+        self.processed.append({"study_uid": uid, "status": "failed", "error": reason})
 
     def _redeliver_later(self, uid: str) -> None:
         """Queue the study again after a growing delay, for as long as the listener runs."""
@@ -387,8 +424,9 @@ def serve(config: str | Path) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     listener.start()
-    done.wait()
-    log.info("stopping")
+    while not done.wait(1.0) and listener.broken is None:
+        pass
+    log.info("stopping%s", f": {listener.broken}" if listener.broken else "")
     listener.shutdown()
     (Path(cfg.spool) / "last_run.json").write_text(json.dumps(listener.processed, indent=1))
-    return 0
+    return 1 if listener.broken else 0

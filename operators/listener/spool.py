@@ -52,10 +52,17 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / name, data, fsync=True)
 
-    def attempts(self, study_uid: str, add: int = 0) -> int:
-        """How many times processing this study raised (kept across restarts in ``out/<study>/``)."""
+    def attempts(self, study_uid: str, add: int = 0, reset: bool = False) -> int:
+        """How many times processing this study started and did not finish (kept across restarts in
+        ``out/<study>/``): counted before each attempt, reset when one ends."""
         path = self.path("out", study_uid) / "attempts"
-        n = int(path.read_text()) if path.is_file() else 0
+        if reset:
+            path.unlink(missing_ok=True)
+            return 0
+        try:
+            n = int(path.read_text()) if path.is_file() else 0
+        except ValueError:
+            n = 0  # a count cut by a crash
         if add:
             path.parent.mkdir(parents=True, exist_ok=True)
             n += add

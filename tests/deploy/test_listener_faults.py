@@ -1,0 +1,99 @@
+"""The listener never says yes while it cannot work: a study that kills the process stops being retried, a
+full disk after acknowledgement loses nothing, and a dead pipeline thread refuses instances. The listener
+runs in this process (no network needed: the destination is a closed port), its spool on disk."""
+
+import errno
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from operators.listener.config import ListenerConfig, Peer
+from operators.listener.service import Listener
+from tests.deploy.pacs import free_port
+from tests.dicom_cases import small_study, study_uid
+
+
+@pytest.fixture
+def listener(tmp_path, tiny_package):
+    cfg = ListenerConfig(
+        allowed=[Peer(ae_title="SENDER")],
+        destination=Peer(ae_title="PACS", host="127.0.0.1", port=free_port()),  # nothing listens there
+        spool=str(tmp_path / "spool"),
+        model=str(tiny_package["pkg"]),
+        retries=1,
+        backoff_s=0.01,
+        redeliver_max_s=3600.0,
+        max_attempts=2,
+    )
+    lst = Listener(cfg)
+    yield lst
+    lst.stop.set()
+
+
+def _spooled(listener, root: Path, name: str) -> str:
+    """A complete study in the spool's ready/, as the completion thread leaves it."""
+    import pydicom
+
+    paths = small_study(root, name)
+    uid = study_uid(paths[0])
+    for p in paths:
+        listener.spool.store(p.read_bytes(), uid, str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID))
+    listener.spool.complete(uid)
+    return uid
+
+
+def test_a_study_that_killed_the_process_goes_to_failed_and_the_queue_moves_on(listener, tmp_path):
+    """Each start of processing is counted before it runs: a study whose processing killed the process twice
+    (max_attempts 2) is not processed a third time, while the study behind it is."""
+    deadly, fine = _spooled(listener, tmp_path / "in", "DEADLY"), _spooled(listener, tmp_path / "in", "FINE")
+    for _ in range(2):
+        listener.spool.attempts(deadly, add=1)  # what two deaths mid-processing leave in the spool
+    listener._attempt(deadly)
+    assert (
+        (listener.spool.path("failed", deadly) / "reason.txt")
+        .read_text()
+        .startswith("processing did not finish in 2 attempts")
+    )
+    assert not list(listener.spool.path("out", deadly).glob("SR_*.dcm"))  # not processed again
+    listener._attempt(fine)
+    assert list(listener.spool.path("out", fine).glob("SR_*.dcm"))
+    assert listener.spool.attempts(fine) == 0  # an attempt that ended is not held against the study
+
+
+def test_a_full_disk_after_acknowledgement_is_retried_not_failed(listener, tmp_path, monkeypatch):
+    from operators import sr
+
+    uid = _spooled(listener, tmp_path / "in", "DISKFULL")
+    real, calls = sr.write_sr, []
+
+    def full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sr, "write_sr", full_once)
+    queued = []
+    monkeypatch.setattr(listener, "_redeliver_later", queued.append)
+    listener._attempt(uid)
+    assert queued == [uid] and listener.spool.path("ready", uid).is_dir()  # kept, queued again
+    assert not listener.spool.path("failed", uid).exists() and listener.spool.attempts(uid) == 0
+    listener._attempt(uid)  # the disk has room again
+    assert list(listener.spool.path("out", uid).glob("SR_*.dcm"))
+
+
+def test_a_dead_pipeline_thread_refuses_instances(listener, tmp_path, monkeypatch):
+    def die(uid):
+        raise SystemExit("pipeline thread killed")
+
+    monkeypatch.setattr(listener, "_attempt", die)
+    listener.queue.put("1.2.3")
+    worker = threading.Thread(target=listener._work)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and listener.broken == "the pipeline thread ended (SystemExit)"
+    assoc = SimpleNamespace()
+    listener.open_assoc[id(assoc)] = set()
+    assert listener.on_store(SimpleNamespace(assoc=assoc)) == 0xA700  # never 0x0000 while nothing would run
