@@ -20,10 +20,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -171,11 +174,59 @@ def _rows(todo: list[tuple[str, list[str]]], init_args: tuple, workers: int, eng
 
         yield from batch_ray.run(todo, init_args, workers, gpus_per_worker)
         return
-    with ProcessPoolExecutor(
-        max_workers=max(1, workers), mp_context=get_context("spawn"), initializer=_init_worker, initargs=init_args
-    ) as pool:
-        for fut in as_completed([pool.submit(_process, uid, paths) for uid, paths in todo]):
-            yield fut.result()
+    yield from _local_rows(todo, init_args, max(1, workers))
+
+
+def _pool(workers: int, init_args: tuple) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=init_args
+    )
+
+
+WORKER_DIED = "its worker process died while processing it (killed, out of memory, or a crashing decoder)"
+
+
+def _local_rows(todo: list[tuple[str, list[str]]], init_args: tuple, workers: int):
+    """The local process pool, with at most ``workers`` studies in flight so that a worker's death (which
+    breaks the whole pool) implicates only those: they are run again, each alone in a fresh pool, and one
+    that kills its worker alone fails with that reason; the batch goes on with a fresh pool."""
+    try:
+        yield from _local_pool_rows(todo, init_args, workers)
+    except BaseException:  # Ctrl-C, SIGTERM (cli), an error: no worker outlives the batch
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+
+
+def _local_pool_rows(todo: list[tuple[str, list[str]]], init_args: tuple, workers: int):
+    pending: deque[tuple[str, list[str]]] = deque(todo)
+    suspects: deque[tuple[str, list[str]]] = deque()
+    while pending or suspects:
+        if suspects:
+            uid, paths = suspects.popleft()
+            with _pool(1, init_args) as pool:
+                try:
+                    yield pool.submit(_process, uid, paths).result()
+                except BrokenProcessPool:
+                    yield summary_row(StudyWork(uid, []).fail(WORKER_DIED))
+            continue
+        with _pool(workers, init_args) as pool:
+            running: dict = {}
+            while pending or running:
+                while pending and len(running) < workers:
+                    uid, paths = pending.popleft()
+                    running[pool.submit(_process, uid, paths)] = (uid, paths)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    item = running.pop(fut)
+                    try:
+                        yield fut.result()
+                    except BrokenProcessPool:
+                        suspects.append(item)
+                if suspects:  # the pool is gone: what was in flight with it is suspect too
+                    suspects.extend(running.values())
+                    log.warning("a batch worker died; %d studies in flight are run again, each alone", len(suspects))
+                    break
 
 
 def run_batch(

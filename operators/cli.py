@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -194,6 +195,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _infer(args: argparse.Namespace) -> int:
     import logging
 
@@ -211,6 +216,9 @@ def _infer(args: argparse.Namespace) -> int:
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    # SIGTERM (a scheduler, docker stop) ends the batch as Ctrl-C does: its workers are stopped with it
+    # (batch._local_rows), none is left holding a model in memory; the summary is not written.
+    signal.signal(signal.SIGTERM, _terminated)
     with logging_redirect_tqdm(loggers=[logging.getLogger("ct-zeroshot")]):  # log lines do not cut the bar
         code, rows = run_batch(
             args.input,

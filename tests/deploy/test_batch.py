@@ -245,3 +245,72 @@ def test_ray_engine_gives_the_local_engines_srs_and_rows_though_a_worker_is_kill
     for uid in archive["bad"]:
         assert f"FAILED {uid}" in stdout
     assert not list((out / "sr").glob(".*.partial"))  # an SR cut off by the kill is never left behind
+
+
+def _pool_workers(parent: int) -> list[int]:
+    """The local engine's worker processes: spawned children of the batch process (not its resource
+    tracker)."""
+    import psutil
+
+    try:
+        children = psutil.Process(parent).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for child in children:
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "spawn_main" in cmd and "resource_tracker" not in cmd:
+            out.append(child.pid)
+    return out
+
+
+def test_a_local_worker_killed_mid_batch_costs_no_study(archive, tiny_package, first_run, tmp_path):
+    """A worker's death breaks the whole process pool: the studies in flight are run again, each alone, and
+    the batch ends with the same rows and SRs as the undisturbed run (a study that killed its worker when
+    run alone would fail with that reason; the others would go on)."""
+    out = tmp_path / "killed"
+    proc = _popen_infer(archive["root"], "--out", out, "--model", tiny_package["pkg"], "--workers", "2")
+    killed, deadline = None, time.time() + 600
+    while killed is None and proc.poll() is None and time.time() < deadline:
+        if list((out / "sr").glob("SR_*.dcm")):  # mid-run: the workers are loaded and busy
+            for pid in _pool_workers(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = pid
+                    break
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    stdout, err = proc.communicate(timeout=900)
+    assert killed is not None, "no worker was caught in the middle of the batch"
+    assert proc.returncode == 1, err[-3000:]  # the broken studies failed, the batch went on
+    assert "a batch worker died" in err
+    assert _rows(out) == _rows(first_run["out"]) and _srs(out) == _srs(first_run["out"])
+
+
+def test_sigterm_ends_the_batch_and_its_workers(archive, tiny_package, tmp_path):
+    """A scheduler's SIGTERM stops the batch at once, and no worker (each holding a model) outlives it."""
+    import psutil
+
+    out = tmp_path / "term"
+    proc = _popen_infer(archive["root"], "--out", out, "--model", tiny_package["pkg"], "--workers", "2")
+    workers, deadline = [], time.time() + 600
+    while not workers and proc.poll() is None and time.time() < deadline:
+        if list((out / "sr").glob("SR_*.dcm")):
+            workers = _pool_workers(proc.pid)
+        time.sleep(0.05)
+    assert workers, "the batch ended before its workers were seen"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    alive = []
+    for pid in workers:
+        try:
+            alive.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass  # already gone
+    assert psutil.wait_procs(alive, timeout=10)[1] == [], "a worker outlived the batch"
+    assert not (out / "summary.json").exists()  # a cut batch never looks complete
