@@ -39,8 +39,11 @@ from .prompts import FindingRows, prompt_table
 from .textnorm import normalize_text
 
 MODES = ("add", "replace")
-ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")  # matched whole (fullmatch): no trailing newline
 MAX_PROMPTS = 32  # per side; more says the file is not what was meant
+MAX_FINDINGS = 256  # per file
+MAX_FILE_BYTES = 1 << 20
+_NOT_IN_SR_TEXT = re.compile(r"[\\\x00-\x1f\x7f]")  # DICOM's value separator and control characters
 KEYS = {"id", "display", "positive_prompts", "negative_prompts", "code", "site", "threshold", "section"}
 
 
@@ -80,6 +83,10 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _mapping_with_line(loader, node):
+    keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
+    repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if repeated:  # YAML would silently keep the last one
+        raise yaml.constructor.ConstructorError(None, None, f"key {repeated[0]!r} given twice", node.start_mark)
     data = loader.construct_mapping(node, deep=True)
     data["__line__"] = node.start_mark.line + 1
     return data
@@ -102,6 +109,8 @@ def read_findings_file(path: str | Path, private_scheme: str = "99CTZS") -> Find
     """Parse and check a findings file; ``FindingsFileError`` names the line and the problem."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise FindingsFileError(f"{path}: {path.stat().st_size} bytes; a findings file may have {MAX_FILE_BYTES}")
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)  # noqa: S506 - a SafeLoader
     except OSError as exc:
         raise FindingsFileError(f"{path}: cannot read the findings file ({exc.strerror or exc})") from None
@@ -120,6 +129,8 @@ def read_findings_file(path: str | Path, private_scheme: str = "99CTZS") -> Find
     extra = set(data) - {"findings", "__line__"}
     if extra:
         raise fail(data["__line__"], f"unknown top-level keys {sorted(extra)}")
+    if len(data["findings"]) > MAX_FINDINGS:
+        raise fail(None, f"{len(data['findings'])} findings; at most {MAX_FINDINGS} in one file")
     out: list[CustomFinding] = []
     seen: dict[str, int] = {}
     for item in data["findings"]:
@@ -135,7 +146,7 @@ def _one(item: dict, line: int, fail, seen: dict[str, int], scheme: str) -> Cust
     if unknown:
         raise fail(line, f"unknown keys {sorted(unknown)} (allowed: {', '.join(sorted(KEYS))})")
     fid = item.get("id")
-    if not isinstance(fid, str) or not ID_PATTERN.match(fid):
+    if not isinstance(fid, str) or not ID_PATTERN.fullmatch(fid):
         raise fail(line, f"'id' must be lower-case letters, digits and _, starting with a letter, got {fid!r}")
     if fid in seen:
         raise fail(line, f"duplicate id {fid!r} (first on line {seen[fid]})")
@@ -143,6 +154,8 @@ def _one(item: dict, line: int, fail, seen: dict[str, int], scheme: str) -> Cust
     display = item.get("display", fid.replace("_", " ").capitalize())
     if not isinstance(display, str) or not display.strip() or len(display) > 64:
         raise fail(line, f"finding {fid!r}: 'display' must be text of at most 64 characters")
+    if _NOT_IN_SR_TEXT.search(display):
+        raise fail(line, f"finding {fid!r}: 'display' holds a backslash or a control character (not allowed in an SR)")
     prompts = {}
     for side in ("positive_prompts", "negative_prompts"):
         raw = item.get(side)
@@ -164,9 +177,17 @@ def _one(item: dict, line: int, fail, seen: dict[str, int], scheme: str) -> Cust
         missing = [k for k in ("scheme", "value", "meaning") if not str(code.get(k) or "").strip()]
         if missing:
             raise fail(code.get("__line__", line), f"finding {fid!r}: the code has no {' or '.join(missing)}")
+        if not all(isinstance(code[k], str) for k in ("scheme", "value", "meaning")):
+            raise fail(
+                line, f"finding {fid!r}: code scheme, value and meaning must be quoted text ('0123' keeps its 0)"
+            )
         value, scheme_ = str(code["value"]), str(code["scheme"])
         if len(scheme_) > 16 or len(value) > 16 or len(str(code["meaning"])) > 64:
             raise fail(line, f"finding {fid!r}: code scheme and value at most 16 characters, meaning at most 64")
+        if any(_NOT_IN_SR_TEXT.search(str(code[k])) for k in ("scheme", "value", "meaning")):
+            raise fail(
+                line, f"finding {fid!r}: the code holds a backslash or a control character (not allowed in an SR)"
+            )
         code_ = Code(scheme_, value, str(code["meaning"]))
     site = item.get("site")
     if isinstance(site, dict):

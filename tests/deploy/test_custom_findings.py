@@ -63,6 +63,28 @@ BAD = {
         "findings:\n  - {id: hepatomegaly, positive_prompts: [x], negative_prompts: [y]}\n",
         ":2: id 'hepatomegaly' is one of the model's findings",
     ),
+    "backslash in display": (
+        "findings:\n  - {id: a, display: 'a\\\\b', positive_prompts: [x], negative_prompts: [y]}\n",
+        ":2: finding 'a': 'display' holds a backslash or a control character",
+    ),
+    "control character in a code meaning": (
+        "findings:\n  - id: a\n    positive_prompts: [x]\n    negative_prompts: [y]\n"
+        '    code: {scheme: SCT, value: "1", meaning: "m\\tx"}\n',
+        ":2: finding 'a': the code holds a backslash or a control character",
+    ),
+    "id with a trailing newline": (
+        'findings:\n  - {id: "a\\n", positive_prompts: [x], negative_prompts: [y]}\n',
+        ":2: 'id' must be",
+    ),
+    "repeated key": (
+        "findings:\n  - {id: a, id: b, positive_prompts: [x], negative_prompts: [y]}\n",
+        "key 'id' given twice",
+    ),
+    "numeric code value": (
+        "findings:\n  - id: a\n    positive_prompts: [x]\n    negative_prompts: [y]\n"
+        "    code: {scheme: SCT, value: 0123, meaning: m}\n",
+        "must be quoted text ('0123' keeps its 0)",
+    ),
     "prompt longer than the encoder": (
         "findings:\n  - id: a\n    positive_prompts: ['" + "liver " * 200 + "']\n    negative_prompts: [y]\n",
         "tokens, more than the text encoder's",
