@@ -31,7 +31,7 @@ from typing import Any
 from ..contract.phi import allow_identifiers, describe
 from .config import ListenerConfig
 from .sender import Sender
-from .spool import Spool, SpoolError, offered_references, sr_identity
+from .spool import InstanceConflict, Spool, SpoolError, offered_references, sr_identity
 
 log = logging.getLogger("ct-zeroshot.listener")
 
@@ -138,6 +138,9 @@ class Listener:
             return 0xC210
         try:
             self.spool.store(data, uid, sop)
+        except InstanceConflict as exc:
+            log.warning("C-STORE refused: %s", exc)
+            return 0xC213  # cannot understand: a second, different instance under one SOP Instance UID
         except SpoolError as exc:
             log.warning("C-STORE refused: %s", exc)
             return 0xC212  # the dataset does not match the SOP class (its UIDs are unusable)

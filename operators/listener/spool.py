@@ -35,6 +35,10 @@ def checked_uid(value: object, what: str) -> str:
     return uid
 
 
+class InstanceConflict(SpoolError):
+    """An instance under a SOP Instance UID the spool already holds with other bytes."""
+
+
 class Spool:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -46,9 +50,18 @@ class Spool:
 
     def store(self, data: bytes, study_uid: str, sop_uid: str) -> None:
         """Write one received instance (a DICOM file's bytes, as received) durably into ``incoming``,
-        before it is acknowledged."""
+        before it is acknowledged. The same instance received again is taken (a sender's retry); another
+        one under a SOP Instance UID the spool holds is refused (``InstanceConflict``): a changed instance
+        needs a new UID, and keeping either copy silently would lose the other."""
         folder = self.path("incoming", study_uid)
         name = checked_uid(sop_uid, "SOP Instance UID") + ".dcm"
+        for stage in ("incoming", "ready", "done", "failed"):
+            held = self.path(stage, study_uid) / name
+            if held.is_file() and held.read_bytes() != data:
+                raise InstanceConflict(
+                    f"study {study_uid}: instance {sop_uid} was received before with other content ({stage}/); "
+                    "a changed instance needs a new SOP Instance UID"
+                )
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / name, data, fsync=True)
 

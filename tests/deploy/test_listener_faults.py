@@ -26,10 +26,12 @@ def listener(tmp_path, tiny_package):
         backoff_s=0.01,
         redeliver_max_s=3600.0,
         max_attempts=2,
+        port=free_port(),
+        idle_timeout_s=3600.0,  # nothing completes while a test runs
     )
     lst = Listener(cfg)
     yield lst
-    lst.stop.set()
+    lst.shutdown()
 
 
 def _spooled(listener, root: Path, name: str) -> str:
@@ -97,3 +99,28 @@ def test_a_dead_pipeline_thread_refuses_instances(listener, tmp_path, monkeypatc
     assoc = SimpleNamespace()
     listener.open_assoc[id(assoc)] = set()
     assert listener.on_store(SimpleNamespace(assoc=assoc)) == 0xA700  # never 0x0000 while nothing would run
+
+
+def test_a_second_different_instance_under_one_sop_uid_is_refused(listener, tmp_path):
+    """Over a real association: the same instance again is taken (a sender's retry), other bytes under its
+    SOP Instance UID are refused (0xC213), and the first copy is kept."""
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    path = small_study(tmp_path / "in", "TWICE")[0]
+    first = pydicom.dcmread(path)
+    changed = pydicom.dcmread(path)
+    changed.PixelData = bytes(len(changed.PixelData))  # other pixels, the same SOP Instance UID
+    listener.start()
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(CTImageStorage, first.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.cfg.port, ae_title=listener.cfg.ae_title)
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(ds).Status for ds in (first, first, changed)]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000, 0x0000, 0xC213]
+    held = listener.spool.path("incoming", str(first.StudyInstanceUID)) / f"{first.SOPInstanceUID}.dcm"
+    assert pydicom.dcmread(held).PixelData == first.PixelData

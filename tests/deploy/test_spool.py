@@ -94,3 +94,15 @@ def test_a_purged_study_keeps_only_its_record(tmp_path):
     assert spool.sr_state(study) == {"sop": "1.2.4", "covered": covered, "delivered_at": 1.0, "purged": 2.0}
     spool.purge(study, 3.0)  # again (a crash half-way through the first): harmless
     assert spool.sr_state(study)["purged"] == 3.0
+
+
+def test_other_bytes_under_a_held_sop_uid_are_refused(tmp_path):
+    from operators.listener.spool import InstanceConflict
+
+    spool = Spool(tmp_path / "spool")
+    spool.store(b"first", "1.2.3", "1.2.3.4")
+    spool.store(b"first", "1.2.3", "1.2.3.4")  # a retry of the same instance
+    spool.complete("1.2.3")
+    with pytest.raises(InstanceConflict, match="instance 1.2.3.4 was received before with other content"):
+        spool.store(b"second", "1.2.3", "1.2.3.4")
+    assert (spool.path("ready", "1.2.3") / "1.2.3.4.dcm").read_bytes() == b"first"
