@@ -35,6 +35,14 @@ def checked_uid(value: object, what: str) -> str:
     return uid
 
 
+def _dataset_part(data: bytes) -> bytes:
+    """A DICOM file's bytes after its file meta group (which names the sending application and may differ
+    between two senders of the same instance); the whole bytes when they are not a DICOM file."""
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        return data
+    return data[144 + int.from_bytes(data[140:144], "little") :]
+
+
 class InstanceConflict(SpoolError):
     """An instance under a SOP Instance UID the spool already holds with other bytes."""
 
@@ -50,14 +58,15 @@ class Spool:
 
     def store(self, data: bytes, study_uid: str, sop_uid: str) -> None:
         """Write one received instance (a DICOM file's bytes, as received) durably into ``incoming``,
-        before it is acknowledged. The same instance received again is taken (a sender's retry); another
-        one under a SOP Instance UID the spool holds is refused (``InstanceConflict``): a changed instance
+        before it is acknowledged. The same instance received again is taken (a sender's retry, or another
+        sender: the file meta group aside, the bytes are the same); another one under a SOP Instance UID
+        the spool holds is refused (``InstanceConflict``): a changed instance
         needs a new UID, and keeping either copy silently would lose the other."""
         folder = self.path("incoming", study_uid)
         name = checked_uid(sop_uid, "SOP Instance UID") + ".dcm"
         for stage in ("incoming", "ready", "done", "failed"):
             held = self.path(stage, study_uid) / name
-            if held.is_file() and held.read_bytes() != data:
+            if held.is_file() and _dataset_part(held.read_bytes()) != _dataset_part(data):
                 raise InstanceConflict(
                     f"study {study_uid}: instance {sop_uid} was received before with other content ({stage}/); "
                     "a changed instance needs a new SOP Instance UID"
