@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .phi import describe
 from .plausibility import check_geometry, check_hounsfield, check_rescale
@@ -113,6 +113,8 @@ def read_frame(path: str | Path, header: Dataset, offset: int | None, scratch: n
     (no fresh array per frame); the result is then a view of it, valid until its next use."""
     meta = getattr(header, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts == DeflatedExplicitVRLittleEndian:  # pixel_array(path) reads the stream as stored, not inflated
+        return pydicom.dcmread(str(path)).pixel_array
     rows, cols = int(header.get("Rows", 0)), int(header.get("Columns", 0))
     stored = int(header.get("BitsStored", 0) or 0)
     head = _NATIVE_LE.get(ts) if ts is not None else None

@@ -208,3 +208,25 @@ def test_read_frame_falls_back_when_the_offset_is_wrong(series):
     expected = pydicom.pixels.pixel_array(str(paths[0]))
     for offset in (None, 0, s.pixel_offsets[0] + 2):
         assert np.array_equal(read_frame(paths[0], s.headers[0], offset), expected)
+
+
+def test_a_deflated_series_reads_as_its_original(tmp_path):
+    """Deflated Explicit VR Little Endian, which the listener accepts: the same volume as the original (its
+    pixels are inflated by pydicom, not read at the header scan's offset in the compressed stream)."""
+    from operators.contract.dicom_series import scan_tree, series_to_volume
+
+    paths = small_study(tmp_path / "plain", "DEFLATE")
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+        (tmp_path / "deflated").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "deflated" / p.name, enforce_file_format=True)
+    volumes = []
+    for folder in ("plain", "deflated"):
+        ((_, series),) = scan_tree(tmp_path / folder).studies().items()
+        s = series[0]
+        volumes.append(series_to_volume(s.headers, [str(p) for p in s.paths], offsets=s.pixel_offsets))
+    assert str(pydicom.dcmread(next((tmp_path / "deflated").iterdir())).file_meta.TransferSyntaxUID) == (
+        pydicom.uid.DeflatedExplicitVRLittleEndian
+    )
+    assert np.array_equal(volumes[0].array, volumes[1].array) and np.allclose(volumes[0].affine, volumes[1].affine)
