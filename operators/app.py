@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .contract.custom_findings import FindingsFileError
 from .contract.dicom_series import scan_tree
-from .contract.package import MANIFEST, PackageError, default_package_dir, load_package
+from .contract.package import MANIFEST, PackageError, load_package, named_or_demo
 from .contract.phi import allow_identifiers, identifiers_allowed
 from .contract.scoring import DeviceError, ZeroShotModel
 from .contract.volume import VolumeError
@@ -40,8 +40,7 @@ def find_package(models: Path | None) -> Path:
     """The package in ``models`` (itself, or its one sub-folder with a manifest); the embedded demo model
     only when no model is named (``models`` is None). A named path that does not exist is refused."""
     if models is None:
-        log.warning("no model named: using the embedded demo model (trained on synthetic phantoms only)")
-        return default_package_dir()
+        return named_or_demo(None)
     if not models.exists():
         raise PackageError(f"{models}: model path does not exist")
     if (models / MANIFEST).is_file():

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .contract.dicom_series import SeriesFiles, scan_files, scan_tree
 from .contract.files import PARTIAL_SUFFIX, write_atomic
-from .contract.package import default_package_dir, load_package
+from .contract.package import load_package, named_or_demo
 from .contract.phi import allow_identifiers, describe, identifiers_allowed
 from .pipeline import SeriesToModelInput, StudyWork, run_study, sr_filename
 
@@ -252,10 +252,7 @@ def run_batch(
         raise BatchError(f"unknown engine {engine!r}: local or ray")
     if not inp.exists():
         raise FileNotFoundError(f"{inp}: input folder does not exist")
-    if not model:
-        log.warning("no model named: using the embedded demo model (trained on synthetic phantoms only)")
-    package_dir = Path(model) if model else default_package_dir()
-    pkg = load_package(package_dir)
+    pkg = load_package(named_or_demo(model))
     from .contract.scoring import ZeroShotModel, package_with_findings
 
     ZeroShotModel(pkg, device="cpu", threads=1)  # an encoder that cannot run is refused before anything is written

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -275,6 +276,17 @@ def default_package_dir() -> Path:
     if not (path / MANIFEST).is_file():
         raise PackageError(f"the embedded demo model is missing from {path}; name a model package")
     return path
+
+
+def named_or_demo(model: str | Path | None) -> Path:
+    """The model named (as given: ``load_package`` refuses it if it is missing), or, only when none is
+    named, the embedded demo model, with a warning (it knows synthetic phantoms, not patients)."""
+    if model:
+        return Path(model)
+    logging.getLogger("ct-zeroshot").warning(
+        "no model named: using the embedded demo model (trained on synthetic phantoms only)"
+    )
+    return default_package_dir()
 
 
 def is_embedded_demo(package: ModelPackage) -> bool:

@@ -55,16 +55,14 @@ class Listener:
     pipeline one study at a time (``_work`` -> ``process``) and hands SRs to the ``Sender``."""
 
     def __init__(self, cfg: ListenerConfig):
-        from ..contract.package import default_package_dir, load_package
+        from ..contract.package import load_package, named_or_demo
         from ..contract.scoring import ZeroShotModel
         from ..pipeline import SeriesToModelInput, log_model
 
         self.cfg = cfg
         allow_identifiers(cfg.log_patient_identifiers)  # header values in logs only where allowed
         self.spool = Spool(cfg.spool)
-        if cfg.model is None:
-            log.warning("no model in the config: using the embedded demo model (trained on synthetic phantoms only)")
-        pkg = load_package(cfg.model or default_package_dir())
+        pkg = load_package(named_or_demo(cfg.model))
         self.model = ZeroShotModel(pkg, device="auto", findings=cfg.findings, findings_mode=cfg.findings_mode)
         log_model(self.model)
         self.prep = SeriesToModelInput(self.model.package.spec)
