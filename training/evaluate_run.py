@@ -8,9 +8,11 @@ import numpy as np
 import torch
 
 from operators.contract.files import write_json
+from operators.contract.scoring import merlin_present
 
 from .cache import split_volumes
 from .evaluate import evaluate_model, format_tables
+from .ground_truth import format_truth_tables, has_ground_truth, load_ground_truth, truth_report
 from .run_folder import load_run, read_run_config
 
 
@@ -52,6 +54,12 @@ def evaluate_run(
         "data": str(data),
         "config_digest": cfg.digest(),
     }
+    text = format_tables(metrics)
+    if has_ground_truth(data):  # the synthetic corpus: every study-finding cell against the phantom's truth
+        truth = load_ground_truth(data)
+        metrics.update(truth_report(truth, [s.study_id for s in studies], margins, merlin_present(margins)))
+        metrics["ground_truth"]["decision"] = "merlin: probability 0.5"
+        text += "\n\n" + format_truth_tables(metrics)
     name = "metrics.json" if checkpoint == "best" else f"metrics_{checkpoint}.json"
     path = run / name
     write_json(path, metrics)
@@ -61,4 +69,4 @@ def evaluate_run(
         labels=labels,
         study_ids=np.array([s.study_id for s in studies]),
     )
-    return path, format_tables(metrics)
+    return path, text
