@@ -128,6 +128,22 @@ def _convert_merlin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heldout(args: argparse.Namespace) -> int:
+    from .heldout import evaluate_heldout, save_evaluation, write_evaluation_md
+
+    evaluation = evaluate_heldout(
+        args.package, args.data, args.development, args.out, device=args.device, progress=not args.quiet
+    )
+    if args.report:
+        command = (
+            f"ct-zeroshot-train heldout --package {args.package} --data {args.data} "
+            f"--development {args.development} --out {args.out} --report {args.report}"
+        )
+        save_evaluation(evaluation, f"{args.report}.json")
+        print(f"report: {write_evaluation_md(evaluation, f'{args.report}.md', command)}")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -341,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--cache", default=None)
     st.add_argument("--quiet", action="store_true")
     st.set_defaults(func=_study)
+
+    ho = sub.add_parser(
+        "heldout",
+        help="a package's headline figures, once, on a held-out corpus with its own seed (ground truth, "
+        "no-image baseline); writes a copy of the package with them in its manifest",
+    )
+    ho.add_argument("--package", required=True, help="the model package (left untouched)")
+    ho.add_argument("--data", required=True, help="the held-out corpus (ct-zeroshot-train synth, its own seed)")
+    ho.add_argument("--development", required=True, help="the corpus the model was developed on (baseline fit)")
+    ho.add_argument("--out", required=True, help="the evaluated package (a new folder)")
+    ho.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ho.add_argument("--report", help="also write REPORT.json and REPORT.md (the docs' table)")
+    ho.add_argument("--quiet", action="store_true")
+    ho.set_defaults(func=_heldout)
 
     c = sub.add_parser("convert-merlin", help="official Merlin checkpoint -> model package")
     c.add_argument("--checkpoint", required=True, help="Merlin's .pt (flat state dict)")

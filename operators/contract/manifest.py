@@ -100,6 +100,7 @@ class ModelIdentity:
     uid: str  # a DICOM UID: the SR's device UID and part of every SR's derived UIDs
     created: str
     intended_use: str | None = None  # stated in every SR and summary; optional (older packages lack it)
+    evaluation: dict | None = None  # the held-out figures (``ct-zeroshot-train heldout``); optional
 
     @classmethod
     def read(cls, r: _Reader) -> ModelIdentity:
@@ -109,12 +110,14 @@ class ModelIdentity:
         use = r.get("intended_use", "str", optional=True)
         if use is not None and not 0 < len(use) <= INTENDED_USE_MAX:
             raise r.error(r.where("intended_use"), f"must be 1 to {INTENDED_USE_MAX} characters, got {len(use)}")
-        return cls(r.get("name", "str"), r.get("version", "str"), uid, r.get("created", "str"), use)
+        evaluation = r.get("evaluation", "dict", optional=True)
+        return cls(r.get("name", "str"), r.get("version", "str"), uid, r.get("created", "str"), use, evaluation)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
-        if d["intended_use"] is None:
-            del d["intended_use"]  # a package that states none reads back byte for byte
+        for key in ("intended_use", "evaluation"):
+            if d[key] is None:
+                del d[key]  # a package that states none reads back byte for byte
         return d
 
 
