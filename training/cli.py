@@ -162,7 +162,12 @@ def _study(args: argparse.Namespace) -> int:
         )
         return 0
     try:
-        run_study(preset, args.data, args.out, **_pick(args, "seeds", "resume", "jobs"), **_common(args))
+        arms = None
+        if args.arms:
+            from .research.study.arms import MAIN_ARMS
+
+            arms = list(MAIN_ARMS) if args.arms == "main" else [a.strip() for a in args.arms.split(",") if a.strip()]
+        run_study(preset, args.data, args.out, arms=arms, **_pick(args, "seeds", "resume", "jobs"), **_common(args))
     except RuntimeError as exc:
         print(f"ct-zeroshot-train study: {exc}", file=sys.stderr)
         return 1
@@ -353,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--aggregate-only",
         action="store_true",
         help="only rewrite results.csv, summary.md and plots from the finished runs",
+    )
+    st.add_argument(
+        "--arms",
+        help="run only these arms (comma-separated), or 'main': the arms of the main contrasts (e.g. with "
+        "--resume --seeds 10); the others keep the seeds they have",
     )
     st.add_argument("--cache", default=None)
     st.add_argument("--quiet", action="store_true")

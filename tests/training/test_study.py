@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,9 @@ import pytest
 import yaml
 
 from training.config import ConfigError
-from training.research.study import ARMS, StudyPreset, hierarchical_bootstrap, holm_levels, run_study, verdict
+from training.research.study import ARMS, StudyPreset, holm_levels, run_study, sign_flip_p, two_stage, verdict
 from training.research.study.arms import SAMPLER_ARMS
-from training.research.study.statistics import bootstrap_p, interval, seed_level_interval
+from training.research.study.statistics import seed_level_interval
 
 ARM_NAMES = StudyPreset.load("smoke").arms  # the sampler study's kinds of arm, each once
 CUT_ARMS = ["random", "balanced-50-50", "subset-20"]
@@ -171,25 +172,24 @@ def test_aggregate_only_rewrites_the_same_results(smoke_study):
     assert (out / "results.csv").read_text() == before
 
 
-def test_hierarchical_bootstrap_holds_seed_variance_and_holm_corrects():
+def test_seed_level_statistics_hold_their_level_and_holm_corrects():
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, (300, 30))
-    labels[rng.random(labels.shape) < 0.1] = -1
-
-    def model(acc):
-        return np.where(rng.random(labels.shape) < acc, labels.clip(0, 1), 1 - labels.clip(0, 1))
-
-    good, poor = model(0.85), model(0.6)
-    point, boots = hierarchical_bootstrap([(1, [good, good]), (-1, [good, good])], labels, 100)
-    assert point == 0.0 and np.all(boots == 0)
-    point, boots = hierarchical_bootstrap([(1, [good]), (-1, [poor])], labels, 200)
-    lo, hi = interval(boots, 0.05)
-    assert 0 < lo < point < hi and bootstrap_p(boots) == 0.0
-    # seeds that disagree widen the interval beyond what resampling studies alone gives
-    steady = hierarchical_bootstrap([(1, [model(0.7)] * 3), (-1, [model(0.7)] * 3)], labels, 300)[1]
-    spread = [model(0.6), model(0.7), model(0.8)]
-    erratic = hierarchical_bootstrap([(1, spread), (-1, [model(0.7)] * 3)], labels, 300)[1]
-    assert np.ptp(interval(erratic, 0.05)) > 1.5 * np.ptp(interval(steady, 0.05))
+    # no true effect: the two-stage t-interval with the sign flip resolves at most its nominal share
+    false_calls = 0
+    for _ in range(400):
+        d = rng.normal(0, 1.0, 10)
+        mean, lo, hi, p = two_stage(d, 0.01)
+        false_calls += (lo > 0 or hi < 0) and sign_flip_p(d) <= 0.05
+    assert false_calls / 400 <= 0.07
+    # three seeds can never pass the sign flip at 5 %, however consistent they are
+    assert sign_flip_p([3.3, 3.8, 4.3]) == 0.25 and sign_flip_p([1.0] * 10) == pytest.approx(2 / 1024)
+    # the test-study stage widens the interval; a real effect at 10 seeds is resolved
+    _, lo0, hi0, _ = two_stage([1.0, 1.2, 0.8, 1.1, 0.9], None)
+    _, lo1, hi1, _ = two_stage([1.0, 1.2, 0.8, 1.1, 0.9], 0.05)
+    assert lo1 < lo0 < hi0 < hi1
+    d = rng.normal(2.0, 1.0, 10)
+    mean, lo, hi, p = two_stage(d, 0.01, 0.01)
+    assert 0 < lo < mean < hi and sign_flip_p(d) <= 0.01
     # Holm: the smallest p at alpha/m, the next at alpha/(m-1); after the first failure the level stays
     assert holm_levels([0.001, 0.04, 0.012, 0.3]) == [0.05 / 4, 0.05 / 2, 0.05 / 3, 0.05 / 2]
     assert verdict((0.05, 0.01, 0.09), 0.02) == "same direction as the paper"
@@ -199,6 +199,23 @@ def test_hierarchical_bootstrap_holds_seed_variance_and_holm_corrects():
     # not resolved
     mean, lo, hi = seed_level_interval([-1.04, -0.07, -3.02])
     assert lo < 0 < hi and abs(mean + 1.3767) < 1e-3
+
+
+def test_the_kept_study_rebuilds_its_comparisons_from_the_checkout(tmp_path):
+    """results/study holds what its statistics need (results.csv, every run's test_bootstrap.json): the
+    seed-level comparisons rebuild from a checkout, identical to the kept seed_level.md."""
+    from training.research.study.seed_level import compare, seed_level_md
+
+    kept = Path(__file__).resolve().parents[2] / "results" / "study"
+    out = tmp_path / "study"
+    shutil.copytree(kept, out, ignore=shutil.ignore_patterns("*.npz", "*.png"))
+    preset = StudyPreset.load("paper-cpu")
+    comps = compare(preset, out)
+    assert all(c.test_var is not None for c in comps)  # the second stage is there for every comparison
+    assert seed_level_md(preset, out, comps) == (kept / "seed_level.md").read_text()
+    main = {c.contrast.name for c in comps if c.family == "main"}
+    assert main == {"balanced-25-75 vs random", "balanced-50-50 vs random", "balanced-75-25 vs random",
+                    "subset-20 vs subset-100", "subset-100-balanced-50-50 vs subset-100"}  # fmt: skip
 
 
 def test_study_errors(tmp_path, corpus200):

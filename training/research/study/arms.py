@@ -188,6 +188,19 @@ EXTRA_CONTRASTS: tuple[Contrast, ...] = (
 )
 
 
+# The paper's main contrasts (random vs each balanced ratio; 20 % vs 100 % of the subset; balanced on the
+# subset): their own Holm family, and the arms a study needs at least 10 seeds of (docs/study.md).
+MAIN_CONTRASTS = (
+    "balanced-25-75 vs random",
+    "balanced-50-50 vs random",
+    "balanced-75-25 vs random",
+    "subset-20 vs subset-100",
+    "subset-100-balanced-50-50 vs subset-100",
+)
+MAIN_ARMS = ("random", "balanced-25-75", "balanced-50-50", "balanced-75-25", "subset-20", "subset-100",
+             "subset-100-balanced-50-50")  # fmt: skip
+
+
 def contrasts(arm_names: list[str]) -> list[Contrast]:
     """The study's family of comparisons among the arms it runs: each arm against its
     ``compare_to``, then the extra contrasts whose arms are all present."""
@@ -275,6 +288,7 @@ class StudyPreset:
         d.pop("seeds")  # more seeds may be added to a study on --resume
         d.pop("jobs")
         d.pop("threads")
+        d.pop("bootstrap")  # the test-study resamples of the statistics: no run depends on them
         return d
 
 

@@ -15,36 +15,12 @@ import numpy as np
 
 from operators.contract.files import write_atomic
 
-from .arms import ARM_BY_NAME, SCALING_ARMS, SUBSET_FRACTION, Arm, Contrast, StudyPreset, contrasts
+from .arms import ARM_BY_NAME, SCALING_ARMS, SUBSET_FRACTION, Arm, StudyPreset
 from .plots import plots
-from .statistics import (
-    bootstrap_p,
-    hierarchical_bootstrap,
-    holm_levels,
-    interval,
-    paper_value,
-    predictions,
-    run_metrics,
-    verdict,
-)
+from .seed_level import SeedComparison, compare, delta_vs, write_seed_level
+from .statistics import load_test_bootstrap, run_metrics
 
 _SELECTED = {"macro_f1": "macro F1", "macro_auroc": "macro AUROC"}  # train.select, as the summary says it
-
-
-@dataclass
-class Comparison:
-    contrast: Contrast
-    seeds: int  # seeds common to every arm of the contrast
-    point: float
-    p: float
-    level: float  # Holm's level for this comparison
-    lo: float
-    hi: float
-    paper_delta: float | None
-
-    @property
-    def ci(self) -> tuple[float, float, float]:
-        return self.point, self.lo, self.hi
 
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
@@ -89,45 +65,16 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
             return math.nan, math.nan, 0
         return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
 
-    preds, labels_ref = {}, None
-    for arm, ss in finished.items():
-        preds[arm] = {}
-        for s in ss:
-            p, lab, ids = predictions(run_dir(out, arm, s))
-            if labels_ref is None:
-                labels_ref, ids_ref = lab, ids
-            elif not np.array_equal(ids, ids_ref):
-                raise ValueError(f"{run_dir(out, arm, s)}: evaluated on different studies than the other runs")
-            preds[arm][s] = p
-
-    def boot(c: Contrast) -> tuple[int, float, np.ndarray] | None:
-        common = sorted(set.intersection(*(set(preds.get(a, {})) for a, _ in c.terms)))
-        if not common:
-            return None
-        terms = [(float(coef), [preds[a][s] for s in common]) for a, coef in c.terms]
-        point, boots = hierarchical_bootstrap(terms, labels_ref, preset.bootstrap, seed=0)
-        return len(common), point, boots
-
-    def unadjusted(c: Contrast) -> tuple[float, float, float] | None:
-        b = boot(c)
-        return None if b is None else (b[1], *interval(b[2], 0.05))
-
-    deltas = {
-        arm.name: unadjusted(Contrast(arm.name, ((arm.name, 1), ("random", -1)), ""))
-        for arm in arms
-        if arm.name != "random"
+    boots = {
+        (arm, seed): load_test_bootstrap(run_dir(out, arm, seed), preset.bootstrap)
+        for arm, seeds_done in finished.items()
+        for seed in seeds_done
     }
-    family = [(c, boot(c)) for c in contrasts(preset.arms)]
-    family = [(c, b) for c, b in family if b is not None]
-    levels = holm_levels([bootstrap_p(b[2]) for _, b in family])
-    comparisons = []
-    for (c, (n_seeds, point, boots)), level in zip(family, levels):
-        paper_delta = None
-        if c.paper:
-            pa, pb = (paper_value(ARM_BY_NAME[a].paper) for a in c.paper)
-            paper_delta = None if pa is None or pb is None else pa - pb
-        lo, hi = interval(boots, level) if boots.size else (math.nan, math.nan)
-        comparisons.append(Comparison(c, n_seeds, point, bootstrap_p(boots), level, lo, hi, paper_delta))
+    studies = {r["studies"] for r in boots.values() if r is not None}
+    if len(studies) > 1:
+        raise ValueError(f"{out}: the runs were evaluated on different numbers of test studies ({sorted(studies)})")
+    deltas = {arm.name: delta_vs(out, preset, arm.name, "random", boots) for arm in arms if arm.name != "random"}
+    comparisons = compare(preset, out, boots)
 
     catalogue = load_catalogue()
     tables = StudyTables(
@@ -141,12 +88,10 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
         deltas=deltas,
         comparisons=comparisons,
         catalogue=catalogue,
-        labels=labels_ref,
+        test_studies=next(iter(studies), None),
     )
     write_atomic(out / "summary.md", summary_md(tables))
-    from .seed_level import write_seed_level
-
-    write_seed_level(preset, out)
+    write_seed_level(preset, out, comparisons)
     plots(preset, out, arms, stat, catalogue)
     if progress:
         print(f"results: {out / 'results.csv'}\nsummary: {out / 'summary.md'}", flush=True)
@@ -158,13 +103,14 @@ def _pm(mean: float, std: float, scale: float = 100) -> str:
     return f"{mean * scale:.2f}" + ("" if math.isnan(std) else f" +- {std * scale:.2f}")
 
 
-def _ci(c) -> str:
+def _ci(c, scale: float = 1.0) -> str:
+    """``(point, lo, hi)`` in points (times ``scale``) as text; the point alone where there is no interval."""
     if c is None:
         return "-"
-    point, lo, hi = c
+    point, lo, hi = (v * scale for v in c)
     if math.isnan(lo):
-        return f"{point * 100:+.2f}"
-    return f"{point * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]"
+        return f"{point:+.2f}"
+    return f"{point:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def _shown(path) -> str:
@@ -187,34 +133,42 @@ class StudyTables:
     arms: list[Arm]
     finished: dict[str, list[int]]
     stat: Callable[[str, str], tuple[float, float, int]]  # (arm, metric) -> mean, std, n over seeds
-    deltas: dict[str, tuple[float, float, float] | None]  # arm -> its difference to random [CI]
-    comparisons: list[Comparison]  # the family, Holm-corrected
+    deltas: dict[str, tuple[float, float, float] | None]  # arm -> its F1 difference to random, points [95 % CI]
+    comparisons: list[SeedComparison]  # both metrics, both families, Holm-corrected
     catalogue: Any
-    labels: np.ndarray | None
+    test_studies: int | None
 
 
 def summary_md(t: StudyTables) -> str:
     preset, out, seeds, record, arms = t.preset, t.out, t.seeds, t.record, t.arms
-    finished, stat, deltas, comparisons, catalogue, labels = (
-        t.finished,
-        t.stat,
-        t.deltas,
-        t.comparisons,
-        t.catalogue,
-        t.labels,
-    )
+    finished, stat, deltas, comparisons, catalogue = t.finished, t.stat, t.deltas, t.comparisons, t.catalogue
     tc = preset.train_config(ARM_BY_NAME["random"], 0).train
     n_runs = sum(len(v) for v in finished.values())
+    counts = {a.name: len(finished.get(a.name, [])) for a in arms}
+    base_cmd = (
+        f"ct-zeroshot-train study --preset {preset.name} --data {_shown(record.get('data', '?'))} --out {_shown(out)}"
+    )
     seconds = sum(s["seconds"] for s in record.get("sessions", []))
     lines = [
         f"# Sampler study `{preset.name}`",
         "",
         preset.description.strip(),
         "",
-        f"- Command: `ct-zeroshot-train study --preset {preset.name} --data {_shown(record.get('data', '?'))} "
-        f"--out {_shown(out)} --seeds {seeds}`",
-        f"- Runs finished: {n_runs} of {len(arms) * seeds} ({len(arms)} arms x {seeds} seeds); "
-        f"wall time of the study command(s): {seconds / 60:.1f} min",
+        f"- Command: `{base_cmd} --seeds {min(counts.values(), default=seeds)}`"
+        + (
+            ""
+            if len(set(counts.values())) <= 1
+            else f", then `{base_cmd} --resume --seeds {max(counts.values())} --arms "
+            + ",".join(a for a, n in counts.items() if n == max(counts.values()))
+            + "`"
+        ),
+        f"- Runs finished: {n_runs} ("
+        + (
+            f"{len(arms)} arms x {seeds} seeds"
+            if len(set(counts.values())) <= 1 and n_runs == len(arms) * seeds
+            else ", ".join(f"`{a}` {n}" for a, n in counts.items()) + " seeds"
+        )
+        + f"); wall time of the study command(s): {seconds / 60:.1f} min",
         f"- Every arm: training preset `{preset.train_preset}` with {list(preset.overrides)}; "
         f"{tc.steps} steps of batch {tc.batch_size}, the same LR schedule and alternation schedule; "
         + (
@@ -227,11 +181,13 @@ def summary_md(t: StudyTables) -> str:
         f"- Subset: {preset.subset_fraction:.4f} of the training split (the paper's: 4,362 / 15,331 = "
         f"{SUBSET_FRACTION:.4f}), "
         f"fixed by `sampler.subset_seed`; 20 % within 40 % within 100 %.",
-        f"- Evaluated on the `{preset.split}` split ({0 if labels is None else labels.shape[0]} studies); "
-        f"CIs: hierarchical paired bootstrap ({preset.bootstrap} resamples: training seeds, then test "
-        "studies, with replacement, the same draws for every arm), so they hold seed variance; the "
-        "comparisons' intervals are corrected for the family by Holm's step-down levels, and a comparison "
-        "is resolved only when its corrected interval excludes 0. Macro F1 in %.",
+        f"- Evaluated on the `{preset.split}` split ({t.test_studies or '?'} studies). The seed is the unit: "
+        "each comparison's interval is a t-interval over its per-seed paired differences, widened by the test "
+        f"studies' sampling variance ({preset.bootstrap} resamples of the shared test studies, the same draws "
+        "for every run); Holm's step-down levels correct each family (the main contrasts; the others), and a "
+        "comparison is resolved only when its corrected interval excludes 0 and the exact sign-flip test over "
+        "the seeds agrees at that level. Macro F1 is Merlin's 0.5 rule, "
+        "in %; per-seed detail and the AUROC comparisons of every contrast: `seed_level.md`.",
         "",
     ]
     lines += [
@@ -239,7 +195,7 @@ def summary_md(t: StudyTables) -> str:
         "",
         "| arm | pool | unique volumes / full epoch | "
         "section items with a finding: rule (balanceable sections) / labels | "
-        "macro F1 (mean +- std) | macro AUROC | delta vs random [95% CI, uncorrected] | paper macro F1 | "
+        "macro F1 (mean +- std) | macro AUROC | F1 delta vs random [95% CI, uncorrected] | paper macro F1 | "
         "train min / run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -262,21 +218,29 @@ def summary_md(t: StudyTables) -> str:
         "",
         "## The paper's comparisons",
         "",
-        "| comparison | seeds | ours: delta [Holm-corrected CI] | level | p | paper: delta | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| comparison | family | seeds | F1 delta [Holm-corrected CI] | p | sign-flip p | "
+        "AUROC delta [Holm-corrected CI] | paper: F1 delta | verdict (F1) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in comparisons:
-        pd = "-" if c.paper_delta is None else f"{c.paper_delta * 100:+.2f}"
+    auroc = {(c.contrast.name, c.family): c for c in comparisons if c.metric == "macro_auroc"}
+    for c in (c for c in comparisons if c.metric == "macro_f1"):
+        a = auroc.get((c.contrast.name, c.family))
+        pd = "-" if c.paper_delta is None else f"{c.paper_delta:+.2f}"
         lines.append(
-            f"| {c.contrast.name} | {c.seeds} | {_ci(c.ci)} | {(1 - c.level) * 100:.2f} % | {c.p:.3f} | {pd} | "
-            f"{verdict(c.ci, c.paper_delta)} |"
+            f"| {c.contrast.name} | {c.family} | {len(c.seeds)} | {_ci((c.mean, c.lo, c.hi))} | {c.p:.3f} | "
+            f"{c.p_sign:.3f} | {'-' if a is None else _ci((a.mean, a.lo, a.hi))} | {pd} | "
+            f"{c.verdict} |"
         )
     lines += [
         "",
         "Paper deltas from its table (arXiv 2604.13561); the 25:75 and 50:50 arms were published only as "
-        "'between 71.65 and 72.02', whose midpoint is used. A difference of differences (the last rows, "
-        "where present) answers: "
-        + "; ".join(f"*{c.contrast.name}*: {c.contrast.question}" for c in comparisons if len(c.contrast.terms) > 2),
+        "'between 71.65 and 72.02', whose midpoint is used. AUROC deltas in AUROC x 100. A difference "
+        "of differences (rows where present) answers: "
+        + "; ".join(
+            f"*{c.contrast.name}*: {c.contrast.question}"
+            for c in comparisons
+            if len(c.contrast.terms) > 2 and c.metric == "macro_f1"
+        ),
         "",
     ]
 

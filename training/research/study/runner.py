@@ -115,8 +115,10 @@ def run_study(
     cache_dir: str | Path | None = None,
     jobs: int | None = None,
     progress: bool = True,
+    arms: list[str] | None = None,
 ) -> dict:
-    """Run (or resume) every arm x seed, then aggregate. Returns the study record."""
+    """Run (or resume) every arm x seed, then aggregate. Returns the study record. ``arms``: run only these
+    of the preset's arms (e.g. more seeds of the main contrasts' arms); the others keep what they have."""
     from tqdm import tqdm
 
     from ...cache import VolumeCache, default_cache_dir
@@ -137,7 +139,8 @@ def run_study(
         prev = json.loads(record_path.read_text())
         if not resume:
             raise FileExistsError(f"{out}: holds a study already; pass --resume to continue it or use a new --out")
-        if prev.get("preset_fields") != record["preset_fields"] or prev.get("data") != record["data"]:
+        same_data = prev.get("data") is not None and Path(prev["data"]).resolve() == data
+        if prev.get("preset_fields") != record["preset_fields"] or not same_data:
             raise ValueError(f"{out}: holds a study with a different preset or data set; use a new --out")
         record = prev
     elif main and out.exists() and any(out.iterdir()) and not resume:
@@ -157,8 +160,12 @@ def run_study(
     if main:
         VolumeCache(cache, spec).build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
 
+    if arms is not None:
+        unknown = [a for a in arms if a not in preset.arms]
+        if unknown:
+            raise ValueError(f"--arms: {unknown} not among the preset's arms {list(preset.arms)}")
     todo, done = [], 0
-    for arm_name in preset.arms:
+    for arm_name in arms if arms is not None else preset.arms:
         arm = ARM_BY_NAME[arm_name]
         for seed in range(seeds):
             cfg = preset.train_config(arm, seed)
@@ -183,8 +190,8 @@ def run_study(
     progress = progress and main
     if progress:
         print(
-            f"study {preset.name}: {len(preset.arms)} arms x {seeds} seeds = {total} runs; {done} finished before, "
-            f"{len(todo)} to run, {jobs} at a time",
+            f"study {preset.name}: {len(arms or preset.arms)} arms x {seeds} seeds = {total} runs; {done} finished "
+            f"before, {len(todo)} to run, {jobs} at a time",
             flush=True,
         )
     t0 = time.time()

@@ -1,23 +1,27 @@
-"""Per-run metrics, the hierarchical paired bootstrap, Holm's correction, and the verdict of a comparison.
+"""Per-run metrics, seed-level statistics with a test-study second stage, Holm's correction, verdicts.
 
-A comparison is a contrast: a weighted sum of arms' macro F1 (``a - b``, or a difference of differences
-such as how much of the 20 % -> 100 % gap a method closes). Its interval comes from a two-level
-bootstrap: each resample draws the seeds with replacement (the same seed indices for every arm, since
-seed ``s`` gives every arm the same initial weights) and then the test studies with replacement (the
-same studies for every arm and seed), so the interval holds the variance between training runs as well
-as between test studies. Across the family of comparisons Holm's step-down correction sets each
-interval's level; a comparison is *resolved* only when its corrected interval excludes zero.
+A comparison is a contrast: a weighted sum of arms' test metric (``a - b``, or a difference of differences
+such as how much of the 20 % -> 100 % gap a method closes), for macro F1 (Merlin's 0.5 rule) and macro
+AUROC alike. The seed is the unit of replication: seed ``s`` gives every arm the same initial weights, so
+each seed yields one paired difference, and the interval is a t-interval over those differences (stage
+one). The test studies are shared by every run, so their sampling variance is common to all seeds and the
+seeds' spread cannot show it: resampling the test studies (the same draws for every run) gives the
+variance of the seed-mean contrast, which is added (stage two). An exact sign-flip p over the seeds is
+shown beside. Holm's step-down correction sets each interval's level within its family (the main
+contrasts, then the others); a comparison is *resolved* only when its corrected interval excludes zero.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from operators.contract.files import write_json
 from operators.contract.scoring import merlin_present
 
 
@@ -57,38 +61,100 @@ def run_metrics(rd: Path) -> list[tuple[str, float]]:
     return rows
 
 
-def predictions(rd: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    z = np.load(rd / "metrics_predictions.npz")
-    return merlin_present(z["margins"]).astype(np.int8), z["labels"], z["study_ids"]
+TEST_BOOTSTRAP_FILE = "test_bootstrap.json"
+METRICS = ("macro_f1", "macro_auroc")  # the study's two metrics: F1 under Merlin's 0.5 rule, and AUROC
 
 
-def hierarchical_bootstrap(
-    terms: list[tuple[float, list[np.ndarray]]], labels: np.ndarray, n_boot: int, seed: int = 0
-) -> tuple[float, np.ndarray]:
-    """Point value and bootstrap samples of sum_k coef_k * mean over seeds of macro F1(arm_k).
+def _auroc_columns(margins: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per finding, AUROC of the margins over studies labelled 1 / 0 (Mann-Whitney from average ranks);
+    NaN where one class is missing."""
+    from scipy.stats import rankdata
 
-    ``terms``: (coefficient, per-seed prediction matrices) per arm, the seed lists aligned (index i is
-    the same training seed in every arm). Seeds and test studies are resampled (see the module text)."""
+    out = np.full(labels.shape[1], np.nan)
+    for j in range(labels.shape[1]):
+        keep = labels[:, j] != -1
+        y, s = labels[keep, j], margins[keep, j]
+        n1 = int(y.sum())
+        n0 = y.size - n1
+        if n1 and n0:
+            r = rankdata(s)
+            out[j] = (r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return out
+
+
+def test_bootstrap(rd: Path, n_boot: int, seed: int = 0) -> dict:
+    """The second stage's raw material for one run: its test macro F1 (Merlin's rule) and macro AUROC on
+    ``n_boot`` resamples of the test studies. The resamples are drawn from ``seed`` and the number of test
+    studies alone, so every run of a study sees the same draws and a contrast's resampled value is the same
+    weighted sum of its runs' vectors. Written to ``RUN/test_bootstrap.json`` (kept with the study, unlike
+    the predictions it is computed from) and read back when present."""
     from ...evaluate import macro_f1_from
 
-    n_seeds = min(len(p) for _, p in terms)
-    n = labels.shape[0]
-
-    def value(seeds: np.ndarray, idx: np.ndarray) -> float:
-        lab = labels[idx]
-        return float(sum(c * np.mean([macro_f1_from(p[s][idx], lab) for s in seeds]) for c, p in terms))
-
-    point = value(np.arange(n_seeds), np.arange(n))
+    path = rd / TEST_BOOTSTRAP_FILE
+    z = np.load(rd / "metrics_predictions.npz")
+    margins, labels, ids = z["margins"], z["labels"], z["study_ids"]
+    digest = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+    decided = merlin_present(margins).astype(np.int8)
     rng = np.random.default_rng(seed)
-    boots = np.array([value(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n, n)) for _ in range(n_boot)])
-    return point, boots
+    f1, auc = [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(ids), len(ids))
+        f1.append(round(macro_f1_from(decided[idx], labels[idx]), 5))
+        auc.append(round(float(np.nanmean(_auroc_columns(margins[idx], labels[idx]))), 5))
+    rec = {
+        "resamples": n_boot,
+        "seed": seed,
+        "studies": len(ids),
+        "study_ids": digest,
+        "macro_f1": f1,
+        "macro_auroc": auc,
+    }
+    write_json(path, rec, indent=None)  # compact: kept with the study
+    return rec
 
 
-def bootstrap_p(boots: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of 'the contrast is zero' (the percentile interval's duality)."""
-    if boots.size == 0:
+def load_test_bootstrap(rd: Path, n_boot: int) -> dict | None:
+    """``RUN/test_bootstrap.json`` when it holds ``n_boot`` resamples; else computed from the run's kept
+    predictions; None when neither is there (the second stage is then left out and said so)."""
+    path = rd / TEST_BOOTSTRAP_FILE
+    if path.exists():
+        rec = json.loads(path.read_text())
+        if rec.get("resamples") == n_boot:
+            return rec
+    if (rd / "metrics_predictions.npz").exists() and n_boot > 0:
+        return test_bootstrap(rd, n_boot)
+    return None
+
+
+def sign_flip_p(diffs) -> float:
+    """Two-sided exact sign-flip (paired permutation) p-value of 'mean difference 0' over the seeds: the
+    share of the 2^n sign assignments whose |mean| reaches the observed one. With n seeds it is never
+    below 2 / 2^n (0.25 at 3 seeds: three seeds cannot resolve anything at 5 %)."""
+    d = np.asarray(diffs, dtype=float)
+    if d.size == 0 or d.size > 20:
         return math.nan
-    return float(min(1.0, 2 * min(np.mean(boots <= 0), np.mean(boots >= 0))))
+    signs = 1 - 2 * ((np.arange(2**d.size)[:, None] >> np.arange(d.size)) & 1)
+    means = np.abs((signs * d).mean(1))
+    return float(np.mean(means >= abs(d.mean()) - 1e-12))
+
+
+def two_stage(diffs, test_var: float | None, level: float = 0.05) -> tuple[float, float, float, float]:
+    """Mean, interval and p of a contrast from its per-seed paired differences (stage one: the seed is the
+    unit, t with n-1 degrees of freedom) with the test studies' sampling variance of the seed mean added
+    (stage two: ``test_var``, from resampling the shared test studies; None leaves it out). The seeds'
+    spread already holds part of the test variance, so adding it counts that part twice: the interval errs
+    wide, never narrow. Returns (mean, lo, hi, p)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=float)
+    if d.size < 2:
+        return (float(d.mean()) if d.size else math.nan), math.nan, math.nan, math.nan
+    se = math.sqrt(d.var(ddof=1) / d.size + (test_var or 0.0))
+    if se == 0:
+        return float(d.mean()), float(d.mean()), float(d.mean()), (1.0 if d.mean() == 0 else 0.0)
+    tcrit = stats.t.ppf(1 - level / 2, d.size - 1)
+    p = float(2 * stats.t.sf(abs(d.mean()) / se, d.size - 1))
+    return float(d.mean()), float(d.mean() - tcrit * se), float(d.mean() + tcrit * se), p
 
 
 def holm_levels(pvalues: list[float], alpha: float = 0.05) -> list[float]:
@@ -104,13 +170,6 @@ def holm_levels(pvalues: list[float], alpha: float = 0.05) -> list[float]:
         if stopped is None and not pvalues[i] <= level:
             stopped = level
     return levels
-
-
-def interval(boots: np.ndarray, level: float) -> tuple[float, float]:
-    if boots.size == 0:
-        return math.nan, math.nan
-    lo, hi = np.percentile(boots, [50 * level, 100 - 50 * level])
-    return float(lo), float(hi)
 
 
 def seed_level_interval(diffs: list[float], level: float = 0.05) -> tuple[float, float, float]:
