@@ -108,6 +108,7 @@ def test_smoke_outputs(smoke_study):
     assert {(a, s) for a, s, _, _ in rows} == {(a, str(s)) for a in ARM_NAMES for s in range(2)}
     metrics = {m for a, s, m, _ in rows if (a, s) == ("random", "0")}
     assert {"macro_f1", "macro_auroc", "unique_volumes_per_epoch", "pool_size"} <= metrics
+    assert {"truth/macro_auroc", "truth/macro_f1", "truth/calls_per_true_finding"} <= metrics
     # one rule for single-class findings: a finding enters F1 exactly when it enters AUROC
     f1s = {m[3:] for m in metrics if m.startswith("f1/")}
     assert f1s and f1s == {m[6:] for m in metrics if m.startswith("auroc/")}
@@ -125,6 +126,7 @@ def test_smoke_outputs(smoke_study):
     for arm in (a for a in ARMS if a.name in ARM_NAMES):
         assert f"`{arm.name}`" in summary and arm.paper in summary
     assert "## The paper's comparisons" in summary and "## Data sensitivity per finding" in summary
+    assert "## Against the phantoms' ground truth" in summary and (out / "seed_level.md").exists()
     assert "ct-zeroshot-train study --preset smoke" in summary
     for name in ("arms.png", "scaling.png", "per_finding.png", "sensitivity.png", "occlusion.png"):
         data = (out / name).read_bytes()

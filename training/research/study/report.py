@@ -40,6 +40,7 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
     from operators.contract.findings import load_catalogue
 
     arms = [ARM_BY_NAME[a] for a in preset.arms]
+    data = Path(record["data"]) if record and record.get("data") else None
     finished: dict[str, list[int]] = {}
     rows = []
     for arm in arms:
@@ -48,7 +49,7 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
             if not finished_run(rd, preset.train_config(arm, seed).digest()):
                 continue
             finished.setdefault(arm.name, []).append(seed)
-            rows += [(arm.name, seed, k, v) for k, v in run_metrics(rd)]
+            rows += [(arm.name, seed, k, v) for k, v in run_metrics(rd, data)]
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["arm", "seed", "metric", "value"])
@@ -214,6 +215,27 @@ def summary_md(t: StudyTables) -> str:
             f"{'baseline' if arm.name == 'random' else _ci(deltas.get(arm.name))} | {arm.paper} | "
             f"{'-' if math.isnan(minutes) else f'{minutes:.1f}'} |"
         )
+    if any(not math.isnan(stat(a.name, "truth/macro_auroc")[0]) for a in arms):
+        base = stat("random", "truth/no_image_baseline_macro_auroc")[0]
+        lines += [
+            "",
+            "## Against the phantoms' ground truth",
+            "",
+            "Every test study and finding (the report labels above cover only the cells a report mentions), "
+            "decided by Merlin's 0.5 rule; mean +- std over seeds. The no-image baseline (age, sex and the other "
+            "findings' truth, fitted on the training patients) reaches a macro AUROC of "
+            + ("-" if math.isnan(base) else f"{base * 100:.2f}")
+            + " on the same cells.",
+            "",
+            "| arm | macro AUROC (truth) | macro F1 (truth) | calls per true finding |",
+            "|---|---|---|---|",
+        ]
+        for arm in arms:
+            calls = stat(arm.name, "truth/calls_per_true_finding")
+            lines.append(
+                f"| `{arm.name}` | {_pm(*stat(arm.name, 'truth/macro_auroc')[:2])} | "
+                f"{_pm(*stat(arm.name, 'truth/macro_f1')[:2])} | {_pm(*calls[:2], scale=1)} |"
+            )
     lines += [
         "",
         "## The paper's comparisons",

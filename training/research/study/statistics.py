@@ -33,10 +33,41 @@ def _flatten(prefix: str, obj, rows: list) -> None:
         rows.append((prefix, float(obj)))
 
 
-def run_metrics(rd: Path) -> list[tuple[str, float]]:
-    """(metric, value) pairs of one finished run."""
+TRUTH_FILE = "ground_truth.json"  # a run's test metrics against the phantoms (when metrics.json has none)
+
+
+def run_truth(rd: Path, data: Path | None) -> dict | None:
+    """The run's ground-truth section: from ``metrics.json`` (evaluations since it was added), else from
+    ``RUN/ground_truth.json``, else computed from the kept predictions and the corpus's truth and written
+    there; None when neither the predictions nor the corpus are at hand."""
+    m = json.loads((rd / "metrics.json").read_text())
+    if "ground_truth" in m:
+        return {k: m[k] for k in ("ground_truth", "no_image_baseline")}
+    path = rd / TRUTH_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    from ...ground_truth import has_ground_truth, load_ground_truth, truth_report
+
+    if data is None or not has_ground_truth(data) or not (rd / "metrics_predictions.npz").exists():
+        return None
+    z = np.load(rd / "metrics_predictions.npz")
+    rep = truth_report(
+        load_ground_truth(data), [str(i) for i in z["study_ids"]], z["margins"], merlin_present(z["margins"])
+    )
+    rep["ground_truth"]["decision"] = "merlin: probability 0.5"
+    write_json(path, rep, indent=None)
+    return rep
+
+
+def run_metrics(rd: Path, data: Path | None = None) -> list[tuple[str, float]]:
+    """(metric, value) pairs of one finished run (``data``: the corpus, for its ground truth)."""
     m = json.loads((rd / "metrics.json").read_text())
     rows: list = [("macro_f1", m["zero_shot"]["macro_f1"]), ("macro_auroc", m["zero_shot"]["macro_auroc"])]
+    truth = run_truth(rd, data)
+    if truth is not None:
+        gt = truth["ground_truth"]
+        rows += [(f"truth/{k}", gt[k]) for k in ("macro_auroc", "macro_f1", "calls_per_true_finding")]
+        rows.append(("truth/no_image_baseline_macro_auroc", truth["no_image_baseline"]["macro_baseline_auroc"]))
     for fid, v in m["zero_shot"]["per_finding"].items():
         for key in ("f1", "auroc"):
             if v[key] is not None:
