@@ -160,6 +160,26 @@ def _labels(path: str | None) -> dict[str, dict[str, int]]:
     return {r[key]: {fid: int(float(r[fid])) for fid in ids if r.get(fid) not in (None, "")} for r in rows}
 
 
+def _truth(path: str | None) -> dict[str, dict[str, int]]:
+    """The synthetic corpus's ``ground_truth.jsonl``: per study, 1 for every finding its phantom holds and 0
+    for every other catalogue finding (the truth has no "not mentioned")."""
+    if not path:
+        return {}
+    ids = load_catalogue().ids
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                held = set(rec["findings"])
+                out[str(rec["study id"])] = {fid: int(fid in held) for fid in ids}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}: line {n} is not a ground-truth record ({exc})") from None
+    return out
+
+
 def _report(args: argparse.Namespace) -> int:
     import pydicom
 
@@ -168,7 +188,10 @@ def _report(args: argparse.Namespace) -> int:
     files = sorted(Path(args.sr).glob("*.dcm")) if Path(args.sr).is_dir() else [Path(args.sr)]
     if not files:
         raise ValueError(f"{args.sr}: no SR files")
-    labels = _labels(args.labels)
+    if args.labels and args.truth:
+        raise ValueError("report: give --labels or --truth, not both")
+    labels = _truth(args.truth) if args.truth else _labels(args.labels)
+    what = "truly present" if args.truth else "labelled present"
     names = {f.id: f.display for f in load_catalogue()}
     called = truly = not_assessed = 0
     for path in files:
@@ -190,7 +213,7 @@ def _report(args: argparse.Namespace) -> int:
     print(f"\n{len(files)} SR(s): {called} findings called present", end="")
     if labels:
         ratio = f"{called / truly:.2f}x" if truly else "-"
-        print(f"; {truly} labelled present ({ratio})", end="")
+        print(f"; {truly} {what} ({ratio})", end="")
     print(f"; {not_assessed} finding results not assessed (n/a: the model package cannot assess them)")
     return 0
 
@@ -284,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="table of the findings in SR files (probability, decision, ground truth)")
     r.add_argument("sr", help="an SR file or a folder of them")
     r.add_argument("--labels", help="Merlin-format label CSV (study id = the SR's accession number) to compare")
+    r.add_argument(
+        "--truth", help="the synthetic corpus's ground_truth.jsonl: compare with what each phantom really holds"
+    )
     r.add_argument("--present-only", action="store_true", help="only findings called present or labelled present")
     r.set_defaults(func=_report)
     i = sub.add_parser("infer", help="batch inference over a DICOM folder tree: SRs, summary.csv/json, resumable")

@@ -314,3 +314,28 @@ def test_sigterm_ends_the_batch_and_its_workers(archive, tiny_package, tmp_path)
             pass  # already gone
     assert psutil.wait_procs(alive, timeout=10)[1] == [], "a worker outlived the batch"
     assert not (out / "summary.json").exists()  # a cut batch never looks complete
+
+
+def test_report_compares_the_srs_with_the_phantoms_truth(corpus200, first_run):
+    sr = first_run["out"] / "sr"
+    n_sr = len(list(sr.glob("*.dcm")))
+    truth = {}
+    for line in (corpus200 / "ground_truth.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        truth[rec["study id"]] = len(rec["findings"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "operators.cli", "report", str(sr), "--truth", str(corpus200 / "ground_truth.jsonl")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    accessions = [line.split("accession ")[1].rstrip(")") for line in proc.stdout.splitlines() if "accession " in line]
+    assert len(accessions) == n_sr == 16
+    expected = sum(truth[a] for a in accessions)
+    assert f"{expected} truly present" in proc.stdout
+    both = subprocess.run(
+        [sys.executable, "-m", "operators.cli", "report", str(sr), "--truth", "x", "--labels", "y"],
+        capture_output=True,
+        text=True,
+    )
+    assert both.returncode == 2 and "not both" in both.stderr

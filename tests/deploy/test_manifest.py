@@ -43,6 +43,7 @@ def test_a_package_that_states_no_intended_use_says_so(demo_copy):
         (lambda d: d["model"].__setitem__("uid", "1." + "2" * 70), "model.uid", "valid DICOM UID"),
         (lambda d: d["model"].__setitem__("intended_use", "x" * 600), "model.intended_use", "1 to 512 characters"),
         (lambda d: d["model"].__setitem__("intended_use", 3), "model.intended_use", "must be"),
+        (lambda d: d["model"].__setitem__("evaluation", "0.9"), "model.evaluation", "must be an object"),
         (lambda d: d.__setitem__("embedding_dim", "128"), "embedding_dim", "must be an integer"),
         (lambda d: d.__setitem__("embedding_dim", True), "embedding_dim", "must be an integer"),
         (lambda d: d.__setitem__("logit_scale", -1.0), "logit_scale", "positive"),
