@@ -36,6 +36,10 @@ def test_recipe_writes_times_bars_and_a_package(corpus200, tmp_path):
         "gap_to_supervised <= 0.05",
     }
     assert saved["bars"]["test_macro_auroc >= 0.85"] is False  # three steps learn nothing
+    # --data named a corpus: the corpus-to-package time bar was not measured, and the record says so
+    assert saved["bars"]["minutes_total <= 30"] is None and "corpus stage was skipped" in str(
+        saved["bars_not_measured"]
+    )
     pkg = load_package(tmp_path / "r" / "package")
     assert pkg.assessed is not None and len(pkg.assessed) == 30
     # The gap against a reference probe of the same tower, without the supervised stage (24 CPU minutes

@@ -124,8 +124,13 @@ def run_recipe(
     result["bars"] = {
         "test_macro_auroc >= 0.85": result["test_macro_auroc"] >= BARS["test_macro_auroc"],
         "test_macro_f1_package >= 0.60": (result["test_macro_f1_package"] or 0) >= BARS["test_macro_f1_package"],
-        "minutes_total <= 30": result["minutes_total"] <= BARS["minutes"],
     }
+    # the 30-minute bar is for corpus to package: without the corpus stage (--data) it is not measured
+    if "corpus" in seconds:
+        result["bars"]["minutes_total <= 30"] = result["minutes_total"] <= BARS["minutes"]
+    else:
+        result["bars"]["minutes_total <= 30"] = None
+        result["bars_not_measured"] = {"minutes_total <= 30": "the corpus stage was skipped (--data named a corpus)"}
     if "gap_to_supervised" in result:
         result["bars"]["gap_to_supervised <= 0.05"] = result["gap_to_supervised"] <= BARS["max_gap_to_supervised"]
     write_json(out / "recipe.json", result)
