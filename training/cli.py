@@ -84,7 +84,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from .research.probe import probe_run
 
-    options = _pick(args, "checkpoint", "split", "train_limit", "supervised_steps")
+    options = _pick(args, "checkpoint", "split", "train_limit", "supervised_steps", "supervised_seeds")
+    options["supervised_unlabelled_variant"] = args.unlabelled_variant
     path, text = probe_run(args.run, args.data, **options, **_common(args))
     print(text)
     print(f"\nprobe: {path}")
@@ -276,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--run", required=True)
     pr.add_argument("--data", required=True)
-    pr.add_argument("--split", default="test", choices=["validation", "test"])
+    pr.add_argument(
+        "--split",
+        default="validation",
+        choices=["validation", "test"],
+        help="where AUROC is measured (default validation: what a decision may read; test to report)",
+    )
     pr.add_argument("--checkpoint", default="best", choices=["best", "last", "init"])
     pr.add_argument(
         "--train-limit",
@@ -289,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="also train the run's image architecture with BCE on the report labels for N steps",
+    )
+    pr.add_argument(
+        "--supervised-seeds", type=int, default=1, help="seeds of the supervised reference (its column: their mean)"
+    )
+    pr.add_argument(
+        "--unlabelled-variant",
+        action="store_true",
+        help="also a supervised reference that trains the -1 (not mentioned) labels as 0",
     )
     pr.add_argument("--cache", default=None)
     pr.add_argument("--quiet", action="store_true")

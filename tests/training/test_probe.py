@@ -52,7 +52,7 @@ def test_supervised_reference_learns_a_visible_finding_and_ignores_unmentioned_l
 
     rng = np.random.default_rng(1)
     vols, labels = _toy_volumes(240, rng)
-    model = train_supervised(
+    model, pick = train_supervised(
         "resnet10_tiny",
         vols[:160],
         labels[:160],
@@ -62,7 +62,11 @@ def test_supervised_reference_learns_a_visible_finding_and_ignores_unmentioned_l
         weight_decay=0.0,
         progress=False,
         frozen_stages=frozen_stages,
+        val_volumes=vols[200:],
+        val_labels=labels[200:],
+        eval_every=20,
     )
+    assert pick["step"] in (20, 40, 60) and pick["macro_auroc"] > 0.5  # chosen on validation
     if frozen_stages:
         torch.manual_seed(0)
         fresh = ImageEncoder("resnet10_tiny", 2, frozen_stages=frozen_stages)
@@ -94,15 +98,23 @@ def test_probe_command(tiny_package, tmp_path):
         str(tiny_package["cache"]),
         "--quiet",
     ]
-    proc = subprocess.run(base + ["--supervised-steps", "3"], capture_output=True, text=True)
+    sup = ["--supervised-steps", "3", "--supervised-seeds", "2", "--unlabelled-variant"]
+    proc = subprocess.run(base + sup, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "linear_probe" in proc.stdout and "supervised" in proc.stdout
     result = json.loads((run / "probe.json").read_text())
     assert len(result["per_finding"]) == 30
-    assert set(result["macro_auroc"]) == {"zero_shot", "report_read_out", "linear_probe", "supervised"}
+    assert set(result["macro_auroc"]) == {
+        "zero_shot", "report_read_out", "linear_probe", "supervised", "supervised_unlabelled_as_negative"
+    }  # fmt: skip
     for value in result["macro_auroc"].values():
         assert 0.0 <= value <= 1.0
-    assert result["meta"]["supervised_steps"] == 3 and result["meta"]["test_studies"] > 0
+    meta = result["meta"]
+    assert meta["supervised_steps"] == 3 and meta["test_studies"] > 0
+    assert meta["split"] == "validation"  # a decision may read it; test only when asked
+    assert meta["corpus"]["seed"] == 0 and meta["corpus"]["studies"] == 200
+    for name in ("supervised", "supervised_unlabelled_as_negative"):
+        assert meta["supervised"][name]["seeds"] == [0, 1] and len(meta["supervised"][name]["selected"]) == 2
 
     proc = subprocess.run(base + ["--train-limit", "1"], capture_output=True, text=True)
     assert proc.returncode == 2

@@ -62,3 +62,16 @@ def test_recipe_refuses_a_reference_beside_its_own_supervised_stage_or_missing(t
         run_recipe(tmp_path / "r", "cpu-tiny", [], data=tmp_path, reference=tmp_path / "probe.json")
     with pytest.raises(FileNotFoundError, match="probe.json"):
         run_recipe(tmp_path / "r", "cpu-tiny", [], data=tmp_path, supervised=False, reference=tmp_path / "probe.json")
+
+
+def test_recipe_refuses_a_reference_of_another_tower_steps_or_corpus(corpus200, tmp_path):
+    import pytest
+
+    ref = tmp_path / "probe.json"
+    meta = {"arch": "resnet152", "supervised_steps": 5, "split": "validation", "corpus": {"seed": 4}}
+    ref.write_text(json.dumps({"macro_auroc": {"supervised": 0.9}, "meta": meta}))
+    with pytest.raises(ValueError, match="not a reference for this recipe") as err:
+        run_recipe(tmp_path / "r", "cpu-tiny", SMALL, data=corpus200, supervised=False, reference=ref)
+    for part in ("image tower 'resnet152'", "5 supervised steps", "split 'validation'", "corpus {'seed': 4}"):
+        assert part in str(err.value)
+    assert not (tmp_path / "r" / "run").exists()  # refused before any stage ran

@@ -69,6 +69,9 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c
     return out
 
 
+UNLABELLED = ("mask", "negative")  # how the supervised reference treats -1 (not mentioned) labels
+
+
 def train_supervised(
     arch: str,
     volumes,
@@ -83,17 +86,30 @@ def train_supervised(
     pool: str = "avg",
     input_size: tuple[int, int, int] | None = None,
     stem_pool: str = "max",
-) -> ImageEncoder:
+    val_volumes=None,
+    val_labels: np.ndarray | None = None,
+    eval_every: int = 0,
+    unlabelled: str = "mask",
+) -> tuple[ImageEncoder, dict]:
     """A fresh ``arch`` image tower with one output per finding, trained with masked BCE on ``labels``
     (-1 ignored) for ``steps`` steps of ``batch_size`` studies drawn without replacement per step.
 
     ``frozen_stages``, ``pool``, ``input_size``, ``stem_pool``: as the contrastive run's tower (``image.*``): frozen
     stages stay at their initial weights and their output is computed once per volume, as ``train``
-    does, so the reference costs what the run's steps cost."""
+    does, so the reference costs what the run's steps cost.
+
+    ``val_volumes`` / ``val_labels`` with ``eval_every``: the tower is scored on them (macro AUROC) every
+    ``eval_every`` steps and at the end, and the best state is returned, as the contrastive run keeps its
+    best validation checkpoint. ``unlabelled``: ``mask`` ignores -1 labels (the finding is not mentioned);
+    ``negative`` trains on them as 0 (most unmentioned findings are absent). Returns (tower, selection)."""
+    import copy
+
     from tqdm import tqdm
 
     if steps < 1:
         raise ValueError(f"supervised steps must be >= 1, got {steps}")
+    if unlabelled not in UNLABELLED:
+        raise ValueError(f"unlabelled must be one of {UNLABELLED}, got {unlabelled!r}")
     torch.manual_seed(seed)
     model = ImageEncoder(
         arch, labels.shape[1], frozen_stages=frozen_stages, pool=pool, input_size=input_size, stem_pool=stem_pool
@@ -106,6 +122,7 @@ def train_supervised(
     y_all = torch.from_numpy(labels.astype(np.float32))
     model.train()
     bar = tqdm(range(steps), desc="supervised reference", unit="step", disable=not progress)
+    step, best, best_state = 0, {"step": None, "macro_auroc": None}, None
     for _ in bar:
         idx = rng.choice(len(volumes), size=min(batch_size, len(volumes)), replace=False)
         if trunk is not None:
@@ -113,7 +130,7 @@ def train_supervised(
         else:
             logits = model(torch.from_numpy(np.stack([volumes[int(i)] for i in idx])))
         y = y_all[idx]
-        mask = (y != -1).float()
+        mask = (y != -1).float() if unlabelled == "mask" else torch.ones_like(y)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, y.clamp(min=0), weight=mask, reduction="sum"
         ) / mask.sum().clamp(min=1)
@@ -122,7 +139,19 @@ def train_supervised(
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    return model.eval()
+        step += 1
+        if val_volumes is not None and eval_every and (step % eval_every == 0 or step == steps):
+            model.eval()
+            score = _nanmean(per_finding_auroc(_predict(model, val_volumes, batch_size), val_labels))
+            model.train()
+            if best["step"] is None or score > best["macro_auroc"]:
+                best = {"step": step, "macro_auroc": score}
+                best_state = copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best = {"step": steps, "macro_auroc": None}
+    return model.eval(), best
 
 
 @torch.no_grad()
@@ -143,7 +172,14 @@ def probe_run(
     cache_dir=None,
     seed: int = 0,
     progress: bool = True,
+    supervised_seeds: int = 1,
+    supervised_unlabelled_variant: bool = False,
 ) -> tuple[Path, str]:
+    """The probe of ``run`` on ``split`` of ``data``; with ``supervised_steps``, the supervised reference
+    over ``supervised_seeds`` seeds (the column is their mean per finding), each with its checkpoint chosen
+    on validation, and with ``supervised_unlabelled_variant`` the same with -1 labels trained as 0."""
+    if supervised_seeds < 1:
+        raise ValueError(f"--supervised-seeds must be >= 1, got {supervised_seeds}")
     run = Path(run)
     device = torch.device("cpu")
     model, cfg = load_run(run, checkpoint, device)
@@ -183,24 +219,53 @@ def probe_run(
         "linear_probe": probe_auc,
     }
     seconds = {"probe": time.perf_counter() - t0}
+    supervised_meta: dict = {}
     if supervised_steps:
         t0 = time.perf_counter()
-        sup = train_supervised(
-            cfg.image.arch,
-            vol_tr,
-            y_tr,
-            supervised_steps,
-            bs,
-            cfg.optim.lr,
-            cfg.optim.weight_decay,
-            seed=seed,
-            progress=progress,
-            frozen_stages=cfg.image.frozen_stages,
-            pool=cfg.image.pool,
-            input_size=cfg.spec.spatial_size,
-            stem_pool=cfg.image.stem_pool,
-        )
-        columns["supervised"] = per_finding_auroc(_predict(sup, vol_te, bs), y_te)
+        # checkpoint chosen on validation, as the contrastive run's: the same validation studies and cadence
+        val_set = [s for s in studies if s.split == "validation" and s.labels is not None]
+        if cfg.train.eval_studies:
+            val_set = val_set[: cfg.train.eval_studies]
+        if not val_set:
+            raise ValueError(f"{data}: no labelled validation studies to choose the supervised checkpoint on")
+        build_cache(cache, val_set, progress)
+        vol_val, y_val = CachedVolumes(cache, val_set), np.stack([s.labels for s in val_set])
+        for variant in ("mask", "negative") if supervised_unlabelled_variant else ("mask",):
+            per_seed, picks = [], []
+            for k in range(supervised_seeds):
+                sup, pick = train_supervised(
+                    cfg.image.arch,
+                    vol_tr,
+                    y_tr,
+                    supervised_steps,
+                    bs,
+                    cfg.optim.lr,
+                    cfg.optim.weight_decay,
+                    seed=seed + k,
+                    progress=progress,
+                    frozen_stages=cfg.image.frozen_stages,
+                    pool=cfg.image.pool,
+                    input_size=cfg.spec.spatial_size,
+                    stem_pool=cfg.image.stem_pool,
+                    val_volumes=vol_val,
+                    val_labels=y_val,
+                    eval_every=cfg.train.eval_every or supervised_steps,
+                    unlabelled=variant,
+                )
+                per_seed.append(per_finding_auroc(_predict(sup, vol_te, bs), y_te))
+                picks.append(pick)
+            name = "supervised" if variant == "mask" else "supervised_unlabelled_as_negative"
+            columns[name] = [
+                None if any(v[j] is None for v in per_seed) else float(np.mean([v[j] for v in per_seed]))
+                for j in range(len(ids))
+            ]
+            supervised_meta[name] = {
+                "seeds": [seed + k for k in range(supervised_seeds)],
+                "macro_auroc_per_seed": [_nanmean(v) for v in per_seed],
+                "selected": picks,
+                "unlabelled": variant,
+                "validation_studies": len(val_set),
+            }
         seconds["supervised"] = time.perf_counter() - t0
 
     result = {
@@ -216,6 +281,8 @@ def probe_run(
             "arch": cfg.image.arch,
             "seconds": seconds,
             "config_digest": cfg.digest(),
+            "corpus": corpus_identity(data),
+            "supervised": supervised_meta,
         },
         "macro_auroc": {k: _nanmean(v) for k, v in columns.items()},
         "per_finding": {
@@ -228,6 +295,25 @@ def probe_run(
     path = run / name
     write_json(path, result)
     return path, format_probe(result)
+
+
+def corpus_identity(data: str | Path) -> dict | None:
+    """What names a generated corpus (its ``corpus.json``: generator, version, seed, studies, profile); None for
+    data without one (a release or a manifest), which is then named by its split sizes only."""
+    import json
+
+    try:
+        rec = json.loads((Path(data) / "corpus.json").read_text())
+        conf = rec["config"]
+        return {
+            "generator": str(rec.get("generator", "")).split(" ")[0],
+            "corpus_version": rec.get("corpus_version"),
+            "seed": conf.get("seed"),
+            "studies": rec.get("studies"),
+            "profile": conf.get("profile"),
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _nanmean(values) -> float:

@@ -19,7 +19,41 @@ from ..config import TrainConfig
 
 PRETEXT = "pretext"  # image.init value: run the image pretext first and start from its tower
 STUDIES = 12000  # the generated corpus (docs/training.md, the CPU recipe)
+SUPERVISED_SEEDS = 3  # the supervised reference's seeds (its AUROC: their mean)
 BARS = {"test_macro_auroc": 0.85, "test_macro_f1_package": 0.60, "max_gap_to_supervised": 0.05, "minutes": 30.0}
+
+
+def check_reference(ref: dict, path, cfg: TrainConfig, data) -> None:
+    """A supervised reference measures the gap only for the same image tower, step count and corpus: a
+    probe of another is refused, naming what differs. A probe that records no corpus identity (written
+    before probes kept one) is matched by its training and test split sizes."""
+    from ..data import load_studies
+    from .probe import corpus_identity
+
+    meta = ref.get("meta", {})
+    if "supervised" not in ref.get("macro_auroc", {}):
+        raise ValueError(f"--reference {path}: holds no supervised reference (probe --supervised-steps N)")
+    problems = []
+    if meta.get("arch") != cfg.image.arch:
+        problems.append(f"image tower {meta.get('arch')!r}, the recipe's is {cfg.image.arch!r}")
+    if meta.get("supervised_steps") != cfg.train.steps:
+        problems.append(f"{meta.get('supervised_steps')} supervised steps, the recipe trains {cfg.train.steps}")
+    if meta.get("split") != "test":
+        problems.append(f"measured on split {meta.get('split')!r}, the recipe reports on 'test'")
+    ours = corpus_identity(data)
+    if meta.get("corpus") is not None or ours is None:
+        if meta.get("corpus") != ours:
+            problems.append(f"corpus {meta.get('corpus')}, the recipe's is {ours}")
+    else:
+        studies = load_studies(data, check_images=False)
+        sizes = (sum(s.split == "train" for s in studies), sum(s.split == "test" for s in studies))
+        if (meta.get("train_studies"), meta.get("test_studies")) != sizes:
+            problems.append(
+                f"a corpus of {meta.get('train_studies')} training / {meta.get('test_studies')} test studies, the "
+                f"recipe's has {sizes[0]} / {sizes[1]}"
+            )
+    if problems:
+        raise ValueError(f"--reference {path}: not a reference for this recipe: " + "; ".join(problems))
 
 
 def run_recipe(
@@ -38,7 +72,8 @@ def run_recipe(
     if reference is not None and supervised:
         raise ValueError("recipe: --reference replaces the supervised stage; give it with --no-supervised")
     if reference is not None:  # read before the stages run: a wrong path fails in seconds, not after 30 minutes
-        ref_probe = json.loads(Path(reference).read_text())["macro_auroc"]
+        ref = json.loads(Path(reference).read_text())
+        ref_probe = ref["macro_auroc"]
     from ..evaluate_run import evaluate_run
     from ..export import export_run
     from ..synth.corpus import SynthConfig, generate_corpus
@@ -64,6 +99,8 @@ def run_recipe(
             cfg_c = SynthConfig(out=str(data), studies=studies, seed=seed, workers=2, version=corpus_version)
             timed("corpus", generate_corpus, cfg_c, progress=progress)
     cfg = TrainConfig.load(preset, overrides)
+    if reference is not None:
+        check_reference(ref, reference, cfg, data)
     if cfg.image.init == PRETEXT:
         pre = out / "pretext"
         timed("pretrain_image", pretrain_image, data, pre, cfg, cache_dir=cache_dir, progress=progress)
@@ -77,7 +114,9 @@ def run_recipe(
             probe_run,
             run,
             data,
+            split="test",
             supervised_steps=cfg.train.steps,
+            supervised_seeds=SUPERVISED_SEEDS,
             cache_dir=cache_dir,
             progress=progress,
         )
