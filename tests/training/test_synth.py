@@ -194,7 +194,7 @@ def _pair(fid: str, version: int, severity: str = "moderate"):
     return sick, (hu0, lab0), (hu1, lab1)
 
 
-@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("version", [1, 3, 4])
 @pytest.mark.parametrize("fid", IDS)
 def test_every_finding_has_a_visible_signature(fid, version):
     """The same patient with and without the finding differs where the finding lives."""
@@ -250,3 +250,57 @@ def test_version_3_keeps_the_patients_and_reports(tmp_path):
         generate_corpus(SynthConfig(out=str(out), studies=6, seed=3, workers=1, version=version), progress=False)
         rows[version] = (_rows(out / "reports_final.csv"), (out / "zero_shot_findings_disease_cls.csv").read_bytes())
     assert rows[2] == rows[3]
+
+
+def test_version_4_keeps_the_patients_and_reports_and_varies_anatomy_and_scanner(tmp_path):
+    """Version 4 paints other phantoms of the same patients: the reports and labels are version 3's; the
+    anatomy, habitus and scanner spread as in patients and scanners (docs/corpus.md)."""
+    import json
+
+    from training.synth.patient import vary_anatomy
+
+    rows, truth = {}, {}
+    for version in (3, 4):
+        out = tmp_path / f"v{version}"
+        generate_corpus(SynthConfig(out=str(out), studies=6, seed=3, workers=1, version=version), progress=False)
+        rows[version] = (_rows(out / "reports_final.csv"), (out / "zero_shot_findings_disease_cls.csv").read_bytes())
+        truth[version] = [json.loads(line) for line in (out / "ground_truth.jsonl").read_text().splitlines()]
+    assert rows[3] == rows[4]
+    assert all("scanner" in r for r in truth[4]) and not any("scanner" in r for r in truth[3])
+    noise = [r["scanner"]["noise_sd_hu"] for r in truth[4]]
+    assert min(noise) >= 3.0 and max(noise) <= 14.0 and len(set(noise)) >= 4
+    # the spread over 400 patients: organ scale +-25 %, positions sd 15 mm, habitus wider
+    bodies = []
+    for i in range(400):
+        p = sample_patient(np.random.default_rng([9, i]), i)
+        vary_anatomy(p)
+        bodies.append(p.body)
+    scale = np.array([b["organ_scale"] for b in bodies])
+    assert 0.75 <= scale.min() < 0.8 and 1.2 < scale.max() <= 1.25
+    assert 12 < np.std([b["jitter_x"] for b in bodies]) < 18
+    width = np.array([b["half_width"] for b in bodies])
+    assert width.min() < 118 and width.max() > 182
+
+
+def test_version_4_paints_lesions_at_the_size_the_report_states():
+    from training.synth.patient import FindingInstance
+
+    base = sample_patient(np.random.default_rng(11), 0)
+    base.findings, base.sex = {}, "M"
+    _, lab0 = build_phantom(base, GRID, np.random.default_rng(5), version=4)
+    counts = {}
+    for mm in (20, 50):
+        sick = sample_patient(np.random.default_rng(11), 0)
+        f = FindingInstance("renal_cyst", severity="moderate", side="left")
+        f.details["report_mm"] = mm
+        sick.findings, sick.sex = {"renal_cyst": f}, "M"
+        _, lab1 = build_phantom(sick, GRID, np.random.default_rng(5), version=4)
+        counts[mm] = _count(lab1, T.CYST) - _count(lab0, T.CYST)
+    # a sphere of the stated diameter, in 5 x 5 x 6 mm voxels (clipped to the kidney and its fat)
+    assert counts[50] > 5 * counts[20] and 0.3 < counts[20] / (4 / 3 * np.pi * 10**3 / 150) < 2.0
+    # subcentimeter renal hypodensities: each under 10 mm across, a few voxels, not version 3's 2 cm
+    small = {}
+    for version in (3, 4):
+        _, (_, l0), (_, l1) = _pair("renal_hypodensities", version, severity="severe")
+        small[version] = _count(l1, T.HYPODENSITY) - _count(l0, T.HYPODENSITY)
+    assert small[4] < small[3] / 3

@@ -36,7 +36,7 @@ from operators.contract.findings import load_catalogue
 from operators.contract.volume import Volume, save_nifti
 
 from .dicom_writer import make_identity, write_ct_series
-from .patient import sample_patient
+from .patient import sample_patient, vary_anatomy
 from .phantom import build_phantom
 from .raster import Grid
 from .report import write_report
@@ -46,7 +46,7 @@ SPLIT_FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 CORPUS_FORMAT = 1
 
 
-CORPUS_VERSIONS = (1, 2, 3)
+CORPUS_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class SynthConfig:
     profile: str = "tiny"
     dicom: bool = False
     workers: int = 1
-    version: int = 1  # phantom version: 1 as first published; 2 and 3 make the small focal findings conspicuous
+    version: int = 1  # phantom version: 1 as first published; 2 and 3 make the small focal findings conspicuous;
+    # 4 varies anatomy, habitus and scanner as patients and scanners do, and paints lesions at the reports' sizes
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -83,8 +84,9 @@ def split_of(seed: int, index: int) -> str:
     return "test"
 
 
-def make_grid(profile: str, patient, rng: np.random.Generator) -> tuple[Grid, float, float]:
-    """Sampling grid for a patient: (grid, noise sd in HU, blur sigma in voxels)."""
+def make_grid(profile: str, patient, rng: np.random.Generator, version: int = 1) -> tuple[Grid, float, float]:
+    """Sampling grid for a patient: (grid, noise sd in HU, blur sigma in voxels). From corpus version 4 the
+    scanner varies per study: quantum noise and the reconstruction kernel's sharpness (blur)."""
     b = patient.body
     length = b["length"] * 1.04
     width = 2 * b["half_width"] + 40
@@ -98,6 +100,9 @@ def make_grid(profile: str, patient, rng: np.random.Generator) -> tuple[Grid, fl
         dz = float(rng.choice([1.25, 2.5, 3.0, 5.0], p=[0.25, 0.35, 0.2, 0.2]))
         n = 512
         noise, blur = 14.0, 0.6
+    if version >= 4:  # drawn after the grid: versions 1-3 keep their draws
+        noise = float(rng.uniform(3.0, 14.0)) if profile == "tiny" else float(rng.uniform(8.0, 28.0))
+        blur = float(rng.uniform(0.2, 0.9))
     nz = int(math.ceil(length / dz))
     z_origin = float(rng.uniform(-450, -150))
     origin = (-(n - 1) * px / 2, -(n - 1) * px / 2 + 12.0, z_origin)
@@ -111,9 +116,13 @@ def generate_study(args: tuple) -> dict:
     sid = study_id(cfg.seed, index)
     rng = np.random.default_rng([cfg.seed, index])
     patient = sample_patient(rng, index)
-    grid, noise, blur = make_grid(cfg.profile, patient, rng)
-    hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur, version=cfg.version)
+    if cfg.version >= 4:
+        vary_anatomy(patient)
+    # the report first (its own generator, so its text is the same at every version): version 4's phantom
+    # paints a lesion at the size its report states
     text, labels = write_report(patient, np.random.default_rng([cfg.seed, index, 1]))
+    grid, noise, blur = make_grid(cfg.profile, patient, rng, cfg.version)
+    hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur, version=cfg.version)
     nii = out / "merlin_data" / f"{sid}.nii.gz"
     with atomic_path(nii, suffix=".nii.gz") as tmp:  # nibabel compresses by the .gz ending
         save_nifti(Volume(hu, grid.affine_ras()), tmp)
@@ -134,6 +143,7 @@ def generate_study(args: tuple) -> dict:
         "normal": not patient.findings,
         "conditions": list(patient.conditions),
         "spacing": list(grid.spacing),
+        **({"scanner": {"noise_sd_hu": round(noise, 2), "blur_voxels": round(blur, 3)}} if cfg.version >= 4 else {}),
         "shape": list(grid.shape),
         "findings": {
             fid: {"severity": f.severity, "side": f.side, "reported": f.reported, "site_lps_mm": f.site}

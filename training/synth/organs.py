@@ -126,6 +126,7 @@ class OrgansMixin:
             for sx in self.sides("renal_cyst"):
                 kc, kr = self.kid[sx]
                 rr = self.sev("renal_cyst", *self.v((10, 16, 24), (14, 20, 28), (20, 26, 34)))
+                rr = self.stated_radius("renal_cyst", rr)
                 pt = (kc[0] + sx * kr[0] * 0.7, kc[1] + self.u(-8, 8), kc[2] + self.u(-0.5, 0.5) * kr[2])
                 c.ellipsoid(pt, (rr, rr, rr), T.CYST, where=(T.CORTEX, T.MEDULLA, T.VISC_FAT, T.SINUS_FAT))
                 self.site("renal_cyst", pt)
@@ -137,6 +138,8 @@ class OrgansMixin:
                     off = self.rng.uniform(-0.6, 0.6, size=3)
                     pt = tuple(kc[i] + off[i] * kr[i] for i in range(3))
                     radii = self.v((4.0, 4.0, 4.5), (7.0, 7.0, 7.5), (9.0, 9.0, 10.0))
+                    if self.version >= 4:  # the reports call them subcentimeter or small: 6-9 mm across
+                        radii = (self.u(3.0, 4.5),) * 3
                     c.ellipsoid(pt, radii, T.HYPODENSITY, where=(T.CORTEX, T.MEDULLA))
                     self.site("renal_hypodensities", pt)
 
@@ -221,6 +224,7 @@ class OrgansMixin:
         if "lymphadenopathy" in self.f:
             n = int(self.sev("lymphadenopathy", 4, 7, 11))
             rr = self.sev("lymphadenopathy", *self.v((8.0, 11.0, 15.0), (11.0, 14.0, 18.0), (14.0, 18.0, 22.0)))
+            rr = self.stated_radius("lymphadenopathy", rr)  # version 4: the largest node at the report's size
         else:
             n, rr = 5, 3.5
         for _ in range(n):

@@ -210,3 +210,16 @@ def sample_patient(
         else:
             f.reported = bool(rng.random() >= unreported_rate / 3)
     return Patient(index, age, sex, conditions, findings, normal, position, body)
+
+
+def vary_anatomy(patient: Patient) -> None:
+    """Corpus version 4: organ size, position and habitus spread as in patients, from the same draws (a
+    deterministic widening about each range's centre, so patients, findings and reports stay those of every
+    version): organ scale 0.9-1.1 -> 0.75-1.25; organ position sd 5 -> 15 mm; half-width 128-172 -> 110-190 mm,
+    half-depth 92-132 -> 76-148 mm; subcutaneous fat 8-34 -> 3-42 mm."""
+    b = patient.body
+    b["organ_scale"] = 1.0 + 2.5 * (b["organ_scale"] - 1.0)
+    b["jitter_x"], b["jitter_y"] = 3.0 * b["jitter_x"], 3.0 * b["jitter_y"]
+    b["half_width"] = 150.0 + (40.0 / 22.0) * (b["half_width"] - 150.0)
+    b["half_depth"] = 112.0 + 1.8 * (b["half_depth"] - 112.0)
+    b["fat"] = max(3.0, 21.0 + 1.6 * (b["fat"] - 21.0))

@@ -25,9 +25,9 @@ from .trunk import TrunkMixin
 class _Builder(TrunkMixin, OrgansMixin):
     """Paints one phantom: the state and helpers here, the anatomy in ``trunk`` and ``organs``."""
 
-    def __init__(self, patient: Patient, grid: Grid, rng: np.random.Generator):
+    def __init__(self, patient: Patient, grid: Grid, rng: np.random.Generator, version: int = 1):
         self.p, self.rng, self.grid = patient, rng, grid
-        self.version = 1  # phantom version (build_phantom): 2 and 3 draw the focal findings more conspicuous
+        self.version = version  # phantom version (build_phantom): 2 and 3 draw the focal findings more conspicuous
         self.c = Canvas(grid, fill=int(T.AIR))
         b = patient.body
         self.a, self.b, self.fat = b["half_width"], b["half_depth"], b["fat"]
@@ -57,6 +57,12 @@ class _Builder(TrunkMixin, OrgansMixin):
     def site(self, fid: str, xyz) -> None:
         if fid in self.f and self.f[fid].site is None:
             self.f[fid].site = tuple(float(v) for v in xyz)
+
+    def stated_radius(self, fid: str, default: float) -> float:
+        """From version 4, half the size the report states for ``fid`` (``{mm}`` in its sentence), when it
+        states one; else ``default``."""
+        mm = self.f[fid].details.get("report_mm") if fid in self.f else None
+        return default if self.version < 4 or mm is None else mm / 2.0
 
     def sides(self, fid: str) -> list[float]:
         """+1 for patient left (LPS +x), -1 for right."""
@@ -126,9 +132,11 @@ def build_phantom(
     0.70 with the labels (docs/corpus.md): each focal lesion spans several 5 mm
     voxels, and the findings that looked like normal anatomy at that size get the sign a radiologist
     reads them by (enlarged nodes in the retroperitoneum where no bowel lies, a distended thrombosed
-    vein, an appendicolith, free air over the liver)."""
-    b = _Builder(patient, grid, rng)
-    b.version = version
+    vein, an appendicolith, free air over the liver). ``version`` 4 keeps version 3's signs and is harder
+    where version 3 was easy: the patient's anatomy varies more (``patient.vary_anatomy``), the scanner's
+    noise and kernel vary per study (``corpus.make_grid``), renal hypodensities are subcentimeter as their
+    reports say, and a renal cyst or the largest node is painted at the size its report states."""
+    b = _Builder(patient, grid, rng, version)
     b.body()
     b.spine_and_muscles()
     b.thorax()

@@ -52,6 +52,8 @@ def _fill(template: str, f, rng: np.random.Generator) -> str:
         mm=int(mm),
         pct={"mild": 35, "moderate": 50, "severe": 65}[sev],
     )
+    if "{mm}" in template:  # the size the report states: corpus version 4 paints the lesion at it
+        f.details["report_mm"] = int(mm)
     return text[0].upper() + text[1:]
 
 
