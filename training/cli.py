@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from .research.recipe import STUDIES as RECIPE_STUDIES
+from .synth.corpus import CORPUS_VERSIONS
 
 
 def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--corpus-version",
         type=int,
         default=1,
-        choices=[1, 2, 3],
+        choices=list(CORPUS_VERSIONS),
         help=(
             "phantom version: 1 as first published; 2 draws the small focal findings larger; "
             "3 makes every focal finding span several 5 mm voxels (docs/corpus.md)"
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--studies", type=int, default=RECIPE_STUDIES, help="studies in the generated corpus (default %(default)s)"
     )
     rc.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
-    rc.add_argument("--corpus-version", type=int, default=3, choices=[1, 2, 3])
+    rc.add_argument("--corpus-version", type=int, default=3, choices=list(CORPUS_VERSIONS))
     rc.add_argument("--no-supervised", action="store_true", help="skip the supervised reference")
     rc.add_argument(
         "--reference",
