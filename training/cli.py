@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(CORPUS_VERSIONS),
         help=(
             "phantom version: 1 as first published; 2 draws the small focal findings larger; "
-            "3 makes every focal finding span several 5 mm voxels (docs/corpus.md)"
+            "3 makes every focal finding span several 5 mm voxels; 4 varies anatomy, habitus and scanner and "
+            "paints lesions at their reports' sizes (docs/corpus.md)"
         ),
     )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
