@@ -171,6 +171,12 @@ class SeriesToModelInput:
         # Geometry from the headers the scan already read; pixels read straight from each file
         # (dicom_series.read_frame), without holding every full dataset and its cached array.
         chosen = work.series_chosen()
+        if chosen.damaged:  # a slice may be missing where no gap shows it: not a complete series
+            path, why = chosen.damaged[0]
+            return work.fail(
+                f"{path}: a damaged DICOM file beside the series' {len(chosen.paths)} instances ({why}); the "
+                "series may be missing a slice"
+            )
         names = [str(p) for p in chosen.paths]
         offsets = chosen.pixel_offsets or [None] * len(names)
         t = time.perf_counter()

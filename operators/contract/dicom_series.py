@@ -44,6 +44,10 @@ class SeriesFiles:
     # Where each file's Pixel Data element starts (the position the header read stopped at), for
     # ``read_frame``'s direct read of native pixel data; None where unknown.
     pixel_offsets: list[int | None] = field(default_factory=list)
+    # Damaged DICOM files (the DICOM preamble, but no readable header) in a folder that holds this series:
+    # one may be a slice of it, so the series cannot be called complete (the first or last slice of a
+    # stack leaves no gap to see).
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -92,7 +96,32 @@ def scan_files(files: Iterable[str | Path]) -> ScanResult:
         s.paths.append(path)
         s.headers.append(ds)
         s.pixel_offsets.append(offset)
+    _attach_damaged(series, unreadable)
     return ScanResult(series, unreadable)
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _attach_damaged(series: dict[tuple[str, str], SeriesFiles], unreadable: list[tuple[Path, str]]) -> None:
+    """An unreadable file that is DICOM by its preamble is attributed to every series with an instance in
+    its folder (a file with no preamble, e.g. a README, is only listed as unreadable)."""
+    damaged = [(p, why) for p, why in unreadable if _has_dicom_preamble(p)]
+    if not damaged:
+        return
+    folders: dict[Path, list[SeriesFiles]] = defaultdict(list)
+    for s in series.values():
+        for parent in {p.parent for p in s.paths}:
+            folders[parent].append(s)
+    for path, why in damaged:
+        for s in folders.get(path.parent, []):
+            s.damaged.append((path, why))
 
 
 _NATIVE_LE = {ImplicitVRLittleEndian: 8, ExplicitVRLittleEndian: 12}  # bytes of the Pixel Data tag, VR, length

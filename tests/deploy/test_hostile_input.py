@@ -78,6 +78,28 @@ def test_a_plausible_series_still_reads(model, tmp_path):
     assert (tmp_path / "out" / sr_filename(uid)).exists()
 
 
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_a_damaged_end_slice_fails_the_series_instead_of_a_shorter_volume(which, model, tmp_path):
+    """The first or last slice of a stack leaves no gap when it is lost: a file that is DICOM by its preamble
+    but whose header cannot be read, beside the series' instances, fails the study; a stray non-DICOM file
+    (a README) does not."""
+    paths = sorted(small_study(tmp_path / "in", "ENDS"), key=lambda q: pydicom.dcmread(q).InstanceNumber)
+    (tmp_path / "in" / "README.txt").write_text("exported by the modality\n")
+    ((uid, series),) = scan_tree(tmp_path / "in").studies().items()
+    clean = run_study(StudyWork(uid, series), model, SeriesToModelInput(model.package.spec), tmp_path / "out0")
+    assert not clean.failed, clean.reason
+    victim = paths[0] if which == "first" else paths[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:132] + b"\xff" * 64)  # the preamble, then a header no parser reads
+    scan = scan_tree(tmp_path / "in")
+    ((uid, series),) = scan.studies().items()
+    assert len(series[0].paths) == len(paths) - 1 and {p for p, _ in series[0].damaged} == {victim}
+    assert len(scan.unreadable) == 2  # the damaged slice and the README; only the slice is attributed
+    work = run_study(StudyWork(uid, series), model, SeriesToModelInput(model.package.spec), tmp_path / "out")
+    assert work.failed and "damaged DICOM file" in work.reason and victim.name in work.reason, work.reason
+    assert not (tmp_path / "out" / sr_filename(uid)).exists()
+
+
 def test_bad_headers_among_good_studies_in_the_app(tiny_package, tmp_path):
     """A non-numeric SliceThickness or SeriesNumber is a tie-break that sorts last, not an error; a memory
     bomb and a zero spacing fail their studies; the graph goes on and the good studies get their SRs. No
