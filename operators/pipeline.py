@@ -101,8 +101,30 @@ def series_problem(s: SeriesFiles) -> str | None:
     return None
 
 
+def patients_in(series: list[SeriesFiles]) -> int:
+    """How many patients the instances of a study name (Patient ID with its issuer, and birth date): more
+    than one under one Study Instance UID is a merge or UID collision, and an SR would attach the result to
+    the wrong patient's record."""
+    seen = set()
+    for s in series:
+        for ds in s.headers:
+            seen.add(
+                (
+                    str(ds.get("PatientID", "")),
+                    str(ds.get("IssuerOfPatientID", "")),
+                    str(ds.get("PatientBirthDate", "")),
+                )
+            )
+    return len(seen)
+
+
 def select_series(work: StudyWork) -> StudyWork:
     t = time.perf_counter()
+    n = patients_in(work.series)
+    if n > 1:  # the values are PHI: the reason gives their number only
+        return work.fail(
+            f"instances of {n} different patients (Patient ID, issuer, birth date) under one Study Instance UID"
+        )
     eligible, reasons = [], []
     for s in work.series:
         why = series_problem(s)

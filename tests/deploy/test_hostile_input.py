@@ -100,6 +100,21 @@ def test_a_damaged_end_slice_fails_the_series_instead_of_a_shorter_volume(which,
     assert not (tmp_path / "out" / sr_filename(uid)).exists()
 
 
+def test_two_patients_under_one_study_uid_fail_the_study(model, tmp_path):
+    """A merge or UID collision: an SR would attach a finding to the wrong patient's record. The reason counts
+    the patients and names none."""
+    a = small_study(tmp_path / "in", "MERGEA")
+    b = small_study(tmp_path / "in", "MERGEB", n=10)
+    study = pydicom.dcmread(a[0]).StudyInstanceUID
+    _edit(b, StudyInstanceUID=study, PatientID="OTHER-PATIENT-77")
+    ((uid, series),) = scan_tree(tmp_path / "in").studies().items()
+    assert len(series) == 2
+    work = run_study(StudyWork(uid, series), model, SeriesToModelInput(model.package.spec), tmp_path / "out")
+    assert work.failed and "2 different patients" in work.reason, work.reason
+    assert "OTHER-PATIENT-77" not in work.reason and str(pydicom.dcmread(a[0]).PatientID) not in work.reason
+    assert not (tmp_path / "out" / sr_filename(uid)).exists()
+
+
 def test_bad_headers_among_good_studies_in_the_app(tiny_package, tmp_path):
     """A non-numeric SliceThickness or SeriesNumber is a tie-break that sorts last, not an error; a memory
     bomb and a zero spacing fail their studies; the graph goes on and the good studies get their SRs. No
