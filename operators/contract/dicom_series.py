@@ -10,6 +10,7 @@ through its pixel-data plugins); this module only does geometry and checks.
 from __future__ import annotations
 
 import os
+import stat
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ def scan_tree(root: str | Path) -> ScanResult:
     root = Path(root)
     if not root.exists():
         raise VolumeError(f"{root}: input folder does not exist")
-    files = [root] if root.is_file() else sorted(Path(dp) / f for dp, _, fs in os.walk(root) for f in fs)
+    files = [root.resolve()] if root.is_file() else sorted(Path(dp) / f for dp, _, fs in os.walk(root) for f in fs)
     return scan_files(files)
 
 
@@ -77,6 +78,10 @@ def scan_files(files: Iterable[str | Path]) -> ScanResult:
     series: dict[tuple[str, str], SeriesFiles] = {}
     unreadable: list[tuple[Path, str]] = []
     for path in map(Path, files):
+        kind = _not_regular(path)
+        if kind:
+            unreadable.append((path, kind))
+            continue
         try:
             with open(path, "rb") as fh:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True)
@@ -100,6 +105,20 @@ def scan_files(files: Iterable[str | Path]) -> ScanResult:
     return ScanResult(series, unreadable)
 
 
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` is not read: a link (it may point out of the input tree, or at a device) or not a regular
+    file (a FIFO would block the scan forever, a device never ends); None for a regular file."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link: not followed"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a FIFO, device or socket): not read"
+    return None
+
+
 def _has_dicom_preamble(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
@@ -112,7 +131,7 @@ def _has_dicom_preamble(path: Path) -> bool:
 def _attach_damaged(series: dict[tuple[str, str], SeriesFiles], unreadable: list[tuple[Path, str]]) -> None:
     """An unreadable file that is DICOM by its preamble is attributed to every series with an instance in
     its folder (a file with no preamble, e.g. a README, is only listed as unreadable)."""
-    damaged = [(p, why) for p, why in unreadable if _has_dicom_preamble(p)]
+    damaged = [(p, why) for p, why in unreadable if _not_regular(p) is None and _has_dicom_preamble(p)]
     if not damaged:
         return
     folders: dict[Path, list[SeriesFiles]] = defaultdict(list)

@@ -101,6 +101,34 @@ def test_scan_tree_groups_by_uid_not_folder(series, tmp_path):
         scan_tree(tmp_path / "nope")
 
 
+def test_links_and_special_files_in_the_input_tree_are_listed_not_read(series, tmp_path):
+    """A FIFO would block the scan forever, /dev/zero never ends, a link may lead out of the input tree: none
+    is opened; the series beside them reads."""
+    import os
+    import time
+
+    folder, paths, _ = series
+    tree = tmp_path / "tree"
+    shutil.copytree(folder, tree)
+    outside = tmp_path / "outside.dcm"
+    shutil.copy(paths[0], outside)
+    os.mkfifo(tree / "pipe")
+    (tree / "zero").symlink_to("/dev/zero")
+    (tree / "elsewhere.dcm").symlink_to(outside)
+    t = time.monotonic()
+    scan = scan_tree(tree)
+    assert time.monotonic() - t < 30  # the scan returns (a blocked FIFO read would never)
+    why = {p.name: reason for p, reason in scan.unreadable}
+    assert why == {
+        "pipe": "not a regular file (a FIFO, device or socket): not read",
+        "zero": "a symbolic link: not followed",
+        "elsewhere.dcm": "a symbolic link: not followed",
+    }
+    ((_, s),) = scan.series.items()
+    assert len(s.paths) == len(paths) and not s.damaged
+    assert len(scan_tree(tree / paths[0].name).series) == 1  # a file named as the input is read
+
+
 def test_two_studies_sharing_a_series_uid_stay_two_studies(tmp_path):
     a = small_study(tmp_path, "a", n=4)
     b = small_study(tmp_path, "bb", n=4)
