@@ -47,13 +47,13 @@ test: venv
 test-slow: venv
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-# A few synthetic DICOM studies through the MONAI Deploy application with the embedded demo model
-# (trained on corpus version 2); prints each SR's findings beside the phantoms' labels.
+# A few synthetic DICOM studies (corpus version 3, what the embedded demo model was trained on) through the
+# MONAI Deploy application with that model; prints each SR's findings beside what each phantom really holds.
 demo: venv
 	rm -rf $(DEMO_DIR)
-	$(BIN)/ct-zeroshot-train synth $(DEMO_DIR)/corpus --studies 4 --seed 7 --dicom --corpus-version 2 --quiet > /dev/null
+	$(BIN)/ct-zeroshot-train synth $(DEMO_DIR)/corpus --studies 4 --seed 7 --dicom --corpus-version 3 --quiet > /dev/null
 	ulimit -s 32768; $(BIN)/python -m operators -i $(DEMO_DIR)/corpus/dicom -o $(DEMO_DIR)/sr
-	$(BIN)/ct-zeroshot report $(DEMO_DIR)/sr --labels $(DEMO_DIR)/corpus/zero_shot_findings_disease_cls.csv --present-only
+	$(BIN)/ct-zeroshot report $(DEMO_DIR)/sr --truth $(DEMO_DIR)/corpus/ground_truth.jsonl --present-only
 	@echo; echo "SRs (Comprehensive 3D SR, TID 1500): $(DEMO_DIR)/sr"
 
 # The guides (docs/, MkDocs) into site/; --strict fails on a broken link or a page missing from the nav.

@@ -162,7 +162,7 @@ def evaluate_heldout(
             "seed": conf.get("seed"),
             "studies": held.get("studies"),
             "profile": conf.get("profile"),
-            "command": f"ct-zeroshot-train synth HELDOUT --studies {held.get('studies')} --seed {conf.get('seed')} "
+            "command": f"ct-zeroshot-train synth {data} --studies {held.get('studies')} --seed {conf.get('seed')} "
             f"--corpus-version {held.get('corpus_version')}",
         },
         "development_corpus": {"seed": dev["config"].get("seed"), "studies": dev.get("studies")},
