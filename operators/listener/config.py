@@ -68,6 +68,10 @@ class ListenerConfig:
     backoff_s: float = 2.0
     log_patient_identifiers: bool = False
     max_instance_mb: float = 512.0  # a C-STORE larger than this is refused (out of resources)
+    min_free_mb: float = 1024.0  # an instance that would leave the spool's disk less free space is refused (0xA700)
+    max_associations: int = 16  # associations at a time (idle sockets included, until acse_timeout_s)
+    acse_timeout_s: float = 5.0  # a connection that sends no association request within this is closed
+    network_timeout_s: float = 60.0  # an association silent this long is aborted
     max_attempts: int = 3  # a study whose processing starts this many times without finishing (it raised, or
     # the process died: out of memory, a crashing decoder) goes to failed/
     redeliver_max_s: float = 600.0  # undelivered SRs are retried while running, backoff capped here
@@ -105,6 +109,16 @@ class ListenerConfig:
             raise ValueError(f"{path}: 'destination' needs ae_title, host and port")
         if cfg.findings_mode not in ("add", "replace"):
             raise ValueError(f"{path}: findings_mode must be add or replace, got {cfg.findings_mode!r}")
+        for key in ("min_free_mb", "acse_timeout_s", "network_timeout_s"):
+            value = getattr(cfg, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{path}: {key} must be a number >= 0, got {value!r}")
+        if (
+            isinstance(cfg.max_associations, bool)
+            or not isinstance(cfg.max_associations, int)
+            or cfg.max_associations < 1
+        ):
+            raise ValueError(f"{path}: max_associations must be an integer >= 1, got {cfg.max_associations!r}")
         if cfg.retain_delivered_s < 0:
             raise ValueError(f"{path}: retain_delivered_s must be >= 0, got {cfg.retain_delivered_s}")
         if cfg.tls is not None:

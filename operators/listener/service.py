@@ -90,6 +90,24 @@ class Listener:
         title = req.ae_title.strip() if isinstance(req.ae_title, str) else req.ae_title.decode().strip()
         return any(p.ae_title == title and (p.host is None or p.host == req.address) for p in self.cfg.allowed)
 
+    def _free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.cfg.spool).free
+        except OSError:
+            return None  # the store itself reports a missing spool
+
+    def on_conn_open(self, event):
+        """Before any association request: a connection from an address no allowed caller may use is closed
+        at once, so it cannot hold an association slot (only when every allowed caller names its host)."""
+        hosts = {p.host for p in self.cfg.allowed}
+        if None in hosts:
+            return
+        address = event.address[0] if event.address else None
+        if address not in hosts:
+            log.warning("connection from %s closed: no allowed caller uses that address", address)
+            # before the association starts: it waits no time for a request, then closes its socket
+            event.assoc.acse_timeout = 0.001
+
     def on_rejected(self, event):
         req = event.assoc.requestor
         log.warning(
@@ -128,6 +146,14 @@ class Listener:
         if len(data) > self.cfg.max_instance_mb * 1e6:
             log.warning("C-STORE of %.0f MB refused (max_instance_mb %s)", len(data) / 1e6, self.cfg.max_instance_mb)
             return 0xA700  # out of resources
+        free = self._free_bytes()
+        if free is not None and free - len(data) < self.cfg.min_free_mb * 1e6:
+            log.warning(
+                "C-STORE refused: the spool's disk would keep %.0f MB free, below min_free_mb %s",
+                (free - len(data)) / 1e6,
+                self.cfg.min_free_mb,
+            )
+            return 0xA700  # out of resources: never acknowledge what may not be written or processed
         try:
             ds = event.dataset
             uid, sop = ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID")
@@ -378,7 +404,11 @@ class Listener:
         ae.add_supported_context(CTImageStorage, list(ACCEPTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         ae.require_calling_aet = [p.ae_title for p in self.cfg.allowed]
+        ae.maximum_associations = self.cfg.max_associations
+        ae.acse_timeout = self.cfg.acse_timeout_s  # a socket that never asks to associate frees its slot
+        ae.network_timeout = self.cfg.network_timeout_s
         handlers = [
+            (evt.EVT_CONN_OPEN, self.on_conn_open),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),

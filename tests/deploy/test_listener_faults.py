@@ -124,3 +124,96 @@ def test_a_second_different_instance_under_one_sop_uid_is_refused(listener, tmp_
     assert statuses == [0x0000, 0x0000, 0xC213]
     held = listener.spool.path("incoming", str(first.StudyInstanceUID)) / f"{first.SOPInstanceUID}.dcm"
     assert pydicom.dcmread(held).PixelData == first.PixelData
+
+
+def test_a_full_spool_disk_refuses_before_acknowledging(listener, tmp_path, monkeypatch):
+    """An instance that would leave the spool's disk below min_free_mb is refused (0xA700): nothing is
+    acknowledged that may not be written and processed."""
+    import shutil
+
+    import pydicom
+
+    from operators.listener import service
+
+    path = small_study(tmp_path / "in", "FULLDISK")[0]
+    ds = pydicom.dcmread(path)
+    data = path.read_bytes()
+    event = SimpleNamespace(assoc=SimpleNamespace(), encoded_dataset=lambda include_meta: data, dataset=ds)
+    listener.open_assoc[id(event.assoc)] = set()
+    real = shutil.disk_usage(listener.cfg.spool)
+    low = real._replace(free=int(listener.cfg.min_free_mb * 1e6) + len(data) // 2)
+    monkeypatch.setattr(service.shutil, "disk_usage", lambda p: low)
+    assert listener.on_store(event) == 0xA700
+    assert not any(listener.spool.root.rglob("*.dcm"))
+    monkeypatch.setattr(service.shutil, "disk_usage", lambda p: real)
+    assert listener.on_store(event) == 0x0000  # room again: taken
+
+
+def _served(tmp_path, tiny_package, **kw):
+    cfg = ListenerConfig(
+        allowed=kw.pop("allowed", [Peer(ae_title="SENDER")]),
+        destination=Peer(ae_title="PACS", host="127.0.0.1", port=free_port()),
+        spool=str(tmp_path / "spool"),
+        model=str(tiny_package["pkg"]),
+        port=free_port(),
+        idle_timeout_s=3600.0,
+        **kw,
+    )
+    lst = Listener(cfg)
+    lst.start()
+    return lst
+
+
+def _echo(port: int) -> bool:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title="CTZEROSHOT")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    import time
+
+    sock.settimeout(0.2)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            if sock.recv(1) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_idle_sockets_free_their_association_slots(tmp_path, tiny_package):
+    """Sockets that never ask to associate held the fixed slots for 30 s and locked allowed senders out:
+    they are closed after acse_timeout_s, and an allowed sender gets through."""
+    import socket
+
+    lst = _served(tmp_path, tiny_package, max_associations=2, acse_timeout_s=1.0)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", lst.cfg.port)) for _ in range(2)]
+        assert all(_closed_within(s, 5.0) for s in idle)
+        assert _echo(lst.cfg.port)
+    finally:
+        lst.shutdown()
+
+
+def test_a_connection_from_an_address_no_caller_uses_is_closed_at_once(tmp_path, tiny_package):
+    import socket
+
+    lst = _served(tmp_path, tiny_package, allowed=[Peer(ae_title="SENDER", host="10.9.9.9")], acse_timeout_s=30.0)
+    try:
+        s = socket.create_connection(("127.0.0.1", lst.cfg.port))
+        assert _closed_within(s, 3.0)  # long before the 30 s a silent socket would otherwise hold its slot
+    finally:
+        lst.shutdown()
