@@ -165,18 +165,13 @@ def _truth(path: str | None) -> dict[str, dict[str, int]]:
     for every other catalogue finding (the truth has no "not mentioned")."""
     if not path:
         return {}
+    from .contract.files import jsonl_records
+
     ids = load_catalogue().ids
     out = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                held = set(rec["findings"])
-                out[str(rec["study id"])] = {fid: int(fid in held) for fid in ids}
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}: line {n} is not a ground-truth record ({exc})") from None
+    for _, rec in jsonl_records(path, ("study id", "findings")):
+        held = set(rec["findings"])
+        out[str(rec["study id"])] = {fid: int(fid in held) for fid in ids}
     return out
 
 

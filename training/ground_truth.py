@@ -18,12 +18,12 @@ A corpus without ``ground_truth.jsonl`` (a real release) has no truth; callers t
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from operators.contract.files import jsonl_records
 from operators.contract.findings import load_catalogue
 
 GROUND_TRUTH_FILE = "ground_truth.jsonl"
@@ -45,22 +45,18 @@ def load_ground_truth(data: str | Path) -> dict[str, dict]:
         raise GroundTruthError(f"{path}: no ground truth (only the synthetic corpus writes one)")
     ids = set(load_catalogue().ids)
     out: dict[str, dict] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                sid = rec["study id"]
-                unknown = set(rec["findings"]) - ids
-                float(rec["age"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise GroundTruthError(f"{path}: line {n} is not a ground-truth record ({exc})") from None
-            if unknown:
-                raise GroundTruthError(f"{path}: line {n} names findings outside the catalogue: {sorted(unknown)}")
-            if sid in out:
-                raise GroundTruthError(f"{path}: line {n} repeats study {sid}")
-            out[sid] = rec
+    for n, rec in jsonl_records(path, ("study id", "findings", "age"), GroundTruthError):
+        sid = rec["study id"]
+        try:
+            unknown = set(rec["findings"]) - ids
+            float(rec["age"])
+        except (ValueError, TypeError) as exc:
+            raise GroundTruthError(f"{path}: line {n} is not a ground-truth record ({exc})") from None
+        if unknown:
+            raise GroundTruthError(f"{path}: line {n} names findings outside the catalogue: {sorted(unknown)}")
+        if sid in out:
+            raise GroundTruthError(f"{path}: line {n} repeats study {sid}")
+        out[sid] = rec
     return out
 
 

@@ -59,3 +59,22 @@ def write_atomic(path: str | Path, data: str | bytes, fsync: bool = False) -> No
 
 def write_json(path: str | Path, obj: Any, indent: int = 1) -> None:
     write_atomic(path, json.dumps(obj, indent=indent))
+
+
+def jsonl_records(
+    path: str | Path, keys: tuple[str, ...], error: type[Exception] = ValueError
+) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSON-lines file; a line that is not a JSON object
+    holding ``keys`` raises ``error`` naming the file and the line."""
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                missing = [k for k in keys if k not in rec]
+            except (ValueError, TypeError) as exc:
+                raise error(f"{path}: line {n} is not a JSON record ({exc})") from None
+            if missing:
+                raise error(f"{path}: line {n} lacks {', '.join(missing)}")
+            yield n, rec
