@@ -113,3 +113,13 @@ def test_evaluate_reports_ground_truth_beside_labels(tiny_package, tmp_path):
     assert set(m["ground_truth"]["per_finding"]) == set(m["zero_shot"]["per_finding"])
     assert m["ground_truth"]["decision"].startswith("merlin")
     assert "no_image_baseline" in m and "not beating the no-image baseline" in text
+    # the side-by-side table of evaluated runs (python -m benchmarks.compare_runs)
+    from benchmarks.compare_runs import main as compare_main
+
+    out = tmp_path / "cmp" / "compare"
+    assert compare_main(["--run", f"a={run}={tiny_package['data']}", "--run", f"b={run}={tiny_package['data']}",
+                         "--out", str(out)]) == 0  # fmt: skip
+    table = (out.with_suffix(".md")).read_text()
+    assert "a: truth" in table and "b: no-image" in table and "python -m benchmarks.compare_runs" in table
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["runs"]["a"]["truth_macro_auroc"] == m["ground_truth"]["macro_auroc"]
