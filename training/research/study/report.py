@@ -17,7 +17,7 @@ from operators.contract.files import write_atomic
 
 from .arms import ARM_BY_NAME, SCALING_ARMS, SUBSET_FRACTION, Arm, StudyPreset
 from .plots import plots
-from .seed_level import SeedComparison, compare, delta_vs, write_seed_level
+from .seed_level import SeedComparison, compare, delta_vs, per_seed_values, write_seed_level
 from .statistics import load_test_bootstrap, run_metrics
 
 _SELECTED = {"macro_f1": "macro F1", "macro_auroc": "macro AUROC"}  # train.select, as the summary says it
@@ -74,7 +74,8 @@ def aggregate(preset: StudyPreset, out: Path, seeds: int, record: dict | None = 
     studies = {r["studies"] for r in boots.values() if r is not None}
     if len(studies) > 1:
         raise ValueError(f"{out}: the runs were evaluated on different numbers of test studies ({sorted(studies)})")
-    deltas = {arm.name: delta_vs(out, preset, arm.name, "random", boots) for arm in arms if arm.name != "random"}
+    values = per_seed_values(out)  # read once for every arm's delta
+    deltas = {arm.name: delta_vs(values, arm.name, "random", boots) for arm in arms if arm.name != "random"}
     comparisons = compare(preset, out, boots)
 
     catalogue = load_catalogue()

@@ -111,9 +111,9 @@ def compare(preset: StudyPreset, out: Path, boots: dict | None = None) -> list[S
     return result
 
 
-def delta_vs(out: Path, preset: StudyPreset, arm: str, base: str, boots: dict | None = None) -> tuple | None:
-    """An arm's macro F1 difference to ``base`` (points) with its uncorrected two-stage 95 % interval."""
-    values = per_seed_values(out)
+def delta_vs(values: dict, arm: str, base: str, boots: dict | None = None) -> tuple | None:
+    """An arm's macro F1 difference to ``base`` (points) with its uncorrected two-stage 95 % interval;
+    ``values``: ``per_seed_values`` of the study."""
     c = Contrast(f"{arm} vs {base}", ((arm, 1), (base, -1)), "")
     seeds = sorted(
         {s for a, s, m in values if a == arm and m == "macro_f1"}
