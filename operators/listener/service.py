@@ -69,6 +69,7 @@ class Listener:
         self.lock = threading.Lock()
         self.last_seen: dict[str, float] = {}  # study UID -> time of its last instance
         self.open_assoc: dict[int, set[str]] = {}  # association id -> studies it delivered
+        self.receiving: dict[int, int] = {}  # association id -> bytes of the instance being received
         self.queue: queue.Queue[str] = queue.Queue()
         self.stop = threading.Event()
         self.sender = Sender(cfg, self.stop)
@@ -108,6 +109,11 @@ class Listener:
             # before the association starts: it waits no time for a request, then closes its socket
             event.assoc.acse_timeout = 0.001
 
+    def on_echo(self, event):
+        with self.lock:
+            self.receiving.pop(id(event.assoc), None)
+        return 0x0000
+
     def on_rejected(self, event):
         req = event.assoc.requestor
         log.warning(
@@ -125,8 +131,34 @@ class Listener:
         with self.lock:
             self.open_assoc[id(event.assoc)] = set()
 
+    def on_data(self, event):
+        """While an instance is received: its P-DATA bytes are counted per association, and once they pass
+        ``max_instance_mb`` the association is aborted, so an oversized instance is never held whole in
+        memory (pynetdicom assembles a C-STORE before its handler runs). Nothing of it was acknowledged;
+        the instances acknowledged before it on the association are kept."""
+        data = event.data
+        if data[:1] != b"\x04":  # only P-DATA-TF carries a message
+            return
+        key = id(event.assoc)
+        limit = self.cfg.max_instance_mb * 1e6 + 65536  # the command set and PDU headers ride along
+        with self.lock:
+            received = self.receiving.get(key, 0) + len(data)
+            self.receiving[key] = received
+        if received > limit and not getattr(event.assoc, "_sent_abort", False):
+            req = event.assoc.requestor
+            log.warning(
+                "association from %s@%s aborted: an instance passed max_instance_mb %s while being received "
+                "(%.0f MB so far); nothing of it was acknowledged",
+                str(req.ae_title).strip(),
+                req.address,
+                self.cfg.max_instance_mb,
+                received / 1e6,
+            )
+            event.assoc.abort()
+
     def on_closed(self, event):
         with self.lock:
+            self.receiving.pop(id(event.assoc), None)
             studies = self.open_assoc.pop(id(event.assoc), set())
             now = time.monotonic()
             for uid in studies:
@@ -134,6 +166,8 @@ class Listener:
 
     def on_store(self, event):
         """Refuse what cannot be spooled safely; write the rest as received, then acknowledge."""
+        with self.lock:
+            self.receiving.pop(id(event.assoc), None)  # the next instance on this association counts from 0
         if id(event.assoc) not in self.open_assoc:
             return 0xC211  # refused: not an accepted caller
         if self.broken:
@@ -410,6 +444,8 @@ class Listener:
         handlers = [
             (evt.EVT_CONN_OPEN, self.on_conn_open),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_DATA_RECV, self.on_data),
+            (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_RELEASED, self.on_closed),

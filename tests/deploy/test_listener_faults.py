@@ -225,3 +225,66 @@ def test_a_connection_from_an_address_no_caller_uses_is_closed_at_once(tmp_path,
         assert _closed_within(s, 3.0)  # long before the 30 s a silent socket would otherwise hold its slot
     finally:
         lst.shutdown()
+
+
+def test_an_oversized_instance_is_aborted_while_it_is_received(tmp_path, tiny_package, caplog):
+    """max_instance_mb was checked after pynetdicom had assembled the whole instance in memory (six 300 MB
+    instances killed a 2 GB listener): the association is aborted once the bytes received pass the limit,
+    long before the instance is whole; the instance acknowledged before it on the association is kept."""
+    import logging
+    import re
+
+    import numpy as np
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    small, other = small_study(tmp_path / "in", "HUGE")[:2]
+    first = pydicom.dcmread(small)
+    big = pydicom.dcmread(other)
+    big.Rows = big.Columns = 2048  # 8 MB of pixels against a 1 MB limit
+    big.PixelData = np.zeros((2048, 2048), np.int16).tobytes()
+    lst = _served(tmp_path, tiny_package, max_instance_mb=1.0)
+    try:
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(CTImageStorage, first.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", lst.cfg.port, ae_title=lst.cfg.ae_title)
+        assert assoc.is_established
+        with caplog.at_level(logging.WARNING, logger="ct-zeroshot.listener"):
+            assert assoc.send_c_store(first).Status == 0x0000
+            answer = assoc.send_c_store(big)
+            assoc.release()
+        assert "Status" not in answer and assoc.is_aborted  # never acknowledged
+        spooled = sorted(p.stem for p in lst.spool.root.rglob("*.dcm"))
+        assert spooled == [str(first.SOPInstanceUID)]
+        said = [r.getMessage() for r in caplog.records if "while being received" in r.getMessage()]
+        assert len(said) == 1
+        mb = float(re.search(r"\((\d+) MB so far\)", said[0]).group(1))
+        assert mb <= 2  # aborted near the limit, not after the 8 MB instance
+        assert _echo(lst.cfg.port)  # the listener goes on
+    finally:
+        lst.shutdown()
+
+
+def test_a_memory_bomb_through_the_listener_fails_its_study_and_the_next_is_reported(listener, tmp_path):
+    """A 64x64 series declaring 470 mm pixels made the resampler allocate ~8 GB and the listener was
+    OOM-killed on every restart: it now fails from its headers, before allocation, with the reason, and
+    the study queued behind it gets its SR."""
+    import pydicom
+
+    bomb = small_study(tmp_path / "in", "BOMB")
+    for p in bomb:
+        ds = pydicom.dcmread(p)
+        ds.PixelSpacing = ["470", "470"]
+        ds.save_as(p)
+    uid = study_uid(bomb[0])
+    for p in bomb:
+        listener.spool.store(p.read_bytes(), uid, str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID))
+    listener.spool.complete(uid)
+    fine = _spooled(listener, tmp_path / "in", "AFTERBOMB")
+    listener._attempt(uid)
+    reason = (listener.spool.path("failed", uid) / "reason.txt").read_text()
+    assert "PixelSpacing (row) 470 mm is outside" in reason
+    assert not list(listener.spool.path("out", uid).glob("SR_*.dcm"))
+    listener._attempt(fine)
+    assert list(listener.spool.path("out", fine).glob("SR_*.dcm"))
