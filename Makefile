@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: venv lint test test-slow demo docs image test-image clean
+.PHONY: venv lint test test-distributed test-slow demo docs image test-image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ lint: venv
 # TEST_WORKERS pytest-xdist workers, each test file on one worker (its module fixtures built once);
 # much of the suite waits on subprocesses, Orthanc and listeners, so two workers overlap the waits.
 test: venv
-	$(BIN)/python -m pytest -m "not slow and not image" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not image and not distributed" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+
+# Multi-process training (the merlin preset's path under torchrun on 2 gloo processes, a slow rank): each test
+# starts its own processes, so they run one at a time.
+test-distributed: venv
+	$(BIN)/python -m pytest -m distributed $(PYTEST_ARGS)
 
 # The long tests: the full-size Merlin conversion and the listener soak (docs/pacs.md).
 test-slow: venv

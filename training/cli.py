@@ -40,7 +40,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.load(args.preset, args.overrides)
     summary = train(args.data, args.out, cfg, stop_after=args.stop_after, **_common(args))
-    print(json.dumps(summary, indent=1))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -151,7 +152,7 @@ def _study(args: argparse.Namespace) -> int:
 
     from .research.study import StudyPreset, aggregate, run_study
 
-    preset = StudyPreset.load(args.preset)
+    preset = StudyPreset.load(args.preset, args.overrides)
     if args.seed_level_only:
         from .research.study.seed_level import write_seed_level
 
@@ -358,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--data", required=True, help="Merlin-format folder or manifest CSV")
     st.add_argument("--out", required=True, help="study folder: results.csv, summary.md, plots, runs/")
     st.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's, 3)")
+    st.add_argument(
+        "overrides", nargs="*", help="training config overrides for every arm, added to the preset's "
+        "(paper-merlin needs text.model=DIR)",
+    )  # fmt: skip
     st.add_argument("--resume", action="store_true", help="continue a study in --out, skipping finished runs")
     st.add_argument(
         "--jobs",

@@ -41,6 +41,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "image.stem_pool": STEM_POOLS,
 }
 
+REQUIRED = "required"  # text.model in a preset that cannot build its text tower offline (merlin.yaml)
+
 _RATIO = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")
 
 
@@ -182,7 +184,10 @@ class TrainCfg:
     select: str = "macro_f1"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     grad_checkpointing: bool = False
-    num_workers: int = 0
+    num_workers: int = 0  # processes loading each step's volumes ahead of it (a DataLoader; 0: in the training process)
+    # under torchrun: how long a rank waits at a collective for the others (cache, validation, checkpoints)
+    dist_timeout_s: float = 1800.0
+    sync_batchnorm: bool = False  # under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)
     seed: int = 0
     deterministic: bool = True
     log_every: int = 10
@@ -263,6 +268,13 @@ class TrainConfig:
             raise ConfigError(f"text.train_layers {self.text.train_layers}: expected -1 (all), 0 (locked) or k > 0")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision {self.train.precision!r}: expected auto, fp32, bf16 or fp16")
+        if self.text.model == REQUIRED:
+            raise ConfigError(
+                f"text.model: the {self.preset} preset trains a pretrained text tower; name its local Hugging Face "
+                "folder, e.g. text.model=/models/Clinical-Longformer (nothing is downloaded)"
+            )
+        if self.train.num_workers < 0 or self.train.dist_timeout_s <= 0:
+            raise ConfigError("train.num_workers must be >= 0 and train.dist_timeout_s > 0")
         if self.train.steps < 1 or self.train.batch_size < 2:
             raise ConfigError(
                 "train.steps must be >= 1 and train.batch_size >= 2 (a contrastive batch needs negatives)"

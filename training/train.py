@@ -43,12 +43,15 @@ from .run_folder import Checkpoint, checkpoint_path, write_run_config
 from .sampling import BatchPlanner
 
 
-def distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
+def distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun, with ``timeout_s`` for
+    every collective (a rank that waits longer for the others ends the job with an error naming it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
+        from datetime import timedelta
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     rank = torch.distributed.get_rank() if world > 1 else 0
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -85,6 +88,30 @@ def validation_f1(model, volumes: CachedVolumes, labels: np.ndarray, device, bat
     return zero_shot_metrics(margins, labels)
 
 
+def gather_shards(shard: torch.Tensor, world: int) -> torch.Tensor:
+    """The rows of every rank's shard ``items[rank::world]`` back in item order (on every rank)."""
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, shard.cpu())
+    out = torch.empty(sum(len(p) for p in parts), *shard.shape[1:], dtype=shard.dtype)
+    for rank, p in enumerate(parts):
+        out[rank::world] = p
+    return out
+
+
+def sharded_validation(r: _Run) -> dict | None:
+    """Validation with every rank embedding its shard of the studies (none waits an hour while rank 0
+    validates alone); rank 0 scores them and gets the metrics, the others ``None``."""
+    model, device, bs = r.model, r.device, r.cfg.train.batch_size
+    if r.world == 1:
+        return validation_f1(model, r.val_volumes, r.val_labels, device, bs)
+    img = gather_shards(embed_images(model, r.val_shard, device, bs), r.world)
+    if not r.main:
+        return None
+    prompt_emb, rows = prompt_embeddings(model, device)
+    margins, _ = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
+    return zero_shot_metrics(margins, r.val_labels)
+
+
 @dataclass
 class _Run:
     """Everything a training process holds between steps."""
@@ -104,6 +131,8 @@ class _Run:
     volumes: CachedVolumes
     val_volumes: CachedVolumes
     val_labels: np.ndarray | None
+    val_shard: CachedVolumes | None = None  # this rank's share of the validation studies (torchrun)
+    batches: Any = None  # the DataLoader of step volumes (train.num_workers > 0)
     start: int = 0
     trunk: torch.Tensor | None = None  # frozen image stages' output per training volume (image.frozen_stages)
     best: dict = field(default_factory=lambda: {"step": -1})  # the step and value of train.select
@@ -115,8 +144,10 @@ class _Run:
 
 
 def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: bool) -> _Run:
-    rank, world, device = distributed()
+    rank, world, device = distributed(cfg.train.dist_timeout_s)
     main = rank == 0
+    if world > 1 and cfg.train.sync_batchnorm and device.type != "cuda":
+        raise ValueError("train.sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm); set it false for CPUs")
     if main:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_run_config(run, cfg)
@@ -132,8 +163,7 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
     val_labels = np.stack([s.labels for s in val_st]) if val_st and all(s.labels is not None for s in val_st) else None
 
     cache = volume_cache(cfg.spec, cache_dir)
-    if main:
-        build_cache(cache, train_st + val_st, progress)
+    build_cache(cache, (train_st + val_st)[rank::world], progress and main)  # each rank its shard
     if world > 1:
         torch.distributed.barrier()
     planner = BatchPlanner(train_st, cfg, world)
@@ -145,13 +175,20 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
     if model.encode_text.locked:
         _warm_text_features(model, planner, text_feature_cache(cfg, run, cache_dir), main, world, progress)
     model.set_gradient_checkpointing(cfg.train.grad_checkpointing)
+    if world > 1 and cfg.train.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt, sched = make_optimizer(model, cfg)
     autocast, scaler = _autocast(cfg, device)
-    ddp = (
-        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if world > 1
-        else model
-    )
+    ddp = model
+    if world > 1:
+        # Parameters no step uses (a Hugging Face tower's pooler under first-token or mean pooling) would
+        # leave DDP waiting for their gradients at the second step.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, model.unused_parameter_names()
+        )
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     r = _Run(
         cfg,
         run,
@@ -168,6 +205,7 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         CachedVolumes(cache, train_st),
         CachedVolumes(cache, val_st),
         val_labels,
+        CachedVolumes(cache, val_st[rank::world]),
     )
 
     last = checkpoint_path(run, "last")
@@ -176,7 +214,7 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         model.load_state_dict(state.model)
         opt.load_state_dict(state.optimizer)
         sched.load_state_dict(state.scheduler)
-        torch.set_rng_state(state.rng["torch"])
+        set_rng_state(state.rng, rank, world, device, last)
         r.start, r.best = state.step, state.best
         if main:
             truncate_csv(run / "log.csv", r.start)  # rows of the steps run before the checkpoint
@@ -193,6 +231,8 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         r.trunk = trunk_features(
             model.encode_image, r.volumes, device, cfg.train.batch_size, progress and main, torch.float16
         )
+    if cfg.train.num_workers and r.trunk is None:
+        r.batches = step_loader(r, r.start, cfg.train.steps)
     epoch_start = planner.epoch(r.start) * planner.steps_per_epoch
     for s in range(epoch_start, r.start):  # unique volumes of the current epoch so far (resume)
         r.seen.update(it.index for it in planner.global_items(s))
@@ -244,6 +284,11 @@ def _step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     local = r.planner.local_items(step, r.rank, items)
     if r.trunk is not None:
         images = r.trunk[[it.index for it in local]].to(r.device, torch.float32, non_blocking=True)
+    elif r.batches is not None:
+        loaded_step, images = next(r.batches)
+        if loaded_step != step:
+            raise RuntimeError(f"the data loader gave step {loaded_step}'s volumes at step {step}")
+        images = images.to(r.device, non_blocking=True)
     else:
         images = torch.from_numpy(np.stack([r.volumes[it.index] for it in local])).to(r.device, non_blocking=True)
     texts = [r.planner.text_of(it) for it in local]
@@ -308,8 +353,8 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
         )
         r.seen = set()
     evaluate_now = next_step % cfg.train.eval_every == 0 or next_step == cfg.train.steps
-    if evaluate_now and r.main and r.val_labels is not None:
-        m = validation_f1(r.model, r.val_volumes, r.val_labels, r.device, cfg.train.batch_size)
+    m = sharded_validation(r) if evaluate_now and r.val_labels is not None else None
+    if m is not None:
         append_csv(
             run / "val.csv",
             {"step": next_step, "macro_f1": f"{m['macro_f1']:.5f}", "macro_auroc": f"{m['macro_auroc']:.5f}"},
@@ -318,16 +363,75 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
         if m[key] > r.best.get(key, -1.0):
             r.best = {"step": next_step, key: m[key]}
             Checkpoint(model=r.model.state_dict(), step=next_step, val=m[key]).save(checkpoint_path(run, "best"))
+    if evaluate_now or next_step == end:
+        rng = rng_state(r.device)
+        if r.world > 1:  # every rank's generators (dropout draws differ between ranks), for an exact resume
+            ranks: list = [None] * r.world
+            torch.distributed.all_gather_object(ranks, rng)
+            rng = {"ranks": ranks}
     if r.main and (evaluate_now or next_step == end):
         Checkpoint(
             model=r.model.state_dict(),
             step=next_step,
             optimizer=r.opt.state_dict(),
             scheduler=r.sched.state_dict(),
-            rng={"torch": torch.get_rng_state()},
+            rng=rng,
             best=r.best,
             config_digest=cfg.digest(),
         ).save(checkpoint_path(run, "last"))
+
+
+def rng_state(device: torch.device) -> dict:
+    """The generators a resumed run must continue: the CPU's, and the GPU's where the run uses one."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng: dict, rank: int, world: int, device: torch.device, path: Path) -> None:
+    """Restore this rank's generators from a checkpoint's ``rng`` (``rng_state``, or one per rank)."""
+    if "ranks" in rng or world > 1:
+        saved = len(rng.get("ranks", [rng]))
+        if saved != world:
+            raise ValueError(f"{path}: written by {saved} process(es); resume it with {saved}, not {world}")
+        rng = rng["ranks"][rank]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:  # dropout on the GPU draws from CUDA's generator
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+class StepVolumes(torch.utils.data.Dataset):
+    """This rank's volumes of each step from ``start``, as one (B, 1, X, Y, Z) tensor per step: batches are
+    a function of the step, so loading them in worker processes ahead of the step changes no number."""
+
+    def __init__(self, planner: BatchPlanner, volumes: CachedVolumes, rank: int, start: int, end: int):
+        self.planner, self.volumes, self.rank, self.start, self.end = planner, volumes, rank, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        step = self.start + i
+        local = self.planner.local_items(step, self.rank, self.planner.global_items(step))
+        return step, torch.from_numpy(np.stack([self.volumes[it.index] for it in local]))
+
+
+def step_loader(r: _Run, start: int, end: int):
+    """An iterator over (step, volumes) from ``train.num_workers`` loader processes, in pinned memory on CUDA."""
+    loader = torch.utils.data.DataLoader(
+        StepVolumes(r.planner, r.volumes, r.rank, start, end),
+        batch_size=None,
+        shuffle=False,
+        num_workers=r.cfg.train.num_workers,
+        pin_memory=r.device.type == "cuda",
+        prefetch_factor=2,
+        persistent_workers=False,
+        # its own generator: the workers' seeds drawn from the global one would shift dropout's draws in a
+        # resumed run (the loader starts at the resume, not at step 0)
+        generator=torch.Generator().manual_seed(r.cfg.train.seed),
+    )
+    return iter(loader)
 
 
 def train(

@@ -13,7 +13,9 @@ def test_presets_load_and_resolve(tmp_path):
     cfg.save(tmp_path / "c.yaml")
     again = TrainConfig.load(str(tmp_path / "c.yaml"))
     assert again == cfg and again.digest() == cfg.digest()
-    merlin = TrainConfig.load("merlin")
+    with pytest.raises(ConfigError, match="text.model: the merlin preset trains a pretrained text tower"):
+        TrainConfig.load("merlin")  # it built a from-scratch BERT without a word
+    merlin = TrainConfig.load("merlin", [f"text.model={tmp_path}"])
     assert merlin.image.arch == "i3_resnet152" and merlin.spec.spatial_size == (224, 224, 160)
 
 

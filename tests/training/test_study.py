@@ -230,8 +230,11 @@ def test_study_errors(tmp_path, corpus200):
     bad.write_text("train_preset: cpu-tiny\narms: [random, bigger-batches]\n")
     with pytest.raises(ConfigError, match="bigger-batches"):
         StudyPreset.load(str(bad))
-    for name in ("paper-cpu", "paper-merlin", "smoke"):
+    for name in ("paper-cpu", "smoke"):
         StudyPreset.load(name)  # every shipped preset resolves for every arm
+    with pytest.raises(ConfigError, match="text.model: the merlin preset"):
+        StudyPreset.load("paper-merlin")  # it needs the user's Clinical-Longformer folder
+    assert StudyPreset.load("paper-merlin", [f"text.model={tmp_path}"]).overrides[-1] == f"text.model={tmp_path}"
     out = tmp_path / "taken"
     out.mkdir()
     (out / "something").write_text("x")

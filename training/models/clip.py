@@ -73,6 +73,20 @@ class DualEncoder(nn.Module):
         out = [self.texts_to_embeddings(texts[i : i + batch_size], device) for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.empty(0)
 
+    # Modules the contrastive forward never runs: a Hugging Face tower's pooler (first-token or mean pooling
+    # read the last hidden state), Merlin's finding classifier, MONAI's unused fully connected layer.
+    UNUSED = ("encode_text.text_encoder.pooler.", "encode_image.i3_resnet.classifier.", "encode_image.i3_resnet.fc.")
+    # Longformer's projections for global attention: Merlin runs it without a global attention mask
+    UNUSED_PARTS = (".attention.self.query_global.", ".attention.self.key_global.", ".attention.self.value_global.")
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters no training step gives a gradient (DDP is told to ignore them)."""
+        return [
+            n
+            for n, _ in self.named_parameters()
+            if n.startswith(self.UNUSED) or (n.startswith("encode_text.") and any(u in n for u in self.UNUSED_PARTS))
+        ]
+
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 

@@ -39,6 +39,9 @@ class ImageArch:
 ARCHS = {
     # Merlin: I3D ResNet-152, stem (3,7,7) stride (1,2,2); 2048-d features.
     "i3_resnet152": ImageArch("bottleneck", (3, 8, 36, 3), (64, 128, 256, 512), 3, (3, 7, 7), (1, 2, 2)),
+    # Merlin's trunk code path (the same blocks, stem and strides) at 1/16 of its width, for testing the
+    # `merlin` preset's path on a CPU in seconds (tests/training/test_merlin_scale.py)
+    "i3_resnet152_mini": ImageArch("bottleneck", (3, 8, 36, 3), (4, 8, 16, 32), 3, (3, 7, 7), (1, 2, 2)),
     "i3_resnet50": ImageArch("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 3, (3, 7, 7), (1, 2, 2)),
     # CPU-scale variants for the tiny profile (64x56x56 inputs at ~5 mm). Downsampling early
     # (stride-2 stem and max-pool) is what makes them fast: a stride-1 stem at full resolution

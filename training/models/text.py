@@ -140,6 +140,9 @@ class TextEncoder(nn.Module):
             from transformers import AutoConfig
 
             self.text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
+        # The top layers run on cached lower states (``_top_pooled``) only where the layer's call is known;
+        # other towers (Longformer pads to its attention window and takes other masks) run whole.
+        self._layer_cache = self.text_encoder.config.model_type in ("bert", "roberta")
         hidden = self.text_encoder.config.hidden_size
         if head == "linear":
             self.linear_layer: nn.Module = nn.Linear(hidden, embed_dim)
@@ -269,7 +272,7 @@ class TextEncoder(nn.Module):
 
     def _units(self, units: list[str], device) -> torch.Tensor:
         if not self.locked:
-            if self.train_layers > 0 and self.sentences:
+            if self.train_layers > 0 and self.sentences and self._layer_cache:
                 keys = [normalize_text(u) for u in units]
                 distinct = sorted(set(keys))
                 at = {k: i for i, k in enumerate(distinct)}

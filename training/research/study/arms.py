@@ -239,7 +239,9 @@ class StudyPreset:
         return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
     @classmethod
-    def load(cls, name: str) -> StudyPreset:
+    def load(cls, name: str, overrides: list[str] | None = None) -> StudyPreset:
+        """A shipped preset or a YAML file; ``overrides`` (``key=value``) are added to its own, for every arm
+        (e.g. ``text.model=DIR`` for ``paper-merlin``)."""
         path = Path(name)
         if path.suffix in (".yaml", ".yml") and path.exists():
             text = path.read_text()
@@ -255,6 +257,8 @@ class StudyPreset:
         if unknown:
             raise ConfigError(f"study preset {name!r}: unknown key(s) {sorted(unknown)}")
         data.setdefault("name", path.stem if path.suffix in (".yaml", ".yml") else name)
+        if overrides:
+            data["overrides"] = [*data.get("overrides", []), *overrides]
         preset = cls(**data)
         preset.validate()
         return preset

@@ -1,0 +1,134 @@
+"""The `merlin` preset's path on a CPU: torchrun with the real tower classes (Merlin's I3D-ResNet152 trunk
+code at 1/16 width, a Longformer from a small ``LongformerConfig`` with a byte-level BPE tokenizer under
+RoBERTa's rules) on 2 gloo processes, with validation, checkpoints and an exact resume; work shared across
+ranks, and a collective timeout that a slow rank runs into."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from benchmarks.merlin_stub import SMALL_LONGFORMER, write_longformer_stub
+
+pytestmark = pytest.mark.distributed  # make test-distributed (CI runs it beside make test)
+
+MINI = [
+    "image.arch=i3_resnet152_mini",
+    "image.embed_dim=32",
+    "preprocess.spacing=[6.0,6.0,6.0]",
+    "preprocess.spatial_size=[32,32,16]",
+    "text.max_length=128",
+    "train.batch_size=2",
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.eval_studies=8",
+    "train.log_every=1",
+    "train.num_workers=1",  # the DataLoader path, one loader process per rank
+    "train.sync_batchnorm=false",  # SyncBatchNorm needs CUDA; the preset's true is refused on CPUs
+    "optim.warmup_steps=1",
+]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def longformer(tmp_path_factory):
+    return write_longformer_stub(tmp_path_factory.mktemp("longformer"), **SMALL_LONGFORMER)
+
+
+def _torchrun(data, out, cache, longformer, *extra):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+        "-m", "training.cli", "train", "--data", str(data), "--out", str(out), "--cache", str(cache), "--quiet",
+        "--preset", "merlin", f"text.model={longformer}", *MINI, *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+
+def _weights(run):
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_miniature_merlin_trains_under_torchrun_and_resumes_exactly(corpus200, longformer, tmp_path):
+    """Before, the second step failed: DDP waited for gradients of parameters no step uses (the
+    Longformer's pooler and global-attention projections)."""
+    cache = tmp_path / "cache"
+    a = _torchrun(corpus200, tmp_path / "a", cache, longformer)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert a.stdout.count('"finished": true') == 1  # rank 0 speaks for the run
+    assert '"world_size": 2' in a.stdout
+    log = (tmp_path / "a" / "log.csv").read_text().splitlines()
+    assert len(log) == 5 and {r.split(",")[2] for r in log[1:]} >= {"full"}  # both batch kinds ran
+    assert (tmp_path / "a" / "val.csv").read_text().count("\n") == 3  # validation at steps 2 and 4
+    for name in ("init", "last", "best"):
+        assert (tmp_path / "a" / "checkpoints" / f"{name}.pt").exists()
+
+    b1 = _torchrun(corpus200, tmp_path / "b", cache, longformer, "--stop-after", "2")
+    assert b1.returncode == 0, b1.stderr[-3000:]
+    assert '"finished": false' in b1.stdout
+    b2 = _torchrun(corpus200, tmp_path / "b", cache, longformer)
+    assert b2.returncode == 0, b2.stderr[-3000:]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and any("query_global" in k for k in wa)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert (tmp_path / "a" / "val.csv").read_text() == (tmp_path / "b" / "val.csv").read_text()
+
+
+def test_sync_batchnorm_on_cpu_processes_is_refused(corpus200, longformer, tmp_path):
+    r = _torchrun(corpus200, tmp_path / "r", tmp_path / "cache", longformer, "train.sync_batchnorm=true")
+    assert r.returncode != 0 and "train.sync_batchnorm needs CUDA devices" in r.stderr
+
+
+# -- a slow rank ---------------------------------------------------------------------------------------------
+def _rank(rank, port, data, out, cache, timeout_s, slow_s, where, seen):
+    """One rank of a 2-process run of the small CPU preset; rank 0 is ``slow_s`` late at ``where``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    from tests.conftest import TINY_TRAIN
+    from training import train as train_module
+    from training.config import TrainConfig
+
+    real = getattr(train_module, where)
+
+    def late(*args, **kwargs):
+        if rank == 0:
+            time.sleep(slow_s)
+        out_ = real(*args, **kwargs)
+        if where == "embed_images":
+            seen[rank] = seen.get(rank, 0) + len(args[1])  # the validation studies this rank embedded
+        return out_
+
+    setattr(train_module, where, late)
+    cfg = TrainConfig.load("cpu-tiny", [*TINY_TRAIN, "train.batch_size=4", f"train.dist_timeout_s={timeout_s}"])
+    try:
+        train_module.train(data, out, cfg, cache_dir=cache, progress=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_slow_rank_zero_is_waited_for_up_to_the_configured_timeout(corpus200, tmp_path):
+    """Validation is sharded (each rank embeds half the studies), so no rank waits while rank 0 validates
+    alone; a rank that is late by less than ``train.dist_timeout_s`` is waited for, and one late by more
+    ends the job with the timeout's error instead of hanging on (or ending at a backend's default)."""
+    seen = mp.Manager().dict()
+    args = (corpus200, tmp_path / "ok", tmp_path / "cache", 120, 3.0, "embed_images", seen)
+    mp.spawn(_rank, args=(_port(), *args), nprocs=2, join=True)
+    assert (tmp_path / "ok" / "train_summary.json").exists()
+    assert dict(seen) == {0: 16, 1: 16}  # 2 validations x 8 of the 16 evaluation studies each
+    assert (tmp_path / "ok" / "val.csv").read_text().count("\n") == 3
+
+    late = (corpus200, tmp_path / "late", tmp_path / "cache", 2, 8.0, "build_cache", mp.Manager().dict())
+    with pytest.raises(mp.ProcessRaisedException, match="(?i)timed? ?out"):
+        mp.spawn(_rank, args=(_port(), *late), nprocs=2, join=True)
