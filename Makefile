@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: venv lint test test-distributed test-slow demo docs image test-image clean
+.PHONY: venv lint test test-merlin-scale test-slow gpu-check demo docs image test-image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,17 @@ lint: venv
 # TEST_WORKERS pytest-xdist workers, each test file on one worker (its module fixtures built once);
 # much of the suite waits on subprocesses, Orthanc and listeners, so two workers overlap the waits.
 test: venv
-	$(BIN)/python -m pytest -m "not slow and not image and not distributed" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not image and not merlin_scale" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
-# Multi-process training (the merlin preset's path under torchrun on 2 gloo processes, a slow rank): each test
-# starts its own processes, so they run one at a time.
-test-distributed: venv
-	$(BIN)/python -m pytest -m distributed $(PYTEST_ARGS)
+# The merlin preset's path on the CPU: torchrun on 2 gloo processes, a slow rank, fine-tuning from a
+# Merlin-shaped checkpoint. Each test starts its own processes or holds a full-width model, so one at a time.
+test-merlin-scale: venv
+	$(BIN)/python -m pytest -m merlin_scale $(PYTEST_ARGS)
+
+# On a GPU machine: the Merlin-scale figures (training step in bf16, ORT CUDA parity, DICOM -> SR latency)
+# in one JSON (benchmarks/gpu_check.py; the suite runs it at small sizes on the CPU).
+gpu-check: venv
+	$(BIN)/python -m benchmarks.gpu_check --out results/gpu-check.json
 
 # The long tests: the full-size Merlin conversion and the listener soak (docs/pacs.md).
 test-slow: venv

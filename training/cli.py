@@ -22,6 +22,13 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
     return {"cache_dir": args.cache, "progress": not args.quiet}
 
 
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when PyTorch sees one; default), cpu, cuda or cuda:N; "
+        "a named GPU that is not there is an error",
+    )  # fmt: skip
+
+
 def _synth(args: argparse.Namespace) -> int:
     from .synth.corpus import SynthConfig, generate_corpus
 
@@ -77,7 +84,9 @@ def _recipe(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate_run import evaluate_run
 
-    metrics_path, text = evaluate_run(args.run, args.data, **_pick(args, "split", "checkpoint"), **_common(args))
+    metrics_path, text = evaluate_run(
+        args.run, args.data, **_pick(args, "split", "checkpoint", "device"), **_common(args)
+    )
     print(text)
     print(f"\nmetrics: {metrics_path}")
     return 0
@@ -86,7 +95,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from .research.probe import probe_run
 
-    options = _pick(args, "checkpoint", "split", "train_limit", "supervised_steps", "supervised_seeds")
+    options = _pick(args, "checkpoint", "split", "train_limit", "supervised_steps", "supervised_seeds", "device")
     options["supervised_unlabelled_variant"] = args.unlabelled_variant
     path, text = probe_run(args.run, args.data, **options, **_common(args))
     print(text)
@@ -99,7 +108,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from .export import export_run
 
-    options = _pick(args, "checkpoint", "thresholds", "name", "text", "auroc_floor", "intended_use")
+    options = _pick(args, "checkpoint", "thresholds", "name", "text", "auroc_floor", "intended_use", "device")
     export_run(args.run, args.out, args.data, version=args.model_version, **options, **_common(args))
     pkg = load_package(args.out)  # the deploy side's loader must accept what was written
     print(
@@ -271,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--cache", default=None)
     e.add_argument("--quiet", action="store_true")
+    _device_option(e)
     e.set_defaults(func=_evaluate)
 
     pr = sub.add_parser(
@@ -309,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--cache", default=None)
     pr.add_argument("--quiet", action="store_true")
+    _device_option(pr)
     pr.set_defaults(func=_probe)
 
     x = sub.add_parser("export", help="export a run to a model package (ONNX encoders, prompts, manifest)")
@@ -348,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--cache", default=None)
     x.add_argument("--quiet", action="store_true")
+    _device_option(x)
     x.set_defaults(func=_export)
 
     st = sub.add_parser("study", help="the paper's sampler study: every arm x K seeds, statistics, plots")

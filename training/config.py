@@ -68,7 +68,9 @@ def parse_ratio(value) -> tuple[float, float]:
 class ImageCfg:
     arch: str = "resnet10_tiny"
     embed_dim: int = 128
-    init: str = ""  # an image_init.pt from `pretrain-image` (strict load); empty: random init
+    # an image_init.pt from `pretrain-image` (strict load), or merlin:FILE.pt (both towers and the logit scale
+    # from the official checkpoint, to fine-tune it); empty: random init
+    init: str = ""
     # the first k stages (1: the stem, 2: + layer1, ...) stay at their initial weights; their output per
     # volume is computed once per run and each step trains the rest (models/image.py)
     frozen_stages: int = 0

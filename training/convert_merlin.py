@@ -115,6 +115,24 @@ def load_merlin_state(model: DualEncoder, sd: dict[str, torch.Tensor], origin: s
     model.load_state_dict(sd, strict=True)
 
 
+def load_merlin_init(model: DualEncoder, path: str | Path) -> int:
+    """Fine-tuning from the official checkpoint (``image.init=merlin:FILE.pt``): the image tower, the text
+    tower, its projection and the logit scale, loaded strictly into a run's model (the ``merlin`` preset:
+    ``i3_resnet152``, 512-d, a Clinical-Longformer folder as ``text.model``). Merlin's phecode classifier is
+    left out when the run's tower has none (contrastive training never uses it); returns how many of its
+    tensors were left out. Any other difference is an error listing the keys."""
+    sd = read_checkpoint(path)
+    own = model.state_dict()
+    classifier = [k for k in sd if k.startswith("encode_image.i3_resnet.classifier.")]
+    if classifier and not any(k.startswith("encode_image.i3_resnet.classifier.") for k in own):
+        for k in classifier:
+            sd.pop(k)
+    else:
+        classifier = []
+    load_merlin_state(model, sd, f"image.init=merlin:{path}")
+    return len(classifier)
+
+
 LONGFORMER_NOTE = (
     "Clinical-Longformer is not exported to ONNX by default: traced at one attention window a "
     "scaled-down Longformer missed parity (2.6e-4 > 1e-4) and the full-size trace exceeded 24 GB of "

@@ -25,9 +25,12 @@ def evaluate_run(
     progress: bool = True,
     occlusion_levels=None,
     seed: int = 0,
+    device: str = "auto",
 ) -> tuple[Path, str]:
+    from .devices import torch_device
+
     run = Path(run)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device(device)
     cfg = read_run_config(run)
     studies, volumes = split_volumes(cfg, data, split, cache_dir=cache_dir, progress=progress, labelled=True)
     model, cfg = load_run(run, checkpoint, device)

@@ -267,6 +267,7 @@ def export_run(
     log: Callable[[str], None] = print,
     auroc_floor: float = AUROC_FLOOR,
     intended_use: str | None = None,
+    device: str = "auto",
 ) -> Manifest:
     """Export a training run's checkpoint. ``data`` is the run's data set: its test split gives the
     held-out parity inputs, its validation split the per-finding thresholds (``thresholds=validation``).
@@ -279,7 +280,10 @@ def export_run(
     run = Path(run)
     if thresholds not in ("merlin", "validation"):
         raise ValueError(f"thresholds must be merlin or validation, got {thresholds!r}")
-    model, cfg = load_run(run, checkpoint, "cpu")
+    from .devices import torch_device
+
+    on = torch_device(device)  # validation embeddings (thresholds) there; the ONNX graphs are traced on the CPU
+    model, cfg = load_run(run, checkpoint, on)
     try:
         _, test_vols = split_volumes(cfg, data, "test", limit=parity_studies, cache_dir=cache_dir, progress=progress)
         if thresholds == "validation":
@@ -292,8 +296,8 @@ def export_run(
     assessed = np.ones(0, dtype=bool)
     if thresholds == "validation":
         labels = np.stack([s.labels for s in studies])
-        img = embed_images(model, vols, "cpu", cfg.train.batch_size)
-        prompt_emb, rows = prompt_embeddings(model, "cpu")
+        img = embed_images(model, vols, on, cfg.train.batch_size)
+        prompt_emb, rows = prompt_embeddings(model, on)
         _, probs = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
         thr, notes, assessed = choose_thresholds(probs, labels, auroc_floor=auroc_floor)
         method = (

@@ -43,6 +43,9 @@ from .run_folder import Checkpoint, checkpoint_path, write_run_config
 from .sampling import BatchPlanner
 
 
+MERLIN_INIT = "merlin:"  # image.init=merlin:FILE.pt: both towers and the logit scale from Merlin's checkpoint
+
+
 def distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun, with ``timeout_s`` for
     every collective (a rank that waits longer for the others ends the job with an error naming it)."""
@@ -221,7 +224,13 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
             truncate_csv(run / "val.csv", r.start + 1)  # a row at the checkpoint's step was written before it
             truncate_csv(run / "epochs.csv", r.start, key="last_step")  # rows of epochs ended before start
     else:
-        if cfg.image.init:  # a fresh run starts from the pretext's image tower (every rank loads it)
+        if cfg.image.init.startswith(MERLIN_INIT):  # fine-tuning: both towers from Merlin's checkpoint
+            from .convert_merlin import load_merlin_init
+
+            dropped = load_merlin_init(model, cfg.image.init[len(MERLIN_INIT) :])
+            if main and dropped:
+                print(f"image.init: Merlin's checkpoint loaded; {dropped} classifier tensors left out (unused here)")
+        elif cfg.image.init:  # a fresh run starts from the pretext's image tower (every rank loads it)
             from .research.pretrain import load_image_init
 
             load_image_init(model.encode_image, cfg.image.init, cfg.image.arch)

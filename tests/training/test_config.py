@@ -64,3 +64,21 @@ def test_digest_ignores_defaults_so_a_new_option_keeps_old_runs_resumable():
     # an option left at its default is not part of what identifies the run
     assert cfg.digest() == TrainConfig.load("cpu-small", ["sampler.order=independent"]).digest()
     assert cfg.digest() != TrainConfig.load("cpu-small", ["sampler.order=passes"]).digest()
+
+
+def test_a_named_device_that_is_not_there_is_an_error(tmp_path):
+    """--device on evaluate, probe and export: a GPU named where PyTorch sees none is refused, never
+    replaced by the CPU."""
+    import torch
+
+    from training.devices import torch_device
+    from training.evaluate_run import evaluate_run
+
+    assert torch_device("cpu").type == "cpu"
+    assert torch_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        torch_device("tpu")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(ValueError, match="--device cuda: PyTorch sees no CUDA device"):
+        evaluate_run(tmp_path / "no-run", tmp_path, device="cuda")  # refused before anything is read

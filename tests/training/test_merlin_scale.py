@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.merlin_stub import SMALL_LONGFORMER, write_longformer_stub
 
-pytestmark = pytest.mark.distributed  # make test-distributed (CI runs it beside make test)
+pytestmark = pytest.mark.merlin_scale  # make test-merlin-scale (CI runs it beside make test)
 
 MINI = [
     "image.arch=i3_resnet152_mini",
@@ -132,3 +132,65 @@ def test_a_slow_rank_zero_is_waited_for_up_to_the_configured_timeout(corpus200, 
     late = (corpus200, tmp_path / "late", tmp_path / "cache", 2, 8.0, "build_cache", mp.Manager().dict())
     with pytest.raises(mp.ProcessRaisedException, match="(?i)timed? ?out"):
         mp.spawn(_rank, args=(_port(), *late), nprocs=2, join=True)
+
+
+# -- fine-tuning from Merlin's checkpoint -----------------------------------------------------------------------
+def test_fine_tuning_starts_from_merlins_checkpoint_and_its_loss_falls(corpus200, tmp_path):
+    """image.init=merlin:FILE.pt on a random-weight checkpoint with every name and shape of Merlin's
+    (I3D-ResNet152 at full width, Clinical-Longformer's configuration), built by the converter's model
+    builder with PyTorch's initialisation (the converter tests' N(0, 0.02) tensors, batch-norm scales
+    included, give every input the same embedding, where InfoNCE has no gradient): the run starts from
+    exactly those tensors (its init checkpoint is the converted model), and the contrastive loss on the
+    studies it trained on falls over a few steps. Small inputs keep it to CPU minutes."""
+    import numpy as np
+
+    from training.convert_merlin import build_merlin_model
+    from training.cache import CachedVolumes, volume_cache
+    from training.config import TrainConfig
+    from training.data import load_studies
+    from training.loss import clip_loss
+    from training.run_folder import load_run
+    from training.sampling import BatchPlanner
+    from training.train import train
+
+    # Clinical-Longformer's configuration (no weights) with a 32-token attention window: the window is no
+    # tensor's shape, and the published 512 pads every text to 512 tokens, minutes of CPU per step
+    text = write_longformer_stub(tmp_path / "clinical-longformer", attention_window=32)
+    ckpt = tmp_path / "merlin.pt"
+    sd = build_merlin_model(text).state_dict()
+    assert len(sd) >= 1208  # Merlin's tensors (and the position-id buffers some versions save)
+    torch.save(sd, ckpt)
+    over = [
+        f"text.model={text}", f"image.init=merlin:{ckpt}", "preprocess.spacing=[6.0,6.0,6.0]",
+        "preprocess.spatial_size=[32,32,16]", "text.max_length=128", "train.batch_size=4", "train.steps=6",
+        "train.eval_every=6", "train.eval_studies=4", "train.sync_batchnorm=false", "train.grad_checkpointing=false",
+        "train.num_workers=0", "batching.schedule=full", "sampler.subset_fraction=0.05", "sampler.order=passes",
+        "optim.warmup_steps=1", "optim.lr=3e-4", "optim.text_lr=3e-5",
+    ]  # fmt: skip
+    cfg = TrainConfig.load("merlin", over)
+    train(corpus200, tmp_path / "run", cfg, cache_dir=tmp_path / "cache", progress=False)
+
+    init, _ = load_run(tmp_path / "run", "init")
+    got = init.state_dict()
+    for k, v in sd.items():
+        if not k.startswith("encode_image.i3_resnet.classifier."):
+            assert torch.equal(got[k], v), k  # the converted model, tensor for tensor
+
+    planner = BatchPlanner([s for s in load_studies(corpus200) if s.split == "train"], cfg, 1)
+    items = list({it.index: it for step in range(6) for it in planner.global_items(step)}.values())
+    vols = CachedVolumes(volume_cache(cfg.spec, tmp_path / "cache"), planner.studies)
+    images = torch.from_numpy(np.stack([vols[it.index] for it in items]))
+    texts = [planner.text_of(it) for it in items]  # the studies it trained on, as it saw them
+
+    def loss(model):
+        with torch.no_grad():
+            return clip_loss(*model(images, texts=texts)).item()
+
+    last, _ = load_run(tmp_path / "run", "last")
+    assert loss(last) < loss(init)
+
+    bad = tmp_path / "other.pt"
+    torch.save({**sd, "encode_text.linear_layer.weight": torch.zeros(256, 768)}, bad)
+    other = TrainConfig.load("merlin", [o.replace(str(ckpt), str(bad)) for o in over])
+    with pytest.raises(ValueError, match="linear_layer.weight \\(256, 768\\) vs \\(512, 768\\)"):
+        train(corpus200, tmp_path / "bad", other, cache_dir=tmp_path / "cache", progress=False)

@@ -105,3 +105,20 @@ def test_split_sentences():
         "Gallbladder: 3.4 cm stone.",
     ]
     assert split_sentences("enlarged liver") == ["enlarged liver"]
+
+
+@pytest.mark.parametrize("sentences", [False, True])
+def test_top_layers_of_a_longformer_train(tmp_path, sentences):
+    """text.train_layers > 0 called BERT's layer signature on cached lower states, which a Longformer's
+    layers do not take (they pad to the attention window and take other masks): a Longformer's top layers
+    now run in the whole tower's forward, and only they and the head get gradients."""
+    from benchmarks.merlin_stub import SMALL_LONGFORMER, write_longformer_stub
+
+    folder = write_longformer_stub(tmp_path / "lf", **SMALL_LONGFORMER)
+    enc = TextEncoder(folder, 16, 64, train_layers=1, sentences=sentences)
+    out = enc.embed(["Liver: normal. No focal lesion.", "Kidneys: a cyst in the left kidney."])
+    out.pow(2).sum().backward()
+    grads = {n for n, p in enc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("text_encoder.encoder.layer.1.") for n in grads)
+    assert not any(n.startswith(("text_encoder.encoder.layer.0.", "text_encoder.embeddings.")) for n in grads)
+    assert any(n.startswith("linear_layer.") for n in grads)

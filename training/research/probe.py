@@ -90,6 +90,7 @@ def train_supervised(
     val_labels: np.ndarray | None = None,
     eval_every: int = 0,
     unlabelled: str = "mask",
+    device="cpu",
 ) -> tuple[ImageEncoder, dict]:
     """A fresh ``arch`` image tower with one output per finding, trained with masked BCE on ``labels``
     (-1 ignored) for ``steps`` steps of ``batch_size`` studies drawn without replacement per step.
@@ -114,7 +115,8 @@ def train_supervised(
     model = ImageEncoder(
         arch, labels.shape[1], frozen_stages=frozen_stages, pool=pool, input_size=input_size, stem_pool=stem_pool
     )
-    trunk = trunk_features(model, volumes, "cpu", batch_size, False, torch.float32) if frozen_stages else None
+    model = model.to(device)
+    trunk = trunk_features(model, volumes, device, batch_size, False, torch.float32) if frozen_stages else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=min(0.1, 50 / steps))
@@ -126,10 +128,10 @@ def train_supervised(
     for _ in bar:
         idx = rng.choice(len(volumes), size=min(batch_size, len(volumes)), replace=False)
         if trunk is not None:
-            logits = model(trunk[torch.from_numpy(idx)], from_trunk=True)
+            logits = model(trunk[torch.from_numpy(idx)].to(device), from_trunk=True)
         else:
-            logits = model(torch.from_numpy(np.stack([volumes[int(i)] for i in idx])))
-        y = y_all[idx]
+            logits = model(torch.from_numpy(np.stack([volumes[int(i)] for i in idx])).to(device))
+        y = y_all[idx].to(device)
         mask = (y != -1).float() if unlabelled == "mask" else torch.ones_like(y)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, y.clamp(min=0), weight=mask, reduction="sum"
@@ -156,9 +158,11 @@ def train_supervised(
 
 @torch.no_grad()
 def _predict(model: ImageEncoder, volumes, batch_size: int) -> np.ndarray:
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(volumes), batch_size):
-        out.append(model(torch.from_numpy(np.stack([volumes[j] for j in range(i, min(i + batch_size, len(volumes)))]))))
+        x = torch.from_numpy(np.stack([volumes[j] for j in range(i, min(i + batch_size, len(volumes)))]))
+        out.append(model(x.to(device)).cpu())
     return torch.cat(out).numpy()
 
 
@@ -174,14 +178,17 @@ def probe_run(
     progress: bool = True,
     supervised_seeds: int = 1,
     supervised_unlabelled_variant: bool = False,
+    device: str = "auto",
 ) -> tuple[Path, str]:
     """The probe of ``run`` on ``split`` of ``data``; with ``supervised_steps``, the supervised reference
     over ``supervised_seeds`` seeds (the column is their mean per finding), each with its checkpoint chosen
     on validation, and with ``supervised_unlabelled_variant`` the same with -1 labels trained as 0."""
     if supervised_seeds < 1:
         raise ValueError(f"--supervised-seeds must be >= 1, got {supervised_seeds}")
+    from ..devices import torch_device
+
     run = Path(run)
-    device = torch.device("cpu")
+    device = torch_device(device)
     model, cfg = load_run(run, checkpoint, device)
     studies = load_studies(data)
     train_set = [s for s in studies if s.split == "train" and s.labels is not None]
@@ -251,6 +258,7 @@ def probe_run(
                     val_labels=y_val,
                     eval_every=cfg.train.eval_every or supervised_steps,
                     unlabelled=variant,
+                    device=device,
                 )
                 per_seed.append(per_finding_auroc(_predict(sup, vol_te, bs), y_te))
                 picks.append(pick)
