@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from operators.contract.files import write_json
 from operators.contract.scoring import merlin_present

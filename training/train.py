@@ -42,7 +42,6 @@ from .optim import make_optimizer
 from .run_folder import Checkpoint, checkpoint_path, write_run_config
 from .sampling import BatchPlanner
 
-
 MERLIN_INIT = "merlin:"  # image.init=merlin:FILE.pt: both towers and the logit scale from Merlin's checkpoint
 
 

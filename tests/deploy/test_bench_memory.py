@@ -7,7 +7,8 @@ from benchmarks.bench_memory import main
 
 
 def test_memory_benchmark_writes_its_table(tmp_path):
-    assert main(["--out", str(tmp_path), "--studies", "1", "--profile", "tiny", "--workers", "1", "--slices", "20"]) == 0
+    args = ["--out", str(tmp_path), "--studies", "1", "--profile", "tiny", "--workers", "1", "--slices", "20"]
+    assert main(args) == 0
     doc = json.loads((tmp_path / "memory_per_study.json").read_text())
     assert doc["study_shape"].endswith("x20")
     (row,) = doc["results"]

@@ -144,9 +144,9 @@ def test_fine_tuning_starts_from_merlins_checkpoint_and_its_loss_falls(corpus200
     studies it trained on falls over a few steps. Small inputs keep it to CPU minutes."""
     import numpy as np
 
-    from training.convert_merlin import build_merlin_model
     from training.cache import CachedVolumes, volume_cache
     from training.config import TrainConfig
+    from training.convert_merlin import build_merlin_model
     from training.data import load_studies
     from training.loss import clip_loss
     from training.run_folder import load_run
