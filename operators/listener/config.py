@@ -67,7 +67,7 @@ class ListenerConfig:
     retries: int = 5
     backoff_s: float = 2.0
     log_patient_identifiers: bool = False
-    max_instance_mb: float = 512.0  # a C-STORE larger than this is refused (out of resources)
+    max_instance_mb: float = 512.0  # an instance passing this while received: its association is aborted
     min_free_mb: float = 1024.0  # an instance that would leave the spool's disk less free space is refused (0xA700)
     max_associations: int = 16  # associations at a time (idle sockets included, until acse_timeout_s)
     acse_timeout_s: float = 5.0  # a connection that sends no association request within this is closed
