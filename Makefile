@@ -44,12 +44,12 @@ test: venv
 	$(BIN)/python -m pytest -m "not slow and not image and not merlin_scale" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The merlin preset's path on the CPU: torchrun on 2 gloo processes, a slow rank, fine-tuning from a
-# Merlin-shaped checkpoint. Each test starts its own processes or holds a full-width model, so one at a time.
+# Merlin-shaped checkpoint, the GPU check at small sizes. Each test starts its own processes or holds a full-width model, so one at a time.
 test-merlin-scale: venv
 	$(BIN)/python -m pytest -m merlin_scale $(PYTEST_ARGS)
 
 # On a GPU machine: the Merlin-scale figures (training step in bf16, ORT CUDA parity, DICOM -> SR latency)
-# in one JSON (benchmarks/gpu_check.py; the suite runs it at small sizes on the CPU).
+# in one JSON (benchmarks/gpu_check.py; make test-merlin-scale runs it at small sizes on the CPU).
 gpu-check: venv
 	$(BIN)/python -m benchmarks.gpu_check --out results/gpu-check.json
 

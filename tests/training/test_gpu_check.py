@@ -3,9 +3,12 @@ every figure it measures on a GPU (``null`` with a reason where this machine can
 
 import json
 
+import pytest
 import torch
 
 from benchmarks.gpu_check import main
+
+pytestmark = pytest.mark.merlin_scale  # make test-merlin-scale (CI runs it beside make test)
 
 
 def test_gpu_check_runs_at_small_sizes_and_names_every_figure(tmp_path):
