@@ -7,7 +7,8 @@ the step), deterministic seeds, and checkpoint selection on validation zero-shot
 
 Outputs in RUN (the folder's layout and readers are in ``runs.py``): ``config.yaml`` (resolved),
 ``text_model/``, ``checkpoints/{init,last,best}.pt``, ``log.csv``, ``epochs.csv`` (unique volumes
-seen per epoch), ``val.csv``, ``train_summary.json`` (written last).
+seen per epoch), ``val.csv``, ``tensorboard/`` (the same series as event files), ``train_summary.json``
+(written last).
 
 ``train()`` is three parts: ``_set_up`` (folder, data, cache, model, optimiser, resume),
 ``_step`` (one optimisation step on this rank's slice of the global batch) and ``_after_step``
@@ -135,6 +136,7 @@ class _Run:
     val_labels: np.ndarray | None
     val_shard: CachedVolumes | None = None  # this rank's share of the validation studies (torchrun)
     batches: Any = None  # the DataLoader of step volumes (train.num_workers > 0)
+    tb: Any = None  # rank 0's TensorBoard writer (RUN/tensorboard/)
     start: int = 0
     trunk: torch.Tensor | None = None  # frozen image stages' output per training volume (image.frozen_stages)
     best: dict = field(default_factory=lambda: {"step": -1})  # the step and value of train.select
@@ -241,6 +243,11 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         )
     if cfg.train.num_workers and r.trunk is None:
         r.batches = step_loader(r, r.start, cfg.train.steps)
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # events written after the checkpoint a run resumes from are dropped, as the CSVs' rows are
+        r.tb = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=r.start + 1 if r.start else None)
     epoch_start = planner.epoch(r.start) * planner.steps_per_epoch
     for s in range(epoch_start, r.start):  # unique volumes of the current epoch so far (resume)
         r.seen.update(it.index for it in planner.global_items(s))
@@ -353,6 +360,10 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
                 "seconds": f"{time.time() - t0:.1f}",
             },
         )
+        # TensorBoard's axis is the steps done (as val.csv's), so a resume from step k keeps exactly what <= k
+        r.tb.add_scalar("train/loss", loss.item(), step + 1)
+        r.tb.add_scalar("train/lr", r.sched.get_last_lr()[0], step + 1)
+        r.tb.add_scalar("train/temperature", 1.0 / scale.item(), step + 1)
     next_step = step + 1
     if r.main and (next_step % planner.steps_per_epoch == 0 or next_step == cfg.train.steps):
         append_csv(
@@ -367,6 +378,8 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
             run / "val.csv",
             {"step": next_step, "macro_f1": f"{m['macro_f1']:.5f}", "macro_auroc": f"{m['macro_auroc']:.5f}"},
         )
+        for name in ("macro_f1", "macro_auroc"):
+            r.tb.add_scalar(f"validation/{name}", m[name], next_step)
         key = cfg.train.select
         if m[key] > r.best.get(key, -1.0):
             r.best = {"step": next_step, key: m[key]}
@@ -458,12 +471,16 @@ def train(
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     bar = tqdm(total=cfg.train.steps, initial=r.start, desc="train", unit="step", disable=not (progress and r.main))
     t0 = time.time()
-    for step in range(r.start, end):
-        loss, scale = _step(r, step)
-        _after_step(r, step, end, loss, scale, t0)
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", kind=r.planner.kind(step)[:8])
-    bar.close()
+    try:
+        for step in range(r.start, end):
+            loss, scale = _step(r, step)
+            _after_step(r, step, end, loss, scale, t0)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", kind=r.planner.kind(step)[:8])
+    finally:
+        bar.close()
+        if r.tb is not None:  # what was written so far is on disk, even when a step raised
+            r.tb.close()
     finished = end == cfg.train.steps
     summary = {
         "finished": finished,

@@ -19,6 +19,19 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("volume-cache")
 
 
+def _scalars(folder):
+    """{tag: [(step, value), ...]} of a run's TensorBoard event files (the last value written per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        steps = {e.step: round(e.value, 6) for e in acc.Scalars(tag)}
+        out[tag] = sorted(steps.items())
+    return out
+
+
 def _weights(run):
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
 
@@ -41,6 +54,13 @@ def test_resume_gives_the_same_weights(corpus200, cache, tmp_path):
         assert (tmp_path / "a" / name).exists(), name
     for name in ("epochs.csv", "val.csv"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
+    # TensorBoard events beside the CSVs: the same series, and the resumed run's read like the uninterrupted one.
+    events = {run: _scalars(tmp_path / run / "tensorboard") for run in ("a", "b")}
+    assert sorted(events["a"]) == ["train/loss", "train/lr", "train/temperature", "validation/macro_auroc",
+                                   "validation/macro_f1"]  # fmt: skip
+    assert [s for s, _ in events["a"]["train/loss"]] == list(range(1, 7))  # steps done
+    assert [s for s, _ in events["a"]["validation/macro_f1"]] == [3, 6]
+    assert events["a"] == events["b"]
     # Starting a finished run again (a study killed before it recorded the run) changes none of its logs.
     logs = {n: (tmp_path / "a" / n).read_text() for n in ("log.csv", "epochs.csv", "val.csv")}
     assert train(corpus200, tmp_path / "a", cfg, cache_dir=cache, progress=False)["finished"]
