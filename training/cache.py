@@ -70,28 +70,51 @@ class VolumeCache:
         """float32 (1, X, Y, Z); preprocesses and stores the study first if needed."""
         return np.asarray(np.load(self.put(study), mmap_mode="r"), dtype=np.float32)
 
-    def build(self, studies: Sequence[Study], workers: int = 1, progress: bool = True) -> None:
-        """Preprocess every study not yet cached, with a progress bar."""
+    def build(
+        self, studies: Sequence[Study], workers: int = 1, progress: bool = True, failures: dict | None = None
+    ) -> None:
+        """Preprocess every study not yet cached, with a progress bar. With ``failures`` (a dict), a study
+        whose image cannot be read or preprocessed is recorded there (study id -> reason) instead of
+        stopping the build."""
         from tqdm import tqdm
 
         todo = [s for s in studies if not self.has(s)]
         bar = tqdm(total=len(todo), desc="preprocess", unit="vol", disable=not progress or not todo)
+        keep_going = failures is not None
         if workers > 1 and len(todo) > 1:
             # spawn, not fork: forking a process whose torch/OpenMP threads are running deadlocks.
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-                for _ in ex.map(_put_one, [(str(self.dir.parent), self.spec, s) for s in todo], chunksize=4):
+                jobs = [(str(self.dir.parent), self.spec, s, keep_going) for s in todo]
+                for s, error in zip(todo, ex.map(_put_one, jobs, chunksize=4)):
+                    if error is not None:
+                        failures[s.study_id] = error  # type: ignore[index]
                     bar.update()
         else:
             transform = build_transform(self.spec)
             for s in todo:
-                self.put(s, transform)
+                error = _put(self, s, transform, keep_going)
+                if error is not None:
+                    failures[s.study_id] = error  # type: ignore[index]
                 bar.update()
         bar.close()
 
 
-def _put_one(args) -> None:
-    root, spec, study = args
-    VolumeCache(root, spec).put(study)
+def _put(cache: VolumeCache, study: Study, transform, keep_going: bool) -> str | None:
+    """Cache one study; with ``keep_going``, an unreadable image is returned as its reason."""
+    from operators.contract.volume import VolumeError
+
+    try:
+        cache.put(study, transform)
+    except (VolumeError, OSError, ValueError) as exc:
+        if not keep_going:
+            raise
+        return f"image {study.image} cannot be read: {exc}"
+    return None
+
+
+def _put_one(args) -> str | None:
+    root, spec, study, keep_going = args
+    return _put(VolumeCache(root, spec), study, None, keep_going)
 
 
 class CachedVolumes:
@@ -116,8 +139,8 @@ def volume_cache(spec, cache_dir: str | Path | None) -> VolumeCache:
     return VolumeCache(cache_dir or default_cache_dir(), spec)
 
 
-def build_cache(cache: VolumeCache, studies: list[Study], progress: bool) -> None:
-    cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress)
+def build_cache(cache: VolumeCache, studies: list[Study], progress: bool, failures: dict | None = None) -> None:
+    cache.build(studies, workers=min(os.cpu_count() or 1, 8), progress=progress, failures=failures)
 
 
 def split_volumes(

@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = TrainConfig.load(args.preset, args.overrides)
-    summary = train(args.data, args.out, cfg, stop_after=args.stop_after, **_common(args))
+    summary = train(args.data, args.out, cfg, stop_after=args.stop_after, strict=args.strict, **_common(args))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         print(json.dumps(summary, indent=1))
     return 0
@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--cache", default=None, help="preprocessed-volume cache (default ~/.cache/ct-zeroshot/volumes)")
     t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    t.add_argument(
+        "--strict", action="store_true", help="refuse the data set at its first bad row or unreadable image "
+        "(default: leave them out and list them in RUN/data_report.json)",
+    )  # fmt: skip
     t.add_argument("--quiet", action="store_true")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=200 sampler.ratio=25:75")
     t.set_defaults(func=_train)

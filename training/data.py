@@ -10,7 +10,10 @@ Manifest (a CSV file) for users' own data: columns ``image`` (a NIfTI file or a 
 DICOM series; relative paths are relative to the manifest), ``report`` and ``split``; optional
 ``study id`` and finding columns named as in the catalogue.
 
-Every problem is reported with the file (and row or study) it comes from.
+Every problem is reported with the file (and row or study) it comes from. The readers refuse a bad row
+(``strict``, the default of ``read_*``); ``load_studies`` skips it instead and records it in a
+``DataReport`` (counts and reasons per file), as a release of thousands of studies holds a few bad ones.
+A problem with a whole file (missing, unreadable, missing columns) is always an error.
 """
 
 from __future__ import annotations
@@ -37,6 +40,30 @@ _SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
+
+
+@dataclass
+class DataReport:
+    """Rows (and images) left out of a data set, each with its file, line or study, and reason."""
+
+    skipped: list[dict] = field(default_factory=list)
+
+    def add(self, where: str, study: str | None, reason: str) -> None:
+        self.skipped.append({"where": where, "study": study, "reason": reason})
+
+    def to_dict(self) -> dict:
+        """What ``RUN/data_report.json`` holds: counts per file and the rows themselves."""
+        per_file: dict[str, int] = {}
+        for row in self.skipped:
+            f = row["where"].split(" line ")[0]
+            per_file[f] = per_file.get(f, 0) + 1
+        return {"skipped": len(self.skipped), "per_file": per_file, "rows": self.skipped}
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no rows skipped"
+        first = self.skipped[0]
+        return f"{len(self.skipped)} row(s) skipped, e.g. {first['where']}: {first['reason']}"
 
 
 class DataError(ValueError):
@@ -147,8 +174,22 @@ def _labels(row: dict[str, str], where: str) -> np.ndarray:
     return out
 
 
-def read_merlin_release(root: str | Path, check_images: bool = True) -> list[Study]:
-    """Studies of a Merlin-format release (the official one or the synthetic corpus)."""
+def _row(strict: bool, report: DataReport | None, where: str, sid: str | None, make):
+    """``make()``'s study, or, when it raises ``DataError`` and not ``strict``, None with the row recorded."""
+    try:
+        return make()
+    except DataError as exc:
+        if strict or report is None:
+            raise
+        report.add(where, sid, str(exc).removeprefix(f"{where}: "))
+        return None
+
+
+def read_merlin_release(
+    root: str | Path, check_images: bool = True, strict: bool = True, report: DataReport | None = None
+) -> list[Study]:
+    """Studies of a Merlin-format release (the official one or the synthetic corpus); with ``strict`` off,
+    bad rows are recorded in ``report`` and left out (a study whose label row is bad with them)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
@@ -162,24 +203,34 @@ def read_merlin_release(root: str | Path, check_images: bool = True) -> list[Stu
     else:
         raise DataError(f"{root}: no reports_final.csv or reports_final.xlsx")
     labels: dict[str, np.ndarray] = {}
+    bad_labels: set[str] = set()
     lpath = root / "zero_shot_findings_disease_cls.csv"
     if lpath.exists():
         for n, row in enumerate(_read_csv(lpath, ["study id", *load_catalogue().ids]), start=2):
-            labels[row["study id"].strip()] = _labels(row, f"{lpath} line {n}")
+            lsid = row["study id"].strip()
+            where = f"{lpath} line {n}"
+            got = _row(strict, report, where, lsid, lambda row=row, where=where: _labels(row, where))
+            if got is None:
+                bad_labels.add(lsid)
+            else:
+                labels[lsid] = got
     studies, seen = [], set()
     for n, row in enumerate(rows, start=2):
         sid = row["study id"].strip()
         where = f"{rpath} line {n}"
-        if not sid:
-            raise DataError(f"{where}: empty study id")
-        if sid in seen:
-            raise DataError(f"{where}: duplicate study id {sid!r}")
-        seen.add(sid)
-        image = root / "merlin_data" / f"{sid}.nii.gz"
-        if check_images and not image.exists():
-            raise DataError(f"{where}: image {image} does not exist")
-        studies.append(
-            _checked(
+
+        def make(sid=sid, where=where, row=row):
+            if not sid:
+                raise DataError(f"{where}: empty study id")
+            if sid in seen:
+                raise DataError(f"{where}: duplicate study id {sid!r}")
+            seen.add(sid)
+            image = root / "merlin_data" / f"{sid}.nii.gz"
+            if check_images and not image.exists():
+                raise DataError(f"{where}: image {image} does not exist")
+            if not row["Findings"].strip():
+                raise DataError(f"{where}: empty report")
+            return _checked(
                 Study(
                     sid,
                     _split(row["Split"], where),
@@ -191,7 +242,12 @@ def read_merlin_release(root: str | Path, check_images: bool = True) -> list[Stu
                 ),
                 where,
             )
-        )
+
+        study = _row(strict, report, where, sid or None, make)
+        if study is not None and sid in bad_labels:  # its labels were left out: so is the study
+            continue
+        if study is not None:
+            studies.append(study)
     if not studies:
         raise DataError(f"{rpath}: no studies")
     return studies
@@ -206,27 +262,33 @@ def _checked(study: Study, where: str) -> Study:
     return study
 
 
-def read_manifest(path: str | Path, check_images: bool = True) -> list[Study]:
-    """Studies listed in a manifest CSV (image, report, split[, study id, finding columns])."""
+def read_manifest(
+    path: str | Path, check_images: bool = True, strict: bool = True, report: DataReport | None = None
+) -> list[Study]:
+    """Studies listed in a manifest CSV (image, report, split[, study id, finding columns]); with ``strict``
+    off, bad rows are recorded in ``report`` and left out."""
     path = Path(path)
     rows = _read_csv(path, ["image", "report", "split"])
     has_labels = bool(rows) and all(fid in rows[0] for fid in load_catalogue().ids)
     studies, seen = [], set()
     for n, row in enumerate(rows, start=2):
         where = f"{path} line {n}"
-        image = Path(row["image"].strip())
-        if not row["image"].strip():
-            raise DataError(f"{where}: empty image path")
-        if not image.is_absolute():
-            image = path.parent / image
-        if check_images and not image.exists():
-            raise DataError(f"{where}: image {image} does not exist")
-        sid = row.get("study id", "").strip() or image.name.split(".")[0]
-        if sid in seen:
-            raise DataError(f"{where}: duplicate study id {sid!r}")
-        seen.add(sid)
-        studies.append(
-            _checked(
+
+        def make(where=where, row=row):
+            image = Path(row["image"].strip())
+            if not row["image"].strip():
+                raise DataError(f"{where}: empty image path")
+            if not image.is_absolute():
+                image = path.parent / image
+            if check_images and not image.exists():
+                raise DataError(f"{where}: image {image} does not exist")
+            sid = row.get("study id", "").strip() or image.name.split(".")[0]
+            if sid in seen:
+                raise DataError(f"{where}: duplicate study id {sid!r}")
+            seen.add(sid)
+            if not row["report"].strip():
+                raise DataError(f"{where}: empty report")
+            return _checked(
                 Study(
                     sid,
                     _split(row["split"], where),
@@ -238,20 +300,33 @@ def read_manifest(path: str | Path, check_images: bool = True) -> list[Study]:
                 ),
                 where,
             )
-        )
+
+        study = _row(strict, report, where, row.get("study id", "").strip() or None, make)
+        if study is not None:
+            studies.append(study)
     if not studies:
         raise DataError(f"{path}: no studies")
     return studies
 
 
-def load_studies(source: str | Path, check_images: bool = True) -> list[Study]:
-    """A Merlin-format folder or a manifest CSV."""
+def load_studies(
+    source: str | Path, check_images: bool = True, strict: bool = False, report: DataReport | None = None
+) -> list[Study]:
+    """A Merlin-format folder or a manifest CSV. Bad rows are left out and recorded in ``report`` (a
+    warning says how many), unless ``strict``: then the first is an error."""
+    import logging
+
     source = Path(source)
+    report = report if report is not None else DataReport()
     if source.is_dir():
-        return read_merlin_release(source, check_images)
-    if source.suffix.lower() == ".csv":
-        return read_manifest(source, check_images)
-    raise DataError(f"{source}: expected a Merlin-format folder or a manifest .csv")
+        studies = read_merlin_release(source, check_images, strict, report)
+    elif source.suffix.lower() == ".csv":
+        studies = read_manifest(source, check_images, strict, report)
+    else:
+        raise DataError(f"{source}: expected a Merlin-format folder or a manifest .csv")
+    if report.skipped:
+        logging.getLogger("ct-zeroshot.training").warning("%s: %s", source, report.summary())
+    return studies
 
 
 def load_volume(study: Study):

@@ -33,7 +33,7 @@ from operators.contract.textnorm import normalize_text
 
 from .cache import CachedVolumes, build_cache, volume_cache
 from .config import TrainConfig
-from .data import load_studies
+from .data import DataError, DataReport, load_studies
 from .evaluate import embed_images, prompt_embeddings, zero_shot_metrics, zero_shot_scores
 from .logs import append_csv, truncate_csv
 from .loss import clip_loss, sentence_loss, text_keys
@@ -147,7 +147,7 @@ class _Run:
         return self.rank == 0
 
 
-def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: bool) -> _Run:
+def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: bool, strict: bool = False) -> _Run:
     rank, world, device = distributed(cfg.train.dist_timeout_s)
     main = rank == 0
     if world > 1 and cfg.train.sync_batchnorm and device.type != "cuda":
@@ -157,19 +157,35 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         write_run_config(run, cfg)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-    studies = load_studies(data)
+    report = DataReport()
+    studies = load_studies(data, strict=strict, report=report)
     train_st = [s for s in studies if s.split == "train"]
     val_st = [s for s in studies if s.split == "validation"]
-    if len(train_st) < cfg.train.batch_size * world:
-        raise ValueError(f"{data}: {len(train_st)} training studies, fewer than one global batch")
     if cfg.train.eval_studies:
         val_st = val_st[: cfg.train.eval_studies]
-    val_labels = np.stack([s.labels for s in val_st]) if val_st and all(s.labels is not None for s in val_st) else None
 
     cache = volume_cache(cfg.spec, cache_dir)
-    build_cache(cache, (train_st + val_st)[rank::world], progress and main)  # each rank its shard
-    if world > 1:
-        torch.distributed.barrier()
+    failures: dict[str, str] = {}
+    build_cache(cache, (train_st + val_st)[rank::world], progress and main, failures)  # each rank its shard
+    if world > 1:  # every rank leaves out the same studies
+        shards: list = [None] * world
+        torch.distributed.all_gather_object(shards, failures)
+        failures = {k: v for shard in shards for k, v in shard.items()}
+    if failures:
+        if strict:
+            sid, reason = sorted(failures.items())[0]
+            raise DataError(f"{data}: study {sid}: {reason} ({len(failures)} unreadable image(s); --strict)")
+        for sid, reason in sorted(failures.items()):
+            report.add(f"{data} study {sid}", sid, reason)
+        train_st = [s for s in train_st if s.study_id not in failures]
+        val_st = [s for s in val_st if s.study_id not in failures]
+    if main:
+        write_json(run / "data_report.json", report.to_dict())
+        if report.skipped:
+            print(f"data: {report.summary()}; every row in {run / 'data_report.json'}", flush=True)
+    if len(train_st) < cfg.train.batch_size * world:
+        raise ValueError(f"{data}: {len(train_st)} training studies, fewer than one global batch")
+    val_labels = np.stack([s.labels for s in val_st]) if val_st and all(s.labels is not None for s in val_st) else None
     planner = BatchPlanner(train_st, cfg, world)
     if main:
         ensure_text_model(cfg, run, train_st)
@@ -462,12 +478,15 @@ def train(
     cache_dir: str | Path | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> dict:
-    """Train (or resume) a run; returns the summary. ``stop_after`` ends early after that many steps."""
+    """Train (or resume) a run; returns the summary. ``stop_after`` ends early after that many steps.
+    Bad rows and unreadable images are left out and listed in ``RUN/data_report.json``; with ``strict``
+    the first is an error."""
     from tqdm import tqdm
 
     run = Path(out)
-    r = _set_up(data, run, cfg, cache_dir, progress)
+    r = _set_up(data, run, cfg, cache_dir, progress, strict)
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     bar = tqdm(total=cfg.train.steps, initial=r.start, desc="train", unit="step", disable=not (progress and r.main))
     t0 = time.time()

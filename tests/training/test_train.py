@@ -152,3 +152,77 @@ def test_sigmoid_needs_sentence_match():
 
     with pytest.raises(ConfigError, match="joint.match=sentences or joint.sentence_weight"):
         TrainConfig.load("cpu-tiny", ["joint.loss=sigmoid"])
+
+
+def _corrupted_release(corpus, out):
+    """A copy of the corpus with one bad row of each kind and one unreadable image (the images linked one
+    by one, the corrupted one written anew: the shared corpus is never touched)."""
+    import csv
+    import shutil
+
+    out.mkdir()
+    for name in ("reports_final.csv", "zero_shot_findings_disease_cls.csv"):
+        shutil.copy(corpus / name, out / name)
+    (out / "merlin_data").mkdir()
+    for f in (corpus / "merlin_data").iterdir():
+        (out / "merlin_data" / f.name).symlink_to(f)
+    with open(out / "reports_final.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    train_rows = [i for i, r in enumerate(rows) if i and r[2] == "train"]
+    bad = {}
+    i = train_rows[0]
+    rows[i][1] = "  "
+    bad[rows[i][0]] = "empty report"
+    i = train_rows[1]
+    rows[i][1] = "IMPRESSION: 1. No acute abnormality."
+    bad[rows[i][0]] = "no 'FINDINGS:' section"
+    i = train_rows[2]
+    rows[i][0] = "SYnotthere"
+    bad["SYnotthere"] = "does not exist"
+    junk = rows[train_rows[3]][0]
+    (out / "merlin_data" / f"{junk}.nii.gz").unlink()
+    (out / "merlin_data" / f"{junk}.nii.gz").write_bytes(b"not a NIfTI volume")
+    bad[junk] = "cannot be read"
+    with open(out / "reports_final.csv", "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    with open(out / "zero_shot_findings_disease_cls.csv", newline="", encoding="utf-8") as fh:
+        labels = list(csv.reader(fh))
+    j = next(k for k, r in enumerate(labels) if k and r[0] == rows[train_rows[4]][0])
+    labels[j][3] = ""
+    bad[labels[j][0]] = "label"
+    with open(out / "zero_shot_findings_disease_cls.csv", "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(labels)
+    return bad
+
+
+@pytest.mark.merlin_scale  # make test-merlin-scale (CI): real releases are messy
+def test_a_messy_release_trains_on_its_good_studies_and_reports_the_rest(corpus200, tmp_path):
+    """One unreadable NIfTI, an empty or unparseable report, a missing image or a blank label refused the
+    whole release: each is now left out with its reason in RUN/data_report.json; --strict refuses as before."""
+    import json
+
+    data = tmp_path / "messy"
+    bad = _corrupted_release(corpus200, data)
+    cfg = TrainConfig.load("cpu-tiny", [*SMALL, "train.steps=2", "train.eval_every=2"])
+    summary = train(data, tmp_path / "run", cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert summary["finished"]
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["skipped"] == len(bad) == 5
+    got = {r["study"]: r["reason"] for r in report["rows"]}
+    for sid, reason in bad.items():
+        assert reason in got[sid], (sid, got.get(sid))
+    assert set(report["per_file"]) >= {
+        str(data / "reports_final.csv"),
+        str(data / "zero_shot_findings_disease_cls.csv"),
+    }
+    from training.data import load_studies
+
+    all_train = sum(s.split == "train" for s in load_studies(corpus200))
+    assert summary["train_studies"] == all_train - 5  # the 4 bad train rows and the unreadable image
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "train", "--data", str(data), "--out", str(tmp_path / "strict"),
+         "--preset", "cpu-tiny", "--cache", str(tmp_path / "cache"), "--strict", "--quiet", *SMALL],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "is ''; expected 1, 0 or -1" in proc.stderr  # the first bad row read
