@@ -44,8 +44,8 @@ test: venv
 	$(BIN)/python -m pytest -m "not slow and not image and not merlin_scale" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The merlin preset's path on the CPU: torchrun on 2 gloo processes, a slow rank, fine-tuning from a
-# Merlin-shaped checkpoint, the GPU check at small sizes. Each test starts its own processes or holds a
-# full-width model, so one at a time.
+# Merlin-shaped checkpoint, the GPU check at small sizes, training on a corrupted release. Each test starts
+# its own processes or holds a full-width model, so one at a time.
 test-merlin-scale: venv
 	$(BIN)/python -m pytest -m merlin_scale $(PYTEST_ARGS)
 
