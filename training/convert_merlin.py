@@ -121,16 +121,14 @@ def load_merlin_init(model: DualEncoder, path: str | Path) -> int:
     ``i3_resnet152``, 512-d, a Clinical-Longformer folder as ``text.model``). Merlin's phecode classifier is
     left out when the run's tower has none (contrastive training never uses it); returns how many of its
     tensors were left out. Any other difference is an error listing the keys."""
+    prefix = "encode_image.i3_resnet.classifier."
     sd = read_checkpoint(path)
-    own = model.state_dict()
-    classifier = [k for k in sd if k.startswith("encode_image.i3_resnet.classifier.")]
-    if classifier and not any(k.startswith("encode_image.i3_resnet.classifier.") for k in own):
-        for k in classifier:
-            sd.pop(k)
-    else:
-        classifier = []
+    has_classifier = any(k.startswith(prefix) for k in model.state_dict())
+    left_out = [] if has_classifier else [k for k in sd if k.startswith(prefix)]
+    for k in left_out:
+        sd.pop(k)
     load_merlin_state(model, sd, f"image.init=merlin:{path}")
-    return len(classifier)
+    return len(left_out)
 
 
 LONGFORMER_NOTE = (

@@ -244,9 +244,7 @@ def read_merlin_release(
             )
 
         study = _row(strict, report, where, sid or None, make)
-        if study is not None and sid in bad_labels:  # its labels were left out: so is the study
-            continue
-        if study is not None:
+        if study is not None and sid not in bad_labels:  # a study whose label row was left out goes with it
             studies.append(study)
     if not studies:
         raise DataError(f"{rpath}: no studies")

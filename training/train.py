@@ -84,13 +84,6 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype), scaler
 
 
-def validation_f1(model, volumes: CachedVolumes, labels: np.ndarray, device, batch_size: int) -> dict:
-    prompt_emb, rows = prompt_embeddings(model, device)
-    img = embed_images(model, volumes, device, batch_size)
-    margins, _ = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
-    return zero_shot_metrics(margins, labels)
-
-
 def gather_shards(shard: torch.Tensor, world: int) -> torch.Tensor:
     """The rows of every rank's shard ``items[rank::world]`` back in item order (on every rank)."""
     parts: list = [None] * world
@@ -101,17 +94,17 @@ def gather_shards(shard: torch.Tensor, world: int) -> torch.Tensor:
     return out
 
 
-def sharded_validation(r: _Run) -> dict | None:
-    """Validation with every rank embedding its shard of the studies (none waits an hour while rank 0
-    validates alone); rank 0 scores them and gets the metrics, the others ``None``."""
-    model, device, bs = r.model, r.device, r.cfg.train.batch_size
-    if r.world == 1:
-        return validation_f1(model, r.val_volumes, r.val_labels, device, bs)
-    img = gather_shards(embed_images(model, r.val_shard, device, bs), r.world)
-    if not r.main:
-        return None
-    prompt_emb, rows = prompt_embeddings(model, device)
-    margins, _ = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
+def validate(r: _Run) -> dict | None:
+    """Zero-shot metrics on the validation studies. Every rank embeds its share ``val[rank::world]`` (none
+    waits an hour while rank 0 validates alone); rank 0 scores them all and gets the metrics, the others
+    ``None``."""
+    img = embed_images(r.model, r.val_volumes, r.device, r.cfg.train.batch_size)
+    if r.world > 1:
+        img = gather_shards(img, r.world)
+        if not r.main:
+            return None
+    prompt_emb, rows = prompt_embeddings(r.model, r.device)
+    margins, _ = zero_shot_scores(img, prompt_emb, rows, r.model.scale().item())
     return zero_shot_metrics(margins, r.val_labels)
 
 
@@ -132,9 +125,8 @@ class _Run:
     autocast: Any
     scaler: Any
     volumes: CachedVolumes
-    val_volumes: CachedVolumes
-    val_labels: np.ndarray | None
-    val_shard: CachedVolumes | None = None  # this rank's share of the validation studies (torchrun)
+    val_volumes: CachedVolumes  # this rank's share of the validation studies (all of them in one process)
+    val_labels: np.ndarray | None  # every validation study's labels (rank 0 scores them all)
     batches: Any = None  # the DataLoader of step volumes (train.num_workers > 0)
     tb: Any = None  # rank 0's TensorBoard writer (RUN/tensorboard/)
     start: int = 0
@@ -223,9 +215,8 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
         autocast,
         scaler,
         CachedVolumes(cache, train_st),
-        CachedVolumes(cache, val_st),
-        val_labels,
         CachedVolumes(cache, val_st[rank::world]),
+        val_labels,
     )
 
     last = checkpoint_path(run, "last")
@@ -388,7 +379,7 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
         )
         r.seen = set()
     evaluate_now = next_step % cfg.train.eval_every == 0 or next_step == cfg.train.steps
-    m = sharded_validation(r) if evaluate_now and r.val_labels is not None else None
+    m = validate(r) if evaluate_now and r.val_labels is not None else None
     if m is not None:
         append_csv(
             run / "val.csv",

@@ -109,9 +109,13 @@ class Listener:
             # before the association starts: it waits no time for a request, then closes its socket
             event.assoc.acse_timeout = 0.001
 
-    def on_echo(self, event):
+    def _message_done(self, assoc) -> None:
+        """A message (C-STORE, C-ECHO) was received whole: the next one on ``assoc`` counts from 0."""
         with self.lock:
-            self.receiving.pop(id(event.assoc), None)
+            self.receiving.pop(id(assoc), None)
+
+    def on_echo(self, event):
+        self._message_done(event.assoc)
         return 0x0000
 
     def on_rejected(self, event):
@@ -166,8 +170,7 @@ class Listener:
 
     def on_store(self, event):
         """Refuse what cannot be spooled safely; write the rest as received, then acknowledge."""
-        with self.lock:
-            self.receiving.pop(id(event.assoc), None)  # the next instance on this association counts from 0
+        self._message_done(event.assoc)
         if id(event.assoc) not in self.open_assoc:
             return 0xC211  # refused: not an accepted caller
         if self.broken:
