@@ -85,7 +85,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate_run import evaluate_run
 
     metrics_path, text = evaluate_run(
-        args.run, args.data, **_pick(args, "split", "checkpoint", "device"), **_common(args)
+        args.run, args.data, **_pick(args, "split", "checkpoint", "device", "findings", "labels"), **_common(args)
     )
     print(text)
     print(f"\nmetrics: {metrics_path}")
@@ -283,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", default="best", choices=["best", "last", "init"], help="init = the same model before training"
     )
     e.add_argument("--cache", default=None)
+    e.add_argument(
+        "--findings", default=None, help="a site's findings file (YAML) to evaluate instead of the catalogue"
+    )
+    e.add_argument(
+        "--labels", default=None, help="with --findings: CSV of 'study id' and one 1/0/-1 column per finding id"
+    )
     e.add_argument("--quiet", action="store_true")
     _device_option(e)
     e.set_defaults(func=_evaluate)

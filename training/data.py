@@ -159,8 +159,8 @@ def _split(value: str, where: str) -> str:
     return s
 
 
-def _labels(row: dict[str, str], where: str) -> np.ndarray:
-    ids = load_catalogue().ids
+def _labels(row: dict[str, str], where: str, ids: list[str] | None = None) -> np.ndarray:
+    ids = load_catalogue().ids if ids is None else ids
     out = np.empty(len(ids), dtype=np.int8)
     for i, fid in enumerate(ids):
         raw = row.get(fid, "").strip()
@@ -305,6 +305,25 @@ def read_manifest(
     if not studies:
         raise DataError(f"{path}: no studies")
     return studies
+
+
+def read_label_csv(path: str | Path, ids: list[str]) -> dict[str, np.ndarray]:
+    """A site's labels for its own findings: a CSV of ``study id`` and one column per finding id (1 / 0 / -1,
+    -1 = not assessable), as the release's label file is for the catalogue. Every row is checked; a bad
+    one is an error naming the line (an evaluation is not run on part of its labels)."""
+    path = Path(path)
+    out: dict[str, np.ndarray] = {}
+    for n, row in enumerate(_read_csv(path, ["study id", *ids]), start=2):
+        sid = row["study id"].strip()
+        where = f"{path} line {n}"
+        if not sid:
+            raise DataError(f"{where}: empty study id")
+        if sid in out:
+            raise DataError(f"{where}: duplicate study id {sid!r}")
+        out[sid] = _labels(row, where, ids)
+    if not out:
+        raise DataError(f"{path}: no label rows")
+    return out
 
 
 def load_studies(

@@ -58,10 +58,11 @@ def embed_images(
 
 
 @torch.no_grad()
-def prompt_embeddings(model, device) -> tuple[torch.Tensor, list[FindingRows]]:
-    """(P, D) embeddings of every finding's prompts and the rows of each finding."""
+def prompt_embeddings(model, device, findings=None) -> tuple[torch.Tensor, list[FindingRows]]:
+    """(P, D) embeddings of every finding's prompts and the rows of each finding; ``findings``: a list of
+    ``Finding`` (a site's findings file) instead of the catalogue."""
     model.eval()
-    prompts, rows = prompt_table()
+    prompts, rows = prompt_table(findings)
     return model.encode_texts(prompts, device).cpu(), rows
 
 
@@ -80,10 +81,17 @@ def finding_auroc(y: np.ndarray, score: np.ndarray) -> float | None:
     return float(roc_auc_score(y, score)) if 0 < y.sum() < y.size else None
 
 
-def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
+def zero_shot_metrics(
+    margins: np.ndarray, labels: np.ndarray, ids: Sequence[str] | None = None, present: np.ndarray | None = None
+) -> dict:
+    """Per-finding and macro F1 and AUROC. ``ids``: the columns' findings (default: the catalogue);
+    ``present``: the decisions (default: Merlin's rule on ``margins``)."""
     from sklearn.metrics import f1_score
 
-    ids = load_catalogue().ids
+    ids = load_catalogue().ids if ids is None else list(ids)
+    if margins.shape[1] != len(ids) or labels.shape != margins.shape:
+        raise ValueError(f"margins {margins.shape} and labels {labels.shape} for {len(ids)} findings")
+    present = merlin_present(margins) if present is None else present
     per = {}
     for j, fid in enumerate(ids):
         keep = labels[:, j] != -1
@@ -91,7 +99,7 @@ def zero_shot_metrics(margins: np.ndarray, labels: np.ndarray) -> dict:
         if y.size == 0:
             per[fid] = {"f1": None, "auroc": None, "n": 0, "positives": 0}
             continue
-        pred = merlin_present(margins[keep, j]).astype(int)
+        pred = present[keep, j].astype(int)
         auroc = finding_auroc(y, margins[keep, j])
         per[fid] = {  # a finding with one class only enters no macro metric (neither F1 nor AUROC)
             "f1": float(f1_score(y, pred, zero_division=0)) if 0 < y.sum() < y.size else None,
@@ -146,12 +154,19 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    findings=None,
+    thresholds=None,
 ) -> dict:
-    """All metrics for one split. ``volumes[i]`` is study i's model input; labels (N, 30) in 1/0/-1."""
+    """All metrics for one split. ``volumes[i]`` is study i's model input; labels (N, n_findings) in 1/0/-1.
+    ``findings`` (a list of ``Finding``) and their ``thresholds`` (probabilities) replace the catalogue and
+    Merlin's 0.5 rule: a site's own findings, evaluated as the deployed package decides them."""
     from tqdm import tqdm
 
+    from operators.contract.scoring import decide_present
+
     model.eval()
-    prompt_emb, rows = prompt_embeddings(model, device)
+    prompt_emb, rows = prompt_embeddings(model, device, findings)
+    ids = None if findings is None else [f.id for f in findings]
     with torch.no_grad():
         text_emb = model.encode_texts(texts, device).cpu()
     scale = model.scale().item()
@@ -160,7 +175,8 @@ def evaluate_model(
     for level in occlusion_levels:
         img = embed_images(model, volumes, device, batch_size, occlusion=level, seed=seed, progress=bar)
         margins, probs = zero_shot_scores(img, prompt_emb, rows, scale)
-        zs = zero_shot_metrics(margins, labels)
+        present = None if thresholds is None else decide_present(probs, np.asarray(thresholds))
+        zs = zero_shot_metrics(margins, labels, ids, present)
         rt = retrieval_metrics(img, text_emb)
         key = f"{int(round(level * 100))}%"
         results["occlusion"][key] = {

@@ -128,7 +128,7 @@ class _Run:
     val_volumes: CachedVolumes  # this rank's share of the validation studies (all of them in one process)
     val_labels: np.ndarray | None  # every validation study's labels (rank 0 scores them all)
     batches: Any = None  # the DataLoader of step volumes (train.num_workers > 0)
-    tb: Any = None  # rank 0's TensorBoard writer (RUN/tensorboard/)
+    tb: Any = None  # rank 0's tracking: TensorBoard (RUN/tensorboard/), MLflow when configured
     start: int = 0
     trunk: torch.Tensor | None = None  # frozen image stages' output per training volume (image.frozen_stages)
     best: dict = field(default_factory=lambda: {"step": -1})  # the step and value of train.select
@@ -251,10 +251,9 @@ def _set_up(data: str | Path, run: Path, cfg: TrainConfig, cache_dir, progress: 
     if cfg.train.num_workers and r.trunk is None:
         r.batches = step_loader(r, r.start, cfg.train.steps)
     if main:
-        from torch.utils.tensorboard import SummaryWriter
+        from .tracking import Tracking
 
-        # events written after the checkpoint a run resumes from are dropped, as the CSVs' rows are
-        r.tb = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=r.start + 1 if r.start else None)
+        r.tb = Tracking(run, cfg, r.start)
     epoch_start = planner.epoch(r.start) * planner.steps_per_epoch
     for s in range(epoch_start, r.start):  # unique volumes of the current epoch so far (resume)
         r.seen.update(it.index for it in planner.global_items(s))
@@ -368,9 +367,9 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
             },
         )
         # TensorBoard's axis is the steps done (as val.csv's), so a resume from step k keeps exactly what <= k
-        r.tb.add_scalar("train/loss", loss.item(), step + 1)
-        r.tb.add_scalar("train/lr", r.sched.get_last_lr()[0], step + 1)
-        r.tb.add_scalar("train/temperature", 1.0 / scale.item(), step + 1)
+        r.tb.scalar("train/loss", loss.item(), step + 1)
+        r.tb.scalar("train/lr", r.sched.get_last_lr()[0], step + 1)
+        r.tb.scalar("train/temperature", 1.0 / scale.item(), step + 1)
     next_step = step + 1
     if r.main and (next_step % planner.steps_per_epoch == 0 or next_step == cfg.train.steps):
         append_csv(
@@ -386,7 +385,7 @@ def _after_step(r: _Run, step: int, end: int, loss: torch.Tensor, scale: torch.T
             {"step": next_step, "macro_f1": f"{m['macro_f1']:.5f}", "macro_auroc": f"{m['macro_auroc']:.5f}"},
         )
         for name in ("macro_f1", "macro_auroc"):
-            r.tb.add_scalar(f"validation/{name}", m[name], next_step)
+            r.tb.scalar(f"validation/{name}", m[name], next_step)
         key = cfg.train.select
         if m[key] > r.best.get(key, -1.0):
             r.best = {"step": next_step, key: m[key]}
@@ -481,16 +480,18 @@ def train(
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     bar = tqdm(total=cfg.train.steps, initial=r.start, desc="train", unit="step", disable=not (progress and r.main))
     t0 = time.time()
+    failed = True
     try:
         for step in range(r.start, end):
             loss, scale = _step(r, step)
             _after_step(r, step, end, loss, scale, t0)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", kind=r.planner.kind(step)[:8])
+        failed = False
     finally:
         bar.close()
         if r.tb is not None:  # what was written so far is on disk, even when a step raised
-            r.tb.close()
+            r.tb.close(failed)
     finished = end == cfg.train.steps
     summary = {
         "finished": finished,

@@ -189,6 +189,30 @@ def test_fine_tuning_starts_from_merlins_checkpoint_and_its_loss_falls(corpus200
     last, _ = load_run(tmp_path / "run", "last")
     assert loss(last) < loss(init)
 
+    # Before training, the run's package is the converted model: the init checkpoint exported gives the
+    # prompt table and the image embeddings of Merlin's model as the converter loads it (and the preset's
+    # preprocessing is Merlin's, the converter's spec, where this test shrinks it for the CPU).
+    from operators.contract.package import load_package
+    from operators.contract.preprocessing import PreprocessSpec
+    from operators.contract.prompts import prompt_table
+    from operators.contract.scoring import ZeroShotModel
+    from training.convert_merlin import load_merlin_state, read_checkpoint
+    from training.export import embed_prompts, export_run
+
+    assert TrainConfig.load("merlin", [f"text.model={text}"]).spec == PreprocessSpec.merlin()
+    export_run(tmp_path / "run", tmp_path / "pkg", corpus200, checkpoint="init", text="none", parity_studies=2,
+               cache_dir=tmp_path / "cache", progress=False, log=lambda _: None)  # fmt: skip
+    pkg = load_package(tmp_path / "pkg")
+    converted = build_merlin_model(text)
+    load_merlin_state(converted, read_checkpoint(ckpt), str(ckpt))
+    converted.eval()
+    np.testing.assert_allclose(pkg.prompt_embeddings, embed_prompts(converted, prompt_table(pkg.catalogue)[0]),
+                               atol=1e-5)  # fmt: skip
+    with torch.no_grad():
+        want = converted.image_embeddings(images[:2]).numpy()
+    np.testing.assert_allclose(ZeroShotModel(pkg, device="cpu").embed_images(images[:2].numpy()), want, atol=1e-4)
+    assert pkg.logit_scale == pytest.approx(converted.scale().item(), rel=1e-6)
+
     bad = tmp_path / "other.pt"
     torch.save({**sd, "encode_text.linear_layer.weight": torch.zeros(256, 768)}, bad)
     other = TrainConfig.load("merlin", [o.replace(str(ckpt), str(bad)) for o in over])

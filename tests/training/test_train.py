@@ -36,9 +36,12 @@ def _weights(run):
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-def test_resume_gives_the_same_weights(corpus200, cache, tmp_path):
+def test_resume_gives_the_same_weights(corpus200, cache, tmp_path, monkeypatch):
     cfg = TrainConfig.load("cpu-tiny", SMALL)
     a = train(corpus200, tmp_path / "a", cfg, cache_dir=cache, progress=False)
+    # run b is tracked in MLflow too (its local file store here; a site points this at its server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     assert a["finished"] and a["steps_done"] == 6
     b1 = train(corpus200, tmp_path / "b", cfg, cache_dir=cache, stop_after=3, progress=False)
     assert not b1["finished"] and not (tmp_path / "b" / "train_summary.json").exists()
@@ -61,6 +64,19 @@ def test_resume_gives_the_same_weights(corpus200, cache, tmp_path):
     assert [s for s, _ in events["a"]["train/loss"]] == list(range(1, 7))  # steps done
     assert [s for s, _ in events["a"]["validation/macro_f1"]] == [3, 6]
     assert events["a"] == events["b"]
+    # MLflow: one run across the resume, the config as parameters, the same series (last value per step)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run_id = (tmp_path / "b" / "mlflow_run_id").read_text().strip()
+    tracked = client.get_run(run_id)
+    assert tracked.info.status == "FINISHED" and tracked.data.tags["config_digest"] == cfg.digest()
+    assert tracked.data.params["train.steps"] == "6"
+    assert len(client.search_runs([tracked.info.experiment_id])) == 1
+    for tag, series in events["b"].items():
+        history = {m.step: round(m.value, 6) for m in client.get_metric_history(run_id, tag)}
+        assert sorted(history.items()) == series, tag
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     # Starting a finished run again (a study killed before it recorded the run) changes none of its logs.
     logs = {n: (tmp_path / "a" / n).read_text() for n in ("log.csv", "epochs.csv", "val.csv")}
     assert train(corpus200, tmp_path / "a", cfg, cache_dir=cache, progress=False)["finished"]
@@ -83,6 +99,17 @@ def test_best_checkpoint_is_the_best_validation_step_by_train_select(corpus200, 
     best = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=False)
     assert summary["best"]["step"] == best["step"] == step
     assert best["val"] == pytest.approx(value, abs=1e-5)
+
+
+def test_mlflow_asked_for_but_not_installed_is_refused(corpus200, cache, tmp_path, monkeypatch):
+    import sys
+
+    from training.config import ConfigError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is set .* MLflow is not installed"):
+        train(corpus200, tmp_path / "r", TrainConfig.load("cpu-tiny", SMALL), cache_dir=cache, progress=False)
 
 
 def test_train_select_refuses_an_unknown_metric():
