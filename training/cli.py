@@ -33,7 +33,7 @@ def _synth(args: argparse.Namespace) -> int:
     from .synth.corpus import SynthConfig, generate_corpus
 
     cfg = SynthConfig(
-        **_pick(args, "out", "studies", "seed", "profile", "dicom", "workers"), version=args.corpus_version
+        **_pick(args, "out", "studies", "seed", "profile", "dicom", "workers", "masks"), version=args.corpus_version
     )
     summary = generate_corpus(cfg, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: ~5 mm voxels for CPU training; full: 512x512 clinical geometry",
     )
     s.add_argument("--dicom", action="store_true", help="also write a CT Image Storage series per study")
+    s.add_argument(
+        "--masks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each present finding's lesion mask: lesion_masks/ (NIfTI), dicom_seg/ with --dicom (default: on)",
+    )
     s.add_argument(
         "--workers",
         type=int,

@@ -7,6 +7,8 @@ Layout of ``OUT``::
     zero_shot_findings_disease_cls.csv      study id + 30 finding columns (1 / 0 / -1)
     dicom/<study id>/CT####.dcm             with --dicom: a CT Image Storage series per study
     ground_truth.jsonl                      what each phantom really contains (severity, side, site)
+    lesion_masks/<study id>/<finding>.nii.gz  each present finding's voxels (uint8, the volume's grid)
+    dicom_seg/<study id>.dcm                with --dicom: the same masks as a DICOM Segmentation of the series
     prevalence.csv, prevalence.md           per finding: prevalence, label counts per split
     montage.png                             axial slices through findings
     corpus.json                             generator settings and version; written last
@@ -35,7 +37,7 @@ from operators.contract.files import atomic_path, write_atomic, write_json
 from operators.contract.findings import load_catalogue
 from operators.contract.volume import Volume, save_nifti
 
-from .dicom_writer import make_identity, write_ct_series
+from .dicom_writer import make_identity, write_ct_series, write_lesion_seg
 from .patient import sample_patient, vary_anatomy
 from .phantom import build_phantom
 from .raster import Grid
@@ -57,6 +59,7 @@ class SynthConfig:
     profile: str = "tiny"
     dicom: bool = False
     workers: int = 1
+    masks: bool = True  # each present finding's lesion mask: lesion_masks/ (and dicom_seg/ with dicom)
     version: int = 1  # phantom version: 1 as first published; 2 and 3 make the small focal findings conspicuous;
     # 4 varies anatomy, habitus and scanner as patients and scanners do, and paints lesions at the reports' sizes
 
@@ -122,15 +125,28 @@ def generate_study(args: tuple) -> dict:
     # paints a lesion at the size its report states
     text, labels = write_report(patient, np.random.default_rng([cfg.seed, index, 1]))
     grid, noise, blur = make_grid(cfg.profile, patient, rng, cfg.version)
-    hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur, version=cfg.version)
+    masks: dict[str, np.ndarray] | None = {} if cfg.masks else None
+    hu, _ = build_phantom(patient, grid, rng, noise_sd=noise, blur_vox=blur, version=cfg.version, masks=masks)
     nii = out / "merlin_data" / f"{sid}.nii.gz"
     with atomic_path(nii, suffix=".nii.gz") as tmp:  # nibabel compresses by the .gz ending
         save_nifti(Volume(hu, grid.affine_ras()), tmp)
+    if masks:
+        mdir = out / "lesion_masks" / sid
+        with atomic_path(mdir) as tmpdir:
+            tmpdir.mkdir(parents=True)
+            for fid, mask in masks.items():
+                save_nifti(Volume(mask.astype(np.uint8), grid.affine_ras()), tmpdir / f"{fid}.nii.gz")
+            shutil.rmtree(mdir, ignore_errors=True)
     if cfg.dicom:
         ddir = out / "dicom" / sid
         ident = make_identity(sid, cfg.seed, patient.age, patient.sex)
         with atomic_path(ddir) as tmpdir:
-            write_ct_series(hu, grid, tmpdir, ident, position=patient.position, seed=cfg.seed)
+            paths = write_ct_series(hu, grid, tmpdir, ident, position=patient.position, seed=cfg.seed)
+            if masks:  # the SEG beside the series folder, which holds one series
+                seg = out / "dicom_seg" / f"{sid}.dcm"
+                seg.parent.mkdir(exist_ok=True)
+                with atomic_path(seg, suffix=".dcm") as tmp:
+                    write_lesion_seg(masks, paths, tmp, patient.position, cfg.seed)
             shutil.rmtree(ddir, ignore_errors=True)  # a folder is renamed only onto nothing
     split = split_of(cfg.seed, index)
     few_shot = int(split == "train" and np.random.default_rng([cfg.seed, index, 9]).random() < 0.1)

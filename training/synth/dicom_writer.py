@@ -62,6 +62,75 @@ def make_identity(study_id: str, seed: int, age: int, sex: str) -> SeriesIdentit
     )
 
 
+def _slice_order(nz: int, position: str) -> list[int]:
+    """The z index of each instance, in instance order: head to feet (HFS) or feet to head (FFS)."""
+    return list(range(nz))[::-1] if position == "HFS" else list(range(nz))
+
+
+def _as_stored(volume: np.ndarray, position: str) -> np.ndarray:
+    """[x, y, z] as the series stores it: FFS columns run toward patient right."""
+    return volume if position == "HFS" else volume[::-1]
+
+
+def write_lesion_seg(
+    masks: dict[str, np.ndarray], ct_paths: list[Path], out: str | Path, position: str, seed: int = 0
+) -> Path | None:
+    """The phantom's lesion masks (finding id -> bool [x, y, z] on the series' grid) as a DICOM
+    Segmentation of the CT series ``ct_paths`` (as ``write_ct_series`` returned them): one segment per
+    finding, coded as the catalogue codes it, in the series' frame of reference. None without masks."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from operators.contract.findings import load_catalogue
+
+    if not masks:
+        return None
+    by_id = {f.id: f for f in load_catalogue()}
+    ids = [fid for fid in by_id if fid in masks]  # catalogue order
+    source = [pydicom.dcmread(p) for p in ct_paths]
+    slices = _slice_order(masks[ids[0]].shape[2], position)
+    if len(slices) != len(source):
+        raise ValueError(f"{len(source)} CT instances for masks of {len(slices)} slices")
+    stack = np.stack([_as_stored(masks[fid], position) for fid in ids], axis=-1)  # x, y, z, segment
+    frames = np.stack([stack[:, :, k, :].transpose(1, 0, 2) for k in slices])  # frame, row = y, column = x
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=by_id[fid].display[:64],
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=hd.sr.CodedConcept(
+                by_id[fid].code.value, by_id[fid].code.scheme, by_id[fid].code.meaning
+            ),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="ct-zeroshot synthetic phantom", version=__version__, family=codes.DCM.AnalyticalAlgorithm
+            ),
+        )
+        for n, fid in enumerate(ids, start=1)
+    ]
+    ref = source[0]
+    seg = hd.seg.Segmentation(
+        source_images=source,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(UID_PREFIX, [str(seed), ref.StudyInstanceUID, "lesion-seg"]),
+        series_number=90,
+        sop_instance_uid=generate_uid(UID_PREFIX, [str(seed), ref.StudyInstanceUID, "lesion-seg", "1"]),
+        instance_number=1,
+        manufacturer="ct-zeroshot",
+        manufacturer_model_name="synthetic abdominal phantom",
+        software_versions=__version__,
+        device_serial_number="0",
+        series_description="LESION MASKS (PHANTOM TRUTH)",
+        omit_empty_frames=True,
+    )
+    out = Path(out)
+    seg.save_as(out)
+    return out
+
+
 def write_ct_series(
     hu: np.ndarray, grid: Grid, out_dir: str | Path, ident: SeriesIdentity, position: str = "HFS", seed: int = 0
 ) -> list[Path]:
@@ -72,16 +141,14 @@ def write_ct_series(
     out_dir.mkdir(parents=True, exist_ok=True)
     nx, ny, nz = hu.shape
     dx, dy, dz = grid.spacing
-    stored = np.clip(np.rint(hu) + 1024, 0, 4095).astype(np.uint16)
+    stored = _as_stored(np.clip(np.rint(hu) + 1024, 0, 4095).astype(np.uint16), position)
+    slices = _slice_order(nz, position)
     if position == "HFS":
         iop = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         x0 = grid.origin[0]
-        slices = list(range(nz))[::-1]  # acquired head to feet
     else:
         iop = [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        stored = stored[::-1]  # columns run toward patient right
         x0 = grid.origin[0] + (nx - 1) * dx
-        slices = list(range(nz))  # acquired feet to head
     paths = []
     for inst, k in enumerate(slices, start=1):
         z = grid.origin[2] + k * dz

@@ -12,6 +12,8 @@ tiny profile (5 mm voxels) still resolves them.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 from scipy import ndimage
 
@@ -63,6 +65,30 @@ class _Builder(TrunkMixin, OrgansMixin):
         states one; else ``default``."""
         mm = self.f[fid].details.get("report_mm") if fid in self.f else None
         return default if self.version < 4 or mm is None else mm / 2.0
+
+    @contextmanager
+    def lesion(self, fid: str | None):
+        """What is painted inside the block is ``fid``'s lesion (recorded only when the patient has it).
+        Recording draws nothing from the generator: the phantom is the same with or without masks."""
+        before = self.c.recording
+        self.c.recording = fid if fid in self.f else None
+        try:
+            yield
+        finally:
+            self.c.recording = before
+
+    def lesion_masks(self) -> dict[str, np.ndarray]:
+        """Per finding the patient has, the voxels that show it (after ``to_hu``): what its painting left
+        visible, or for a finding that changes a tissue's attenuation instead, that tissue."""
+        by_tissue = {"hepatic_steatosis": (T.LIVER,), "osteopenia": (T.TRABECULAR_BONE,), "anasarca": (T.SUBQ_EDEMA,)}
+        out = {}
+        for fid in self.f:
+            mask = self.c.recorded(fid)
+            if mask is None and fid in by_tissue:
+                mask = np.isin(self.c.labels, [int(t) for t in by_tissue[fid]])
+            if mask is not None and mask.any():
+                out[fid] = mask
+        return out
 
     def sides(self, fid: str) -> list[float]:
         """+1 for patient left (LPS +x), -1 for right."""
@@ -122,8 +148,10 @@ def build_phantom(
     noise_sd: float = 12.0,
     blur_vox: float = 0.5,
     version: int = 1,
+    masks: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (HU volume float32, tissue labels uint8), both indexed [x, y, z] in LPS order on ``grid``.
+    """Return (HU volume float32, tissue labels uint8), both indexed [x, y, z] in LPS order on ``grid``;
+    ``masks``, when given, receives each present finding's lesion mask (bool, same grid).
 
     ``version`` 2 draws the small focal findings larger (same patients and findings: the patient and
     the report come from their own draws): at the tiny profile's 5 mm voxels, version 1's
@@ -148,4 +176,6 @@ def build_phantom(
     b.pelvis()
     b.nodes_and_peritoneum()
     hu = b.to_hu(noise_sd, blur_vox)
+    if masks is not None:
+        masks.update(b.lesion_masks())
     return hu, b.c.labels

@@ -64,6 +64,8 @@ class Canvas:
         self.grid = grid
         self.labels = np.full(grid.shape, fill, dtype=np.uint8)
         self._ax = [grid.axis(a) for a in range(3)]
+        self.recording: str | None = None  # while set, what is painted is recorded under this name
+        self.painted: dict[str, tuple[np.ndarray, set[int]]] = {}  # name -> (voxels written, labels written)
 
     def _apply(self, sl: tuple[slice, slice, slice], mask: np.ndarray, label: int, where: Where) -> None:
         if not mask.any():
@@ -72,6 +74,17 @@ class Canvas:
         if where is not None:
             mask = mask & _allowed(tuple(where))[region]
         region[mask] = label
+        if self.recording is not None:
+            voxels, labels = self.painted.setdefault(self.recording, (np.zeros(self.labels.shape, bool), set()))
+            voxels[sl] |= np.broadcast_to(mask, region.shape)
+            labels.add(int(label))
+
+    def recorded(self, name: str) -> np.ndarray | None:
+        """The voxels painted under ``name`` that still hold what it painted (later shapes may cover some)."""
+        if name not in self.painted:
+            return None
+        voxels, labels = self.painted[name]
+        return voxels & _allowed(tuple(sorted(labels)))[self.labels]
 
     def _min_r(self, r: float, a: int) -> float:
         return max(float(r), MIN_VOXELS * self.grid.spacing[a])

@@ -61,10 +61,11 @@ class TrunkMixin:
                 loss = self.sev("fracture", *self.v((0.35, 0.5, 0.65), (0.35, 0.5, 0.65), (0.5, 0.62, 0.75)))
                 top = lo + (hi - lo) * (1 - loss)
                 self.site("fracture", (0.0, sy, (lo + top) / 2))
-            c.sweep(lo, top, lambda z: (0.0, sy, 23, 18), T.CORTICAL_BONE)
-            c.sweep(lo + 2.5, top - 2.5, lambda z: (0.0, sy, 20, 15), T.TRABECULAR_BONE)
-            if i == frac_v:
-                c.sweep(top - self.v(3.0, 3.0, 6.0), top, lambda z: (0.0, sy, 23, 18), T.SCLEROSIS)
+            with self.lesion("fracture" if i == frac_v else None):  # the compressed vertebral body
+                c.sweep(lo, top, lambda z: (0.0, sy, 23, 18), T.CORTICAL_BONE)
+                c.sweep(lo + 2.5, top - 2.5, lambda z: (0.0, sy, 20, 15), T.TRABECULAR_BONE)
+                if i == frac_v:
+                    c.sweep(top - self.v(3.0, 3.0, 6.0), top, lambda z: (0.0, sy, 23, 18), T.SCLEROSIS)
             # Posterior elements.
             c.sweep(lo + 3, hi - 3, lambda z: (0.0, sy + 30, 14, 12, 4.5), T.CORTICAL_BONE)
             c.sweep(lo + 5, hi - 5, lambda z: (0.0, sy + 52, 4, 12), T.CORTICAL_BONE)
@@ -118,60 +119,71 @@ class TrunkMixin:
         k = 1.0 + (self.sev("cardiomegaly", 0.28, 0.38, 0.5) if "cardiomegaly" in self.f else 0.0)
         hc = (22.0 + self.jx, -48.0, self.Z(1.0) + 8)
         hr = (62 * k * s, 46 * k * s, 52 * k * s)
-        c.ellipsoid(hc, hr, T.MYOCARDIUM, where=(T.VISC_FAT, T.LUNG, T.MUSCLE))
-        c.ellipsoid(hc, tuple(0.72 * r for r in hr), T.BLOOD, where=(T.MYOCARDIUM,))
+        with self.lesion("cardiomegaly"):
+            c.ellipsoid(hc, hr, T.MYOCARDIUM, where=(T.VISC_FAT, T.LUNG, T.MUSCLE))
+            c.ellipsoid(hc, tuple(0.72 * r for r in hr), T.BLOOD, where=(T.MYOCARDIUM,))
         self.site("cardiomegaly", (hc[0], hc[1], max(hc[2] - hr[2] * 0.5, self.Z(0.92))))
         if "coronary_calcification" in self.f:
-            n = int(self.sev("coronary_calcification", 2, 4, 7))
-            for _ in range(n):
-                ang = self.u(-2.2, -0.3)
-                zz = hc[2] - self.u(*self.v((0.1, 0.6), (0.1, 0.6), (0.3, 0.8))) * hr[2]  # v3: inside the scan
-                pt = (hc[0] + 0.93 * hr[0] * np.cos(ang), hc[1] + 0.93 * hr[1] * np.sin(ang), zz)
-                c.ellipsoid(pt, self.v((2.5, 2.5, 3.0), (4.0, 4.0, 4.5), (5.5, 5.5, 6.0)), T.CALCIUM)
-                self.site("coronary_calcification", pt)
+            with self.lesion("coronary_calcification"):
+                n = int(self.sev("coronary_calcification", 2, 4, 7))
+                for _ in range(n):
+                    ang = self.u(-2.2, -0.3)
+                    zz = hc[2] - self.u(*self.v((0.1, 0.6), (0.1, 0.6), (0.3, 0.8))) * hr[2]  # v3: inside the scan
+                    pt = (hc[0] + 0.93 * hr[0] * np.cos(ang), hc[1] + 0.93 * hr[1] * np.sin(ang), zz)
+                    c.ellipsoid(pt, self.v((2.5, 2.5, 3.0), (4.0, 4.0, 4.5), (5.5, 5.5, 6.0)), T.CALCIUM)
+                    self.site("coronary_calcification", pt)
         if "aortic_valve_calcification" in self.f:
-            vc = (hc[0] - 18, hc[1] + 12, hc[2] - self.v(0.2, 0.2, 0.45) * hr[2])
-            ring = self.v(9.0, 9.0, 11.0)
-            for _ in range(int(self.sev("aortic_valve_calcification", 2, 3, 5))):
-                ang = self.u(0, 2 * np.pi)
-                c.ellipsoid(
-                    (vc[0] + ring * np.cos(ang), vc[1] + ring * np.sin(ang), vc[2] + self.u(-3, 3)),
-                    self.v((3.0, 3.0, 3.0), (4.5, 4.5, 4.5), (6.0, 6.0, 6.0)),
-                    T.CALCIUM,
-                )
-            self.site("aortic_valve_calcification", vc)
+            with self.lesion("aortic_valve_calcification"):
+                vc = (hc[0] - 18, hc[1] + 12, hc[2] - self.v(0.2, 0.2, 0.45) * hr[2])
+                ring = self.v(9.0, 9.0, 11.0)
+                for _ in range(int(self.sev("aortic_valve_calcification", 2, 3, 5))):
+                    ang = self.u(0, 2 * np.pi)
+                    c.ellipsoid(
+                        (vc[0] + ring * np.cos(ang), vc[1] + ring * np.sin(ang), vc[2] + self.u(-3, 3)),
+                        self.v((3.0, 3.0, 3.0), (4.5, 4.5, 4.5), (6.0, 6.0, 6.0)),
+                        T.CALCIUM,
+                    )
+                self.site("aortic_valve_calcification", vc)
         if "pleural_effusion" in self.f:
-            depth = self.sev("pleural_effusion", 14, 26, 42)
-            for sx in self.sides("pleural_effusion"):
-                cx, cy = self.lungs[sx]
-                c.sweep(
-                    self.Z(0.74),
-                    self.Z(1.05),
-                    lambda z, cx=cx: (cx, self.b - self.fat - 12, inner_x * 0.5, 10 + depth),
-                    T.FLUID,
-                    where=(T.LUNG,),
-                )
-                self.site("pleural_effusion", (cx, cy + 55, self.Z(0.88)))
+            with self.lesion("pleural_effusion"):
+                depth = self.sev("pleural_effusion", 14, 26, 42)
+                for sx in self.sides("pleural_effusion"):
+                    cx, cy = self.lungs[sx]
+                    c.sweep(
+                        self.Z(0.74),
+                        self.Z(1.05),
+                        lambda z, cx=cx: (cx, self.b - self.fat - 12, inner_x * 0.5, 10 + depth),
+                        T.FLUID,
+                        where=(T.LUNG,),
+                    )
+                    self.site("pleural_effusion", (cx, cy + 55, self.Z(0.88)))
         if "atelectasis" in self.f:
-            for sx in self.sides("atelectasis"):
-                cx, cy = self.lungs[sx]
-                thick = self.sev("atelectasis", 6, 9, 14)
-                yc = (
-                    cy
-                    + inner_y * 0.35
-                    - (self.sev("pleural_effusion", 14, 26, 42) if "pleural_effusion" in self.f else 0)
-                )
-                c.ellipsoid((cx, yc, self.Z(0.86)), (inner_x * 0.3, thick, 26), T.ATELECTASIS, where=(T.LUNG,))
-                self.site("atelectasis", (cx, yc, self.Z(0.86)))
+            with self.lesion("atelectasis"):
+                for sx in self.sides("atelectasis"):
+                    cx, cy = self.lungs[sx]
+                    thick = self.sev("atelectasis", 6, 9, 14)
+                    yc = (
+                        cy
+                        + inner_y * 0.35
+                        - (self.sev("pleural_effusion", 14, 26, 42) if "pleural_effusion" in self.f else 0)
+                    )
+                    c.ellipsoid((cx, yc, self.Z(0.86)), (inner_x * 0.3, thick, 26), T.ATELECTASIS, where=(T.LUNG,))
+                    self.site("atelectasis", (cx, yc, self.Z(0.86)))
         if "hiatal_hernia" in self.f:
-            r = self.sev("hiatal_hernia", 16, 24, 34)
-            hc2 = (12.0, self.spine_y - 42, self.Z(0.9))
-            c.ellipsoid(hc2, (r, r * 0.85, r * 1.1), T.BOWEL_WALL, where=(T.VISC_FAT, T.LUNG, T.MYOCARDIUM, T.BLOOD))
-            c.ellipsoid(hc2, (r - 4, r * 0.85 - 4, r * 1.1 - 4), T.BOWEL_FLUID, where=(T.BOWEL_WALL,))
-            c.ellipsoid(
-                (hc2[0], hc2[1] - r * 0.45, hc2[2]), (r - 5, r * 0.4, r * 1.1 - 5), T.BOWEL_AIR, where=(T.BOWEL_FLUID,)
-            )
-            self.site("hiatal_hernia", hc2)
+            with self.lesion("hiatal_hernia"):
+                r = self.sev("hiatal_hernia", 16, 24, 34)
+                hc2 = (12.0, self.spine_y - 42, self.Z(0.9))
+                c.ellipsoid(
+                    hc2, (r, r * 0.85, r * 1.1), T.BOWEL_WALL, where=(T.VISC_FAT, T.LUNG, T.MYOCARDIUM, T.BLOOD)
+                )
+                c.ellipsoid(hc2, (r - 4, r * 0.85 - 4, r * 1.1 - 4), T.BOWEL_FLUID, where=(T.BOWEL_WALL,))
+                c.ellipsoid(
+                    (hc2[0], hc2[1] - r * 0.45, hc2[2]),
+                    (r - 5, r * 0.4, r * 1.1 - 5),
+                    T.BOWEL_AIR,
+                    where=(T.BOWEL_FLUID,),
+                )
+                self.site("hiatal_hernia", hc2)
 
     def vessels(self):
         c, sy = self.c, self.spine_y
@@ -201,29 +213,33 @@ class TrunkMixin:
                 where=(T.VISC_FAT, T.MUSCLE),
             )
         if aaa:
-            # Mural thrombus: an eccentric crescent of the aneurysm sac.
-            c.sweep(
-                zc - 1.2 * zh,
-                zc + 1.2 * zh,
-                lambda z: (14.0, ay, aorta_r(z), aorta_r(z), max(aorta_r(z) - 10.5, 0.1) * 0.6, -np.pi, 0.0),
-                T.THROMBUS,
-                where=(T.AORTA,),
-            )
-            self.site("abdominal_aortic_aneurysm", (14.0, ay, zc))
+            with self.lesion("abdominal_aortic_aneurysm"):  # the sac: its lumen (painted again, unchanged)
+                sac = (zc - 1.2 * zh, zc + 1.2 * zh)
+                c.sweep(*sac, lambda z: (14.0, ay, aorta_r(z), aorta_r(z)), T.AORTA, where=(T.AORTA,))
+                # Mural thrombus: an eccentric crescent of the aneurysm sac.
+                c.sweep(
+                    zc - 1.2 * zh,
+                    zc + 1.2 * zh,
+                    lambda z: (14.0, ay, aorta_r(z), aorta_r(z), max(aorta_r(z) - 10.5, 0.1) * 0.6, -np.pi, 0.0),
+                    T.THROMBUS,
+                    where=(T.AORTA,),
+                )
+                self.site("abdominal_aortic_aneurysm", (14.0, ay, zc))
         if "atherosclerosis" in self.f:
-            n = int(self.sev("atherosclerosis", 5, 10, 18))
-            for _ in range(n):
-                z = self.u(self.Z(0.1), self.Z(0.8))
-                if z > bif:
-                    cx, cy, rx, _ = aorta(z)
-                else:
-                    sx = 1 if self.rng.random() < 0.5 else -1
-                    t = (bif - z) / (bif - self.Z(0.02))
-                    cx, cy, rx = 14 + (sx * 70 - 14) * t, ay + 5, 6.5
-                ang = self.u(0, 2 * np.pi)
-                pt = (cx + rx * np.cos(ang), cy + rx * np.sin(ang), z)
-                c.ellipsoid(pt, self.v((2.5, 2.5, 3.5), (4.0, 4.0, 5.0)), T.CALCIUM)
-                self.site("atherosclerosis", pt)
+            with self.lesion("atherosclerosis"):
+                n = int(self.sev("atherosclerosis", 5, 10, 18))
+                for _ in range(n):
+                    z = self.u(self.Z(0.1), self.Z(0.8))
+                    if z > bif:
+                        cx, cy, rx, _ = aorta(z)
+                    else:
+                        sx = 1 if self.rng.random() < 0.5 else -1
+                        t = (bif - z) / (bif - self.Z(0.02))
+                        cx, cy, rx = 14 + (sx * 70 - 14) * t, ay + 5, 6.5
+                    ang = self.u(0, 2 * np.pi)
+                    pt = (cx + rx * np.cos(ang), cy + rx * np.sin(ang), z)
+                    c.ellipsoid(pt, self.v((2.5, 2.5, 3.5), (4.0, 4.0, 5.0)), T.CALCIUM)
+                    self.site("atherosclerosis", pt)
         # IVC and portal vein.
         self.ivc = (-22.0, sy - 30)
         c.sweep(self.Z(0.36), self.Z(0.82), lambda z: (-22.0, sy - 30, 11.5, 10.0), T.IVC, where=(T.VISC_FAT, T.MUSCLE))
@@ -231,15 +247,16 @@ class TrunkMixin:
         self.portal = pv
         c.chain(pv, 7.5, T.PORTAL)
         if "thrombosis" in self.f:
-            if self.rng.random() < 0.6:
-                # version 3: the thrombus distends the vein
-                where = self.v((T.PORTAL,), (T.PORTAL,), (T.PORTAL, T.LIVER, T.VISC_FAT))
-                c.chain(self.v(pv[:2], pv), self.v(6.0, 7.5, 11.0), T.THROMBUS, where=where)
-                self.site("thrombosis", pv[1])
-            else:
-                zt = self.Z(0.5)
-                half = self.v(25, 60)
-                rx, ry = self.v((10.0, 8.5), (10.0, 8.5), (15.0, 13.0))
-                where = self.v((T.IVC,), (T.IVC,), (T.IVC, T.VISC_FAT, T.MUSCLE))
-                c.sweep(zt - half, zt + half, lambda z: (-22.0, sy - 30, rx, ry), T.THROMBUS, where=where)
-                self.site("thrombosis", (-22.0, sy - 30, zt))
+            with self.lesion("thrombosis"):
+                if self.rng.random() < 0.6:
+                    # version 3: the thrombus distends the vein
+                    where = self.v((T.PORTAL,), (T.PORTAL,), (T.PORTAL, T.LIVER, T.VISC_FAT))
+                    c.chain(self.v(pv[:2], pv), self.v(6.0, 7.5, 11.0), T.THROMBUS, where=where)
+                    self.site("thrombosis", pv[1])
+                else:
+                    zt = self.Z(0.5)
+                    half = self.v(25, 60)
+                    rx, ry = self.v((10.0, 8.5), (10.0, 8.5), (15.0, 13.0))
+                    where = self.v((T.IVC,), (T.IVC,), (T.IVC, T.VISC_FAT, T.MUSCLE))
+                    c.sweep(zt - half, zt + half, lambda z: (-22.0, sy - 30, rx, ry), T.THROMBUS, where=where)
+                    self.site("thrombosis", (-22.0, sy - 30, zt))
