@@ -34,7 +34,9 @@ def corpus200(tmp_path_factory) -> Path:
     """The issue's reference corpus: 200 tiny studies with DICOM, seed 0."""
 
     def build(root: Path) -> None:
-        config = SynthConfig(out=str(root / "c200"), studies=200, seed=0, profile="tiny", dicom=True, workers=WORKERS)
+        config = SynthConfig(
+            out=str(root / "c200"), studies=200, seed=0, profile="tiny", dicom=True, workers=WORKERS, masks=False
+        )  # lesion masks: tests/training/test_synth.py makes its own
         generate_corpus(config, progress=False)
 
     return shared(tmp_path_factory, "corpus200", build) / "c200"

@@ -33,14 +33,12 @@ def test_single_class_findings_enter_no_macro_metric():
     assert abs(m["macro_f1"] - macro_f1_from(pred, labels)) < 1e-9
 
 
-def test_a_sites_own_findings_are_evaluated_as_the_catalogue_is(tiny_package, tmp_path):
+def test_a_sites_own_findings_are_evaluated_as_the_catalogue_is(tiny_package, tmp_path, capsys):
     """``evaluate --findings FILE --labels CSV``: a site's findings (here two catalogue findings' prompts under
     new ids, one with its own threshold) scored as the catalogue's, on the split's labelled studies."""
     import csv
     import json
     import shutil
-    import subprocess
-    import sys
 
     import yaml
 
@@ -95,11 +93,15 @@ def test_a_sites_own_findings_are_evaluated_as_the_catalogue_is(tiny_package, tm
         assert got["n"] == keep.sum()
 
     # refusals name the file and the problem, one line, exit 2
+    from training.cli import main
+
     (tmp_path / "short.csv").write_text(f"study id,site_{ids[picked[0]]}\n{test[0].study_id},1\n")
-    cli = [sys.executable, "-m", "training.cli", "evaluate", "--run", str(run), "--data", str(data), "--quiet"]
+    cli = ["evaluate", "--run", str(run), "--data", str(data), "--quiet"]
     for extra, message in (
         (["--findings", tmp_path / "site.yaml", "--labels", tmp_path / "short.csv"], "short.csv: missing column"),
         (["--findings", tmp_path / "site.yaml"], "both --findings FILE and --labels CSV"),
     ):
-        proc = subprocess.run([*cli, *map(str, extra)], capture_output=True, text=True)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        capsys.readouterr()
+        assert main([*cli, *map(str, extra)]) == 2
+        err = capsys.readouterr().err
+        assert message in err.strip().splitlines()[-1] and "Traceback" not in err, err

@@ -313,11 +313,15 @@ def test_lesion_masks_show_where_each_finding_is_and_change_nothing_else(corpus2
     import highdicom as hd
     from scipy.spatial import cKDTree
 
-    truth = [json.loads(line) for line in (corpus200 / "ground_truth.jsonl").read_text().splitlines()]
+    masked_corpus = tmp_path / "masked"
+    config = SynthConfig(out=str(masked_corpus), studies=12, seed=0, profile="tiny", dicom=True, workers=1)
+    generate_corpus(config, progress=False)
+
+    truth = [json.loads(line) for line in (masked_corpus / "ground_truth.jsonl").read_text().splitlines()]
     present = sum(len(r["findings"]) for r in truth)
     masked = 0
     for r in truth:
-        folder = corpus200 / "lesion_masks" / r["study id"]
+        folder = masked_corpus / "lesion_masks" / r["study id"]
         found = {p.name.removesuffix(".nii.gz") for p in folder.glob("*.nii.gz")} if folder.exists() else set()
         assert found <= set(r["findings"]), r["study id"]  # never a mask for an absent finding
         masked += len(found)
@@ -327,33 +331,31 @@ def test_lesion_masks_show_where_each_finding_is_and_change_nothing_else(corpus2
     by_display = {f.display[:64]: f.id for f in load_catalogue()}
     for position in ("HFS", "FFS"):
         r = next(r for r in truth if r["position"] == position and r["findings"] and
-                 (corpus200 / "dicom_seg" / f"{r['study id']}.dcm").exists())  # fmt: skip
-        seg_path = corpus200 / "dicom_seg" / f"{r['study id']}.dcm"
+                 (masked_corpus / "dicom_seg" / f"{r['study id']}.dcm").exists())  # fmt: skip
+        seg_path = masked_corpus / "dicom_seg" / f"{r['study id']}.dcm"
         if have("dciodvfy"):
             out = subprocess.run(["dciodvfy", str(seg_path)], capture_output=True, text=True)
             assert "Error" not in out.stdout + out.stderr, out.stderr[-2000:]
         seg = hd.seg.segread(seg_path)
         series = {pydicom.dcmread(p, stop_before_pixels=True).FrameOfReferenceUID
-                  for p in (corpus200 / "dicom" / r["study id"]).glob("*.dcm")}  # fmt: skip
+                  for p in (masked_corpus / "dicom" / r["study id"]).glob("*.dcm")}  # fmt: skip
         assert series == {seg.FrameOfReferenceUID}
         labels = [by_display[d.SegmentLabel] for d in seg.SegmentSequence]
         assert labels == [
-            f for f in load_catalogue().ids if (corpus200 / "lesion_masks" / r["study id"] / f"{f}.nii.gz").exists()
+            f for f in load_catalogue().ids if (masked_corpus / "lesion_masks" / r["study id"] / f"{f}.nii.gz").exists()
         ]
         for d, fid in zip(seg.SegmentSequence, labels):
             vol = seg.get_volume(segment_numbers=[d.SegmentNumber], combine_segments=True)
             ijk = np.argwhere(vol.array > 0)
             in_seg = (vol.affine @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
-            img = nib.load(corpus200 / "lesion_masks" / r["study id"] / f"{fid}.nii.gz")
+            img = nib.load(masked_corpus / "lesion_masks" / r["study id"] / f"{fid}.nii.gz")
             ijk = np.argwhere(np.asarray(img.dataobj) > 0)
             in_nifti = (img.affine @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3] * [-1, -1, 1]  # RAS -> LPS
             assert len(in_seg) == len(in_nifti) > 0, fid
             assert cKDTree(in_nifti).query(in_seg)[0].max() < 0.01, fid  # mm
 
-    config = SynthConfig(out=str(tmp_path / "plain"), studies=4, seed=0, profile="tiny", masks=False)
-    generate_corpus(config, progress=False)
-    assert not (tmp_path / "plain" / "lesion_masks").exists()
-    for p in (tmp_path / "plain" / "merlin_data").glob("*.nii.gz"):
+    assert not (corpus200 / "lesion_masks").exists()  # generated with masks=False
+    for p in (masked_corpus / "merlin_data").glob("*.nii.gz"):
         assert np.array_equal(
             np.asarray(nib.load(p).dataobj), np.asarray(nib.load(corpus200 / "merlin_data" / p.name).dataobj)
         )
