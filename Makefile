@@ -41,7 +41,12 @@ lint: venv
 # TEST_WORKERS pytest-xdist workers, each test file on one worker (its module fixtures built once);
 # much of the suite waits on subprocesses, Orthanc and listeners, so two workers overlap the waits.
 test: venv
-	$(BIN)/python -m pytest -m "not slow and not image and not merlin_scale" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not image and not merlin_scale and not long" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+
+# The end-to-end runs of minutes: the README's quick starts verbatim, the smoke study killed and resumed,
+# the CPU recipe at test size. CI runs them beside make test.
+test-long: venv
+	$(BIN)/python -m pytest -m long -n $(TEST_WORKERS) --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 # The merlin preset's path on the CPU: torchrun on 2 gloo processes, a slow rank, fine-tuning from a
 # Merlin-shaped checkpoint, the GPU check at small sizes, training on a corrupted release. Each test starts

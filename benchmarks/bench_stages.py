@@ -39,6 +39,7 @@ from operators.pipeline import SeriesToModelInput, StudyWork, infer, select_seri
 from training.onnx_export import export_image_onnx
 
 STAGES = ("select_s", "decode_volume_s", "preprocess_s", "encoder_s", "decide_s", "sr_s")
+MAP_STAGES = ("maps_s", "seg_s")  # with --maps K: the present findings' maps and their DICOM SEG
 
 
 def full_profile_study(root: Path, slices: int, seed: int = 5) -> Path:
@@ -61,14 +62,26 @@ def full_profile_study(root: Path, slices: int, seed: int = 5) -> Path:
     return root / "study"
 
 
-def merlin_size_package(demo: Path, out: Path) -> Path:
-    """The demo package with Merlin's random-weight image encoder, preprocessing and embedding width."""
+class _TowerWithMaps(torch.nn.Module):
+    """Merlin's random-weight image tower as ``onnx_export.localisation_features`` reads a dual encoder."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encode_image, self.image_norm = encoder, torch.nn.Identity()
+
+
+def merlin_size_package(demo: Path, out: Path, maps: bool = False) -> Path:
+    """The demo package with Merlin's random-weight image encoder, preprocessing and embedding width; with
+    ``maps`` the encoder also gives the localisation output."""
     from benchmarks.bench_onnx import image_tower
+    from training.onnx_export import LOCALISATION_OUTPUT, _ImageTower
 
     out.mkdir(parents=True)
     spec = PreprocessSpec.merlin()
     model = image_tower("i3_resnet152")
-    export_image_onnx(model, out / "image_encoder.onnx", torch.rand(1, 1, *spec.spatial_size))
+    if maps:
+        model = _ImageTower(_TowerWithMaps(model.enc), localisation=True).eval()
+    export_image_onnx(model, out / "image_encoder.onnx", torch.rand(1, 1, *spec.spatial_size), localisation=maps)
     manifest = load_package(demo).manifest
     n = manifest.prompt_embeddings.shape[0]
     emb = np.random.default_rng(0).normal(size=(n, 512)).astype(np.float32)
@@ -80,25 +93,33 @@ def merlin_size_package(demo: Path, out: Path) -> Path:
         text_encoder=TextEncoderRecord(None, "benchmark package: random prompt embeddings"),
         model=dataclasses.replace(manifest.model, name="merlin-size-random", version="bench"),
         prompt_embeddings=dataclasses.replace(manifest.prompt_embeddings, shape=(n, 512)),
+        image_encoder=dataclasses.replace(manifest.image_encoder, localisation=LOCALISATION_OUTPUT if maps else None),
         files={},
     )
     write_manifest(out, manifest)
     return out
 
 
-def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path) -> dict:
+def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path, present: int = 0) -> dict:
+    """``present`` K > 0: maps on, and the first K findings called present in every study (the maps' and
+    the SEG's cost grows with the number of present findings, which a random-weight model sets at random)."""
     pkg = load_package(package)
-    model = ZeroShotModel(pkg, device="auto")
+    model = ZeroShotModel(pkg, device="auto", maps=present > 0)
     prep = SeriesToModelInput(pkg.spec)
+    stages = STAGES + (MAP_STAGES if present else ())
     per_run = []
     for i in range(runs + 1):  # the first is the warm-up
         t = time.perf_counter()
         ((uid, series),) = scan_tree(study_dir).studies().items()
         scan_s = time.perf_counter() - t
-        work = write_report(infer(prep(select_series(StudyWork(uid, series))), model), model, sr_dir)
+        work = infer(prep(select_series(StudyWork(uid, series))), model)
+        if present and work.findings is not None:
+            called = np.arange(len(work.findings.ids)) < present
+            work.findings = dataclasses.replace(work.findings, present=called & work.findings.assessed)
+        work = write_report(work, model, sr_dir)
         if work.failed:
             raise RuntimeError(work.reason)
-        row = {"scan_headers_s": scan_s, **{k: work.timings[k] for k in STAGES}}
+        row = {"scan_headers_s": scan_s, **{k: work.timings[k] for k in stages}}
         if i:
             per_run.append(row)
         else:
@@ -126,6 +147,13 @@ def main(argv=None) -> int:
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--model", default=None, help="model package (default: the embedded demo model)")
     p.add_argument("--skip-merlin", action="store_true", help="time only the given/demo model")
+    p.add_argument(
+        "--maps",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time the Merlin-size encoder with localisation maps, K findings called present per study",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,14 +166,20 @@ def main(argv=None) -> int:
         if not args.skip_merlin:
             print("exporting a Merlin-size random-weight image encoder ...", flush=True)
             configs["Merlin-size encoder"] = merlin_size_package(demo, tmp / "merlin-size")
+            if args.maps:
+                configs[f"Merlin-size encoder, maps of {args.maps} present findings"] = merlin_size_package(
+                    demo, tmp / "merlin-size-maps", maps=True
+                )
         results = {}
         for name, pkg in configs.items():
             print(f"timing: {name} ({args.runs} runs after a warm-up) ...", flush=True)
-            results[name] = time_stages(study, pkg, args.runs, tmp / "sr")
+            present = args.maps if "maps" in name else 0
+            results[name] = time_stages(study, pkg, args.runs, tmp / name.replace(" ", "-").replace(",", ""), present)
     cmd = (
         f"python -m benchmarks.bench_stages --out {args.out} --runs {args.runs} --slices {args.slices}"
         + (f" --model {args.model}" if args.model else "")
         + (" --skip-merlin" if args.skip_merlin else "")
+        + (f" --maps {args.maps}" if args.maps else "")
     )
     doc = {
         "command": cmd,
@@ -155,7 +189,7 @@ def main(argv=None) -> int:
         "results": results,
     }
     (out / "stage_timings.json").write_text(json.dumps(doc, indent=1))
-    keys = ["scan_headers_s", *STAGES]
+    keys = ["scan_headers_s", *STAGES, *(MAP_STAGES if args.maps else ())]
     lines = [
         f"# Stage timings, one {doc['study']}",
         "",
@@ -165,7 +199,11 @@ def main(argv=None) -> int:
         "|---|" + "---:|" * len(results),
     ]
     for k in keys:
-        lines.append(f"| {k[:-2]} | " + " | ".join(f"{r['median_s'][k]:.3f}" for r in results.values()) + " |")
+        lines.append(
+            f"| {k[:-2]} | "
+            + " | ".join(f"{r['median_s'][k]:.3f}" if k in r["median_s"] else "-" for r in results.values())
+            + " |"
+        )
     lines.append(
         "| **all but the encoder** | " + " | ".join(f"**{r['non_encoder_s']:.2f}**" for r in results.values()) + " |"
     )

@@ -139,7 +139,23 @@ def parser() -> argparse.ArgumentParser:
         help="let third-party exception texts, which may quote header values (PHI), into logs and reasons",
     )
     add_findings_arguments(p)
+    add_maps_argument(p)
     return p
+
+
+def add_maps_argument(p: argparse.ArgumentParser) -> None:
+    """``--maps/--no-maps`` (default from ``CT_ZEROSHOT_MAPS``, for the MAP layout: true or false; unset:
+    maps when the model package has the output)."""
+    env = os.environ.get("CT_ZEROSHOT_MAPS", "").strip().lower()
+    if env not in ("", "true", "false", "1", "0", "yes", "no"):
+        raise SystemExit(f"CT_ZEROSHOT_MAPS={env!r}: expected true or false")
+    p.add_argument(
+        "--maps",
+        action=argparse.BooleanOptionalAction,
+        default=None if not env else env in ("true", "1", "yes"),
+        help="a localisation map for each present finding, as a DICOM SEG beside the SR and referenced from it "
+        "(default: when the model package has them; --maps refuses a package without; $CT_ZEROSHOT_MAPS)",
+    )
 
 
 def add_findings_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,7 +188,9 @@ def run(argv: list[str] | None = None) -> tuple[int, list[StudyWork]]:
     t0 = time.perf_counter()
     try:
         package = load_package(find_package(models))
-        model = ZeroShotModel(package, device=args.device, findings=args.findings, findings_mode=args.findings_mode)
+        model = ZeroShotModel(
+            package, device=args.device, findings=args.findings, findings_mode=args.findings_mode, maps=args.maps
+        )
     except (PackageError, FindingsFileError, DeviceError) as exc:
         log.error("%s", exc)
         return 2, []

@@ -34,7 +34,7 @@ from .contract.dicom_series import SeriesFiles, scan_files, scan_tree
 from .contract.files import PARTIAL_SUFFIX, write_atomic
 from .contract.package import load_package, named_or_demo
 from .contract.phi import allow_identifiers, describe, identifiers_allowed
-from .pipeline import SeriesToModelInput, StudyWork, run_study, sr_filename
+from .pipeline import CT_IMAGE_STORAGE, SeriesToModelInput, StudyWork, run_study, seg_filename, sr_filename
 
 log = logging.getLogger("ct-zeroshot")
 
@@ -42,7 +42,9 @@ NOT_ASSESSED = "not assessed"  # the decision column of a finding the package ca
 _WORKER: dict = {}
 
 
-def _init_worker(package_dir: str, out_dir: str, threads: int, level: int, findings, findings_mode: str) -> None:
+def _init_worker(
+    package_dir: str, out_dir: str, threads: int, level: int, findings, findings_mode: str, maps: bool | None = False
+) -> None:
     import torch
 
     from .contract.scoring import ZeroShotModel
@@ -52,7 +54,9 @@ def _init_worker(package_dir: str, out_dir: str, threads: int, level: int, findi
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     allow_identifiers(identifiers_allowed())  # the parent's setting, through the environment
     pkg = load_package(package_dir)  # verified in every process that loads it (the files could change)
-    model = ZeroShotModel(pkg, device="auto", threads=threads, findings=findings, findings_mode=findings_mode)
+    model = ZeroShotModel(
+        pkg, device="auto", threads=threads, findings=findings, findings_mode=findings_mode, maps=maps
+    )
     _WORKER.update(model=model, prep=SeriesToModelInput(pkg.spec), out=Path(out_dir))
 
 
@@ -76,6 +80,7 @@ def summary_row(work: StudyWork) -> dict:
         "series_uid": work.chosen.series_uid if work.chosen else "",
         "slices": len(work.chosen.paths) if work.chosen else 0,
         "sr": str(work.sr_path.name) if work.sr_path else "",
+        "seg": str(work.seg_path.name) if work.seg_path else "",
         "seconds": round(work.timings.get("total_s", 0.0), 3),
     }
     if work.findings is not None:
@@ -87,7 +92,7 @@ def summary_row(work: StudyWork) -> dict:
 
 
 def write_summary(out: Path, rows: list[dict], finding_ids: list[str], meta: dict) -> None:
-    base = ["study_uid", "status", "error", "series_uid", "slices", "sr", "seconds"]
+    base = ["study_uid", "status", "error", "series_uid", "slices", "sr", "seg", "seconds"]
     cols = base + [f"{fid}.{k}" for fid in finding_ids for k in ("probability", "present")]
     import io
 
@@ -137,10 +142,15 @@ def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None) -> d
     from .sr import read_findings
 
     ds = pydicom.dcmread(sr_path, stop_before_pixels=True)
-    try:
-        ref = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    try:  # the CT series (a map SEG, when there is one, is evidence too)
+        ref = next(
+            s
+            for study in ds.CurrentRequestedProcedureEvidenceSequence
+            for s in study.ReferencedSeriesSequence
+            if str(s.ReferencedSOPSequence[0].ReferencedSOPClassUID) == CT_IMAGE_STORAGE
+        )
         series_uid, slices = str(ref.SeriesInstanceUID), len(ref.ReferencedSOPSequence)
-    except (AttributeError, IndexError) as exc:
+    except (AttributeError, IndexError, StopIteration) as exc:
         raise BatchError(f"{sr_path}: an SR without its source series ({type(exc).__name__})") from None
     if str(ds.SOPInstanceUID) != sr_uids(study_uid, series_uid, pkg.identity)[1]:
         raise BatchError(
@@ -150,7 +160,8 @@ def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None) -> d
     if previous and previous.get("series_uid") == series_uid:
         return {**previous, "resumed": True}
     row: dict = {"study_uid": study_uid, "status": "ok", "error": "", "series_uid": series_uid}
-    row.update(slices=slices, sr=sr_path.name, seconds=0.0, resumed=True)
+    seg = sr_path.parent / seg_filename(study_uid)
+    row.update(slices=slices, sr=sr_path.name, seg=seg.name if seg.exists() else "", seconds=0.0, resumed=True)
     findings = read_findings(sr_path)
     for fid in pkg.catalogue.ids:
         f = findings[fid]
@@ -241,11 +252,13 @@ def run_batch(
     engine: str = "local",
     address: str | None = None,
     gpus_per_worker: float = 0.0,
+    maps: bool | None = None,
 ) -> tuple[int, list[dict]]:
     """``findings``: a site's findings file, scored beside (``findings_mode`` add) or instead of (replace)
     the package's findings; its prompts are encoded once per process. ``engine``: ``local`` (a process
     pool on this machine) or ``ray`` (actors on a Ray cluster: ``address``, ``gpus_per_worker``;
-    ``operators.batch_ray``); the SRs and the summary are the same."""
+    ``operators.batch_ray``); the SRs and the summary are the same. ``maps``: a SEG of the present findings'
+    maps beside each SR (None: when the package has them; True refuses a package without)."""
 
     inp, out = Path(input_path), Path(out)
     if engine not in ("local", "ray"):
@@ -255,7 +268,9 @@ def run_batch(
     pkg = load_package(named_or_demo(model))
     from .contract.scoring import ZeroShotModel, package_with_findings
 
-    ZeroShotModel(pkg, device="cpu", threads=1)  # an encoder that cannot run is refused before anything is written
+    maps = ZeroShotModel(
+        pkg, device="cpu", threads=1, maps=maps
+    ).maps  # an encoder that cannot run is refused before anything is written
     if findings is not None:  # refused here, before anything is written, when the file is bad
         pkg = package_with_findings(pkg, findings, findings_mode)
     if engine == "ray":
@@ -271,7 +286,7 @@ def run_batch(
     lock = _lock(out)
     try:
         return _run_locked(
-            inp, out, sr_dir, pkg, workers, force, progress, (findings, findings_mode), engine, gpus_per_worker
+            inp, out, sr_dir, pkg, workers, force, progress, (findings, findings_mode, maps), engine, gpus_per_worker
         )
     finally:
         lock.close()

@@ -175,6 +175,9 @@ def _truth(path: str | None) -> dict[str, dict[str, int]]:
     return out
 
 
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
 def _report(args: argparse.Namespace) -> int:
     import pydicom
 
@@ -191,6 +194,8 @@ def _report(args: argparse.Namespace) -> int:
     called = truly = not_assessed = 0
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if Path(args.sr).is_dir() and str(ds.get("SOPClassUID", "")) == SEGMENTATION_STORAGE:
+            continue  # a study's map SEG beside its SR
         study = str(ds.get("AccessionNumber", "") or ds.StudyInstanceUID)
         truth = labels.get(study, {})
         print(f"\n{path.name}\n  study {ds.StudyInstanceUID} (accession {study})")
@@ -250,6 +255,7 @@ def _infer(args: argparse.Namespace) -> int:
             engine=args.engine,
             address=args.address,
             gpus_per_worker=args.gpus_per_worker,
+            maps=args.maps,
         )
     failed = [r for r in rows if r["status"] != "ok"]
     print(
@@ -274,7 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .app import add_findings_arguments
+    from .app import add_findings_arguments, add_maps_argument
 
     p = argparse.ArgumentParser(
         prog="ct-zeroshot",
@@ -337,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="let third-party exception texts, which may quote header values (PHI), into logs and reasons",
     )
     add_findings_arguments(i)
+    add_maps_argument(i)
     i.set_defaults(func=_infer)
     sv = sub.add_parser(
         "serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)"

@@ -50,6 +50,11 @@ class StudyWork:
     tensor: np.ndarray | None = None
     findings: Findings | None = None
     sr_path: Path | None = None
+    # With maps (``ZeroShotModel.maps``): the volume's grid and the model input's (shape, volume affine,
+    # input affine), the localisation features of the one encoder pass, and the SEG written beside the SR
+    grid: tuple | None = None
+    localisation: np.ndarray | None = None
+    seg_path: Path | None = None
     timings: dict = field(default_factory=dict)
     transient: bool = False  # failed for a reason of the machine's (storage), not the study's
     # A corrected SR (the listener re-opened the study): its revision (0: the first SR) and the earlier
@@ -214,6 +219,7 @@ class SeriesToModelInput:
             return work.fail(str(exc))
         work.timings["decode_volume_s"] = time.perf_counter() - t
         t = time.perf_counter()
+        work.grid = (vol.array.shape, vol.affine)
         work.tensor = preprocess(vol, self.spec, self.transform)
         if np.may_share_memory(work.tensor, self._buffer):  # never hand on a view of the reused buffer
             work.tensor = work.tensor.copy()
@@ -227,7 +233,11 @@ def infer(work: StudyWork, model: ZeroShotModel) -> StudyWork:
     if work.tensor is None:
         raise RuntimeError(f"study {work.study_uid}: no model input")
     t = time.perf_counter()
-    emb = model.embed_images(work.tensor[None])
+    if model.maps:
+        emb, loc = model.embed_images_with_maps(work.tensor[None])
+        work.localisation = loc[0]
+    else:
+        emb = model.embed_images(work.tensor[None])
     work.timings["encoder_s"] = time.perf_counter() - t
     t = time.perf_counter()
     work.findings = model.decide(emb)[0]
@@ -250,6 +260,55 @@ def sr_filename(study_uid: str) -> str:
     return f"SR_{study_uid}.dcm"
 
 
+def seg_filename(study_uid: str) -> str:
+    return f"SEG_{study_uid}.dcm"
+
+
+def write_maps(work: StudyWork, model: ZeroShotModel, out_dir: str | Path, sr_sop_uid: str) -> dict:
+    """The present findings' maps as a DICOM SEG beside the SR (``operators.localisation``); returns the SR's
+    locations (finding index -> ``sr.Location``). The SEG's UIDs derive from the SR's, so the same study and
+    model give the same SEG."""
+    from .contract.preprocessing import model_input_affine
+    from .localisation import build_seg, study_maps
+    from .sr import Location, write_sr
+
+    if work.localisation is None or work.grid is None or work.findings is None:
+        return {}
+    t = time.perf_counter()
+    shape, affine = work.grid
+    maps = study_maps(
+        work.localisation,
+        work.findings,
+        model.package,
+        model_input_affine(shape, affine, model.package.spec),
+        shape,
+        affine,
+    )
+    work.timings["maps_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    built = build_seg(
+        work.series_chosen().headers,
+        maps,
+        model.package,
+        generate_uid(entropy_srcs=[sr_sop_uid, "seg series"]),
+        generate_uid(entropy_srcs=[sr_sop_uid, "seg"]),
+    )
+    if built is None:
+        return {}
+    seg, segments = built
+    work.seg_path = write_sr(seg, out_dir, seg_filename(work.study_uid))
+    work.timings["seg_s"] = time.perf_counter() - t
+    by_index = {m.index: m for m in maps.maps}
+    return {i: Location(seg, n, by_index[i].peak_lps) for i, n in segments.items()}
+
+
+def _discard_seg(work: StudyWork) -> None:
+    """A SEG written for an SR that was not: never left looking like a finished study's output."""
+    if work.seg_path is not None:
+        work.seg_path.unlink(missing_ok=True)
+        work.seg_path = None
+
+
 def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> StudyWork:
     from .sr import build_sr, write_sr  # highdicom: imported when the first SR is written
 
@@ -261,13 +320,36 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
     t = time.perf_counter()
     try:
         series_uid, sop_uid = sr_uids(work.study_uid, chosen.series_uid, model.package.identity, work.revision)
-        sr = build_sr(
-            chosen.headers, findings, model.package, series_uid, sop_uid, work.predecessors, device=model.device
-        )
+
+        def build(locations: dict):
+            return build_sr(
+                chosen.headers,
+                findings,
+                model.package,
+                series_uid,
+                sop_uid,
+                work.predecessors,
+                device=model.device,
+                locations=locations,
+            )
+
+        try:  # the maps add to the SR; a study never loses its SR to them
+            locations = write_maps(work, model, out_dir, sop_uid)
+            sr = build(locations)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a header highdicom's SEG will not copy
+            if work.localisation is None:
+                raise
+            log.warning("study %s: maps not written (%s); the SR without them", work.study_uid, describe(exc))
+            _discard_seg(work)
+            sr = build({})
         work.sr_path = write_sr(sr, out_dir, sr_filename(work.study_uid))
     except OSError as exc:  # the output's storage (full, read-only): the machine's failure, not the study's
+        _discard_seg(work)
         return work.fail(f"SR not written ({describe(exc)})", transient=True)
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch
+        _discard_seg(work)
         return work.fail(f"SR not written ({describe(exc)})")
     work.timings["sr_s"] = time.perf_counter() - t
     present = [fid for fid, p in zip(findings.ids, findings.present) if p]

@@ -13,6 +13,10 @@ follows IHE AI Results:
   qualitative evaluation (finding code = Present SCT 52101004 / Absent SCT 272519000, or Undetermined
   SCT 373068000 for a finding the package marks not assessed) and the
   measurement "Certainty of Finding" (DCM 111012) = probability in %;
+- for a present finding with a localisation map (``operators.localisation``): the group's source images are
+  the frames of its segment in the study's map SEG, and the certainty is INFERRED FROM the map's peak, a
+  SCOORD3D POINT in the CT's frame of reference (TID 1501 has no segment reference, and a TID 1411 group
+  beside it fails PixelMed's TID 1500 rules);
 - the algorithm also in Contributing Equipment (purpose 99IHE "Processing Algorithm"), whose
   Contribution Description states the model's intended use (``ModelPackage.intended_use``);
 - the source series in the evidence (current requested procedure evidence), not in an image library;
@@ -23,9 +27,11 @@ follows IHE AI Results:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -48,6 +54,29 @@ SR_SERIES_DESCRIPTION = "ct-zeroshot AI findings"
 SR_CHARSET = "ISO_IR 192"  # UTF-8
 
 
+@dataclass(frozen=True)
+class Location:
+    """Where a present finding is (``operators.localisation``): its segment in the study's map SEG and the
+    map's peak in patient coordinates (LPS mm, the CT's frame of reference)."""
+
+    seg: Dataset
+    segment_number: int
+    peak_lps: tuple[float, float, float]
+
+    @property
+    def frames(self) -> list[int]:
+        """The SEG's frame numbers (1-based) that hold this segment."""
+        shared = self.seg.SharedFunctionalGroupsSequence[0]
+        frames = self.seg.PerFrameFunctionalGroupsSequence
+        if "SegmentIdentificationSequence" in shared:  # one segment: identified once for every frame
+            return list(range(1, len(frames) + 1))
+        return [
+            n
+            for n, item in enumerate(frames, start=1)
+            if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == self.segment_number
+        ]
+
+
 def _coded(code: FindingCode) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
@@ -61,12 +90,16 @@ def build_sr(
     predecessors: Sequence[Dataset] = (),
     template: bool = True,
     device: str | None = None,
+    locations: dict[int, Location] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one study. ``source``: the headers of the series the model saw (pixel data not needed).
     ``predecessors``: earlier SRs of the study this one corrects (Predecessor Documents Sequence).
     ``template``: the content from the package's ``sr_template.SRTemplate`` (the same document, a tenth
     of the time); False builds all of it with highdicom (the reference the template is tested against).
-    ``device``: where the image encoder ran (``cpu`` or ``cuda``), stated in the document."""
+    ``device``: where the image encoder ran (``cpu`` or ``cuda``), stated in the document.
+    ``locations``: finding index -> where it is: the finding's group names the SEG's frames of its segment as
+    its source images, and its certainty is inferred from the map's peak (SCOORD3D POINT in the CT's frame of
+    reference). The SEG joins the evidence. The template covers documents without locations."""
     from .sr_template import fill, template_for
 
     if not source:
@@ -74,14 +107,17 @@ def build_sr(
     # Every UID inside the document derives from its SOP Instance UID (itself derived from the study,
     # the series and the model by the pipeline), so the same input and model give the same content.
     sop_instance_uid = sop_instance_uid or generate_uid()
-    tpl = template_for(package, findings) if template else None
+    locations = locations or {}
+    tpl = template_for(package, findings) if template and not locations else None
     if tpl is not None:
         sr = _document(source, tpl.stub, package, series_instance_uid, sop_instance_uid, predecessors, device)
         if fill(sr, tpl, findings, sop_instance_uid):
             return sr
     context = _observation_context(package)
-    report = measurement_report(context, _groups(package, findings, sop_instance_uid))
-    return _document(source, report, package, series_instance_uid, sop_instance_uid, predecessors, device)
+    report = measurement_report(context, _groups(package, findings, sop_instance_uid, locations=locations))
+    segs = {loc.seg.SOPInstanceUID: loc.seg for loc in locations.values()}
+    evidence = [*source, *segs.values()]
+    return _document(evidence, report, package, series_instance_uid, sop_instance_uid, predecessors, device)
 
 
 class Placeholders:
@@ -135,9 +171,12 @@ def _groups(
     findings: Findings,
     sop_instance_uid: str,
     placeholders: Placeholders | None = None,
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    locations: dict[int, Location] | None = None,
+) -> list:
     """TID 1500's measurement groups, one per finding. ``placeholders`` (``SRTemplate``) stand in for the values
-    that change from study to study: tracking UIDs, qualitative values and certainties."""
+    that change from study to study: tracking UIDs, qualitative values and certainties. ``locations``: the
+    findings whose group references their map (``build_sr``)."""
+    locations = locations or {}
     algorithm = f"{package.name}"
     groups = []
     for j, (f, entry) in enumerate(zip(package.catalogue, package.manifest.findings)):
@@ -157,6 +196,26 @@ def _groups(
             tracking = _tracking_uid(sop_instance_uid, f.id)
         else:
             value, certainty, tracking = placeholders.code(j), placeholders.number(j), placeholders.uid(j)
+        loc = locations.get(j)
+        peak, sources = None, None
+        if loc is not None:
+            # where: the certainty inferred from the map's peak, and the SEG's frames of this finding's segment as
+            # the group's source images (TID 1501 has no segment reference; a TID 1411 group of the same finding
+            # beside it fails PixelMed's TID 1500 rules)
+            peak = [
+                hd.sr.CoordinatesForMeasurement3D(
+                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                    graphic_data=np.asarray([loc.peak_lps], dtype=np.float64),
+                    frame_of_reference_uid=loc.seg.FrameOfReferenceUID,
+                )
+            ]
+            sources = [
+                hd.sr.SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=loc.seg.SOPClassUID,
+                    referenced_sop_instance_uid=loc.seg.SOPInstanceUID,
+                    referenced_frame_numbers=list(loc.frames),
+                )
+            ]
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking, identifier=f.id),
@@ -170,8 +229,10 @@ def _groups(
                         value=certainty,
                         unit=codes.UCUM.Percent,
                         algorithm_id=algo,
+                        referenced_coordinates=peak,
                     )
                 ],
+                source_images=sources,
             )
         )
     return groups
@@ -260,18 +321,28 @@ def read_findings(path: str | Path) -> dict[str, dict]:
     """Read an SR back with highdicom: {tracking identifier (finding id): {code, present, certainty %}}."""
     sr = hd.sr.srread(path)
     report = hd.sr.MeasurementReport.from_sequence([sr], is_root=True)
-    out = {}
+    out: dict[str, dict] = {}
     for g in report.get_image_measurement_groups():
         finding = g.finding_type
         if finding is None:
             raise ValueError("SR measurement group without a finding code")
         qual = g.get_qualitative_evaluations()[0]
         meas = g.get_measurements()[0]
-        out[str(g.tracking_identifier)] = {
+        entry = {
             "code": (finding.scheme_designator, finding.value, finding.meaning),
             "present": qual.value == PRESENT,
             "assessed": qual.value != UNDETERMINED,
             "certainty": float(meas.value),
             "site": [s.value.value for s in g.finding_sites],
         }
+        if meas.referenced_coordinates:  # the map's peak (a finding with a map)
+            point = meas.referenced_coordinates[0]
+            entry["peak_lps"] = tuple(float(v) for v in point.value[0])
+            entry["frame_of_reference"] = str(point.ReferencedFrameOfReferenceUID)
+        for src in g.source_images:  # the map: the SEG's frames of this finding's segment
+            ref = src.ReferencedSOPSequence[0]
+            frames = ref.get("ReferencedFrameNumber", [])
+            frames = [int(frames)] if isinstance(frames, int) else [int(f) for f in frames]
+            entry["map"] = {"seg": str(ref.ReferencedSOPInstanceUID), "frames": frames}
+        out[str(g.tracking_identifier)] = entry
     return out

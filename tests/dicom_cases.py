@@ -47,3 +47,15 @@ def broken_studies(root: Path) -> dict[str, str]:
     trunc[5].write_bytes(data[: len(data) // 2])
     bad[study_uid(trunc[0])] = trunc[5].name
     return bad
+
+
+def only_reports(names, study_uids) -> bool:
+    """An output folder holds one SR per study and, beside an SR, at most its study's map SEG; nothing else."""
+    names, uids = sorted(names), set(study_uids)
+    srs = [n for n in names if n.startswith("SR_")]
+    segs = [n for n in names if n.startswith("SEG_")]
+    return (
+        srs == sorted(f"SR_{u}.dcm" for u in uids)
+        and {n[len("SEG_") :] for n in segs} <= {n[len("SR_") :] for n in srs}
+        and len(srs) + len(segs) == len(names)
+    )

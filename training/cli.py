@@ -156,6 +156,29 @@ def _heldout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pointing(args: argparse.Namespace) -> int:
+    from .pointing import pointing_game, write_pointing
+
+    result = pointing_game(
+        args.package,
+        args.data,
+        split=None if args.split == "all" else args.split,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
+    out = write_pointing(result, args.out)
+    m = result["macro_focal"]
+    if m["hit_rate"] is None:
+        print(f"no focal finding among {result['cases']} cases; {out}")
+    else:
+        print(
+            f"pointing game, {m['findings']} focal findings over {result['cases']} cases: hit rate {m['hit_rate']:.3f} "
+            f"vs a random point in the body {m['random_rate']:.3f} ({m['hit_over_random']:.2f}x); map mass in the "
+            f"lesion {m['mass_share']:.3f} ({m['mass_over_random']:.2f}x); {out} and {out.with_suffix('.md')}"
+        )
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -430,6 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
     ho.add_argument("--report", help="also write REPORT.json and REPORT.md (the docs' table)")
     ho.add_argument("--quiet", action="store_true")
     ho.set_defaults(func=_heldout)
+
+    pg = sub.add_parser(
+        "pointing",
+        help="the pointing game: do a package's localisation maps point at the lesion (a corpus with lesion masks)",
+    )
+    pg.add_argument("--package", required=True, help="a model package with the localisation output")
+    pg.add_argument("--data", required=True, help="a synthetic corpus written with lesion masks (a fresh seed)")
+    pg.add_argument("--split", default="test", help="the split to play on, or 'all' (default test)")
+    pg.add_argument("--limit", type=int, default=None, help="at most this many studies")
+    pg.add_argument("--out", required=True, help="the result JSON (a markdown table beside it)")
+    pg.add_argument("--quiet", action="store_true")
+    pg.set_defaults(func=_pointing)
 
     c = sub.add_parser("convert-merlin", help="official Merlin checkpoint -> model package")
     c.add_argument("--checkpoint", required=True, help="Merlin's .pt (flat state dict)")

@@ -147,8 +147,8 @@ def export_package(
 
     log("image encoder -> ONNX")
     parity_volumes = np.ascontiguousarray(parity_volumes, dtype=np.float32)
-    export_image_encoder(model, out / "image_encoder.onnx", torch.from_numpy(parity_volumes[:1]))
-    img_par = image_parity(model, out / "image_encoder.onnx", parity_volumes, prompt_emb, rows)
+    maps = export_image_encoder(model, out / "image_encoder.onnx", torch.from_numpy(parity_volumes[:1]))
+    img_par = image_parity(model, out / "image_encoder.onnx", parity_volumes, prompt_emb, rows, maps)
     log(
         f"image parity: max |diff| {img_par['max_abs_diff']:.2e} over {img_par['inputs']} inputs at "
         f"{img_par['spatial_sizes']}, decisions identical: {img_par['decisions_identical']}"
@@ -235,7 +235,7 @@ def export_package(
             **provenance,
         },
         preprocessing=spec,
-        image_encoder=ImageEncoderRecord("image_encoder.onnx", opset=OPSET),
+        image_encoder=ImageEncoderRecord("image_encoder.onnx", opset=OPSET, localisation=maps),
         text_encoder=text_rec,
         embedding_dim=dim,
         log_logit_scale=log_scale,

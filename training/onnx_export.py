@@ -24,12 +24,59 @@ class ExportError(ValueError):
     """The export could not produce a package that behaves like the torch model."""
 
 
+LOCALISATION_OUTPUT = "localisation"
+
+
+def has_localisation(model: DualEncoder) -> bool:
+    """Whether the image tower's embedding is the spatial mean of per-location joint-space features: global
+    average pooling, then 1x1x1 heads and a per-dimension affine norm, which commute with the mean (Merlin's
+    ``avg`` pooling). ``flatten`` and ``both`` weigh each location by its own kernel: no such map."""
+    return model.encode_image.i3_resnet.position_head is None and isinstance(
+        model.encode_image.i3_resnet.avgpool, nn.AdaptiveAvgPool3d
+    )
+
+
+def _per_location_norm(norm: nn.Module, dense: torch.Tensor) -> torch.Tensor:
+    """The embedding norm at every location: in eval mode BatchNorm1d is a per-dimension affine map (written
+    out, as the ONNX exporter cannot trace BatchNorm1d over a reshaped dynamic map), or the identity."""
+    if isinstance(norm, nn.Identity):
+        return dense
+    if not isinstance(norm, nn.BatchNorm1d) or norm.training or not norm.track_running_stats:
+        raise ExportError(f"no localisation map for an embedding norm {type(norm).__name__} in training mode")
+    shape = (1, -1, 1, 1, 1)
+    out = (dense - norm.running_mean.view(shape)) / torch.sqrt(norm.running_var.view(shape) + norm.eps)
+    if norm.affine:
+        out = out * norm.weight.view(shape) + norm.bias.view(shape)
+    return out
+
+
+def localisation_features(model: DualEncoder, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding (B, D), localisation (B, D, x, y, z)) from one pass of the image tower.
+
+    ``localisation`` holds the joint-space features of each location of the trunk's last feature map, in the
+    input's axis order, divided by the norm of their mean: its spatial mean is the L2-normalised embedding,
+    so ``localisation . q`` for a prompt direction ``q`` is a map whose mean is the embedding's similarity
+    to ``q`` (the CLIP dense-feature idea, exact for average pooling: each location's share of the score)."""
+    enc = model.encode_image
+    trunk = enc.i3_resnet
+    f = trunk.trunk(enc._input(image), 5)  # the stem and layer1..4: the last feature map, before pooling
+    dense = trunk.contrastive_head(f).float()  # (B, D, Z, X, Y): the head is 1x1x1, the same at every location
+    normed = _per_location_norm(model.image_norm, dense)
+    unnormalised = normed.mean(dim=(2, 3, 4))
+    norm = unnormalised.norm(dim=1).clamp_min(1e-12)
+    embedding = unnormalised / norm[:, None]
+    return embedding, (normed / norm[:, None, None, None, None]).permute(0, 1, 3, 4, 2)
+
+
 class _ImageTower(nn.Module):
-    def __init__(self, model: DualEncoder):
+    def __init__(self, model: DualEncoder, localisation: bool = False):
         super().__init__()
         self.model = model
+        self.localisation = localisation
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor):
+        if self.localisation:
+            return localisation_features(self.model, image)
         return self.model.image_embeddings(image)
 
 
@@ -42,23 +89,31 @@ class _TextTower(nn.Module):
         return self.model.text_embeddings(input_ids, attention_mask)
 
 
-def export_image_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> None:
-    """``image`` (B,1,X,Y,Z) -> ``embedding`` (B,D), batch and spatial axes dynamic (also the benchmarks')."""
+def export_image_onnx(module: nn.Module, path: Path, example: torch.Tensor, localisation: bool = False) -> None:
+    """``image`` (B,1,X,Y,Z) -> ``embedding`` (B,D), and with ``localisation`` also ``localisation``
+    (B,D,x,y,z); batch and spatial axes dynamic (also the benchmarks')."""
+    outputs = ["embedding", LOCALISATION_OUTPUT] if localisation else ["embedding"]
+    axes = {"image": {0: "batch", 2: "x", 3: "y", 4: "z"}, "embedding": {0: "batch"}}
+    if localisation:
+        axes[LOCALISATION_OUTPUT] = {0: "batch", 2: "mx", 3: "my", 4: "mz"}
     with torch.no_grad():
         torch.onnx.export(
             module.eval(),
             (example,),
             str(path),
             input_names=["image"],
-            output_names=["embedding"],
+            output_names=outputs,
             opset_version=OPSET,
             dynamo=False,
-            dynamic_axes={"image": {0: "batch", 2: "x", 3: "y", 4: "z"}, "embedding": {0: "batch"}},
+            dynamic_axes=axes,
         )
 
 
-def export_image_encoder(model: DualEncoder, path: Path, example: torch.Tensor) -> None:
-    export_image_onnx(_ImageTower(model), path, example)
+def export_image_encoder(model: DualEncoder, path: Path, example: torch.Tensor) -> str | None:
+    """The image tower as ONNX; returns the localisation output's name, or None for a tower without one."""
+    maps = has_localisation(model)
+    export_image_onnx(_ImageTower(model, maps), path, example, maps)
+    return LOCALISATION_OUTPUT if maps else None
 
 
 def export_text_encoder(
@@ -121,19 +176,31 @@ def _resized(volumes: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def image_parity(
-    model: DualEncoder, onnx_path: Path, volumes: np.ndarray, prompt_emb: np.ndarray, rows, batch_size: int = 4
+    model: DualEncoder,
+    onnx_path: Path,
+    volumes: np.ndarray,
+    prompt_emb: np.ndarray,
+    rows,
+    localisation: str | None = None,
+    batch_size: int = 4,
 ) -> dict:
-    """ORT vs torch image embeddings (two spatial sizes) and the zero-shot decisions they lead to."""
+    """ORT vs torch image embeddings (two spatial sizes) and the zero-shot decisions they lead to; with
+    ``localisation`` (the output's name) also that the map's spatial mean is the embedding."""
     session = open_session(onnx_path, ["CPUExecutionProvider"])
     scale = model.scale().item()
     worst, sizes = 0.0, []
     decisions_equal = True
+    outputs = ["embedding", localisation] if localisation else ["embedding"]
     for vols in (volumes, _resized(volumes)):
         ref, got = [], []
         for i in range(0, len(vols), batch_size):
             x = vols[i : i + batch_size]
-            ref.append(model.image_embeddings(torch.from_numpy(x)).numpy())
-            got.append(session.run(["embedding"], {"image": x})[0])
+            emb = model.image_embeddings(torch.from_numpy(x)).numpy()
+            ref.append(emb)
+            res = session.run(outputs, {"image": x})
+            got.append(res[0])
+            if localisation:  # the map's mean is the embedding it explains, within the same tolerance
+                worst = max(worst, float(np.abs(res[1].mean(axis=(2, 3, 4)) - emb).max()))
         ref, got = np.concatenate(ref), np.concatenate(got)
         worst = max(worst, float(np.abs(ref - got).max()))
         sizes.append(list(vols.shape[2:]))
@@ -145,6 +212,7 @@ def image_parity(
         "inputs": int(len(volumes)),
         "spatial_sizes": sizes,
         "decisions_identical": decisions_equal,
+        "localisation": localisation,
         "tolerance": PARITY_TOLERANCE,
         "passed": worst <= PARITY_TOLERANCE and decisions_equal,
     }

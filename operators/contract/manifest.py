@@ -131,6 +131,10 @@ class ImageEncoderRecord:
     opset: int = 17
     dynamic_spatial: bool = True
     l2_normalised: bool = True
+    # The output (B, D, x, y, z) whose spatial mean is the embedding: each location's joint-space features
+    # (``training.onnx_export.localisation_features``), the localisation maps' source. Optional: packages of
+    # towers without one (and older packages) lack it, and maps are then not available.
+    localisation: str | None = None
 
     @classmethod
     def read(cls, r: _Reader) -> ImageEncoderRecord:
@@ -143,11 +147,14 @@ class ImageEncoderRecord:
             r.get("opset", "int"),
             r.get("dynamic_spatial", "bool"),
             r.get("l2_normalised", "bool"),
+            r.get("localisation", "str", optional=True),
         )
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["input_shape"] = list(self.input_shape)
+        if d["localisation"] is None:
+            del d["localisation"]  # a package without maps reads back byte for byte
         return d
 
 

@@ -114,23 +114,39 @@ class _AxisPlan:
     positions: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+def _spaced_grid(shape: tuple[int, ...], affine: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, list[int]]:
+    """The voxel -> RAS affine and shape of the chain's Orientation and Spacing output, asked of MONAI
+    itself (lazily: no voxel is computed)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    img = MetaTensor(torch.zeros(()).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
+    out = Orientation(axcodes=spec.orientation, labels=_LABELS, lazy=True)(img)
+    out = Spacing(pixdim=spec.spacing, mode=spec.interpolation, lazy=True)(out)  # type: ignore[arg-type]
+    assert isinstance(out, MetaTensor)  # a MetaTensor in, a MetaTensor with the pending grid out
+    return np.asarray(out.peek_pending_affine(), dtype=np.float64), [int(v) for v in out.peek_pending_shape()]
+
+
+def model_input_affine(shape: tuple[int, ...], affine: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The voxel -> RAS affine of the model input ``preprocess`` makes from a volume of this shape and
+    affine: the resampled grid shifted by the symmetric pad or the centre crop (``_window_pad_crop``)."""
+    dst, size = _spaced_grid(shape, affine, spec)
+    out = dst.copy()
+    for a, (n, keep) in enumerate(zip(size, spec.spatial_size)):
+        shift = -((keep - n) // 2) if n <= keep else n // 2 - keep // 2
+        out[:3, 3] += dst[:3, a] * shift
+    return out
+
+
 def _axis_plan(shape: tuple[int, ...], affine: np.ndarray, spec: PreprocessSpec) -> _AxisPlan | None:
     """The output grid of the chain's Orientation and Spacing, asked of MONAI itself (lazily: no
     voxel is computed), as a per-axis plan. None for nearest-neighbour interpolation, or should an
     output axis ever read more than one input axis (Spacing keeps an oblique series' direction cosines,
     so even those map axis to axis): MONAI then does the resampling."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation, Spacing
-
     if spec.interpolation != "bilinear":
         return None
-    img = MetaTensor(torch.zeros(()).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
-    out = Orientation(axcodes=spec.orientation, labels=_LABELS, lazy=True)(img)
-    out = Spacing(pixdim=spec.spacing, mode=spec.interpolation, lazy=True)(out)  # type: ignore[arg-type]
-    assert isinstance(out, MetaTensor)  # a MetaTensor in, a MetaTensor with the pending grid out
-    dst = np.asarray(out.peek_pending_affine(), dtype=np.float64)
-    size = [int(v) for v in out.peek_pending_shape()]
+    dst, size = _spaced_grid(shape, affine, spec)
     xform = np.linalg.solve(np.asarray(affine, dtype=np.float64), dst)  # output voxel -> input voxel
     m = np.abs(xform[:3, :3])
     source = tuple(int(v) for v in np.argmax(m, axis=0))

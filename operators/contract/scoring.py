@@ -209,7 +209,10 @@ class ZeroShotModel:
         threads: int | None = None,
         findings: str | Path | None = None,
         findings_mode: str = "add",
+        maps: bool | None = False,
     ):
+        """``maps``: True makes a localisation map for each present finding (``operators.localisation``) and
+        refuses a package without the output; None (auto) makes them when the package can; False never."""
         self.package = package
         requested = select_providers(device)
         self.image_session = open_session(package.image_encoder_path, requested, threads)
@@ -224,8 +227,17 @@ class ZeroShotModel:
             log.warning("device auto: the CUDA provider is installed but did not load; running on the CPU")
         self.requested_device = device
         ie = package.image_encoder
-        self._image_in, self._image_out = ie.input, ie.output
+        self._image_in, self._image_out, self._map_out = ie.input, ie.output, ie.localisation
         self._check_image_encoder()
+        if maps and self._map_out is None:
+            from .package import PackageError
+
+            raise PackageError(
+                f"model package {package.root}: maps were asked for, but its image encoder has no localisation "
+                "output (a package exported before maps, or a tower without average pooling); export it again, "
+                "or run with --no-maps"
+            )
+        self.maps = bool(self._map_out is not None if maps is None else maps)
         self.prompts = PromptEncoder(package, self.providers, threads)
         if findings is not None:
             self.package = package_with_findings(package, findings, findings_mode, self.prompts)
@@ -239,10 +251,11 @@ class ZeroShotModel:
         pkg, where = self.package, f"model package {self.package.root}: {self.package.image_encoder.file}"
         inputs = [i.name for i in self.image_session.get_inputs()]
         outputs = [o.name for o in self.image_session.get_outputs()]
-        if self._image_in not in inputs or self._image_out not in outputs:
+        named = [self._image_out] + ([self._map_out] if self._map_out else [])
+        if self._image_in not in inputs or set(named) - set(outputs):
             raise PackageError(
                 f"{where}: takes {inputs} and gives {outputs}; the manifest names input {self._image_in!r} "
-                f"and output {self._image_out!r}"
+                f"and outputs {named}"
             )
         try:
             emb = self.embed_images(np.zeros((1, 1, *pkg.spec.spatial_size), dtype=np.float32))
@@ -262,10 +275,23 @@ class ZeroShotModel:
     def device(self) -> str:
         return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
+    @property
+    def has_maps(self) -> bool:
+        """Whether the package's image encoder gives localisation maps (``operators.localisation``)."""
+        return self._map_out is not None
+
     def embed_images(self, batch: np.ndarray) -> np.ndarray:
         """(B,1,X,Y,Z) float32 -> (B,D) embeddings."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
         return self.image_session.run([self._image_out], {self._image_in: x})[0]
+
+    def embed_images_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B,1,X,Y,Z) float32 -> (B,D) embeddings and (B,D,x,y,z) localisation features, one pass."""
+        if self._map_out is None:
+            raise ValueError(f"model package {self.package.root} has no localisation output (maps)")
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        emb, loc = self.image_session.run([self._image_out, self._map_out], {self._image_in: x})
+        return emb, loc
 
     def decide(
         self, image_emb: np.ndarray, prompt_emb: np.ndarray | None = None, rows: Sequence[FindingRows] | None = None

@@ -54,6 +54,7 @@ def _summary(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.long
 def test_batch_quick_start(quickstart):
     work = quickstart["work"]
     rows = _summary(work / "out/batch/summary.csv")
@@ -63,6 +64,7 @@ def test_batch_quick_start(quickstart):
     assert "finding" in quickstart["runs"][0].stdout.lower()  # the report's table
 
 
+@pytest.mark.long
 def test_retrain_quick_start(quickstart):
     work = quickstart["work"]
     assert "zero-shot macro F1" in quickstart["runs"][1].stdout and "occlusion" in quickstart["runs"][1].stdout

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from operators.contract.package import load_package
 from training.research.recipe import run_recipe
 
@@ -22,6 +24,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.long
 def test_recipe_writes_times_bars_and_a_package(corpus200, tmp_path):
     result = run_recipe(tmp_path / "r", "cpu-tiny", SMALL, data=corpus200, cache_dir=tmp_path / "cache", progress=False)
     saved = json.loads((tmp_path / "r" / "recipe.json").read_text())

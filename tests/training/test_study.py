@@ -98,6 +98,7 @@ def smoke_study(corpus200, tmp_path_factory):
     }
 
 
+@pytest.mark.long
 def test_smoke_outputs(smoke_study):
     out = smoke_study["whole"]
     # Its wall time (about a minute alone on 2 cores: 65 s measured) is printed, not asserted: under
@@ -152,6 +153,7 @@ def test_smoke_outputs(smoke_study):
     assert "balancing penalty, multi-positive minus plain" in summary and "gap closed by" in summary
 
 
+@pytest.mark.long
 def test_killed_study_resumes_to_the_same_results(smoke_study):
     whole, cut = _rows(smoke_study["whole"] / "results.csv"), _rows(smoke_study["cut"] / "results.csv")
     finished = {tuple(p.split("/")[1:]) for p in smoke_study["finished_before"]}
@@ -164,6 +166,7 @@ def test_killed_study_resumes_to_the_same_results(smoke_study):
     assert "interrupted" not in resumed and resumed["runs"] == len(CUT_ARMS) - len(finished)  # finished runs skipped
 
 
+@pytest.mark.long
 def test_aggregate_only_rewrites_the_same_results(smoke_study):
     out = smoke_study["whole"]
     before = (out / "results.csv").read_text()

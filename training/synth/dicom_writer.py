@@ -83,6 +83,7 @@ def write_lesion_seg(
     from pydicom.sr.codedict import codes
 
     from operators.contract.findings import load_catalogue
+    from operators.localisation import segment_description
 
     if not masks:
         return None
@@ -95,17 +96,13 @@ def write_lesion_seg(
     stack = np.stack([_as_stored(masks[fid], position) for fid in ids], axis=-1)  # x, y, z, segment
     frames = np.stack([stack[:, :, k, :].transpose(1, 0, 2) for k in slices])  # frame, row = y, column = x
     descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=n,
-            segment_label=by_id[fid].display[:64],
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=hd.sr.CodedConcept(
-                by_id[fid].code.value, by_id[fid].code.scheme, by_id[fid].code.meaning
-            ),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name="ct-zeroshot synthetic phantom", version=__version__, family=codes.DCM.AnalyticalAlgorithm
-            ),
+        segment_description(
+            n,
+            by_id[fid].display,
+            by_id[fid].code,
+            "ct-zeroshot synthetic phantom",
+            __version__,
+            codes.DCM.AnalyticalAlgorithm,
         )
         for n, fid in enumerate(ids, start=1)
     ]

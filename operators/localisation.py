@@ -1,0 +1,237 @@
+"""Where a present finding is: maps from the image tower's localisation output, on the source CT, as DICOM SEG.
+
+The package's image encoder may give, in the same pass as the embedding, a ``localisation`` output
+(B, D, x, y, z): the joint-space features of each location of the last feature map, whose spatial mean
+is the embedding (``training.onnx_export.localisation_features``). Merlin's rule scores a finding by the
+margin ``e . (p+ - p-)`` (the means of its positive and negative prompt embeddings), which is linear in
+``e``; so ``localisation . (p+ - p-)`` is a map whose mean is the finding's margin: each location's share
+of the score. For a finding called present:
+
+- the map is resampled (trilinear, borders clamped) from the model-input grid to the source CT's voxels;
+- its **region** is the upper part of the map: where it reaches ``REGION_FRACTION`` of the way from its lowest
+  to its highest location (a finding called present at a threshold under 0.5 may have no positive location;
+  its map still says where its score was highest): one binary segment of a DICOM Segmentation of the series,
+  in its frame of reference;
+- its **peak** (the centre of the map's highest location, inside the CT) is given in patient coordinates
+  (LPS mm), which the SR carries as a SCOORD3D point.
+
+The maps are as coarse as the tower's last feature map (the input size over the tower's stride, e.g.
+7 x 7 x 5 locations for Merlin's 224 x 224 x 160 input): they say which part of the abdomen carried the
+score, not a lesion's outline. Occlusion (``ct-zeroshot-train evaluate``) stays the model-agnostic check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from .contract.dicom_series import series_geometry
+from .contract.package import ModelPackage
+from .contract.scoring import Findings
+
+REGION_FRACTION = 0.5  # a segment holds the voxels this far from the map's lowest location to its highest
+SEG_SERIES_NUMBER = 9101
+SEG_SERIES_DESCRIPTION = "ct-zeroshot AI finding maps"
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class MapError(ValueError):
+    """A localisation map cannot be made (a package without the output, a grid that does not fit)."""
+
+
+@dataclass
+class FindingMap:
+    """One present finding's map on the CT: its region (bool [i, j, k] on the volume grid) and peak."""
+
+    index: int  # the finding's position in ``Findings``
+    finding: str
+    region: np.ndarray
+    peak_lps: tuple[float, float, float]  # patient coordinates (mm) of the map's highest location, in the CT
+    peak_value: float  # the map there (margin units: the finding's margin is the map's mean)
+
+
+@dataclass
+class StudyMaps:
+    """The present findings' maps of one study and the volume grid they are on."""
+
+    maps: list[FindingMap]
+    volume_affine: np.ndarray  # voxel -> RAS of the CT volume (``dicom_series.series_to_volume``)
+
+
+def finding_directions(package: ModelPackage, indices: Sequence[int]) -> np.ndarray:
+    """(F, D): each finding's ``mean(positive prompts) - mean(negative prompts)`` (Merlin's margin is the
+    image embedding's dot product with it)."""
+    emb, rows = np.asarray(package.prompt_embeddings, dtype=np.float64), package.rows
+    return np.stack(
+        [
+            emb[rows[i].positive[0] : rows[i].positive[1]].mean(0)
+            - emb[rows[i].negative[0] : rows[i].negative[1]].mean(0)
+            for i in indices
+        ]
+    )
+
+
+def map_affine(input_affine: np.ndarray, input_size: Sequence[int], map_shape: Sequence[int]) -> np.ndarray:
+    """Map voxel -> RAS: location u of an axis of n input voxels cut into m covers input voxels
+    [u n/m, (u+1) n/m), centred at (u + 1/2) n/m - 1/2."""
+    scale = np.asarray(input_size, dtype=np.float64) / np.asarray(map_shape, dtype=np.float64)
+    a = np.eye(4)
+    a[:3, :3] = np.diag(scale)
+    a[:3, 3] = scale / 2 - 0.5
+    return np.asarray(input_affine, dtype=np.float64) @ a
+
+
+def _interpolation_matrix(positions: np.ndarray, n: int) -> np.ndarray:
+    """(len(positions), n): linear interpolation weights at fractional indices, clamped to [0, n - 1]."""
+    pos = np.clip(positions, 0.0, n - 1)
+    low = np.minimum(np.floor(pos), max(n - 2, 0)).astype(np.intp)
+    frac = pos - low
+    w = np.zeros((len(pos), n), dtype=np.float64)
+    rows = np.arange(len(pos))
+    w[rows, low] += 1.0 - frac
+    w[rows, np.minimum(low + 1, n - 1)] += frac
+    return w
+
+
+def on_volume(values: np.ndarray, values_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """A map (x, y, z) with its voxel -> RAS affine, resampled to a volume grid (``shape``, ``affine``).
+
+    Both grids come from the same series by axis flips, permutations and scalings (the preprocessing's
+    Orientation and Spacing keep the direction cosines), so each volume axis reads one map axis and
+    trilinear interpolation is three small matrix products (written by hand: a general resampler such as
+    scipy's ``affine_transform`` reads eight neighbours per voxel of a 512 x 512 x 300 volume)."""
+    xform = np.linalg.solve(np.asarray(values_affine, dtype=np.float64), np.asarray(affine, dtype=np.float64))
+    m = np.abs(xform[:3, :3])
+    source = [int(v) for v in np.argmax(m, axis=0)]  # the map axis each volume axis reads
+    off_axis = m.copy()
+    off_axis[source, range(3)] = 0.0
+    if sorted(source) != [0, 1, 2] or off_axis.max() > 1e-6 * m.max():
+        raise MapError("the map's grid is not axis-aligned with the volume's")
+    weights = [
+        _interpolation_matrix(xform[source[a], a] * np.arange(shape[a]) + xform[source[a], 3], values.shape[source[a]])
+        for a in range(3)
+    ]
+    v = np.transpose(np.asarray(values, dtype=np.float64), source)  # map axes in the volume's order
+    v = np.einsum("ia,abc->ibc", weights[0], v)
+    v = np.einsum("jb,ibc->ijc", weights[1], v)
+    return (v.astype(np.float32) @ weights[2].T.astype(np.float32)).astype(np.float32)
+
+
+def finding_map_on_volume(
+    coarse: np.ndarray, grid: np.ndarray, shape: Sequence[int], affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One finding's map (x, y, z on ``grid``) on a volume grid: (field, region, peak voxel).
+
+    The region is the upper part of the map's range (``REGION_FRACTION``); the peak is the centre of the map's
+    highest location (trilinear interpolation peaks there, and beyond the outermost centres it is flat), moved
+    inside the volume where that location reaches past it, as fractional voxel indices."""
+    field = on_volume(coarse, grid, shape, affine)
+    low, top = float(coarse.min()), float(coarse.max())
+    if top > low:
+        region = field >= low + REGION_FRACTION * (top - low)
+    else:  # a flat map says nowhere in particular
+        region = np.zeros(field.shape, dtype=bool)
+    u = np.unravel_index(int(np.argmax(coarse)), coarse.shape)
+    to_volume = np.linalg.solve(np.asarray(affine, dtype=np.float64), grid)  # map voxel -> volume voxel
+    voxel = np.clip((to_volume @ np.r_[np.asarray(u, dtype=np.float64), 1.0])[:3], 0.0, np.asarray(shape) - 1.0)
+    return field, region, voxel
+
+
+def study_maps(
+    localisation: np.ndarray,
+    findings: Findings,
+    package: ModelPackage,
+    input_affine: np.ndarray,
+    volume_shape: Sequence[int],
+    volume_affine: np.ndarray,
+) -> StudyMaps:
+    """The present findings' maps on the CT volume's grid, from one study's ``localisation`` (D, x, y, z)."""
+    present = [i for i, p in enumerate(findings.present) if p]
+    maps: list[FindingMap] = []
+    if present:
+        dirs = finding_directions(package, present)
+        coarse = np.einsum("dxyz,fd->fxyz", np.asarray(localisation, dtype=np.float64), dirs)
+        grid = map_affine(input_affine, package.spec.spatial_size, localisation.shape[1:])
+        for i, m in zip(present, coarse):
+            field, region, voxel = finding_map_on_volume(m, grid, volume_shape, volume_affine)
+            lps = (_LPS @ volume_affine @ np.r_[voxel, 1.0])[:3]
+            peak = (float(lps[0]), float(lps[1]), float(lps[2]))
+            maps.append(FindingMap(i, findings.ids[i], region, peak, float(m.max())))
+    return StudyMaps(maps, np.asarray(volume_affine, dtype=np.float64))
+
+
+def segment_description(number: int, label: str, code, algorithm: str, version: str, family=None):
+    """A highdicom segment for a finding: category morphologically abnormal structure, type its code; made by
+    an automatic algorithm of ``family`` (default: artificial intelligence)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label[:64],
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=hd.sr.CodedConcept(code.value, code.scheme, code.meaning),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm[:64], version=version[:64], family=family or codes.DCM.ArtificialIntelligence
+        ),
+    )
+
+
+def build_seg(
+    source: Sequence[Dataset],
+    maps: StudyMaps,
+    package: ModelPackage,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+) -> tuple[Dataset, dict[int, int]] | None:
+    """The maps' regions as one binary DICOM Segmentation of the source series (one segment per finding
+    with a region, frames aligned with the series' instances); and finding index -> segment number.
+    None when no finding has a region."""
+    import highdicom as hd
+
+    from . import __version__
+
+    with_region = [m for m in maps.maps if m.region.any()]
+    if not with_region:
+        return None
+    names = [str(getattr(d, "filename", f"instance {n}")) for n, d in enumerate(source)]
+    affine, order = series_geometry(source, names)
+    if not np.allclose(affine, maps.volume_affine, atol=1e-4):
+        raise MapError("the maps' volume grid is not the source series' grid")
+    # the volume's [i = column, j = row, k = slice] -> frames (slice in the series' order, row, column)
+    # segment-major in memory, so each segment's frame is one contiguous block for highdicom's per-frame
+    # checks (a (frames, rows, columns, segments) array strides every frame's pixels k bytes apart)
+    frames = np.moveaxis(np.stack([m.region.transpose(2, 1, 0) for m in with_region]), 0, -1)
+    catalogue = package.catalogue
+    descriptions = []
+    for n, m in enumerate(with_region, start=1):
+        finding = catalogue.by_id(m.finding)
+        descriptions.append(segment_description(n, finding.display, finding.code, package.name, package.version))
+    seg = hd.seg.Segmentation(
+        source_images=[source[k] for k in order],
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid,
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer="ct-zeroshot",
+        manufacturer_model_name=package.name[:64],
+        software_versions=__version__,
+        device_serial_number=package.uid[:64],
+        series_description=SEG_SERIES_DESCRIPTION,
+        content_label="FINDINGMAPS",
+        content_description=f"present findings' map regions (upper {1 - REGION_FRACTION:.0%} of the range)",
+        omit_empty_frames=True,
+    )
+    ps = catalogue.private_scheme
+    if any(catalogue.by_id(m.finding).code.scheme == ps.scheme for m in with_region):  # declared, as in the SR
+        item = Dataset()
+        item.CodingSchemeDesignator, item.CodingSchemeName, item.CodingSchemeVersion = ps.scheme, ps.meaning, ps.value
+        seg.CodingSchemeIdentificationSequence = [item]
+    return seg, {m.index: n for n, m in enumerate(with_region, start=1)}

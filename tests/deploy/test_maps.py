@@ -1,0 +1,159 @@
+"""Where a present finding is: the localisation output, its maps on the CT, the SEG and the SR's references."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+from operators.contract.dicom_series import scan_tree, series_geometry
+from operators.contract.package import load_package
+from operators.contract.preprocessing import PreprocessSpec, model_input_affine, preprocess
+from operators.contract.scoring import ZeroShotModel
+from operators.contract.volume import Volume
+from operators.localisation import finding_directions, map_affine, on_volume
+from operators.pipeline import SeriesToModelInput, StudyWork, infer, select_series, write_report
+from operators.sr import read_findings
+from tests.sr_validators import dciodvfy, have_validators, validate_all
+
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([-0.8, -0.8, 2.5, 1.0]),  # head first, as a DICOM series reads
+        np.array([[0, 0.9, 0, 5], [1.1, 0, 0, -20], [0, 0, -1.5, 40], [0, 0, 0, 1.0]]),  # permuted and flipped
+    ],
+)
+def test_a_map_location_lands_where_the_model_saw_it(affine):
+    """A hot location of a coarse map over the model input comes back on the CT volume at that place."""
+    spec = PreprocessSpec(spacing=(2.0, 2.0, 3.0), spatial_size=(24, 24, 16))  # inside the CT's field of view
+    shape = (90, 80, 60)
+    inp = model_input_affine(shape, affine, spec)
+    # the model input's voxel centres are where preprocessing samples the CT: check one with a ramp volume
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    ras_x = (ijk @ affine[:3, :3].T + affine[:3, 3])[..., 0].astype(np.float32)
+    x = preprocess(Volume(ras_x, affine), spec)[0]
+    v = np.array(spec.spatial_size) // 2
+    assert x[tuple(v)] * 2000 - 1000 == pytest.approx((inp @ np.r_[v, 1])[0], abs=0.01)
+    coarse = np.zeros((4, 4, 4))
+    coarse[2, 1, 2] = 1.0
+    grid = map_affine(inp, spec.spatial_size, coarse.shape)
+    field = on_volume(coarse, grid, shape, affine)
+    peak = np.unravel_index(np.argmax(field), field.shape)
+    want = np.linalg.solve(affine, grid @ np.r_[2, 1, 2, 1.0])[:3]
+    assert np.abs(np.asarray(peak) - want).max() <= 0.5 + 1e-6
+    assert 0.75 < field.max() <= 1.0 and field.min() >= 0.0  # the centre lies between CT voxels
+
+
+@pytest.fixture(scope="module")
+def mapped(corpus200, tiny_package, tmp_path_factory):
+    """One study through the stages with the package's maps, two findings called present (one catalogue code
+    of SNOMED, one of the private scheme), the SR and SEG written."""
+    pkg = load_package(tiny_package["pkg"])
+    model = ZeroShotModel(pkg, device="cpu", maps=True)
+    truth = [json.loads(line) for line in (corpus200 / "ground_truth.jsonl").read_text().splitlines()]
+    sid = next(t["study id"] for t in truth if t["position"] == "FFS")
+    ((uid, series),) = scan_tree(corpus200 / "dicom" / sid).studies().items()
+    work = SeriesToModelInput(pkg.spec)(select_series(StudyWork(uid, series)))
+    tensor = work.tensor
+    work = infer(work, model)
+    private = pkg.catalogue.private_scheme.scheme
+    assessed = [f for f, ok in zip(pkg.catalogue, work.findings.assessed) if ok]  # not "undetermined"
+    chosen = [
+        next(f.id for f in assessed if f.code.scheme != private),
+        next(f.id for f in assessed if f.code.scheme == private),
+    ]
+    present = np.isin(np.asarray(work.findings.ids), chosen)
+    work.findings = dataclasses.replace(work.findings, present=present)
+    out = tmp_path_factory.mktemp("maps")
+    work = write_report(work, model, out)
+    assert work.status == "ok", work.reason
+    return {"work": work, "model": model, "pkg": pkg, "tensor": tensor, "chosen": chosen, "out": out}
+
+
+def test_the_map_is_each_locations_share_of_the_score(mapped):
+    """The localisation output's spatial mean is the embedding, so a finding's map averages to its margin."""
+    model, tensor = mapped["model"], mapped["tensor"]
+    emb, loc = model.embed_images_with_maps(tensor[None])
+    np.testing.assert_allclose(loc[0].mean(axis=(1, 2, 3)), emb[0], atol=1e-5)
+    idx = [mapped["work"].findings.ids.index(f) for f in mapped["chosen"]]
+    maps = np.einsum("dxyz,fd->fxyz", loc[0].astype(np.float64), finding_directions(mapped["pkg"], idx))
+    np.testing.assert_allclose(maps.mean(axis=(1, 2, 3)), mapped["work"].findings.margins[idx], atol=1e-5)
+
+
+@pytest.mark.skipif(not have_validators(), reason="dciodvfy, dsrdump and PixelMed (pixelmed-apps) needed")
+def test_the_seg_and_the_srs_references_validate_in_the_cts_frame(mapped):
+    work, pkg = mapped["work"], mapped["pkg"]
+    assert work.seg_path is not None and work.seg_path.name == f"SEG_{work.study_uid}.dcm"
+    assert not dciodvfy(work.seg_path)
+    assert not validate_all([work.sr_path]), validate_all([work.sr_path])
+    seg = pydicom.dcmread(work.seg_path)
+    headers = work.series_chosen().headers
+    ct_for = headers[0].FrameOfReferenceUID
+    assert seg.FrameOfReferenceUID == ct_for and seg.StudyInstanceUID == work.study_uid
+    assert (seg.Rows, seg.Columns) == (headers[0].Rows, headers[0].Columns)  # what viewers (OHIF) require
+    by_code = {f.code.value: f.id for f in pkg.catalogue}
+    segments = {
+        int(s.SegmentNumber): by_code[s.SegmentedPropertyTypeCodeSequence[0].CodeValue] for s in seg.SegmentSequence
+    }
+    assert sorted(segments.values()) == sorted(mapped["chosen"])
+    ct_uids = {h.SOPInstanceUID for h in headers}
+    frame_segment = [
+        int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for f in seg.PerFrameFunctionalGroupsSequence
+    ]
+    for f in seg.PerFrameFunctionalGroupsSequence:  # each frame derives from a slice of the series
+        assert f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID in ct_uids
+
+    findings = read_findings(work.sr_path)
+    affine, _ = series_geometry(headers, [str(p) for p in work.series_chosen().paths])
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (0, headers[0].Columns - 1)
+            for j in (0, headers[0].Rows - 1)
+            for k in (0, len(headers) - 1)
+        ]
+    )
+    box = (LPS @ affine @ corners.T).T[:, :3]
+    for fid, f in findings.items():
+        if fid not in mapped["chosen"]:
+            assert "map" not in f and "peak_lps" not in f
+            continue
+        assert f["present"] and f["frame_of_reference"] == ct_for
+        assert f["map"]["seg"] == seg.SOPInstanceUID
+        number = next(n for n, name in segments.items() if name == fid)
+        assert f["map"]["frames"] == [n for n, s in enumerate(frame_segment, start=1) if s == number]
+        peak = np.asarray(f["peak_lps"])
+        assert (peak >= box.min(0) - 1e-3).all() and (peak <= box.max(0) + 1e-3).all()  # inside the CT
+
+
+def test_maps_are_asked_for_by_name_or_made_when_the_package_can(tiny_package, corpus200, tmp_path):
+    """--maps with a package without the output is refused before anything is written; by default maps are
+    made when the package has the output, and --no-maps (False) turns them off."""
+    from operators.contract.package import default_package_dir
+
+    demo = load_package(default_package_dir())
+    if demo.image_encoder.localisation is None:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "operators.cli",
+                "infer",
+                str(corpus200 / "dicom"),
+                "--out",
+                str(tmp_path / "o"),
+                "--maps",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and "no localisation output" in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "o" / "sr").exists() or not any((tmp_path / "o" / "sr").iterdir())
+    assert ZeroShotModel(load_package(tiny_package["pkg"]), device="cpu", maps=None).maps
+    assert not ZeroShotModel(load_package(tiny_package["pkg"]), device="cpu", maps=False).maps
