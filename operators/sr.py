@@ -99,7 +99,7 @@ def build_sr(
     ``device``: where the image encoder ran (``cpu`` or ``cuda``), stated in the document.
     ``locations``: finding index -> where it is: the finding's group names the SEG's frames of its segment as
     its source images, and its certainty is inferred from the map's peak (SCOORD3D POINT in the CT's frame of
-    reference). The SEG joins the evidence. The template covers documents without locations."""
+    reference). The SEG joins the evidence."""
     from .sr_template import fill, template_for
 
     if not source:
@@ -108,15 +108,15 @@ def build_sr(
     # the series and the model by the pipeline), so the same input and model give the same content.
     sop_instance_uid = sop_instance_uid or generate_uid()
     locations = locations or {}
-    tpl = template_for(package, findings) if template and not locations else None
+    segs = {loc.seg.SOPInstanceUID: loc.seg for loc in locations.values()}
+    evidence = [*source, *segs.values()]
+    tpl = template_for(package, findings) if template else None
     if tpl is not None:
-        sr = _document(source, tpl.stub, package, series_instance_uid, sop_instance_uid, predecessors, device)
-        if fill(sr, tpl, findings, sop_instance_uid):
+        sr = _document(evidence, tpl.stub, package, series_instance_uid, sop_instance_uid, predecessors, device)
+        if fill(sr, tpl, findings, sop_instance_uid, locations):
             return sr
     context = _observation_context(package)
     report = measurement_report(context, _groups(package, findings, sop_instance_uid, locations=locations))
-    segs = {loc.seg.SOPInstanceUID: loc.seg for loc in locations.values()}
-    evidence = [*source, *segs.values()]
     return _document(evidence, report, package, series_instance_uid, sop_instance_uid, predecessors, device)
 
 
@@ -177,65 +177,75 @@ def _groups(
     that change from study to study: tracking UIDs, qualitative values and certainties. ``locations``: the
     findings whose group references their map (``build_sr``)."""
     locations = locations or {}
+    return [
+        _group(package, findings, j, sop_instance_uid, placeholders, locations.get(j))
+        for j in range(len(package.catalogue))
+    ]
+
+
+def _group(
+    package: ModelPackage,
+    findings: Findings,
+    j: int,
+    sop_instance_uid: str,
+    placeholders: Placeholders | None = None,
+    loc: Location | None = None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Finding ``j``'s measurement group (``_groups``)."""
     algorithm = f"{package.name}"
-    groups = []
-    for j, (f, entry) in enumerate(zip(package.catalogue, package.manifest.findings)):
-        code = _coded(f.code)
-        selection = entry.threshold_selection or {}
-        algo = hd.sr.AlgorithmIdentification(
-            name=algorithm,
-            version=package.version,
-            parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"]
-            + ([] if findings.assessed[j] else ["assessed=false (validation AUROC below the package's floor)"])
-            # a site's own finding: which wording decided (sha256 of its normalised prompts, 16 hex digits)
-            + ([f"custom prompts sha256={selection['prompts_digest']}"] if selection.get("method") == "custom" else []),
-        )
-        value: Code | hd.sr.CodedConcept
-        if placeholders is None:
-            value, certainty = _value(findings, j), round(float(findings.probabilities[j]) * 100.0, 4)
-            tracking = _tracking_uid(sop_instance_uid, f.id)
-        else:
-            value, certainty, tracking = placeholders.code(j), placeholders.number(j), placeholders.uid(j)
-        loc = locations.get(j)
-        peak, sources = None, None
-        if loc is not None:
-            # where: the certainty inferred from the map's peak, and the SEG's frames of this finding's segment as
-            # the group's source images (TID 1501 has no segment reference; a TID 1411 group of the same finding
-            # beside it fails PixelMed's TID 1500 rules)
-            peak = [
-                hd.sr.CoordinatesForMeasurement3D(
-                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                    graphic_data=np.asarray([loc.peak_lps], dtype=np.float64),
-                    frame_of_reference_uid=loc.seg.FrameOfReferenceUID,
-                )
-            ]
-            sources = [
-                hd.sr.SourceImageForMeasurementGroup(
-                    referenced_sop_class_uid=loc.seg.SOPClassUID,
-                    referenced_sop_instance_uid=loc.seg.SOPInstanceUID,
-                    referenced_frame_numbers=list(loc.frames),
-                )
-            ]
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking, identifier=f.id),
-                finding_type=code,
-                algorithm_id=algo,
-                finding_sites=[hd.sr.FindingSite(_coded(f.site))] if f.site is not None else None,
-                qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=code, value=value)],
-                measurements=[
-                    hd.sr.Measurement(
-                        name=codes.DCM.CertaintyOfFinding,
-                        value=certainty,
-                        unit=codes.UCUM.Percent,
-                        algorithm_id=algo,
-                        referenced_coordinates=peak,
-                    )
-                ],
-                source_images=sources,
+    f, entry = package.catalogue.findings[j], package.manifest.findings[j]
+    code = _coded(f.code)
+    selection = entry.threshold_selection or {}
+    algo = hd.sr.AlgorithmIdentification(
+        name=algorithm,
+        version=package.version,
+        parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"]
+        + ([] if findings.assessed[j] else ["assessed=false (validation AUROC below the package's floor)"])
+        # a site's own finding: which wording decided (sha256 of its normalised prompts, 16 hex digits)
+        + ([f"custom prompts sha256={selection['prompts_digest']}"] if selection.get("method") == "custom" else []),
+    )
+    value: Code | hd.sr.CodedConcept
+    if placeholders is None:
+        value, certainty = _value(findings, j), round(float(findings.probabilities[j]) * 100.0, 4)
+        tracking = _tracking_uid(sop_instance_uid, f.id)
+    else:
+        value, certainty, tracking = placeholders.code(j), placeholders.number(j), placeholders.uid(j)
+    peak, sources = None, None
+    if loc is not None:
+        # where: the certainty inferred from the map's peak, and the SEG's frames of this finding's segment as
+        # the group's source images (TID 1501 has no segment reference; a TID 1411 group of the same finding
+        # beside it fails PixelMed's TID 1500 rules)
+        peak = [
+            hd.sr.CoordinatesForMeasurement3D(
+                graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                graphic_data=np.asarray([loc.peak_lps], dtype=np.float64),
+                frame_of_reference_uid=loc.seg.FrameOfReferenceUID,
             )
-        )
-    return groups
+        ]
+        sources = [
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=loc.seg.SOPClassUID,
+                referenced_sop_instance_uid=loc.seg.SOPInstanceUID,
+                referenced_frame_numbers=list(loc.frames),
+            )
+        ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking, identifier=f.id),
+        finding_type=code,
+        algorithm_id=algo,
+        finding_sites=[hd.sr.FindingSite(_coded(f.site))] if f.site is not None else None,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=code, value=value)],
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.CertaintyOfFinding,
+                value=certainty,
+                unit=codes.UCUM.Percent,
+                algorithm_id=algo,
+                referenced_coordinates=peak,
+            )
+        ],
+        source_images=sources,
+    )
 
 
 def _document(

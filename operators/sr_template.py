@@ -39,6 +39,7 @@ from .sr import (
     SR_CHARSET,
     UNDETERMINED,
     Placeholders,
+    _group,
     _groups,
     _observation_context,
     _tracking_uid,
@@ -65,6 +66,16 @@ def _undefined_lengths(ds: Dataset) -> None:
             for item in elem.value:
                 item.is_undefined_length_sequence_item = True
                 _undefined_lengths(item)
+
+
+def _with_undefined_lengths(item: Dataset) -> Dataset:
+    """A copy of a content item as the template encodes it (every sequence of undefined length)."""
+    import copy
+
+    holder = Dataset()
+    holder.ContentSequence = [copy.deepcopy(item)]
+    _undefined_lengths(holder)
+    return holder.ContentSequence[0]
 
 
 def _uid(uid: str) -> bytes:
@@ -107,14 +118,18 @@ class SRTemplate:
                     raise ValueError(f"SR template: placeholder {kind} of finding {j} not found exactly once")
                 slots.append((at, at + len(needle), j, kind))
         slots.sort()
-        self.chunks: list[bytes] = []
-        self.slots: list[tuple[int, str]] = []
-        pos = 0
-        for start, end, j, kind in slots:
-            self.chunks.append(body[pos:start])
-            self.slots.append((j, kind))
-            pos = end
-        self.chunks.append(body[pos:])
+        self.body = body
+        self.slot_ranges = slots
+        # each finding's group, as a byte range of the body: a study's group that references a map (which only
+        # that study has) replaces it whole, and the slots inside it are not filled
+        self.group_ranges: list[tuple[int, int]] = []
+        for j, group in enumerate(groups):
+            needle = _encode(_with_undefined_lengths(group[0]))
+            at = body.find(needle)
+            if at < 0 or body.find(needle, at + 1) >= 0:
+                raise ValueError(f"SR template: the group of finding {j} not found exactly once")
+            self.group_ranges.append((at, at + len(needle)))
+        self.package = package
         # The three qualitative values as highdicom encodes them in a CODE item's concept code.
         self.codes = {
             code: _encode(hd.sr.QualitativeEvaluation(name=code, value=code)[0].ConceptCodeSequence[0])
@@ -124,16 +139,30 @@ class SRTemplate:
         self.stub = measurement_report(context, groups[:1])
         self.ids = [f.id for f in package.catalogue]
 
-    def content(self, findings: Findings, sop_instance_uid: str) -> RawDataElement:
-        """The Content Sequence of the study's SR, encoded."""
-        values = {}
-        for j, fid in enumerate(self.ids):
-            values[j, "uid"] = _uid(_tracking_uid(sop_instance_uid, fid))
-            values[j, "code"] = self.codes[_value(findings, j)]
-            values[j, "number"] = _number(round(float(findings.probabilities[j]) * 100.0, 4))
-        parts = [self.chunks[0]]
-        for slot, chunk in zip(self.slots, self.chunks[1:]):
-            parts += [values[slot], chunk]
+    def content(self, findings: Findings, sop_instance_uid: str, locations: dict | None = None) -> RawDataElement:
+        """The Content Sequence of the study's SR, encoded. ``locations`` (``sr.Location`` by finding): those
+        findings' groups are built by highdicom for this study and put in whole."""
+        locations = locations or {}
+        edits: list[tuple[int, int, bytes]] = []
+        for j, loc in locations.items():
+            group = _group(self.package, findings, j, sop_instance_uid, None, loc)
+            edits.append((*self.group_ranges[j], _encode(_with_undefined_lengths(group[0]))))
+        for start, end, j, kind in self.slot_ranges:
+            if j in locations:
+                continue
+            if kind == "uid":
+                value = _uid(_tracking_uid(sop_instance_uid, self.ids[j]))
+            elif kind == "code":
+                value = self.codes[_value(findings, j)]
+            else:
+                value = _number(round(float(findings.probabilities[j]) * 100.0, 4))
+            edits.append((start, end, value))
+        edits.sort()
+        parts, pos = [], 0
+        for start, end, value in edits:
+            parts += [self.body[pos:start], value]
+            pos = end
+        parts.append(self.body[pos:])
         return RawDataElement(CONTENT_SEQUENCE, "SQ", 0xFFFFFFFF, b"".join(parts), 0, False, True, True, False)
 
 
@@ -164,12 +193,14 @@ def template_for(package: ModelPackage, findings: Findings) -> SRTemplate | None
         return _TEMPLATES[key]
 
 
-def fill(sr: Dataset, template: SRTemplate, findings: Findings, sop_instance_uid: str) -> bool:
+def fill(
+    sr: Dataset, template: SRTemplate, findings: Findings, sop_instance_uid: str, locations: dict | None = None
+) -> bool:
     """Put the study's content into ``sr`` (built around ``template.stub``); False, leaving ``sr`` as it
     is, where the document is not encoded as the template is (explicit VR little endian, UTF-8)."""
     if sr.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian or sr.SpecificCharacterSet != SR_CHARSET:
         return False
-    sr[CONTENT_SEQUENCE] = template.content(findings, sop_instance_uid)
+    sr[CONTENT_SEQUENCE] = template.content(findings, sop_instance_uid, locations)
     # Declared as already in the file's encoding, so pydicom writes the content's bytes as they are
     # (otherwise it parses every raw element to re-encode it).
     sr.set_original_encoding(False, True, convert_encodings(SR_CHARSET))

@@ -81,6 +81,7 @@ class ListenerConfig:
     tls: TLS | None = None  # DICOM over TLS for receiving and sending; plain TCP without it
     findings: str | None = None  # a site's findings file (operators.contract.custom_findings), scored with the model's
     findings_mode: str = "add"  # add: after the model's own findings; replace: instead of them
+    maps: bool = False  # the present findings' localisation maps as a DICOM SEG, sent before each SR
 
     @classmethod
     def load(cls, path: str | Path) -> ListenerConfig:
@@ -107,6 +108,8 @@ class ListenerConfig:
             raise ValueError(f"{path}: 'allowed' must list at least one calling AE title")
         if cfg.destination is None or not cfg.destination.host or not cfg.destination.port:
             raise ValueError(f"{path}: 'destination' needs ae_title, host and port")
+        if not isinstance(cfg.maps, bool):
+            raise ValueError(f"{path}: maps must be true or false, got {cfg.maps!r}")
         if cfg.findings_mode not in ("add", "replace"):
             raise ValueError(f"{path}: findings_mode must be add or replace, got {cfg.findings_mode!r}")
         for key in ("min_free_mb", "acse_timeout_s", "network_timeout_s"):

@@ -42,8 +42,9 @@ class Sender:
                 if category in ("Success", "Warning"):  # a warning (e.g. 0xB000 coercion) is a stored SR
                     shown = "" if category == "Success" else f", with warning status {hex(code or 0)}"
                     log.info(
-                        "study %s: SR %s sent to %s (attempt %d%s)",
+                        "study %s: %s %s sent to %s (attempt %d%s)",
                         uid,
+                        "SEG" if ds.get("Modality") == "SEG" else "SR",
                         ds.SOPInstanceUID,
                         dest.ae_title,
                         attempt,

@@ -63,7 +63,9 @@ class Listener:
         allow_identifiers(cfg.log_patient_identifiers)  # header values in logs only where allowed
         self.spool = Spool(cfg.spool)
         pkg = load_package(named_or_demo(cfg.model))
-        self.model = ZeroShotModel(pkg, device="auto", findings=cfg.findings, findings_mode=cfg.findings_mode)
+        self.model = ZeroShotModel(
+            pkg, device="auto", findings=cfg.findings, findings_mode=cfg.findings_mode, maps=cfg.maps
+        )
         log_model(self.model)
         self.prep = SeriesToModelInput(self.model.package.spec)
         self.lock = threading.Lock()
@@ -260,7 +262,7 @@ class Listener:
 
     def process(self, uid: str) -> dict:
         from ..contract.dicom_series import scan_tree
-        from ..pipeline import StudyWork, run_study, sr_filename
+        from ..pipeline import StudyWork, run_study, seg_filename, sr_filename
 
         ready = self.spool.path("ready", uid)
         out = self.spool.path("out", uid)
@@ -282,6 +284,7 @@ class Listener:
                 record.update(status="failed", error="no readable instances")
             else:
                 work = StudyWork(uid, studies[uid], **self._revision(uid, state, sr))
+                (out / seg_filename(uid)).unlink(missing_ok=True)  # an earlier SR's maps: never sent with this one
                 work = run_study(work, self.model, self.prep, out)
                 if work.transient:  # storage failed, not the study: kept in ready/ and tried again
                     raise TransientError(work.reason)
@@ -309,7 +312,8 @@ class Listener:
         offer = {k: state[k] for k in ("sop", "series", "sop_class")}
         offered = [o for o in state.get("offered", []) if o.get("sop") != offer["sop"]] + [offer]
         self.spool.set_sr_state(uid, {**state, "offered": offered})
-        if self.sender.send(sr, uid):
+        seg = out / seg_filename(uid)  # the SR's maps go first: the SR references them
+        if (not seg.exists() or self.sender.send(seg, uid)) and self.sender.send(sr, uid):
             record["sent"] = True
             state = self.spool.sr_state(uid)
             delivered = list(dict.fromkeys([*state.get("delivered", []), state.get("sop")]))

@@ -318,7 +318,7 @@ def test_sigterm_ends_the_batch_and_its_workers(archive, tiny_package, tmp_path)
 
 def test_report_compares_the_srs_with_the_phantoms_truth(corpus200, first_run):
     sr = first_run["out"] / "sr"
-    n_sr = len(list(sr.glob("*.dcm")))
+    n_sr = len(list(sr.glob("SR_*.dcm")))
     truth = {}
     for line in (corpus200 / "ground_truth.jsonl").read_text().splitlines():
         rec = json.loads(line)

@@ -1,5 +1,6 @@
 """The PACS listener against a real Orthanc (Debian `orthanc`, started here on loopback)."""
 
+import json
 import os
 import signal
 import socket
@@ -107,7 +108,23 @@ def test_two_senders_ten_studies_one_sr_each(site):
         proc.wait(60)
 
 
+def _maps_at_the_pacs(site) -> int:
+    """Each SR at Orthanc whose findings reference a map SEG: that SEG is there too. Returns how many."""
+    seen = 0
+    for study in site["studies"]:
+        (sr_id,) = site["orthanc"].srs(study)
+        (site["tmp"] / "back.dcm").write_bytes(site["orthanc"].get(f"/instances/{sr_id}/file"))
+        for seg in {v["map"]["seg"] for v in read_findings(site["tmp"] / "back.dcm").values() if "map" in v}:
+            query = json.dumps({"Level": "Instance", "Query": {"SOPInstanceUID": seg}}).encode()
+            assert site["orthanc"].request("POST", "/tools/find", query), f"study {study}: SEG {seg} not at the PACS"
+            seen += 1
+    return seen
+
+
 def test_killed_mid_queue_and_restarted_loses_nothing(site):
+    """With maps on: each SR and its map SEG (sent first) reach the PACS, across a SIGKILL mid-queue."""
+    cfg = yaml.safe_load(site["cfg"].read_text())
+    site["cfg"].write_text(yaml.safe_dump({**cfg, "maps": True}))
     proc = start_listener(site["cfg"], site["log"])
     wait_listening(site["port"], proc)
     site["orthanc"].push(site["studies"])  # all 10 spooled (acknowledged) before this returns
@@ -123,6 +140,7 @@ def test_killed_mid_queue_and_restarted_loses_nothing(site):
         time.sleep(3)
         assert _one_sr_each(site)
         assert "resuming from the spool" in site["log"].read_text()
+        assert _maps_at_the_pacs(site) >= 1
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

@@ -68,3 +68,34 @@ def test_one_template_per_package_and_decision_rule(case):
     assert template_for(pkg, scored[0]) is template_for(pkg, scored[1])
     other = dataclasses.replace(scored[0], thresholds=scored[0].thresholds + 0.01)
     assert template_for(pkg, other) is not template_for(pkg, scored[0])
+
+
+def test_groups_with_maps_go_into_the_template_whole(case):
+    """Findings with a localisation map get their highdicom-built group inside the template's document: the
+    same SR element for element as highdicom's own, and it reads back with the map's frames and peak."""
+    from operators.contract.dicom_series import series_geometry
+    from operators.localisation import FindingMap, StudyMaps, build_seg
+    from operators.sr import Location
+
+    root, headers, pkg, scored = case
+    findings = dataclasses.replace(scored[0], present=scored[0].assessed.copy())
+    affine, order = series_geometry(headers, [f"instance {n}" for n in range(len(headers))])
+    shape = (int(headers[0].Columns), int(headers[0].Rows), len(headers))
+    mapped = [int(j) for j in np.flatnonzero(findings.present)[:2]]
+    region = np.zeros(shape, dtype=bool)
+    region[2:9, 3:12, 4:15] = True
+    maps = StudyMaps([FindingMap(j, findings.ids[j], region if k else ~region, (1.5, -2.0, 30.0 + k), 1.0) for k, j in enumerate(mapped)], affine)
+    seg, segments = build_seg(headers, maps, pkg, "1.2.826.0.1.3680043.8.498.3", "1.2.826.0.1.3680043.8.498.4")
+    locations = {j: Location(seg, n, maps.maps[k].peak_lps) for k, (j, n) in enumerate(segments.items())}
+    uids = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")
+    ref = write_sr(build_sr(headers, findings, pkg, *uids, template=False, locations=locations), root / "ref-maps", "SR.dcm")
+    built = build_sr(headers, findings, pkg, *uids, locations=locations)
+    assert built.get_item(CONTENT_SEQUENCE).is_raw
+    fast = write_sr(built, root / "fast-maps", "SR.dcm")
+    assert _without_stamps(pydicom.dcmread(ref)) == _without_stamps(pydicom.dcmread(fast))
+    back = read_findings(fast)
+    for j in mapped:
+        entry = back[findings.ids[j]]
+        assert entry["map"]["seg"] == seg.SOPInstanceUID and entry["map"]["frames"] == locations[j].frames
+        assert entry["peak_lps"] == pytest.approx(locations[j].peak_lps)
+    assert all("map" not in v for fid, v in back.items() if fid not in {findings.ids[j] for j in mapped})
