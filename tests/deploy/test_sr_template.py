@@ -84,11 +84,19 @@ def test_groups_with_maps_go_into_the_template_whole(case):
     mapped = [int(j) for j in np.flatnonzero(findings.present)[:2]]
     region = np.zeros(shape, dtype=bool)
     region[2:9, 3:12, 4:15] = True
-    maps = StudyMaps([FindingMap(j, findings.ids[j], region if k else ~region, (1.5, -2.0, 30.0 + k), 1.0) for k, j in enumerate(mapped)], affine)
+    maps = StudyMaps(
+        [
+            FindingMap(j, findings.ids[j], region if k else ~region, (1.5, -2.0, 30.0 + k), 1.0)
+            for k, j in enumerate(mapped)
+        ],
+        affine,
+    )
     seg, segments = build_seg(headers, maps, pkg, "1.2.826.0.1.3680043.8.498.3", "1.2.826.0.1.3680043.8.498.4")
     locations = {j: Location(seg, n, maps.maps[k].peak_lps) for k, (j, n) in enumerate(segments.items())}
     uids = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")
-    ref = write_sr(build_sr(headers, findings, pkg, *uids, template=False, locations=locations), root / "ref-maps", "SR.dcm")
+    ref = write_sr(
+        build_sr(headers, findings, pkg, *uids, template=False, locations=locations), root / "ref-maps", "SR.dcm"
+    )
     built = build_sr(headers, findings, pkg, *uids, locations=locations)
     assert built.get_item(CONTENT_SEQUENCE).is_raw
     fast = write_sr(built, root / "fast-maps", "SR.dcm")
