@@ -43,7 +43,14 @@ _WORKER: dict = {}
 
 
 def _init_worker(
-    package_dir: str, out_dir: str, threads: int, level: int, findings, findings_mode: str, maps: bool | None = False
+    package_dir: str,
+    out_dir: str,
+    threads: int,
+    level: int,
+    findings,
+    findings_mode: str,
+    maps: bool | None = False,
+    stow=None,
 ) -> None:
     import torch
 
@@ -57,7 +64,7 @@ def _init_worker(
     model = ZeroShotModel(
         pkg, device="auto", threads=threads, findings=findings, findings_mode=findings_mode, maps=maps
     )
-    _WORKER.update(model=model, prep=SeriesToModelInput(pkg.spec), out=Path(out_dir))
+    _WORKER.update(model=model, prep=SeriesToModelInput(pkg.spec), out=Path(out_dir), stow=stow)
 
 
 def _process(study_uid: str, paths: list[str]) -> dict:
@@ -69,7 +76,23 @@ def _process(study_uid: str, paths: list[str]) -> dict:
         work = run_study(StudyWork(study_uid, series), _WORKER["model"], _WORKER["prep"], _WORKER["out"])
     except Exception as exc:  # noqa: BLE001 - a bug on one study must not stop the batch
         work = StudyWork(study_uid, series).fail(f"unexpected {describe(exc)}")
-    return summary_row(work)
+    row = summary_row(work)
+    if _WORKER.get("stow") is not None and work.sr_path is not None:
+        row["stored"] = _stow(_WORKER["stow"], work.sr_path, study_uid)
+    return row
+
+
+def _stow(target, sr_path: Path, study_uid: str) -> str:
+    """STOW-RS of a study's SEG (when there is one) and SR: "yes", or why not."""
+    from .dicomweb import StowError
+
+    seg = sr_path.parent / seg_filename(study_uid)
+    try:
+        target.store([*([seg] if seg.exists() else []), sr_path], study_uid)
+        return "yes"
+    except (StowError, OSError) as exc:
+        log.error("%s", exc)
+        return f"failed: {exc}"
 
 
 def summary_row(work: StudyWork) -> dict:
@@ -92,7 +115,7 @@ def summary_row(work: StudyWork) -> dict:
 
 
 def write_summary(out: Path, rows: list[dict], finding_ids: list[str], meta: dict) -> None:
-    base = ["study_uid", "status", "error", "series_uid", "slices", "sr", "seg", "seconds"]
+    base = ["study_uid", "status", "error", "series_uid", "slices", "sr", "seg", "stored", "seconds"]
     cols = base + [f"{fid}.{k}" for fid in finding_ids for k in ("probability", "present")]
     import io
 
@@ -253,12 +276,15 @@ def run_batch(
     address: str | None = None,
     gpus_per_worker: float = 0.0,
     maps: bool | None = None,
+    stow=None,
 ) -> tuple[int, list[dict]]:
     """``findings``: a site's findings file, scored beside (``findings_mode`` add) or instead of (replace)
     the package's findings; its prompts are encoded once per process. ``engine``: ``local`` (a process
     pool on this machine) or ``ray`` (actors on a Ray cluster: ``address``, ``gpus_per_worker``;
     ``operators.batch_ray``); the SRs and the summary are the same. ``maps``: a SEG of the present findings'
-    maps beside each SR (None: when the package has them; True refuses a package without)."""
+    maps beside each SR (None: when the package has them; True refuses a package without). ``stow``: a
+    ``dicomweb.StowTarget`` each study's SEG and SR are stored to (the summary's ``stored`` column; a study
+    whose files were not stored is stored again by the next run)."""
 
     inp, out = Path(input_path), Path(out)
     if engine not in ("local", "ray"):
@@ -286,7 +312,16 @@ def run_batch(
     lock = _lock(out)
     try:
         return _run_locked(
-            inp, out, sr_dir, pkg, workers, force, progress, (findings, findings_mode, maps), engine, gpus_per_worker
+            inp,
+            out,
+            sr_dir,
+            pkg,
+            workers,
+            force,
+            progress,
+            (findings, findings_mode, maps, stow),
+            engine,
+            gpus_per_worker,
         )
     finally:
         lock.close()
@@ -337,8 +372,14 @@ def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool
         bar.update(1)
     bar.close()
     _remove_partials(sr_dir)  # a worker killed while writing an SR (its study was retried or failed)
+    stow = custom[3]
+    if stow is not None:  # studies done before whose files the endpoint has not stored yet
+        for row in rows:
+            if row.get("resumed") and row.get("status") == "ok" and row.get("stored") != "yes":
+                row["stored"] = _stow(stow, sr_dir / sr_filename(row["study_uid"]), row["study_uid"])
     elapsed = time.perf_counter() - t0
     failed = [r for r in rows if r["status"] != "ok"]
+    not_stored = [r for r in rows if str(r.get("stored", "")).startswith("failed")]
     meta = {
         "input": str(inp),
         "model": {
@@ -355,6 +396,7 @@ def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool
         "processed": len(todo),
         "resumed": len(rows) - len(todo),
         "failed": len(failed),
+        "stow": None if stow is None else {"url": stow.url, "not_stored": len(not_stored)},
         "seconds": round(elapsed, 2),
         "complete": True,
     }
@@ -370,4 +412,4 @@ def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool
     )
     for r in failed:
         log.error("failed: study %s: %s", r["study_uid"], r["error"])
-    return (1 if failed else 0), rows
+    return (1 if failed or not_stored else 0), rows

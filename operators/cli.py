@@ -241,6 +241,11 @@ def _infer(args: argparse.Namespace) -> int:
 
     # SIGTERM (a scheduler, docker stop) ends the batch as Ctrl-C does: its workers are stopped with it
     # (batch._local_rows), none is left holding a model in memory; the summary is not written.
+    stow = None
+    if args.stow:
+        from .dicomweb import StowTarget
+
+        stow = StowTarget(args.stow, args.stow_auth, args.stow_credentials, args.stow_ca)
     signal.signal(signal.SIGTERM, _terminated)
     with logging_redirect_tqdm(loggers=[logging.getLogger("ct-zeroshot")]):  # log lines do not cut the bar
         code, rows = run_batch(
@@ -256,6 +261,7 @@ def _infer(args: argparse.Namespace) -> int:
             address=args.address,
             gpus_per_worker=args.gpus_per_worker,
             maps=args.maps,
+            stow=stow,
         )
     failed = [r for r in rows if r["status"] != "ok"]
     print(
@@ -264,6 +270,9 @@ def _infer(args: argparse.Namespace) -> int:
     )
     for r in failed:
         print(f"FAILED {r['study_uid']}: {r['error']}")
+    for r in rows:
+        if str(r.get("stored", "")).startswith("failed"):
+            print(f"NOT STORED {r['study_uid']}: {r['stored'][len('failed: ') :]} (stored by the next run)")
     return code
 
 
@@ -344,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_findings_arguments(i)
     add_maps_argument(i)
+    i.add_argument("--stow", metavar="URL", help="store each study's SEG and SR with STOW-RS at this DICOMweb base URL")
+    i.add_argument("--stow-auth", default="none", choices=["none", "basic", "bearer"], help="STOW-RS authentication")
+    i.add_argument(
+        "--stow-credentials",
+        metavar="FILE|env:VAR",
+        help="basic: user:password, bearer: the token; the first line of FILE or the environment variable VAR",
+    )
+    i.add_argument("--stow-ca", metavar="PEM", help="the CA bundle that verifies the endpoint's certificate (https)")
     i.set_defaults(func=_infer)
     sv = sub.add_parser(
         "serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)"

@@ -33,6 +33,7 @@ from .contract.package import ModelPackage
 from .contract.scoring import Findings
 
 REGION_FRACTION = 0.5  # a segment holds the voxels this far from the map's lowest location to its highest
+REGION_GRID = 128  # the region is computed on blocks of voxels, about this many per in-plane axis
 SEG_SERIES_NUMBER = 9101
 SEG_SERIES_DESCRIPTION = "ct-zeroshot AI finding maps"
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -117,23 +118,37 @@ def on_volume(values: np.ndarray, values_affine: np.ndarray, shape: Sequence[int
     v = np.transpose(np.asarray(values, dtype=np.float64), source)  # map axes in the volume's order
     v = np.einsum("ia,abc->ibc", weights[0], v)
     v = np.einsum("jb,ibc->ijc", weights[1], v)
-    return (v.astype(np.float32) @ weights[2].T.astype(np.float32)).astype(np.float32)
+    return v.astype(np.float32) @ weights[2].T.astype(np.float32)  # (I, J, c) @ (c, K): float32, no copy after
 
 
 def finding_map_on_volume(
-    coarse: np.ndarray, grid: np.ndarray, shape: Sequence[int], affine: np.ndarray
+    coarse: np.ndarray, grid: np.ndarray, shape: Sequence[int], affine: np.ndarray, fine: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One finding's map (x, y, z on ``grid``) on a volume grid: (field, region, peak voxel).
 
     The region is the upper part of the map's range (``REGION_FRACTION``); the peak is the centre of the map's
     highest location (trilinear interpolation peaks there, and beyond the outermost centres it is flat), moved
-    inside the volume where that location reaches past it, as fractional voxel indices."""
-    field = on_volume(coarse, grid, shape, affine)
+    inside the volume where that location reaches past it, as fractional voxel indices.
+
+    The map is interpolated at the centres of blocks of ``step`` x ``step`` voxels in the first two axes, so
+    about ``REGION_GRID`` per axis (a 512 x 512 slice: 4 x 4 blocks, 2.8 mm at 0.7 mm pixels, against map
+    locations of centimetres), and each block takes its centre's value: a sixteenth of the work. The field is
+    then on the blocks' grid; ``fine`` interpolates at every voxel."""
+    step = 1 if fine else max(1, min(int(shape[0]), int(shape[1])) // REGION_GRID)
+    if step > 1:
+        coarse_shape = (-(-int(shape[0]) // step), -(-int(shape[1]) // step), int(shape[2]))
+        blocks = np.asarray(affine, dtype=np.float64) @ np.diag([step, step, 1.0, 1.0])
+        blocks[:3, 3] += (np.asarray(affine)[:3, 0] + np.asarray(affine)[:3, 1]) * (step - 1) / 2
+        field = on_volume(coarse, grid, coarse_shape, blocks)
+    else:
+        field = on_volume(coarse, grid, shape, affine)
     low, top = float(coarse.min()), float(coarse.max())
     if top > low:
         region = field >= low + REGION_FRACTION * (top - low)
     else:  # a flat map says nowhere in particular
         region = np.zeros(field.shape, dtype=bool)
+    if step > 1:
+        region = np.repeat(np.repeat(region, step, axis=0), step, axis=1)[: shape[0], : shape[1]]
     u = np.unravel_index(int(np.argmax(coarse)), coarse.shape)
     to_volume = np.linalg.solve(np.asarray(affine, dtype=np.float64), grid)  # map voxel -> volume voxel
     voxel = np.clip((to_volume @ np.r_[np.asarray(u, dtype=np.float64), 1.0])[:3], 0.0, np.asarray(shape) - 1.0)

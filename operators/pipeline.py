@@ -351,7 +351,8 @@ def write_report(work: StudyWork, model: ZeroShotModel, out_dir: str | Path) -> 
     except Exception as exc:  # noqa: BLE001 - an SR that cannot be built must not stop the batch
         _discard_seg(work)
         return work.fail(f"SR not written ({describe(exc)})")
-    work.timings["sr_s"] = time.perf_counter() - t
+    # the SR alone: its maps and their SEG are timed on their own (maps_s, seg_s)
+    work.timings["sr_s"] = time.perf_counter() - t - work.timings.get("maps_s", 0.0) - work.timings.get("seg_s", 0.0)
     present = [fid for fid, p in zip(findings.ids, findings.present) if p]
     log.info(
         "study %s: SR %s; present: %s; timings %s",

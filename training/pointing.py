@@ -87,7 +87,7 @@ def pointing_game(
             inside = lesion & body
             if not inside.any():
                 continue
-            field, _, voxel = finding_map_on_volume(m, grid, vol.array.shape, vol.affine)
+            field, _, voxel = finding_map_on_volume(m, grid, vol.array.shape, vol.affine, fine=True)
             positive = np.clip(field, 0.0, None) * body
             total = float(positive.sum())
             rows.append(

@@ -35,8 +35,11 @@ def orthanc_request(port: int, auth: str, method: str, path: str, data=None, cty
     return json.loads(body) if body and r.headers.get_content_type() == "application/json" else body
 
 
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
+
+
 class OrthancServer:
-    def __init__(self, root: Path, listener_port: int, tls: dict | None = None):
+    def __init__(self, root: Path, listener_port: int, tls: dict | None = None, dicomweb: bool = False):
         self.http, self.dicom = free_port(), free_port()
         listener = ["CTZEROSHOT", "127.0.0.1", listener_port]
         cfg = {
@@ -54,7 +57,8 @@ class OrthancServer:
             },
             "StorageDirectory": str(root / "db"),
             "IndexDirectory": str(root / "db"),
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+            **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if dicomweb else {}),
             **(tls or {}),
         }
         (root / "conf").mkdir(parents=True)
@@ -75,6 +79,14 @@ class OrthancServer:
             except OSError:
                 time.sleep(0.2)
         raise RuntimeError("Orthanc did not start: " + (self.root / "orthanc.log").read_text()[-2000:])
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http}/dicom-web"
+
+    def find_instance(self, sop_instance_uid: str) -> list[str]:
+        query = {"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}}
+        return self.request("POST", "/tools/find", json.dumps(query).encode())
 
     def request(self, method, path, data=None, ctype="application/json"):
         return orthanc_request(self.http, AUTH, method, path, data, ctype)
