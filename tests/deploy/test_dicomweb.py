@@ -82,7 +82,7 @@ def test_stow_rs_stores_srs_and_maps_with_auth_and_the_next_run_stores_what_fail
         assert all(r["stored"] == "yes" for r in rows.values()), rows
         summary = json.loads((out / "summary.json").read_text())
         assert summary["resumed"] == 3 and summary["stow"] == {"url": orthanc.dicomweb_url, "not_stored": 0}
-        for uid, r in rows.items():  # each SR (and the SEG it references) is at the PACS, as written
+        for r in rows.values():  # each SR (and the SEG it references) is at the PACS, as written
             sr = out / "sr" / r["sr"]
             assert orthanc.find_instance(str(pydicom.dcmread(sr, stop_before_pixels=True).SOPInstanceUID))
             for seg in {v["map"]["seg"] for v in read_findings(sr).values() if "map" in v}:
