@@ -157,3 +157,27 @@ def test_maps_are_asked_for_by_name_or_made_when_the_package_can(tiny_package, c
         assert not (tmp_path / "o" / "sr").exists() or not any((tmp_path / "o" / "sr").iterdir())
     assert ZeroShotModel(load_package(tiny_package["pkg"]), device="cpu", maps=None).maps
     assert not ZeroShotModel(load_package(tiny_package["pkg"]), device="cpu", maps=False).maps
+
+
+def test_the_listeners_maps_key_is_checked(tmp_path):
+    """``maps:`` must be true or false; true with a package without the localisation output is refused at start."""
+    import yaml
+
+    from operators.contract.package import PackageError, default_package_dir
+    from operators.listener.config import ListenerConfig
+    from operators.listener.service import Listener
+
+    base = {
+        "allowed": [{"ae_title": "PACS", "host": "127.0.0.1"}],
+        "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+        "spool": str(tmp_path / "spool"),
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**base, "maps": "yes"}))
+    with pytest.raises(ValueError, match="maps must be true or false"):
+        ListenerConfig.load(tmp_path / "bad.yaml")
+    (tmp_path / "on.yaml").write_text(yaml.safe_dump({**base, "maps": True}))
+    cfg = ListenerConfig.load(tmp_path / "on.yaml")
+    assert cfg.maps is True
+    if load_package(default_package_dir()).image_encoder.localisation is None:  # the embedded demo model
+        with pytest.raises(PackageError, match="no localisation output"):
+            Listener(cfg)
