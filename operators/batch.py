@@ -372,7 +372,7 @@ def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool
         bar.update(1)
     bar.close()
     _remove_partials(sr_dir)  # a worker killed while writing an SR (its study was retried or failed)
-    stow = custom[3]
+    _, _, _, stow = custom  # (findings file, findings mode, maps, STOW-RS target), as the workers get them
     if stow is not None:  # studies done before whose files the endpoint has not stored yet
         for row in rows:
             if row.get("resumed") and row.get("status") == "ok" and row.get("stored") != "yes":

@@ -40,7 +40,7 @@ _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class MapError(ValueError):
-    """A localisation map cannot be made (a package without the output, a grid that does not fit)."""
+    """A localisation map cannot be placed on the CT (a grid that is not axis-aligned or not the series')."""
 
 
 @dataclass
@@ -51,7 +51,6 @@ class FindingMap:
     finding: str
     region: np.ndarray
     peak_lps: tuple[float, float, float]  # patient coordinates (mm) of the map's highest location, in the CT
-    peak_value: float  # the map there (margin units: the finding's margin is the map's mean)
 
 
 @dataclass
@@ -73,6 +72,17 @@ def finding_directions(package: ModelPackage, indices: Sequence[int]) -> np.ndar
             for i in indices
         ]
     )
+
+
+def coarse_maps(
+    localisation: np.ndarray, package: ModelPackage, indices: Sequence[int], input_affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Findings ``indices``' maps on the tower's last feature map, (F, x, y, z), and that grid's voxel -> RAS
+    affine, from one study's ``localisation`` (D, x, y, z) and its model input's affine."""
+    coarse = np.einsum(
+        "dxyz,fd->fxyz", np.asarray(localisation, dtype=np.float64), finding_directions(package, indices)
+    )
+    return coarse, map_affine(input_affine, package.spec.spatial_size, localisation.shape[1:])
 
 
 def map_affine(input_affine: np.ndarray, input_size: Sequence[int], map_shape: Sequence[int]) -> np.ndarray:
@@ -167,14 +177,11 @@ def study_maps(
     present = [i for i, p in enumerate(findings.present) if p]
     maps: list[FindingMap] = []
     if present:
-        dirs = finding_directions(package, present)
-        coarse = np.einsum("dxyz,fd->fxyz", np.asarray(localisation, dtype=np.float64), dirs)
-        grid = map_affine(input_affine, package.spec.spatial_size, localisation.shape[1:])
+        coarse, grid = coarse_maps(localisation, package, present, input_affine)
         for i, m in zip(present, coarse):
-            field, region, voxel = finding_map_on_volume(m, grid, volume_shape, volume_affine)
+            _, region, voxel = finding_map_on_volume(m, grid, volume_shape, volume_affine)
             lps = (_LPS @ volume_affine @ np.r_[voxel, 1.0])[:3]
-            peak = (float(lps[0]), float(lps[1]), float(lps[2]))
-            maps.append(FindingMap(i, findings.ids[i], region, peak, float(m.max())))
+            maps.append(FindingMap(i, findings.ids[i], region, (float(lps[0]), float(lps[1]), float(lps[2]))))
     return StudyMaps(maps, np.asarray(volume_affine, dtype=np.float64))
 
 

@@ -50,8 +50,8 @@ class StudyWork:
     tensor: np.ndarray | None = None
     findings: Findings | None = None
     sr_path: Path | None = None
-    # With maps (``ZeroShotModel.maps``): the volume's grid and the model input's (shape, volume affine,
-    # input affine), the localisation features of the one encoder pass, and the SEG written beside the SR
+    # With maps (``ZeroShotModel.maps``): the CT volume's grid (shape, voxel -> RAS affine), the localisation
+    # features of the one encoder pass, and the SEG written beside the SR
     grid: tuple | None = None
     localisation: np.ndarray | None = None
     seg_path: Path | None = None

@@ -25,7 +25,7 @@ from operators.contract.package import load_package
 from operators.contract.preprocessing import model_input_affine, preprocess
 from operators.contract.scoring import ZeroShotModel
 from operators.contract.volume import load_nifti
-from operators.localisation import finding_directions, finding_map_on_volume, map_affine
+from operators.localisation import coarse_maps, finding_map_on_volume
 
 from .ground_truth import load_ground_truth
 
@@ -71,13 +71,9 @@ def pointing_game(
         vol = load_nifti(data / "merlin_data" / f"{sid}.nii.gz")
         x = preprocess(vol, pkg.spec)
         _, loc = model.embed_images_with_maps(x[None])
-        grid = map_affine(
-            model_input_affine(vol.array.shape, vol.affine, pkg.spec), pkg.spec.spatial_size, loc.shape[2:]
-        )
         fids = sorted(masks)
-        coarse = np.einsum(
-            "dxyz,fd->fxyz", loc[0].astype(np.float64), finding_directions(pkg, [ids.index(f) for f in fids])
-        )
+        input_affine = model_input_affine(vol.array.shape, vol.affine, pkg.spec)
+        coarse, grid = coarse_maps(loc[0], pkg, [ids.index(f) for f in fids], input_affine)
         body = vol.array > BODY_HU
         n_body = int(body.sum())
         for fid, m in zip(fids, coarse):

@@ -85,10 +85,7 @@ def test_groups_with_maps_go_into_the_template_whole(case):
     region = np.zeros(shape, dtype=bool)
     region[2:9, 3:12, 4:15] = True
     maps = StudyMaps(
-        [
-            FindingMap(j, findings.ids[j], region if k else ~region, (1.5, -2.0, 30.0 + k), 1.0)
-            for k, j in enumerate(mapped)
-        ],
+        [FindingMap(j, findings.ids[j], region if k else ~region, (1.5, -2.0, 30.0 + k)) for k, j in enumerate(mapped)],
         affine,
     )
     seg, segments = build_seg(headers, maps, pkg, "1.2.826.0.1.3680043.8.498.3", "1.2.826.0.1.3680043.8.498.4")
