@@ -277,6 +277,7 @@ def run_batch(
     gpus_per_worker: float = 0.0,
     maps: bool | None = None,
     stow=None,
+    source=None,
 ) -> tuple[int, list[dict]]:
     """``findings``: a site's findings file, scored beside (``findings_mode`` add) or instead of (replace)
     the package's findings; its prompts are encoded once per process. ``engine``: ``local`` (a process
@@ -284,12 +285,17 @@ def run_batch(
     ``operators.batch_ray``); the SRs and the summary are the same. ``maps``: a SEG of the present findings'
     maps beside each SR (None: when the package has them; True refuses a package without). ``stow``: a
     ``dicomweb.StowTarget`` each study's SEG and SR are stored to (the summary's ``stored`` column; a study
-    whose files were not stored is stored again by the next run)."""
+    whose files were not stored is stored again by the next run). ``source``: a ``(dicomweb.Source,
+    dicomweb.StudyQuery)`` pair: the studies the query selects are retrieved by WADO-RS into
+    ``OUT/retrieved/`` (each study's folder appears whole; one there is not retrieved again) and that folder
+    is the batch's input (``input_path`` is then the endpoint's URL, for the summary); a study that cannot be
+    retrieved is a failed row, the others go on."""
 
-    inp, out = Path(input_path), Path(out)
+    out = Path(out)
+    inp = out / "retrieved" if source is not None else Path(input_path)
     if engine not in ("local", "ray"):
         raise BatchError(f"unknown engine {engine!r}: local or ray")
-    if not inp.exists():
+    if source is None and not inp.exists():
         raise FileNotFoundError(f"{inp}: input folder does not exist")
     pkg = load_package(named_or_demo(model))
     from .contract.scoring import ZeroShotModel, package_with_findings
@@ -311,6 +317,14 @@ def run_batch(
     sr_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
+        not_retrieved: dict[str, str] = {}
+        if source is not None:
+            from .dicomweb import RetrieveError, retrieve_studies
+
+            try:
+                not_retrieved = retrieve_studies(source[0], source[1], inp, progress)
+            except RetrieveError as exc:
+                raise BatchError(str(exc)) from None
         return _run_locked(
             inp,
             out,
@@ -322,6 +336,8 @@ def run_batch(
             (findings, findings_mode, maps, stow),
             engine,
             gpus_per_worker,
+            not_retrieved,
+            str(input_path),
         )
     finally:
         lock.close()
@@ -342,13 +358,27 @@ def _discover(inp: Path, engine: str) -> dict[str, list[str]]:
     return dict(sorted(studies.items()))
 
 
-def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool, custom, engine, gpus_per_worker):
+def _run_locked(
+    inp,
+    out,
+    sr_dir,
+    pkg,
+    workers: int,
+    force: bool,
+    progress: bool,
+    custom,
+    engine,
+    gpus_per_worker,
+    not_retrieved: dict[str, str],
+    shown_input: str,
+):
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     studies = _discover(inp, engine)
     previous = _previous_rows(out)
-    rows, todo = [], []
+    rows = [summary_row(StudyWork(uid, []).fail(why)) for uid, why in not_retrieved.items() if uid not in studies]
+    todo = []
     for uid, paths in studies.items():
         if not force and (sr_dir / sr_filename(uid)).exists():
             rows.append(_resumed_row(sr_dir / sr_filename(uid), uid, pkg, previous.get(uid)))
@@ -381,7 +411,7 @@ def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool
     failed = [r for r in rows if r["status"] != "ok"]
     not_stored = [r for r in rows if str(r.get("stored", "")).startswith("failed")]
     meta = {
-        "input": str(inp),
+        "input": shown_input,
         "model": {
             "name": pkg.name,
             "version": pkg.version,
@@ -394,7 +424,7 @@ def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool
         "workers": workers,
         "engine": engine,
         "processed": len(todo),
-        "resumed": len(rows) - len(todo),
+        "resumed": sum(1 for r in rows if r.get("resumed")),
         "failed": len(failed),
         "stow": None if stow is None else {"url": stow.url, "not_stored": len(not_stored)},
         "seconds": round(elapsed, 2),
@@ -406,7 +436,7 @@ def _run_locked(inp, out, sr_dir, pkg, workers: int, force: bool, progress: bool
         len(rows),
         len(rows) - len(failed),
         len(failed),
-        len(rows) - len(todo),
+        sum(1 for r in rows if r.get("resumed")),
         elapsed,
         out / "summary.csv",
     )

@@ -246,6 +246,14 @@ def _infer(args: argparse.Namespace) -> int:
         from .dicomweb import StowTarget
 
         stow = StowTarget(args.stow, args.stow_auth, args.stow_credentials, args.stow_ca)
+    source = None
+    if args.input.startswith(("http://", "https://")):
+        from .dicomweb import Source, StudyQuery
+
+        query = StudyQuery(args.modality, args.dates, tuple(args.study or ()))
+        source = (Source(args.input, args.source_auth, args.source_credentials, args.source_ca), query)
+    elif args.study or args.dates:
+        raise ValueError("--study and --dates select studies at a DICOMweb source: give its URL as the input")
     signal.signal(signal.SIGTERM, _terminated)
     with logging_redirect_tqdm(loggers=[logging.getLogger("ct-zeroshot")]):  # log lines do not cut the bar
         code, rows = run_batch(
@@ -262,6 +270,7 @@ def _infer(args: argparse.Namespace) -> int:
             gpus_per_worker=args.gpus_per_worker,
             maps=args.maps,
             stow=stow,
+            source=source,
         )
     failed = [r for r in rows if r["status"] != "ok"]
     print(
@@ -323,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--present-only", action="store_true", help="only findings called present or labelled present")
     r.set_defaults(func=_report)
     i = sub.add_parser("infer", help="batch inference over a DICOM folder tree: SRs, summary.csv/json, resumable")
-    i.add_argument("input", help="folder tree of DICOM files (any layout; grouped by Study/Series UID)")
+    i.add_argument(
+        "input",
+        help="folder tree of DICOM files (any layout; grouped by Study/Series UID), or a DICOMweb base URL: the "
+        "studies a QIDO-RS query selects (--modality, --dates, --study) are retrieved by WADO-RS into OUT/retrieved/",
+    )
     i.add_argument("--out", required=True, help="output folder: sr/, summary.csv, summary.json")
     i.add_argument("--model", default=None, help="model package (default: the embedded demo model)")
     i.add_argument("--workers", type=int, default=1, help="studies processed in parallel (default 1)")
@@ -361,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="basic: user:password, bearer: the token; the first line of FILE or the environment variable VAR",
     )
     i.add_argument("--stow-ca", metavar="PEM", help="the CA bundle that verifies the endpoint's certificate (https)")
+    i.add_argument("--modality", default="CT", help="DICOMweb input: studies holding this modality, its series pulled")
+    i.add_argument("--dates", metavar="YYYYMMDD-YYYYMMDD", help="DICOMweb input: study dates (either end may be open)")
+    i.add_argument("--study", action="append", metavar="UID", help="DICOMweb input: only this study (repeatable)")
+    i.add_argument("--source-auth", default="none", choices=["none", "basic", "bearer"], help="DICOMweb input auth")
+    i.add_argument("--source-credentials", metavar="FILE|env:VAR", help="DICOMweb input credentials, as --stow's")
+    i.add_argument("--source-ca", metavar="PEM", help="the CA bundle that verifies the DICOMweb input's certificate")
     i.set_defaults(func=_infer)
     sv = sub.add_parser(
         "serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)"

@@ -14,6 +14,38 @@ class Peer:
     host: str | None = None
     port: int | None = None
 
+    def describe(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class WebDestination:
+    """SRs (and their SEGs) stored with STOW-RS at a DICOMweb endpoint instead of C-STOREd
+    (``operators.dicomweb``): its base URL, ``auth`` none/basic/bearer with ``credentials`` read from a file
+    or ``env:VARIABLE`` at each delivery, and ``ca_bundle`` for an https endpoint's certificate."""
+
+    url: str
+    auth: str = "none"
+    credentials: str | None = None
+    ca_bundle: str | None = None
+    timeout_s: float = 60.0
+
+    def describe(self) -> str:
+        return f"STOW-RS {self.url}"
+
+
+def parse_destination(value) -> Peer | WebDestination:
+    """``destination``: ``kind: dimse`` (the default; ae_title, host, port) or ``kind: dicomweb`` (url, ...)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"destination must be a mapping, got {value!r}")
+    fields = dict(value)
+    kind = fields.pop("kind", "dimse")
+    if kind == "dimse":
+        return Peer(**fields)
+    if kind == "dicomweb":
+        return WebDestination(**fields)
+    raise ValueError(f"destination.kind must be dimse or dicomweb, got {kind!r}")
+
 
 @dataclass
 class TLS:
@@ -60,7 +92,7 @@ class ListenerConfig:
     bind: str = "127.0.0.1"
     port: int = 11112
     allowed: list[Peer] = field(default_factory=list)
-    destination: Peer | None = None
+    destination: Peer | WebDestination | None = None  # where SRs go: C-STORE (Peer) or STOW-RS
     spool: str = "spool"
     model: str | None = None
     idle_timeout_s: float = 10.0
@@ -100,14 +132,24 @@ class ListenerConfig:
             dest = data.pop("destination", None)
             tls = data.pop("tls", None)
             cfg = cls(
-                **data, allowed=allowed, destination=Peer(**dest) if dest else None, tls=TLS(**tls) if tls else None
+                **data,
+                allowed=allowed,
+                destination=parse_destination(dest) if dest is not None else None,
+                tls=TLS(**tls) if tls else None,
             )
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from exc
         if not cfg.allowed:
             raise ValueError(f"{path}: 'allowed' must list at least one calling AE title")
-        if cfg.destination is None or not cfg.destination.host or not cfg.destination.port:
-            raise ValueError(f"{path}: 'destination' needs ae_title, host and port")
+        if isinstance(cfg.destination, WebDestination):
+            from ..dicomweb import StowTarget
+
+            try:  # the URL, the auth kind, the credentials and the CA bundle, checked now
+                StowTarget(**vars(cfg.destination))
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"{path}: destination: {exc}") from None
+        elif cfg.destination is None or not cfg.destination.host or not cfg.destination.port:
+            raise ValueError(f"{path}: 'destination' needs ae_title, host and port (or kind: dicomweb and a url)")
         if not isinstance(cfg.maps, bool):
             raise ValueError(f"{path}: maps must be true or false, got {cfg.maps!r}")
         if cfg.findings_mode not in ("add", "replace"):

@@ -1,24 +1,59 @@
-"""Delivering an SR to the destination PACS: C-STORE with retries and exponential backoff."""
+"""Delivering a study's SR (and the SEG of its maps, first) to the destination: C-STORE to a DICOM peer,
+or STOW-RS to a DICOMweb endpoint, with retries and exponential backoff either way."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ListenerConfig
+from .config import ListenerConfig, WebDestination
 
 log = logging.getLogger("ct-zeroshot.listener")
+
+
+def make_sender(cfg: ListenerConfig, stop: threading.Event) -> Sender | WebSender:
+    return WebSender(cfg, stop) if isinstance(cfg.destination, WebDestination) else Sender(cfg, stop)
+
+
+class WebSender:
+    """STOW-RS: a study's files in one request (``operators.dicomweb.StowTarget``); the credentials are read
+    at each attempt, so a secret rotated while an SR waits is used for its next delivery."""
+
+    def __init__(self, cfg: ListenerConfig, stop: threading.Event):
+        from ..dicomweb import StowTarget
+
+        dest = cfg.destination
+        if not isinstance(dest, WebDestination):
+            raise ValueError("listener has no DICOMweb destination configured")
+        self.stop = stop
+        self.target = StowTarget(**vars(dest), retries=cfg.retries, backoff_s=cfg.backoff_s)
+
+    def send_study(self, files: Sequence[Path], uid: str) -> bool:
+        """True once the endpoint stored every file; False after the last retry (or on stop)."""
+        from ..dicomweb import StowError
+
+        try:
+            self.target.store(files, uid, stop=self.stop)
+            return True
+        except (StowError, OSError) as exc:
+            log.warning("%s", exc)
+            return False
 
 
 class Sender:
     def __init__(self, cfg: ListenerConfig, stop: threading.Event):
         dest = cfg.destination
-        if dest is None or dest.host is None or dest.port is None:
-            raise ValueError("listener has no destination configured")
+        if dest is None or isinstance(dest, WebDestination) or dest.host is None or dest.port is None:
+            raise ValueError("listener has no DICOM destination configured")
         self.cfg, self.dest, self.stop = cfg, dest, stop
         # one TLS context for every delivery (its certificate files are read once)
         self.tls = (cfg.tls.client_context(), dest.host) if cfg.tls else None
+
+    def send_study(self, files: Sequence[Path], uid: str) -> bool:
+        """Each file C-STOREd in order (a SEG before the SR referencing it); False at the first not delivered."""
+        return all(self.send(f, uid) for f in files)
 
     def send(self, sr_path: Path, uid: str) -> bool:
         """True once the destination answered success; False after the last retry (or on stop)."""

@@ -7,9 +7,10 @@
 - A study is complete when no open association has delivered instances of it and ``idle_timeout_s``
   has passed since its last instance (senders split studies across associations; release alone is not
   enough). Complete studies move from ``spool/incoming`` to ``spool/ready`` (a rename), then run
-  through the application's stages one at a time; the SR is C-STOREd to the destination with retries
-  and exponential backoff, and the study moves to ``spool/done`` (``spool/failed`` with its reason when
-  it cannot be processed); ``retain_delivered_s`` after delivery its instances and SR files are deleted.
+  through the application's stages one at a time; the SR is C-STOREd (or stored with STOW-RS) to the
+  destination with retries and exponential backoff, and the study moves to ``spool/done``
+  (``spool/failed`` with its reason when it cannot be processed); ``retain_delivered_s`` after delivery
+  its instances and SR files are deleted.
 - Restart-safe: on start, studies in ``incoming`` get a fresh idle timer, those in ``ready`` are queued,
   and an SR already written but not sent is sent. SR UIDs derive from study, series and model
   (``pipeline.sr_uids``), so a study processed twice yields the same SR, never two different ones.
@@ -30,7 +31,7 @@ from typing import Any
 
 from ..contract.phi import allow_identifiers, describe
 from .config import ListenerConfig
-from .sender import Sender
+from .sender import make_sender
 from .spool import InstanceConflict, Spool, SpoolError, offered_references, sr_identity
 
 log = logging.getLogger("ct-zeroshot.listener")
@@ -74,7 +75,7 @@ class Listener:
         self.receiving: dict[int, int] = {}  # association id -> bytes of the instance being received
         self.queue: queue.Queue[str] = queue.Queue()
         self.stop = threading.Event()
-        self.sender = Sender(cfg, self.stop)
+        self.sender = make_sender(cfg, self.stop)
         self.server = None
         self.processed: list[dict] = []
         self.retry_round: dict[str, int] = {}  # study UID -> times it was queued again
@@ -313,7 +314,7 @@ class Listener:
         offered = [o for o in state.get("offered", []) if o.get("sop") != offer["sop"]] + [offer]
         self.spool.set_sr_state(uid, {**state, "offered": offered})
         seg = out / seg_filename(uid)  # the SR's maps go first: the SR references them
-        if (not seg.exists() or self.sender.send(seg, uid)) and self.sender.send(sr, uid):
+        if self.sender.send_study([*([seg] if seg.exists() else []), sr], uid):
             record["sent"] = True
             state = self.spool.sr_state(uid)
             delivered = list(dict.fromkeys([*state.get("delivered", []), state.get("sop")]))
@@ -472,15 +473,13 @@ class Listener:
         for t in self.threads:
             t.start()
         log.info(
-            "listening as %s on %s:%d%s; allowed callers: %s; SRs to %s@%s:%d",
+            "listening as %s on %s:%d%s; allowed callers: %s; SRs to %s",
             self.cfg.ae_title,
             self.cfg.bind,
             self.cfg.port,
             " (TLS)" if self.cfg.tls else "",
             ", ".join(p.ae_title for p in self.cfg.allowed),
-            self.cfg.destination.ae_title,
-            self.cfg.destination.host,
-            self.cfg.destination.port,
+            self.cfg.destination.describe(),
         )
 
     def shutdown(self):
