@@ -57,3 +57,21 @@ ORTHANC_IMAGE=${ORTHANC_IMAGE:-ct-zeroshot-orthanc:$version}
 DOCKER_BUILDKIT=1 $DOCKER build --network host --progress plain -f docker/pacs/Dockerfile.orthanc \
     -t "$ORTHANC_IMAGE" --build-arg "BASE=$BASE" docker/pacs
 say "built $ORTHANC_IMAGE"
+
+# The viewer of the pipeline: OHIF's prebuilt dist/ from npm (integrity checked by npm against the
+# registry's digest), served by Debian's nginx on the same base.
+OHIF_VERSION=${OHIF_VERSION:-3.13.2}
+ohif=docker/viewer/ohif
+if [[ "$(cat "$ohif/VERSION" 2>/dev/null)" != "$OHIF_VERSION" || ! -f "$ohif/dist/index.html" ]]; then
+    say "fetching @ohif/app@$OHIF_VERSION from npm"
+    command -v npm >/dev/null || { say "npm is needed for the viewer image (apt-get install npm)"; exit 1; }
+    rm -rf "$ohif" && mkdir -p "$ohif/pack"
+    npm pack --silent "@ohif/app@$OHIF_VERSION" --pack-destination "$ohif/pack" >/dev/null
+    tar -xzf "$ohif"/pack/ohif-app-*.tgz -C "$ohif/pack"
+    mv "$ohif/pack/package/dist" "$ohif/dist" && rm -rf "$ohif/pack"
+    echo "$OHIF_VERSION" >"$ohif/VERSION"
+fi
+VIEWER_IMAGE=${VIEWER_IMAGE:-ct-zeroshot-viewer:$version}
+DOCKER_BUILDKIT=1 $DOCKER build --network host --progress plain -f docker/viewer/Dockerfile \
+    -t "$VIEWER_IMAGE" --build-arg "BASE=$BASE" docker/viewer
+say "built $VIEWER_IMAGE (OHIF $OHIF_VERSION)"

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.request
 import uuid
 from base64 import b64encode
 from pathlib import Path
@@ -26,6 +27,9 @@ pytestmark = pytest.mark.image
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("CT_ZEROSHOT_IMAGE", f"ct-zeroshot:{__version__}")
 ORTHANC_IMAGE = os.environ.get("ORTHANC_IMAGE", f"ct-zeroshot-orthanc:{__version__}")
+VIEWER_IMAGE = os.environ.get("VIEWER_IMAGE", f"ct-zeroshot-viewer:{__version__}")
+# Screenshots of the browser test land here (ignored by git); one of them is docs/img/ohif-maps.png.
+ARTIFACTS = Path(os.environ.get("CT_ZEROSHOT_ARTIFACTS", ROOT / "build" / "test-artifacts"))
 DOCKER = os.environ.get("DOCKER", "docker")
 REQUIRED = os.environ.get("CT_ZEROSHOT_IMAGE_REQUIRED") == "1"
 UID = 1000  # the image's user (holoscan)
@@ -40,7 +44,7 @@ def docker(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module", autouse=True)
 def images():
-    for image in (IMAGE, ORTHANC_IMAGE):
+    for image in (IMAGE, ORTHANC_IMAGE, VIEWER_IMAGE):
         try:
             found = docker("image", "inspect", image, check=False, timeout=30).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
@@ -141,12 +145,18 @@ def test_container_infer_command_runs_batch_inference(studies, tmp_path):
 class Pipeline:
     """docker/pacs/docker-compose.yml as a compose project of its own, torn down with its volumes."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, override: dict | None = None):
         self.project = "czs" + uuid.uuid4().hex[:8]
         self.password = uuid.uuid4().hex
-        self.http = free_port()
+        self.http, self.viewer = free_port(), free_port()
         self.dir = tmp / "pacs"
         shutil.copytree(ROOT / "docker" / "pacs", self.dir)
+        self.files = [self.dir / "docker-compose.yml"]
+        if override:  # a site's docker-compose.override.yml: more mounts, say
+            import yaml
+
+            (self.dir / "override.yml").write_text(yaml.safe_dump({"version": "2.4", "services": override}))
+            self.files.append(self.dir / "override.yml")
         self.env = {
             **os.environ,
             "ORTHANC_PASSWORD": self.password,
@@ -154,18 +164,23 @@ class Pipeline:
             "ORTHANC_DICOM": str(free_port()),
             "CT_ZEROSHOT_IMAGE": IMAGE,
             "ORTHANC_IMAGE": ORTHANC_IMAGE,
+            "VIEWER_IMAGE": VIEWER_IMAGE,
+            "VIEWER_HTTP": str(self.viewer),
         }
 
     def compose(self, *args, check=True):
-        cmd = ["docker-compose", "-p", self.project, "-f", str(self.dir / "docker-compose.yml"), *args]
+        cmd = ["docker-compose", "-p", self.project, *(a for f in self.files for a in ("-f", str(f))), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=300)
         if check and proc.returncode:
             raise AssertionError(f"{' '.join(cmd)}: {proc.stderr[-3000:]}")
         return proc
 
+    @property
+    def auth(self) -> str:
+        return "Basic " + b64encode(f"pacs:{self.password}".encode()).decode()
+
     def request(self, method, path, data=None, ctype="application/json"):
-        auth = "Basic " + b64encode(f"pacs:{self.password}".encode()).decode()
-        return orthanc_request(self.http, auth, method, path, data, ctype, timeout=60)
+        return orthanc_request(self.http, self.auth, method, path, data, ctype, timeout=60)
 
 
 def _answers(call):
@@ -231,4 +246,141 @@ def test_compose_pipeline_study_into_orthanc_sr_back_in_orthanc(studies, tmp_pat
         assert "resubmitted route job" in logs
         assert str(sr.PatientName) not in logs and sr.PatientID not in logs  # no PHI in either log
     finally:
+        pacs.compose("down", "-v", "--remove-orphans", check=False)
+
+
+def _browser():
+    """Headless Chromium (Debian's, with its chromedriver) through Selenium; WebGL on SwiftShader."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--use-angle=swiftshader",
+        "--enable-unsafe-swiftshader",
+        "--window-size=1600,1000",
+        "--hide-scrollbars",
+    ):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
+
+
+def _overlay_pixels(png: bytes, box: dict) -> int:
+    """Coloured pixels (a segment's overlay; the CT itself is grey) inside ``box`` of a screenshot."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    x, y, w, h = (int(box[k]) for k in ("x", "y", "width", "height"))
+    crop = img[y : y + h, x : x + w]
+    return int(((crop.max(axis=2) - crop.min(axis=2)) > 60).sum())
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+@pytest.mark.skipif(shutil.which("chromedriver") is None, reason="Debian chromium and chromium-driver needed")
+def test_viewer_shows_the_findings_maps_over_the_ct(corpus200, tiny_package, tmp_path):
+    """The pipeline with maps on: a study stored into Orthanc comes back with its SR and SEG; OHIF (the
+    viewer service, behind Orthanc's credentials) shows the CT, the SR and the SEG in the study, and the
+    SEG opened over the CT lists each present finding and paints its region."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from operators.sr import read_findings
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_package["pkg"], model)
+    for p in [model, *model.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    pacs = Pipeline(tmp_path, {"listener": {"volumes": [f"{model}:/opt/models/site:ro"]}})
+    cfg = (pacs.dir / "listener.yaml").read_text().replace("/opt/holoscan/models/demo", "/opt/models/site")
+    (pacs.dir / "listener.yaml").write_text(cfg + "maps: true\n")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    pacs.compose("up", "-d")
+    drv = None
+    try:
+        wait_for(lambda: _answers(lambda: pacs.request("GET", "/system")), 60, "Orthanc did not answer")
+        study_uid, study = _store(pacs, sorted((corpus200 / "dicom").iterdir())[0])
+
+        def series(modality):
+            found = pacs.request("GET", f"/studies/{study}/series")
+            return [i for s in found if s["MainDicomTags"].get("Modality") == modality for i in s["Instances"]]
+
+        try:
+            wait_for(lambda: _answers(lambda: series("SR")), 300, "no SR")
+        except TimeoutError:
+            raise AssertionError(pacs.compose("logs", "--no-color", check=False).stdout[-6000:]) from None
+        (sr_id,) = series("SR")
+        (tmp_path / "sr.dcm").write_bytes(pacs.request("GET", f"/instances/{sr_id}/file"))
+        mapped = {fid for fid, v in read_findings(tmp_path / "sr.dcm").items() if "map" in v}
+        assert mapped, "the model called nothing present in this study: no map to show"
+        (seg_id,) = series("SEG")
+        (tmp_path / "seg.dcm").write_bytes(pacs.request("GET", f"/instances/{seg_id}/file"))
+        labels = {str(s.SegmentLabel) for s in pydicom.dcmread(tmp_path / "seg.dcm").SegmentSequence}
+        assert len(labels) == len(mapped)
+
+        base = f"http://127.0.0.1:{pacs.viewer}"
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no credentials, no viewer (nor PACS)
+            urllib.request.urlopen(f"{base}/dicom-web/studies", timeout=30)
+        assert refused.value.code == 401 and "Basic" in refused.value.headers.get("WWW-Authenticate", "")
+        drv = _browser()
+        drv.execute_cdp_cmd("Network.enable", {})  # the browser's credentials: Orthanc's user
+        drv.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": pacs.auth}})
+        drv.get(f"{base}/viewer?StudyInstanceUIDs={study_uid}")
+        wait = WebDriverWait(drv, 180, poll_frequency=0.5)
+
+        def thumbnails():
+            out = {}
+            for el in drv.find_elements(By.CSS_SELECTOR, '[data-cy^="study-browser-thumbnail"]'):
+                kind = el.find_elements(By.CSS_SELECTOR, '[data-cy="series-modality-label"]')
+                desc = el.find_elements(By.CSS_SELECTOR, '[data-cy="series-description-label"]')
+                if kind:
+                    out[kind[0].text] = (el, desc[0].text if desc else "")
+            return out
+
+        wait.until(lambda d: {"CT", "SEG", "SR"} <= set(thumbnails()))
+        shown = thumbnails()
+        assert shown["SR"][1] == "ct-zeroshot AI findings" and shown["SEG"][1] == "ct-zeroshot AI finding maps"
+        wait.until(
+            lambda d: d.execute_script(
+                "const c = document.querySelector('[data-cy=\"viewport-pane\"] canvas'); return c && c.width > 0;"
+            )
+        )
+        drv.save_screenshot(str(ARTIFACTS / "viewer-ct.png"))
+        time.sleep(3)  # the hanging protocol settles; a double-click before that is lost
+        for _ in range(6):  # open the SEG: a double-click on its series, then OHIF's "open it?" prompt
+            ActionChains(drv).double_click(thumbnails()["SEG"][0]).perform()
+            try:
+                WebDriverWait(drv, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-cy="yes-hydrate-btn"]'))
+                break
+            except TimeoutException:
+                continue
+        drv.find_element(By.CSS_SELECTOR, '[data-cy="yes-hydrate-btn"]').click()
+        panel = drv.find_elements(By.CSS_SELECTOR, '[data-cy="panelSegmentation-btn"]')
+        if panel and not drv.find_elements(By.CSS_SELECTOR, '[data-cy="data-row-title"]'):
+            panel[0].click()
+        wait.until(lambda d: {e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-cy="data-row-title"]')} >= labels)
+        rows = drv.find_elements(By.CSS_SELECTOR, '[data-cy="data-row-title"]')
+        rows[0].click()  # OHIF moves to that segment
+        pane = drv.find_element(By.CSS_SELECTOR, '[data-cy="viewport-pane"]')
+        wait.until(lambda d: _overlay_pixels(d.get_screenshot_as_png(), pane.rect) > 50)
+        png = drv.get_screenshot_as_png()
+        (ARTIFACTS / "viewer-maps.png").write_bytes(png)
+        assert _overlay_pixels(png, pane.rect) > 50
+    finally:
+        if drv is not None:
+            (ARTIFACTS / "viewer-console.log").write_text(
+                "\n".join(f"{e['level']} {e['message'][:400]}" for e in drv.get_log("browser"))
+            )
+            drv.save_screenshot(str(ARTIFACTS / "viewer-last.png"))
+            drv.quit()
         pacs.compose("down", "-v", "--remove-orphans", check=False)
