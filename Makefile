@@ -83,7 +83,7 @@ image:
 
 # The image tests (tests/e2e/test_image.py): the container run offline as a non-root user, batch
 # inference, the MAP manifests, the compose pipeline Orthanc -> listener -> SR (and maps) in Orthanc, and
-# the study opened in its OHIF viewer by headless Chromium (screenshots in build/test-artifacts/).
+# the maps opened in its OHIF viewer by headless Chromium (screenshots in build/test-artifacts/).
 test-image: venv
 	CT_ZEROSHOT_IMAGE_REQUIRED=1 $(BIN)/python -m pytest -m image tests/e2e/test_image.py $(PYTEST_ARGS)
 

@@ -185,14 +185,47 @@ def study_maps(
     return StudyMaps(maps, np.asarray(volume_affine, dtype=np.float64))
 
 
+def segmentation_type(rows: int, columns: int) -> dict:
+    """highdicom's segmentation type for frames of ``rows`` x ``columns``. BINARY frames are bit-packed end
+    to end: when a frame's pixels are not a whole number of bytes, frames start mid-byte, and archives
+    cannot cut them out (Orthanc's WADO-RS answers 400 for a frame of a 69 x 69 SEG, so OHIF cannot load
+    it). Such grids get one byte per pixel: FRACTIONAL, occupancy 0 or 1, the same region."""
+    import highdicom as hd
+
+    if rows * columns % 8 == 0:
+        return {"segmentation_type": hd.seg.SegmentationTypeValues.BINARY}
+    return {
+        "segmentation_type": hd.seg.SegmentationTypeValues.FRACTIONAL,
+        "fractional_type": hd.seg.SegmentationFractionalTypeValues.OCCUPANCY,
+        "max_fractional_value": 1,
+    }
+
+
+# Segment colours a viewer shows (Recommended Display CIELab Value), by segment number: distinct hues in
+# sRGB, so that neighbouring findings' regions differ where they overlap; a viewer without them picks its own.
+SEGMENT_COLOURS = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+)
+
+
 def segment_description(number: int, label: str, code, algorithm: str, version: str, family=None):
     """A highdicom segment for a finding: category morphologically abnormal structure, type its code; made by
-    an automatic algorithm of ``family`` (default: artificial intelligence)."""
+    an automatic algorithm of ``family`` (default: artificial intelligence); its display colour by number."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     return hd.seg.SegmentDescription(
         segment_number=number,
+        display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[(number - 1) % len(SEGMENT_COLOURS)]),
         segment_label=label[:64],
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=hd.sr.CodedConcept(code.value, code.scheme, code.meaning),
@@ -236,7 +269,7 @@ def build_seg(
     seg = hd.seg.Segmentation(
         source_images=[source[k] for k in order],
         pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        **segmentation_type(frames.shape[1], frames.shape[2]),
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid,
         series_number=SEG_SERIES_NUMBER,

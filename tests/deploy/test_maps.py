@@ -97,11 +97,21 @@ def test_the_seg_and_the_srs_references_validate_in_the_cts_frame(mapped):
     ct_for = headers[0].FrameOfReferenceUID
     assert seg.FrameOfReferenceUID == ct_for and seg.StudyInstanceUID == work.study_uid
     assert (seg.Rows, seg.Columns) == (headers[0].Rows, headers[0].Columns)  # what viewers (OHIF) require
+    # Each frame starts on a byte, so an archive can serve it alone (WADO-RS frames, as OHIF asks): bit-packed
+    # BINARY only where a frame's pixels fill whole bytes, else one byte per pixel (FRACTIONAL, 0 or 1).
+    pixels = seg.Rows * seg.Columns
+    assert seg.SegmentationType == ("BINARY" if pixels % 8 == 0 else "FRACTIONAL")
+    assert pixels * seg.BitsAllocated % 8 == 0
+    if seg.SegmentationType == "FRACTIONAL":
+        assert seg.SegmentationFractionalType == "OCCUPANCY" and seg.MaximumFractionalValue == 1
+        assert set(np.unique(seg.pixel_array)) == {0, 1}
     by_code = {f.code.value: f.id for f in pkg.catalogue}
     segments = {
         int(s.SegmentNumber): by_code[s.SegmentedPropertyTypeCodeSequence[0].CodeValue] for s in seg.SegmentSequence
     }
     assert sorted(segments.values()) == sorted(mapped["chosen"])
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence]  # shown as given, distinct
+    assert len(set(colours)) == len(colours)
     ct_uids = {h.SOPInstanceUID for h in headers}
     frame_segment = [
         int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for f in seg.PerFrameFunctionalGroupsSequence

@@ -271,12 +271,28 @@ def _browser():
     return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
 
 
+def _overlay_pixels(png: bytes, box: dict) -> int:
+    """Coloured pixels (a segment's overlay; the CT itself is grey) inside ``box`` of a screenshot."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    x, y, w, h = (int(box[k]) for k in ("x", "y", "width", "height"))
+    crop = img[y : y + h, x : x + w]
+    return int(((crop.max(axis=2) - crop.min(axis=2)) > 60).sum())
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 @pytest.mark.skipif(shutil.which("chromedriver") is None, reason="Debian chromium and chromium-driver needed")
 def test_viewer_shows_the_findings_maps_over_the_ct(corpus200, tiny_package, tmp_path):
     """The pipeline with maps on: a study stored into Orthanc comes back with its SR and a SEG with one
-    segment per present finding; OHIF (the viewer service, behind Orthanc's credentials) renders the CT
-    and lists the SR and the SEG among the study's series, by their descriptions."""
+    segment per present finding; OHIF (the viewer service, behind Orthanc's credentials) renders the CT,
+    lists the SR and the SEG among the study's series, and, the SEG opened as a user opens it, lists every
+    present finding's segment and paints its region over the CT."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -341,6 +357,23 @@ def test_viewer_shows_the_findings_maps_over_the_ct(corpus200, tiny_package, tmp
             )
         )
         drv.save_screenshot(str(ARTIFACTS / "viewer-study.png"))
+        pane = drv.find_element(By.CSS_SELECTOR, '[data-cy="viewport-pane"]')
+        before = _overlay_pixels(drv.get_screenshot_as_png(), pane.rect)  # the grey CT, the viewport's own marks
+        time.sleep(3)  # the hanging protocol settles; a double-click before that is lost
+        ActionChains(drv).double_click(thumbnails()["SEG"][0]).perform()  # open the SEG, as a user does
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-cy="yes-hydrate-btn"]'))[0].click()
+        if not drv.find_elements(By.CSS_SELECTOR, '[data-cy="data-row-title"]'):
+            drv.find_element(By.CSS_SELECTOR, '[data-cy="panelSegmentation-btn"]').click()
+        wait.until(lambda d: {e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-cy="data-row-title"]')} >= labels)
+        for _ in range(5):  # a click on a segment moves to it (the panel re-renders while it loads: retried)
+            try:
+                drv.find_elements(By.CSS_SELECTOR, '[data-cy="data-row-title"]')[0].click()
+                break
+            except StaleElementReferenceException:
+                time.sleep(1)
+        wait.until(lambda d: _overlay_pixels(d.get_screenshot_as_png(), pane.rect) > before + 1000)
+        time.sleep(2)
+        drv.save_screenshot(str(ARTIFACTS / "viewer-maps.png"))
     finally:
         if drv is not None:
             (ARTIFACTS / "viewer-console.log").write_text(

@@ -83,7 +83,7 @@ def write_lesion_seg(
     from pydicom.sr.codedict import codes
 
     from operators.contract.findings import load_catalogue
-    from operators.localisation import segment_description
+    from operators.localisation import segment_description, segmentation_type
 
     if not masks:
         return None
@@ -110,7 +110,7 @@ def write_lesion_seg(
     seg = hd.seg.Segmentation(
         source_images=source,
         pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        **segmentation_type(frames.shape[1], frames.shape[2]),  # frames that archives can serve one by one
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(UID_PREFIX, [str(seed), ref.StudyInstanceUID, "lesion-seg"]),
         series_number=90,
