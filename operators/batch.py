@@ -389,7 +389,7 @@ def _run_locked(
         len(studies),
         inp,
         len(todo),
-        len(rows),
+        sum(1 for r in rows if r.get("resumed")),  # not the studies that could not be retrieved
         workers,
         engine,
     )
