@@ -384,12 +384,13 @@ def _run_locked(
             rows.append(_resumed_row(sr_dir / sr_filename(uid), uid, pkg, previous.get(uid)))
         else:
             todo.append((uid, paths))
+    resumed = sum(1 for r in rows if r.get("resumed"))  # not the studies that could not be retrieved
     log.info(
         "%d studies in %s: %d to process, %d already done; %d worker(s), engine %s",
         len(studies),
         inp,
         len(todo),
-        sum(1 for r in rows if r.get("resumed")),  # not the studies that could not be retrieved
+        resumed,
         workers,
         engine,
     )
@@ -424,7 +425,7 @@ def _run_locked(
         "workers": workers,
         "engine": engine,
         "processed": len(todo),
-        "resumed": sum(1 for r in rows if r.get("resumed")),
+        "resumed": resumed,
         "failed": len(failed),
         "stow": None if stow is None else {"url": stow.url, "not_stored": len(not_stored)},
         "seconds": round(elapsed, 2),
@@ -436,7 +437,7 @@ def _run_locked(
         len(rows),
         len(rows) - len(failed),
         len(failed),
-        sum(1 for r in rows if r.get("resumed")),
+        resumed,
         elapsed,
         out / "summary.csv",
     )

@@ -57,6 +57,8 @@ class Endpoint:
     credentials: str | None = None  # a file holding them, or env:VARIABLE
     ca_bundle: str | None = None  # PEM file of the CAs that sign the endpoint's certificate (https)
     timeout_s: float = 60.0
+    retries: int = 3  # attempts per request, with a doubling back-off from backoff_s
+    backoff_s: float = 1.0
 
     def __post_init__(self):
         parts = urlsplit(str(self.url))
@@ -70,6 +72,8 @@ class Endpoint:
             raise FileNotFoundError(f"{self.ca_bundle}: DICOMweb CA bundle not found")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
             raise ValueError(f"DICOMweb timeout_s must be a number > 0, got {self.timeout_s!r}")
+        if self.retries < 1 or self.backoff_s < 0:
+            raise ValueError("DICOMweb retries must be >= 1 and backoff_s >= 0")
         self.secret()  # a missing file or variable is an error now, not at the first study
 
     def secret(self) -> str | None:
@@ -108,56 +112,60 @@ class Endpoint:
             session.verify = self.ca_bundle
         return DICOMwebClient(self.url.rstrip("/"), session=session, timeout=self.timeout_s)
 
-
-@dataclass(frozen=True)
-class StowTarget(Endpoint):
-    retries: int = 3
-    backoff_s: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.retries < 1 or self.backoff_s < 0:
-            raise ValueError("STOW-RS retries must be >= 1 and backoff_s >= 0")
-
-    def store(self, files: Sequence[Path], study_uid: str, stop: threading.Event | None = None) -> None:
-        """Store ``files`` (in order: a SEG before the SR referencing it) in one STOW-RS request. ``stop``
-        (set: the caller is shutting down) ends the back-off early, as a failure."""
-        import pydicom
-
-        datasets = [pydicom.dcmread(p) for p in files]
+    def _retrying(self, what: str, fn, error, stop: threading.Event | None = None):
+        """``fn(client)``, tried ``retries`` times with a doubling back-off; ``error(reason)`` is raised once
+        they are spent, or at once for credentials that cannot be read or a request the endpoint calls wrong
+        (``NOT_RETRIED``). ``stop`` (set: the caller is shutting down) ends the back-off early, as a failure.
+        The secret is read at each attempt: a rotated one is used."""
         delay, last = self.backoff_s, ""
         for attempt in range(1, self.retries + 1):
-            try:  # the secret is read at each attempt: a rotated one is used; a missing one is named
+            try:
                 client = self.client()
             except (OSError, ValueError) as exc:
-                raise StowError(f"study {study_uid}: not stored at {self.url} ({exc})") from None
+                raise error(str(exc)) from None
             try:
-                answer = client.store_instances(datasets, study_instance_uid=study_uid)
-                failed = answer.get("FailedSOPSequence", [])
-                if not failed:
-                    log.info(
-                        "study %s: %d instance(s) stored at %s (attempt %d)", study_uid, len(files), self.url, attempt
-                    )
-                    return
-                reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
-                last = f"{len(failed)} instance(s) refused (failure reason {', '.join(reasons)})"
+                return fn(client)
+            except _Refused as exc:  # an answer that is a failure (instances not stored): retried
+                last = str(exc)
             except Exception as exc:  # noqa: BLE001 - HTTP errors, refused connections, TLS: retried
                 last, status = http_reason(exc)
                 if status in NOT_RETRIED:
                     break
-            log.warning(
-                "study %s: STOW-RS to %s failed (%s), attempt %d of %d",
-                study_uid,
-                self.url,
-                last,
-                attempt,
-                self.retries,
-            )
+            log.warning("%s failed (%s), attempt %d of %d", what, last, attempt, self.retries)
             if attempt < self.retries:
                 if _wait(delay, stop):
                     break
                 delay *= 2
-        raise StowError(f"study {study_uid}: not stored at {self.url} ({last})")
+        raise error(last)
+
+
+class _Refused(Exception):
+    """An endpoint's answer that reports a failure (raised inside ``Endpoint._retrying``)."""
+
+
+@dataclass(frozen=True)
+class StowTarget(Endpoint):
+    def store(self, files: Sequence[Path], study_uid: str, stop: threading.Event | None = None) -> None:
+        """Store ``files`` (in order: a SEG before the SR referencing it) in one STOW-RS request; ``StowError``
+        when the endpoint did not (``stop``: see ``Endpoint._retrying``)."""
+        import pydicom
+
+        datasets = [pydicom.dcmread(p) for p in files]
+
+        def store(client):
+            answer = client.store_instances(datasets, study_instance_uid=study_uid)
+            failed = answer.get("FailedSOPSequence", [])
+            if failed:
+                reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
+                raise _Refused(f"{len(failed)} instance(s) refused (failure reason {', '.join(reasons)})")
+
+        self._retrying(
+            f"study {study_uid}: STOW-RS to {self.url}",
+            store,
+            lambda why: StowError(f"study {study_uid}: not stored at {self.url} ({why})"),
+            stop,
+        )
+        log.info("study %s: %d instance(s) stored at %s", study_uid, len(files), self.url)
 
 
 def _wait(seconds: float, stop: threading.Event | None) -> bool:
@@ -211,33 +219,9 @@ def _values(item: dict, tag: str) -> list:
 class Source(Endpoint):
     """An archive batch inference pulls studies from: QIDO-RS to find them, WADO-RS to retrieve them."""
 
-    retries: int = 3
-    backoff_s: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.retries < 1 or self.backoff_s < 0:
-            raise ValueError("DICOMweb retries must be >= 1 and backoff_s >= 0")
-
     def _call(self, what: str, fn):
         """``fn(client)`` with retries; ``RetrieveError`` naming ``what`` and the last answer."""
-        delay, last = self.backoff_s, ""
-        for attempt in range(1, self.retries + 1):
-            try:
-                return fn(self.client())
-            except (FileNotFoundError, ValueError) as exc:  # the secret, or a malformed answer: not retried
-                if not hasattr(exc, "response"):
-                    raise RetrieveError(f"{what} at {self.url}: {exc}") from None
-                last, status = http_reason(exc)
-            except Exception as exc:  # noqa: BLE001 - HTTP errors, refused connections, TLS: retried
-                last, status = http_reason(exc)
-            if status in NOT_RETRIED:
-                break
-            log.warning("%s at %s failed (%s), attempt %d of %d", what, self.url, last, attempt, self.retries)
-            if attempt < self.retries:
-                time.sleep(delay)
-                delay *= 2
-        raise RetrieveError(f"{what} at {self.url}: {last}")
+        return self._retrying(f"{what} at {self.url}", fn, lambda why: RetrieveError(f"{what} at {self.url}: {why}"))
 
     def studies(self, query: StudyQuery) -> list[str]:
         """The Study Instance UIDs the query selects, sorted; a value that is not a UID is logged and left out.
