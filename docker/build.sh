@@ -64,7 +64,7 @@ OHIF_VERSION=${OHIF_VERSION:-3.13.2}
 ohif=docker/viewer/ohif
 if [[ "$(cat "$ohif/VERSION" 2>/dev/null)" != "$OHIF_VERSION" || ! -f "$ohif/dist/index.html" ]]; then
     say "fetching @ohif/app@$OHIF_VERSION from npm"
-    command -v npm >/dev/null || { say "npm is needed for the viewer image (apt-get install npm)"; exit 1; }
+    command -v npm >/dev/null || { say "npm (with Node.js) is needed for the viewer image"; exit 1; }
     rm -rf "$ohif" && mkdir -p "$ohif/pack"
     npm pack --silent "@ohif/app@$OHIF_VERSION" --pack-destination "$ohif/pack" >/dev/null
     tar -xzf "$ohif"/pack/ohif-app-*.tgz -C "$ohif/pack"
