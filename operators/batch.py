@@ -34,7 +34,7 @@ from .contract.dicom_series import SeriesFiles, scan_files, scan_tree
 from .contract.files import PARTIAL_SUFFIX, write_atomic
 from .contract.package import load_package, named_or_demo
 from .contract.phi import allow_identifiers, describe, identifiers_allowed
-from .pipeline import CT_IMAGE_STORAGE, SeriesToModelInput, StudyWork, run_study, seg_filename, sr_filename
+from .pipeline import CT_IMAGE_STORAGE, CT_STORAGE_CLASSES, SeriesToModelInput, StudyWork, run_study, seg_filename, sr_filename
 
 log = logging.getLogger("ct-zeroshot")
 
@@ -101,7 +101,7 @@ def summary_row(work: StudyWork) -> dict:
         "status": work.status,
         "error": work.reason,
         "series_uid": work.chosen.series_uid if work.chosen else "",
-        "slices": len(work.chosen.paths) if work.chosen else 0,
+        "slices": work.chosen.slices if work.chosen else 0,  # an Enhanced CT's frames
         "sr": str(work.sr_path.name) if work.sr_path else "",
         "seg": str(work.seg_path.name) if work.seg_path else "",
         "seconds": round(work.timings.get("total_s", 0.0), 3),
@@ -156,9 +156,10 @@ def _lock(out: Path):
     return fh
 
 
-def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None) -> dict:
+def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None, paths: list[str] | None = None) -> dict:
     """The summary row of a study whose SR exists: the earlier row, or one rebuilt from the SR. Refuses an
-    SR that this package would not have written (another model, or other weights under its UID)."""
+    SR that this package would not have written (another model, or other weights under its UID). ``paths``:
+    the study's files, whose headers give an Enhanced CT's slices (its frames; the SR names the instance)."""
     import pydicom
 
     from .pipeline import sr_uids
@@ -170,9 +171,10 @@ def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None) -> d
             s
             for study in ds.CurrentRequestedProcedureEvidenceSequence
             for s in study.ReferencedSeriesSequence
-            if str(s.ReferencedSOPSequence[0].ReferencedSOPClassUID) == CT_IMAGE_STORAGE
+            if str(s.ReferencedSOPSequence[0].ReferencedSOPClassUID) in CT_STORAGE_CLASSES
         )
         series_uid, slices = str(ref.SeriesInstanceUID), len(ref.ReferencedSOPSequence)
+        single_frame = str(ref.ReferencedSOPSequence[0].ReferencedSOPClassUID) == CT_IMAGE_STORAGE
     except (AttributeError, IndexError, StopIteration) as exc:
         raise BatchError(f"{sr_path}: an SR without its source series ({type(exc).__name__})") from None
     if str(ds.SOPInstanceUID) != sr_uids(study_uid, series_uid, pkg.identity)[1]:
@@ -182,6 +184,9 @@ def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None) -> d
         )
     if previous and previous.get("series_uid") == series_uid:
         return {**previous, "resumed": True}
+    if not single_frame and paths:  # an Enhanced CT: its frames, as the run that wrote the SR counted them
+        found = scan_files(paths).series.get((study_uid, series_uid))
+        slices = found.slices if found is not None else slices
     row: dict = {"study_uid": study_uid, "status": "ok", "error": "", "series_uid": series_uid}
     seg = sr_path.parent / seg_filename(study_uid)
     row.update(slices=slices, sr=sr_path.name, seg=seg.name if seg.exists() else "", seconds=0.0, resumed=True)
@@ -381,7 +386,7 @@ def _run_locked(
     todo = []
     for uid, paths in studies.items():
         if not force and (sr_dir / sr_filename(uid)).exists():
-            rows.append(_resumed_row(sr_dir / sr_filename(uid), uid, pkg, previous.get(uid)))
+            rows.append(_resumed_row(sr_dir / sr_filename(uid), uid, pkg, previous.get(uid), paths))
         else:
             todo.append((uid, paths))
     resumed = sum(1 for r in rows if r.get("resumed"))  # not the studies that could not be retrieved

@@ -288,12 +288,15 @@ def _infer(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .listener import serve
+    from .listener import check, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.check is None and args.config is None:
+        raise ValueError("name the listener config: --config FILE (or --check FILE to check it without serving)")
+    level = logging.WARNING if args.check else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("highdicom", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return serve(args.config)
+    return check(args.check) if args.check else serve(args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,7 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser(
         "serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)"
     )
-    sv.add_argument("--config", required=True, help="listener YAML (ae_title, port, allowed, destination, spool, ...)")
+    sv.add_argument("--config", help="listener YAML (ae_title, port, allowed, destination, spool, ...)")
+    sv.add_argument(
+        "--check",
+        metavar="CONFIG",
+        help="check a listener config without serving: its keys, the model, the spool, the ports and a C-ECHO "
+        "(or HTTP request) to the destination; exit 0 when all pass, 1 when one fails, 2 for a bad config",
+    )
     sv.set_defaults(func=_serve)
     return p
 

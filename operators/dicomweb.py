@@ -98,8 +98,13 @@ class Endpoint:
         return value
 
     def client(self):
-        import requests
         from dicomweb_client.api import DICOMwebClient
+
+        return DICOMwebClient(self.url.rstrip("/"), session=self.session(), timeout=self.timeout_s)
+
+    def session(self):
+        """A ``requests`` session with the endpoint's credentials (read now) and CA bundle."""
+        import requests
 
         session = requests.Session()
         secret = self.secret()
@@ -110,7 +115,7 @@ class Endpoint:
             session.headers["Authorization"] = f"Bearer {secret}"
         if self.ca_bundle:
             session.verify = self.ca_bundle
-        return DICOMwebClient(self.url.rstrip("/"), session=session, timeout=self.timeout_s)
+        return session
 
     def _retrying(self, what: str, fn, error, stop: threading.Event | None = None):
         """``fn(client)``, tried ``retries`` times with a doubling back-off; ``error(reason)`` is raised once

@@ -5,11 +5,12 @@ these stages, so they cannot drift. A stage that fails marks the study failed wi
 the study and, where there is one, the file; later stages pass it through; nothing is written for it.
 
 **Series selection rule** (documented in docs/deploy.md). A series is *eligible* when it is CT Image
-Storage, Modality CT, ImageType ORIGINAL\\PRIMARY and not LOCALIZER, axial (slice normal within ~25
-degrees of the patient's head-feet axis) and has at least ``MIN_SLICES`` instances. Among eligible series
-the model sees the one with the most instances (the longest or thinnest coverage); ties go to the
-thinner SliceThickness, then the lower SeriesNumber, then the Series Instance UID. A study without an
-eligible series ends with the reason for each series it has.
+Storage or Enhanced CT Image Storage, Modality CT, ImageType ORIGINAL\\PRIMARY and not LOCALIZER, axial
+(slice normal within ~25 degrees of the patient's head-feet axis) and has at least ``MIN_SLICES`` slices
+(instances; an Enhanced CT's frames). Among eligible series the model sees the one with the most slices
+(the longest or thinnest coverage); ties go to the thinner SliceThickness, then the lower SeriesNumber,
+then the Series Instance UID. A study without an eligible series ends with the reason for each series it
+has.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from .contract.dicom_series import SeriesFiles, series_to_volume
+from .contract.dicom_series import (
+    CT_IMAGE_STORAGE,
+    CT_STORAGE_CLASSES,
+    ENHANCED_CT_IMAGE_STORAGE,
+    SeriesFiles,
+    series_frames,
+    series_to_volume,
+)
 from .contract.package import is_embedded_demo
 from .contract.phi import describe
 from .contract.preprocessing import build_transform, preprocess
@@ -33,7 +41,7 @@ from .contract.volume import VolumeError
 
 log = logging.getLogger("ct-zeroshot")
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+__all__ = ["CT_IMAGE_STORAGE", "CT_STORAGE_CLASSES", "ENHANCED_CT_IMAGE_STORAGE"]  # re-exported (batch, tests)
 MIN_SLICES = 8
 AXIAL_COS = 0.9  # |slice normal . z| at least this: within ~25 degrees of axial
 
@@ -87,23 +95,35 @@ def series_problem(s: SeriesFiles) -> str | None:
     desc = f"series {s.series_uid} ({len(s.paths)} instances)"
     if s.modality != "CT":
         return f"{desc}: modality {s.modality or 'missing'}, not CT"
-    if str(ds.get("SOPClassUID", "")) != CT_IMAGE_STORAGE:
-        return f"{desc}: SOP class {ds.get('SOPClassUID', 'missing')} is not CT Image Storage"
+    if str(ds.get("SOPClassUID", "")) not in CT_STORAGE_CLASSES:
+        shown = ds.get("SOPClassUID", "missing")
+        return f"{desc}: SOP class {shown} is not CT Image Storage or Enhanced CT Image Storage"
+    if s.slices != len(s.paths):
+        desc = f"series {s.series_uid} ({len(s.paths)} instances, {s.slices} frames)"
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return f"{desc}: a localizer"
     if image_type[:2] != ["ORIGINAL", "PRIMARY"]:
         shown = "\\".join(image_type) or "missing"
         return f"{desc}: ImageType {shown} is not ORIGINAL\\PRIMARY"
-    iop = ds.get("ImageOrientationPatient")
+    try:  # an Enhanced CT's orientation is in its functional groups; a malformed one is refused by file name
+        iop = _first_frame(s).get("ImageOrientationPatient")
+    except VolumeError as exc:
+        return f"{desc}: {exc}"
     if iop is None or len(iop) != 6:
         return f"{desc}: no ImageOrientationPatient"
     normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
     if abs(normal[2]) < AXIAL_COS * max(float(np.linalg.norm(normal)), 1e-9):
         return f"{desc}: not axial (slice normal {np.round(normal, 3).tolist()})"
-    if len(s.paths) < MIN_SLICES:
-        return f"{desc}: {len(s.paths)} slice(s), a volume needs at least {MIN_SLICES}"
+    if s.slices < MIN_SLICES:
+        return f"{desc}: {s.slices} slice(s), a volume needs at least {MIN_SLICES}"
     return None
+
+
+def _first_frame(s: SeriesFiles):
+    """The header of the series' first slice: its first instance, or an Enhanced CT's first frame (with the
+    orientation and slice thickness of its functional groups: ``dicom_series.series_frames``)."""
+    return series_frames(s.headers[:1], [str(s.paths[0])]).headers[0]
 
 
 def patients_in(series: list[SeriesFiles]) -> int:
@@ -139,9 +159,9 @@ def select_series(work: StudyWork) -> StudyWork:
         return work.fail("no eligible series: " + "; ".join(reasons) if reasons else "no series")
 
     def key(s: SeriesFiles):
-        ds = s.headers[0]  # a tie-break only: a value that is absent or not a number sorts last
+        ds = _first_frame(s)  # a tie-break only: a value that is absent or not a number sorts last
         return (
-            -len(s.paths),
+            -s.slices,
             _number_or(ds, "SliceThickness", 1e9),
             _number_or(ds, "SeriesNumber", 1 << 30),
             s.series_uid,
@@ -152,7 +172,7 @@ def select_series(work: StudyWork) -> StudyWork:
         "study %s: series %s (%d slices) chosen of %d (%d eligible)",
         work.study_uid,
         work.chosen.series_uid,
-        len(work.chosen.paths),
+        work.chosen.slices,
         len(work.series),
         len(eligible),
     )

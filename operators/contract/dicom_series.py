@@ -4,7 +4,16 @@ Written here rather than taken from the App SDK's ``DICOMSeriesToVolumeOperator`
 that operator swaps the in-plane spacings for non-square pixels, converts only the first
 series of the first study and silently drops instances that share a position (see
 ``shared/reference/deploy.md``). pydicom does the decoding (compressed transfer syntaxes
-through its pixel-data plugins); this module only does geometry and checks.
+through its pixel-data plugins: JPEG Lossless, JPEG-LS and RLE through pylibjpeg, JPEG 2000
+through pylibjpeg-openjpeg); this module only does geometry and checks.
+
+Two kinds of CT instances are read: CT Image Storage (one slice per instance) and Enhanced CT Image
+Storage (one multi-frame instance per series as a rule; any number of them). An Enhanced CT's frames
+become slices like a classic series' instances (``series_frames``): each frame's position, orientation,
+pixel spacing and rescale come from its item of the Per-frame Functional Groups Sequence or, where the
+macro is shared, from the Shared Functional Groups Sequence; the rest of the code (geometry, checks,
+volume) sees one classic header per frame, so an Enhanced CT gives the same ``Volume`` as the classic
+series it was made from.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import pixel_array
+from pydicom.pixels import iter_pixels, pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .phi import describe
@@ -33,6 +42,11 @@ _IOP_TOL = 1e-3
 _GAP_TOL = 0.05
 _PERPENDICULAR_TOL = 1e-3  # cosine between the stacking direction and the slice normal
 _ASSEMBLY_THREADS = 2  # a worker's share of the cores for decoding (see series_to_volume)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_STORAGE_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)  # the SOP classes a series may be read from
+_MULTI_FRAME_CLASSES = frozenset({ENHANCED_CT_IMAGE_STORAGE})  # their geometry is in functional groups
 
 
 @dataclass
@@ -49,6 +63,12 @@ class SeriesFiles:
     # one may be a slice of it, so the series cannot be called complete (the first or last slice of a
     # stack leaves no gap to see).
     damaged: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def slices(self) -> int:
+        """The image frames the instances declare: one per single-frame instance, NumberOfFrames per
+        multi-frame one (0 where that is not a count; ``series_frames`` checks it). Never raises."""
+        return sum(declared_frames(h) for h in self.headers)
 
 
 @dataclass
@@ -213,9 +233,138 @@ def _floats(ds: Dataset, keyword: str, n: int, where: str) -> np.ndarray:
 
 _REQUIRED = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 
+# A frame's attributes in a multi-frame instance: keyword -> the functional group (sequence) that holds it, in
+# the frame's Per-frame Functional Groups item or, when shared by all frames, the Shared Functional Groups item.
+_FRAME_GROUPS = {
+    "ImagePositionPatient": "PlanePositionSequence",
+    "ImageOrientationPatient": "PlaneOrientationSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+    "SliceThickness": "PixelMeasuresSequence",
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+}
+_FRAME_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")  # refused when missing
+# The instance's own attributes each of its frames carries (a classic slice has them at the top level)
+_INSTANCE_KEYWORDS = ("Rows", "Columns", "FrameOfReferenceUID", "SOPClassUID", "SOPInstanceUID")
+
+
+def is_multi_frame(header: Dataset) -> bool:
+    """Whether the instance is of a multi-frame CT class whose geometry is in functional groups (Enhanced CT)."""
+    return str(header.get("SOPClassUID", "")) in _MULTI_FRAME_CLASSES
+
+
+def declared_frames(header: Dataset) -> int:
+    """The frames an instance declares: 1 for a single-frame class, NumberOfFrames for a multi-frame one (0
+    where that is missing or not a count). Never raises: ``instance_frames`` is the check."""
+    if not is_multi_frame(header):
+        return 1
+    try:
+        n = int(header.get("NumberOfFrames"))
+    except (TypeError, ValueError):
+        return 0
+    return max(n, 0)
+
+
+@dataclass
+class SeriesFrames:
+    """A series as slices: one header per frame (an instance's own header for a single-frame instance; for a
+    multi-frame one, a header with the classic single-frame attributes taken from its functional groups),
+    the name each is known by in messages, and where its pixels are: (index of the instance in the series,
+    0-based frame in that instance, or None for a single-frame instance)."""
+
+    headers: list[Dataset]
+    names: list[str]
+    refs: list[tuple[int, int | None]]
+
+
+def series_frames(headers: Sequence[Dataset], names: Sequence[str]) -> SeriesFrames:
+    """The series' frames (``SeriesFrames``), instance by instance, each multi-frame instance's frames in
+    its order; a multi-frame instance whose functional groups are missing or malformed is refused by name."""
+    out = SeriesFrames([], [], [])
+    for i, (h, name) in enumerate(zip(headers, names)):
+        if not is_multi_frame(h):
+            out.headers.append(h)
+            out.names.append(name)
+            out.refs.append((i, None))
+            continue
+        for f, frame in enumerate(instance_frames(h, name)):
+            out.headers.append(frame)
+            out.names.append(f"{name} frame {f + 1}")
+            out.refs.append((i, f))
+    return out
+
+
+def instance_frames(header: Dataset, name: str) -> list[Dataset]:
+    """One classic header per frame of a multi-frame (Enhanced CT) instance: Rows, Columns, frame of
+    reference and SOP identity from the instance; position, orientation, pixel spacing, slice thickness
+    and rescale from the frame's Per-frame Functional Groups item, else the Shared Functional Groups item.
+    Refused, naming the file (and frame) and what is missing: NumberOfFrames absent or not a count, a Per-frame
+    Functional Groups Sequence absent or of another length than NumberOfFrames, a frame without position,
+    orientation or pixel spacing. The elements are taken as they are (their values are checked where used)."""
+    try:
+        declared = header.get("NumberOfFrames")
+        if declared is None:
+            raise VolumeError(f"{name}: multi-frame CT without NumberOfFrames")
+        try:
+            n = int(declared)
+        except (TypeError, ValueError):
+            raise VolumeError(f"{name}: NumberOfFrames is not a number") from None
+        if n < 1:
+            raise VolumeError(f"{name}: NumberOfFrames is {n}; a multi-frame CT needs at least one frame")
+        per_frame = header.get("PerFrameFunctionalGroupsSequence")
+        if per_frame is None:
+            raise VolumeError(
+                f"{name}: multi-frame CT without PerFrameFunctionalGroupsSequence (each frame's position unknown)"
+            )
+        if len(per_frame) != n:
+            raise VolumeError(
+                f"{name}: NumberOfFrames is {n} but PerFrameFunctionalGroupsSequence has {len(per_frame)} items"
+            )
+        shared_seq = header.get("SharedFunctionalGroupsSequence") or []
+        if len(shared_seq) > 1:
+            raise VolumeError(f"{name}: SharedFunctionalGroupsSequence has {len(shared_seq)} items; it has one")
+        shared = shared_seq[0] if shared_seq else Dataset()
+        frames = []
+        for f, item in enumerate(per_frame, start=1):
+            frame = Dataset()
+            for keyword in _INSTANCE_KEYWORDS:
+                if keyword in header:
+                    frame.add(header[keyword])
+            for keyword, group in _FRAME_GROUPS.items():
+                element = _group_element(item, shared, group, keyword)
+                if element is not None:
+                    frame.add(element)
+                elif keyword in _FRAME_GEOMETRY:
+                    raise VolumeError(
+                        f"{name} frame {f}: missing {keyword} ({group} in neither its "
+                        "PerFrameFunctionalGroupsSequence item nor the SharedFunctionalGroupsSequence)"
+                    )
+            frames.append(frame)
+        return frames
+    except VolumeError:
+        raise
+    except Exception as exc:  # a sequence pydicom cannot parse, an item that is not a dataset...
+        raise VolumeError(f"{name}: malformed multi-frame functional groups ({describe(exc)})") from exc
+
+
+def _group_element(item: Dataset, shared: Dataset, group: str, keyword: str):
+    """``keyword``'s element in functional group ``group``: the frame's own item first, then the shared one."""
+    for where in (item, shared):
+        seq = where.get(group)
+        if seq and keyword in seq[0] and seq[0][keyword].value is not None:
+            return seq[0][keyword]
+    return None
+
 
 def series_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[np.ndarray, list[int]]:
-    """Check a series' geometry; return its RAS affine and the slice order (indices into headers)."""
+    """Check a series' geometry; return its RAS affine and the slice order: indices into the series' frames
+    (``series_frames``), which for single-frame instances are the instances themselves (indices into headers)."""
+    frames = series_frames(headers, names)
+    return _frame_geometry(frames.headers, frames.names)
+
+
+def _frame_geometry(headers: Sequence[Dataset], names: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    """``series_geometry`` of the frames' headers (one classic header per slice)."""
     for h, n in zip(headers, names):
         missing = [k for k in _REQUIRED if k not in h]
         if missing:
@@ -319,47 +468,84 @@ def series_to_volume(
     once, whole, into its plane, instead of strided across the volume (a 512x512x300 series: 0.42 s ->
     ~0.15 s; docs/performance.md, stage timings). ``preprocess`` reads that layout without a copy. ``out``: a float32
     C-ordered (K, J, I) buffer to fill when it has the right shape (a worker reusing one buffer across
-    studies skips faulting in a new one per study)."""
+    studies skips faulting in a new one per study).
+
+    A multi-frame (Enhanced CT) instance's frames are decoded one after the other by pydicom
+    (``pydicom.pixels.iter_pixels``: from the file ``names[n]`` with ``offsets``, else from the dataset), each
+    into its plane and rescaled by its own functional groups; it must hold NumberOfFrames frames."""
     names = (
         list(names)
         if names is not None
         else [str(getattr(d, "filename", f"instance {n}")) for n, d in enumerate(datasets)]
     )
-    affine, order = series_geometry(datasets, names)
-    first = datasets[order[0]]
+    frames = series_frames(datasets, names)
+    affine, order = _frame_geometry(frames.headers, frames.names)
+    first = frames.headers[order[0]]
     rows, cols = int(first.Rows), int(first.Columns)
     shape = (len(order), rows, cols)
     ok = out is not None and out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous
     buf: np.ndarray = out if (ok and out is not None) else np.empty(shape, dtype=np.float32)
+    low = np.empty(len(order), dtype=np.float64)  # each plane's value range after rescale
+    high = np.empty(len(order), dtype=np.float64)
 
-    def assemble(planes: range) -> None:
+    def place(k: int, pix: np.ndarray, header: Dataset, name: str) -> None:
+        """Frame ``pix`` (as stored) into plane k, rescaled to HU by ``header``'s slope and intercept."""
+        if pix.shape != (rows, cols):
+            raise VolumeError(f"{name}: expected one {rows}x{cols} frame like the first slice, found pixels {pix.shape}")
+        # integer -> float32 within the first operation; the rescale runs in float32
+        slope, intercept = _rescale(header, name)
+        if slope != 1.0:
+            np.multiply(pix, np.float32(slope), out=buf[k], casting="unsafe")
+            buf[k] += np.float32(intercept)
+        else:
+            np.add(pix, np.float32(intercept), out=buf[k], casting="unsafe")
+        low[k], high[k] = buf[k].min(), buf[k].max()
+
+    # planes of single-frame instances, and where each multi-frame instance's frames start in ``frames``
+    singles = [k for k, f in enumerate(order) if frames.refs[f][1] is None]
+    starts: dict[int, int] = {}
+    for f, (idx, frame) in enumerate(frames.refs):
+        if frame is not None:
+            starts.setdefault(idx, f)
+
+    def assemble(part: range) -> None:
         scratch = np.empty(rows * cols * 2, dtype=np.uint8)  # this thread's native frame, reused
-        for k in planes:
-            idx = order[k]
+        for k in (singles[p] for p in part):
+            f = order[k]
+            idx = frames.refs[f][0]
             ds = datasets[idx]
             try:
                 pix = read_frame(names[idx], ds, offsets[idx], scratch) if offsets is not None else ds.pixel_array
             except Exception as exc:
                 raise VolumeError(f"{names[idx]}: pixel data cannot be decoded ({describe(exc)})") from exc
-            if pix.shape != (rows, cols):
-                raise VolumeError(
-                    f"{names[idx]}: expected one {rows}x{cols} frame like the first slice, found pixels {pix.shape}"
-                )
-            # integer -> float32 within the first operation; the rescale runs in float32
-            slope, intercept = _rescale(ds, names[idx])
-            if slope != 1.0:
-                np.multiply(pix, np.float32(slope), out=buf[k], casting="unsafe")
-                buf[k] += np.float32(intercept)
-            else:
-                np.add(pix, np.float32(intercept), out=buf[k], casting="unsafe")
-            low[k], high[k] = buf[k].min(), buf[k].max()
+            place(k, pix, frames.headers[f], frames.names[f])
 
-    low = np.empty(len(order), dtype=np.float64)  # each plane's value range after rescale
-    high = np.empty(len(order), dtype=np.float64)
     # reading native pixel data and the conversions run in numpy without the GIL, so the slabs overlap
-    in_slabs(assemble, len(order), _ASSEMBLY_THREADS)
-    check_hounsfield(float(low.min()), float(high.max()), names[order[0]])
-    return Volume(buf.transpose(2, 1, 0), affine, str(Path(names[order[0]]).parent))
+    in_slabs(assemble, len(singles), _ASSEMBLY_THREADS)
+    if starts:
+        plane = np.empty(len(order), dtype=np.int64)  # frame index -> its plane
+        plane[np.asarray(order)] = np.arange(len(order))
+        for idx, start in starts.items():
+            n = declared_frames(datasets[idx])
+            source = names[idx] if offsets is not None else datasets[idx]
+            decoded = 0
+            try:
+                for pix in iter_pixels(source):
+                    if decoded >= n:
+                        raise VolumeError(f"{names[idx]}: pixel data holds more frames than NumberOfFrames {n}")
+                    f = start + decoded
+                    place(int(plane[f]), pix, frames.headers[f], frames.names[f])
+                    decoded += 1
+            except VolumeError:
+                raise
+            except Exception as exc:
+                raise VolumeError(
+                    f"{names[idx]}: pixel data cannot be decoded at frame {decoded + 1} of {n} ({describe(exc)})"
+                ) from exc
+            if decoded != n:
+                raise VolumeError(f"{names[idx]}: pixel data holds {decoded} frames; NumberOfFrames is {n}")
+    check_hounsfield(float(low.min()), float(high.max()), names[frames.refs[order[0]][0]])
+    return Volume(buf.transpose(2, 1, 0), affine, str(Path(names[frames.refs[order[0]][0]]).parent))
 
 
 def read_series(paths: Iterable[str | Path]) -> Volume:

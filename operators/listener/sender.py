@@ -8,7 +8,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ListenerConfig, WebDestination
+from .config import DimseDestination, ListenerConfig, WebDestination
 
 log = logging.getLogger("ct-zeroshot.listener")
 
@@ -28,7 +28,7 @@ class WebSender:
         if not isinstance(dest, WebDestination):
             raise ValueError("listener has no DICOMweb destination configured")
         self.stop = stop
-        self.target = StowTarget(**vars(dest), retries=cfg.retries, backoff_s=cfg.backoff_s)
+        self.target = StowTarget(**dest.endpoint(), retries=cfg.retries, backoff_s=cfg.backoff_s)
 
     def send_study(self, files: Sequence[Path], uid: str) -> bool:
         """True once the endpoint stored every file; False after the last retry (or on stop)."""
@@ -45,7 +45,7 @@ class WebSender:
 class Sender:
     def __init__(self, cfg: ListenerConfig, stop: threading.Event):
         dest = cfg.destination
-        if dest is None or isinstance(dest, WebDestination) or dest.host is None or dest.port is None:
+        if not isinstance(dest, DimseDestination):
             raise ValueError("listener has no DICOM destination configured")
         self.cfg, self.dest, self.stop = cfg, dest, stop
         # one TLS context for every delivery (its certificate files are read once)

@@ -7,14 +7,17 @@
 - A study is complete when no open association has delivered instances of it and ``idle_timeout_s``
   has passed since its last instance (senders split studies across associations; release alone is not
   enough). Complete studies move from ``spool/incoming`` to ``spool/ready`` (a rename), then run
-  through the application's stages one at a time; the SR is C-STOREd (or stored with STOW-RS) to the
-  destination with retries and exponential backoff, and the study moves to ``spool/done``
+  through the application's stages (``workers`` studies at a time, each study by one worker); the SR is
+  C-STOREd (or stored with STOW-RS) to the destination with retries and exponential backoff, and the
+  study moves to ``spool/done``
   (``spool/failed`` with its reason when it cannot be processed); ``retain_delivered_s`` after delivery
   its instances and SR files are deleted.
 - Restart-safe: on start, studies in ``incoming`` get a fresh idle timer, those in ``ready`` are queued,
   and an SR already written but not sent is sent. SR UIDs derive from study, series and model
   (``pipeline.sr_uids``), so a study processed twice yields the same SR, never two different ones.
 - Logs carry Study Instance UIDs, not patient names or IDs (unless ``log_patient_identifiers``).
+- Operations (``health``): ``/healthz``, ``/readyz``, Prometheus ``/metrics``, JSON logs and one audit line
+  per study outcome in ``SPOOL/audit.jsonl`` (``operators.listener.health``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 from ..contract.phi import allow_identifiers, describe
 from .config import ListenerConfig
+from .health import Audit, HealthServer, Metrics, Readiness, destination_answers, spool_writable, use_log_format
 from .sender import make_sender
 from .spool import InstanceConflict, Spool, SpoolError, offered_references, sr_identity
 
@@ -44,7 +48,57 @@ ACCEPTED_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.57",  # JPEG Lossless, non-hierarchical
     "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
     "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Image Compression (Lossless Only), pylibjpeg-openjpeg
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000 Image Compression (lossless or lossy, as the sender encoded it)
 )
+
+
+def load_model(cfg: ListenerConfig):
+    """The configured package (the embedded demo model without one) with the site's findings and maps."""
+    from ..contract.package import load_package, named_or_demo
+    from ..contract.scoring import ZeroShotModel
+
+    pkg = load_package(named_or_demo(cfg.model))
+    return ZeroShotModel(pkg, device="auto", findings=cfg.findings, findings_mode=cfg.findings_mode, maps=cfg.maps)
+
+
+def check(config: str | Path, out=None) -> int:
+    """``serve --check``: the config (a ``ConfigError`` is raised as for ``serve``), then the model loads,
+    the spool is writable, the DICOM (and health) ports can be bound and the destination answers. One line
+    per check; 0 when all pass, 1 otherwise. Nothing is received, written or sent but a C-ECHO."""
+    import socket
+    import sys
+
+    out = out or sys.stdout
+    cfg = ListenerConfig.load(config)
+    print(f"ok    config: {config}", file=out)
+    results: list[bool] = []
+
+    def say(ok: bool, what: str, detail: str) -> None:
+        results.append(ok)
+        print(f"{'ok  ' if ok else 'FAIL'}  {what}: {detail}", file=out)
+
+    try:
+        model = load_model(cfg)
+        pkg = model.package
+        say(True, "model", f"{pkg.name} {pkg.version}, {len(pkg.manifest.findings)} findings, device {model.device}")
+    except Exception as exc:  # noqa: BLE001 - every check runs; each failure is one line
+        say(False, "model", describe(exc))
+    ok, why = spool_writable(cfg.spool)
+    say(ok, "spool", why)
+    binds = [("DICOM port", cfg.bind, cfg.port)]
+    if cfg.health is not None:
+        binds.append(("health port", cfg.health.bind, cfg.health.port))
+    for what, host, port in binds:
+        try:
+            with socket.create_server((host, port)):
+                pass
+            say(True, what, f"{host}:{port} free")
+        except OSError as exc:
+            say(False, what, f"{host}:{port} cannot be bound ({exc.strerror or type(exc).__name__})")
+    ok, why = destination_answers(cfg)
+    say(ok, "destination", why)
+    return 0 if all(results) else 1
 
 
 class TransientError(RuntimeError):
@@ -53,22 +107,26 @@ class TransientError(RuntimeError):
 
 class Listener:
     """Receives (pynetdicom handlers ``on_*``), decides when a study is complete (``_watch``), runs the
-    pipeline one study at a time (``_work`` -> ``process``) and hands SRs to the ``Sender``."""
+    pipeline in ``workers`` threads (``_work`` -> ``process``) and hands SRs to the ``Sender``."""
 
-    def __init__(self, cfg: ListenerConfig):
-        from ..contract.package import load_package, named_or_demo
-        from ..contract.scoring import ZeroShotModel
+    def __init__(self, cfg: ListenerConfig, metrics: Metrics | None = None):
         from ..pipeline import SeriesToModelInput, log_model
 
         self.cfg = cfg
         allow_identifiers(cfg.log_patient_identifiers)  # header values in logs only where allowed
         self.spool = Spool(cfg.spool)
-        pkg = load_package(named_or_demo(cfg.model))
-        self.model = ZeroShotModel(
-            pkg, device="auto", findings=cfg.findings, findings_mode=cfg.findings_mode, maps=cfg.maps
-        )
+        self.model = load_model(cfg)
+        pkg = self.model.package
         log_model(self.model)
-        self.prep = SeriesToModelInput(self.model.package.spec)
+        self.metrics = metrics or Metrics()
+        self.metrics.model.labels(name=pkg.name, version=pkg.version).set(1)
+        self.audit = Audit(cfg.spool)
+        self.callers: dict[str, set[str]] = {}  # study UID -> calling AE titles that sent it (since start)
+        self.completed_at: dict[str, float] = {}  # study UID -> when it was queued (for the latency metric)
+        self.busy = 0  # workers processing a study now
+        # Each worker decodes into its own buffer (SeriesToModelInput reuses its last volume's memory).
+        self._spec, self._preps = self.model.package.spec, threading.local()
+        self._make_prep = SeriesToModelInput
         self.lock = threading.Lock()
         self.last_seen: dict[str, float] = {}  # study UID -> time of its last instance
         self.open_assoc: dict[int, set[str]] = {}  # association id -> studies it delivered
@@ -83,6 +141,11 @@ class Listener:
         # One lock per study: its spool moves (completion, processing, purge) never run at the same time,
         # e.g. a second part completing while the first is being processed waits for it.
         self.study_locks: dict[str, threading.Lock] = {}
+
+    def _prep(self):
+        if not hasattr(self._preps, "prep"):
+            self._preps.prep = self._make_prep(self._spec)
+        return self._preps.prep
 
     def _study_lock(self, uid: str) -> threading.Lock:
         with self.lock:
@@ -174,18 +237,24 @@ class Listener:
     def on_store(self, event):
         """Refuse what cannot be spooled safely; write the rest as received, then acknowledge."""
         self._message_done(event.assoc)
+        status = self._store(event)
+        if status == 0x0000:
+            self.metrics.instances.inc()
+        return status
+
+    def _store(self, event) -> int:
         if id(event.assoc) not in self.open_assoc:
-            return 0xC211  # refused: not an accepted caller
+            return self._refuse(0xC211, "not_allowed")  # refused: not an accepted caller
         if self.broken:
-            return 0xA700  # the pipeline cannot run: never acknowledge what would not be processed
+            return self._refuse(0xA700, "pipeline_ended")  # never acknowledge what would not be processed
         try:
             data = event.encoded_dataset(include_meta=True)  # the bytes as received, with file meta
         except Exception as exc:  # noqa: BLE001 - a malformed dataset must not stop the listener
             log.warning("C-STORE with an unreadable dataset refused (%s)", type(exc).__name__)
-            return 0xC210
+            return self._refuse(0xC210, "unreadable")
         if len(data) > self.cfg.max_instance_mb * 1e6:
             log.warning("C-STORE of %.0f MB refused (max_instance_mb %s)", len(data) / 1e6, self.cfg.max_instance_mb)
-            return 0xA700  # out of resources
+            return self._refuse(0xA700, "too_large")  # out of resources
         free = self._free_bytes()
         if free is not None and free - len(data) < self.cfg.min_free_mb * 1e6:
             log.warning(
@@ -193,28 +262,34 @@ class Listener:
                 (free - len(data)) / 1e6,
                 self.cfg.min_free_mb,
             )
-            return 0xA700  # out of resources: never acknowledge what may not be written or processed
+            return self._refuse(0xA700, "disk_full")  # never acknowledge what may not be written or processed
         try:
             ds = event.dataset
             uid, sop = ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID")
         except Exception as exc:  # noqa: BLE001
             log.warning("C-STORE with an unreadable dataset refused (%s)", type(exc).__name__)
-            return 0xC210
+            return self._refuse(0xC210, "unreadable")
         try:
             self.spool.store(data, uid, sop)
         except InstanceConflict as exc:
             log.warning("C-STORE refused: %s", exc)
-            return 0xC213  # cannot understand: a second, different instance under one SOP Instance UID
+            return self._refuse(0xC213, "conflict")  # a second, different instance under one SOP Instance UID
         except SpoolError as exc:
             log.warning("C-STORE refused: %s", exc)
-            return 0xC212  # the dataset does not match the SOP class (its UIDs are unusable)
+            return self._refuse(0xC212, "bad_uids")  # the dataset does not match the SOP class (its UIDs are unusable)
         except Exception as exc:  # noqa: BLE001
             log.error("study %s: instance %s not spooled (%s)", uid, sop, type(exc).__name__)
-            return 0xA700  # out of resources
+            return self._refuse(0xA700, "not_spooled")  # out of resources
+        title = str(getattr(getattr(event.assoc, "requestor", None), "ae_title", "")).strip()
         with self.lock:
             self.open_assoc.setdefault(id(event.assoc), set()).add(str(uid))
             self.last_seen[str(uid)] = time.monotonic()
+            self.callers.setdefault(str(uid), set()).add(title)
         return 0x0000
+
+    def _refuse(self, status: int, reason: str) -> int:
+        self.metrics.refused.labels(reason=reason).inc()
+        return status
 
     # -- completion and processing --------------------------------------------------------------
     def _watch(self):
@@ -259,6 +334,9 @@ class Listener:
 
             first = pydicom.dcmread(next(dst.iterdir()), stop_before_pixels=True)
             log.info("study %s: patient %s (%s)", uid, first.get("PatientID", ""), first.get("PatientName", ""))
+        self.metrics.studies_received.inc()
+        with self.lock:
+            self.completed_at[uid] = time.time()
         self.queue.put(uid)
 
     def process(self, uid: str) -> dict:
@@ -286,7 +364,8 @@ class Listener:
             else:
                 work = StudyWork(uid, studies[uid], **self._revision(uid, state, sr))
                 (out / seg_filename(uid)).unlink(missing_ok=True)  # an earlier SR's maps: never sent with this one
-                work = run_study(work, self.model, self.prep, out)
+                work = run_study(work, self.model, self._prep(), out)
+                self.metrics.observe_stages(work.timings)
                 if work.transient:  # storage failed, not the study: kept in ready/ and tried again
                     raise TransientError(work.reason)
                 record.update(status=work.status, error=work.reason)
@@ -306,6 +385,7 @@ class Listener:
         if record["status"] != "ok":
             self.spool.finish(uid, record["error"])
             log.error("study %s: failed: %s", uid, record["error"])
+            self._outcome(uid, "failed", error=record["error"])
             self.processed.append(record)
             return record
         # Offered before it is sent: a later correction names every SR the destination may hold.
@@ -314,17 +394,67 @@ class Listener:
         offered = [o for o in state.get("offered", []) if o.get("sop") != offer["sop"]] + [offer]
         self.spool.set_sr_state(uid, {**state, "offered": offered})
         seg = out / seg_filename(uid)  # the SR's maps go first: the SR references them
-        if self.sender.send_study([*([seg] if seg.exists() else []), sr], uid):
+        files = [*([seg] if seg.exists() else []), sr]
+        t = time.perf_counter()
+        sent = self.sender.send_study(files, uid)
+        self.metrics.delivery.observe(time.perf_counter() - t)
+        self.metrics.attempts.labels(outcome="stored" if sent else "not_stored").inc()
+        if sent:
             record["sent"] = True
             state = self.spool.sr_state(uid)
             delivered = list(dict.fromkeys([*state.get("delivered", []), state.get("sop")]))
             self.spool.set_sr_state(uid, {**state, "delivered": delivered, "delivered_at": time.time()})
             self.spool.finish(uid)
+            with self.lock:
+                completed = self.completed_at.pop(uid, None)
+            if completed is not None:
+                self.metrics.latency.observe(max(0.0, time.time() - completed))
+            self.metrics.reported.inc()
+            self._outcome(uid, "reported", files=files, state=state)
         else:
             record["sent"] = False
             log.error("study %s: SR not delivered after %d attempts; retried later", uid, self.cfg.retries)
+            self._outcome(uid, "not_delivered", files=files, state=state)
         self.processed.append(record)
         return record
+
+    def _outcome(self, uid: str, outcome: str, error: str = "", files=(), state: dict | None = None) -> None:
+        """The audit line of a study's outcome: who sent it, when it was complete, what was sent (UIDs)."""
+        import pydicom
+
+        sent = []
+        for f in files:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "Modality"])
+                sent.append({"modality": str(ds.get("Modality", "")), "sop_instance_uid": str(ds.SOPInstanceUID)})
+            except Exception:  # noqa: BLE001 - the audit names what it can read
+                sent.append({"file": f.name, "unreadable": True})
+        with self.lock:
+            callers = sorted(self.callers.get(uid, ()))
+            completed = self.completed_at.get(uid)
+        self.audit.record(
+            study_uid=uid,
+            outcome=outcome,
+            calling_ae=callers,  # empty for a study received before a restart
+            completed=None if completed is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(completed)),
+            destination=self.cfg.destination.describe(),
+            sent=sent,
+            revision=(state or {}).get("revision", 0),
+            error=error,
+        )
+        if outcome in ("failed", "reported"):
+            with self.lock:
+                self.callers.pop(uid, None)
+
+    def update_gauges(self) -> None:
+        """The gauges a scrape reads: studies receiving, waiting (ready/), the queue and busy workers."""
+        try:
+            self.metrics.receiving.set(len(self.spool.studies("incoming")))
+            self.metrics.waiting.set(len(self.spool.studies("ready")))
+        except OSError:
+            pass  # a spool that cannot be listed: /readyz says so
+        self.metrics.queue_depth.set(self.queue.qsize())
+        self.metrics.busy.set(self.busy)
 
     def _revision(self, uid: str, state: dict, sr: Path) -> dict:
         """The revision of the SR about to be built and the SRs it corrects: every one offered to the
@@ -357,20 +487,26 @@ class Listener:
             log.info("study %s: SR delivered %.0f s ago; its instances and SR files deleted", uid, now - at)
 
     def _work(self):
-        """The pipeline thread. Nothing a study does ends it; should it end anyway, ``broken`` says why:
-        the listener then refuses every instance (0xA700) and ``serve`` exits for its supervisor, so it
-        never acknowledges what it will not process."""
+        """A pipeline thread (``workers`` of them, each taking one queued study at a time; a study's lock keeps
+        two from ever working on one study). Nothing a study does ends it; should it end anyway, ``broken``
+        says why: the listener then refuses every instance (0xA700) and ``serve`` exits for its supervisor,
+        so it never acknowledges what it will not process."""
         try:
             while not self.stop.is_set():
                 try:
                     uid = self.queue.get(timeout=0.5)
                 except queue.Empty:
                     continue
+                with self.lock:
+                    self.busy += 1
                 try:
                     self._attempt(uid)
                 except Exception as exc:  # noqa: BLE001 - the spool itself failed (storage): tried again later
                     log.error("study %s: its spool could not be updated (%s); tried again later", uid, describe(exc))
                     self._redeliver_later(uid)
+                finally:
+                    with self.lock:
+                        self.busy -= 1
         except BaseException as exc:
             self.broken = f"the pipeline thread ended ({type(exc).__name__})"
             log.critical("%s: no more instances are accepted", self.broken)
@@ -410,6 +546,8 @@ class Listener:
     def _give_up(self, uid: str, reason: str) -> None:
         log.error("study %s: %s; moved to failed/", uid, reason)
         self.spool.finish(uid, reason)
+        self.metrics.failed.inc()
+        self._outcome(uid, "failed", error=reason)
         self.processed.append({"study_uid": uid, "status": "failed", "error": reason})
 
     def _redeliver_later(self, uid: str) -> None:
@@ -437,13 +575,18 @@ class Listener:
     # -- service -------------------------------------------------------------------------------
     def start(self):
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+            CTImageStorage,
+            EnhancedCTImageStorage,
+            Verification,
+        )
 
         ae = AE(ae_title=self.cfg.ae_title)
-        # What the series reader decodes: CT images (one frame each), uncompressed or losslessly
-        # compressed (pydicom with the pylibjpeg plugins); anything else is refused at negotiation
-        # instead of being acknowledged and failing later.
+        # What the series reader decodes: CT images (one frame each) and Enhanced CT images (multi-frame),
+        # uncompressed, losslessly compressed or JPEG 2000 (pydicom with the pylibjpeg plugins); anything
+        # else is refused at negotiation instead of being acknowledged and failing later.
         ae.add_supported_context(CTImageStorage, list(ACCEPTED_TRANSFER_SYNTAXES))
+        ae.add_supported_context(EnhancedCTImageStorage, list(ACCEPTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         ae.require_calling_aet = [p.ae_title for p in self.cfg.allowed]
         ae.maximum_associations = self.cfg.max_associations
@@ -466,20 +609,20 @@ class Listener:
             evt_handlers=handlers,
             ssl_context=self.cfg.tls.server_context() if self.cfg.tls else None,
         )
-        self.threads = [
-            threading.Thread(target=self._watch, daemon=True, name="completion"),
-            threading.Thread(target=self._work, daemon=True, name="pipeline"),
+        self.threads = [threading.Thread(target=self._watch, daemon=True, name="completion")] + [
+            threading.Thread(target=self._work, daemon=True, name=f"pipeline-{i + 1}") for i in range(self.cfg.workers)
         ]
         for t in self.threads:
             t.start()
         log.info(
-            "listening as %s on %s:%d%s; allowed callers: %s; SRs to %s",
+            "listening as %s on %s:%d%s; allowed callers: %s; SRs to %s; %d worker(s)",
             self.cfg.ae_title,
             self.cfg.bind,
             self.cfg.port,
             " (TLS)" if self.cfg.tls else "",
             ", ".join(p.ae_title for p in self.cfg.allowed),
             self.cfg.destination.describe(),
+            self.cfg.workers,
         )
 
     def shutdown(self):
@@ -491,15 +634,32 @@ class Listener:
 
 
 def serve(config: str | Path) -> int:
+    """Run the listener until SIGINT/SIGTERM (0) or until its pipeline ends (1). With ``health`` configured,
+    ``/readyz`` answers from before the model loads (not ready) until the end."""
     cfg = ListenerConfig.load(config)
-    listener = Listener(cfg)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    listener.start()
-    while not done.wait(1.0) and listener.broken is None:
-        pass
-    log.info("stopping%s", f": {listener.broken}" if listener.broken else "")
-    listener.shutdown()
-    (Path(cfg.spool) / "last_run.json").write_text(json.dumps(listener.processed, indent=1))
-    return 1 if listener.broken else 0
+    use_log_format(cfg.log_format)
+    metrics = Metrics()
+    readiness = Readiness(cfg, metrics)
+    health = HealthServer(cfg, readiness) if cfg.health is not None else None
+    if health is not None:
+        health.start()
+    try:
+        try:
+            listener = Listener(cfg, metrics)
+        except Exception as exc:
+            readiness.loading_error = f"the model could not be loaded ({type(exc).__name__})"
+            raise
+        readiness.listener = listener
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        listener.start()
+        while not done.wait(1.0) and listener.broken is None:
+            pass
+        log.info("stopping%s", f": {listener.broken}" if listener.broken else "")
+        listener.shutdown()
+        (Path(cfg.spool) / "last_run.json").write_text(json.dumps(listener.processed, indent=1))
+        return 1 if listener.broken else 0
+    finally:
+        if health is not None:
+            health.stop()

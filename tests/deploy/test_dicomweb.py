@@ -185,7 +185,7 @@ def test_listener_dicomweb_destination_is_checked_at_start(tmp_path):
             "auth": "bearer",
             "credentials": str(tmp_path / "nothing"),
         },
-        "unexpected keyword argument 'port'": {"kind": "dicomweb", "url": "https://pacs/dicom-web", "port": 4242},
+        "destination.port: unknown key": {"kind": "dicomweb", "url": "https://pacs/dicom-web", "port": 4242},
     }
     import yaml
 

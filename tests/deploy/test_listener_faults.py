@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from operators.listener.config import ListenerConfig, Peer
+from operators.listener.config import DimseDestination, ListenerConfig, Peer
 from operators.listener.service import Listener
 from tests.deploy.pacs import free_port
 from tests.dicom_cases import small_study, study_uid
@@ -19,7 +19,7 @@ from tests.dicom_cases import small_study, study_uid
 def listener(tmp_path, tiny_package):
     cfg = ListenerConfig(
         allowed=[Peer(ae_title="SENDER")],
-        destination=Peer(ae_title="PACS", host="127.0.0.1", port=free_port()),  # nothing listens there
+        destination=DimseDestination(ae_title="PACS", host="127.0.0.1", port=free_port()),  # nothing listens there
         spool=str(tmp_path / "spool"),
         model=str(tiny_package["pkg"]),
         retries=1,
@@ -152,7 +152,7 @@ def test_a_full_spool_disk_refuses_before_acknowledging(listener, tmp_path, monk
 def _served(tmp_path, tiny_package, **kw):
     cfg = ListenerConfig(
         allowed=kw.pop("allowed", [Peer(ae_title="SENDER")]),
-        destination=Peer(ae_title="PACS", host="127.0.0.1", port=free_port()),
+        destination=DimseDestination(ae_title="PACS", host="127.0.0.1", port=free_port()),
         spool=str(tmp_path / "spool"),
         model=str(tiny_package["pkg"]),
         port=free_port(),

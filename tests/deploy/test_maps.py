@@ -183,7 +183,7 @@ def test_the_listeners_maps_key_is_checked(tmp_path):
         "spool": str(tmp_path / "spool"),
     }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**base, "maps": "yes"}))
-    with pytest.raises(ValueError, match="maps must be true or false"):
+    with pytest.raises(ValueError, match="maps: expected a valid boolean, got .yes."):
         ListenerConfig.load(tmp_path / "bad.yaml")
     (tmp_path / "on.yaml").write_text(yaml.safe_dump({**base, "maps": True}))
     cfg = ListenerConfig.load(tmp_path / "on.yaml")
