@@ -30,11 +30,11 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
-from .contract.dicom_series import SeriesFiles, scan_files, scan_tree
+from .contract.dicom_series import CT_IMAGE_STORAGE, CT_STORAGE_CLASSES, SeriesFiles, scan_files, scan_tree
 from .contract.files import PARTIAL_SUFFIX, write_atomic
 from .contract.package import load_package, named_or_demo
 from .contract.phi import allow_identifiers, describe, identifiers_allowed
-from .pipeline import CT_IMAGE_STORAGE, CT_STORAGE_CLASSES, SeriesToModelInput, StudyWork, run_study, seg_filename, sr_filename
+from .pipeline import SeriesToModelInput, StudyWork, run_study, seg_filename, sr_filename
 
 log = logging.getLogger("ct-zeroshot")
 

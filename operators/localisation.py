@@ -236,6 +236,30 @@ def segment_description(number: int, label: str, code, algorithm: str, version: 
     )
 
 
+def _with_shared_geometry(ds: Dataset) -> Dataset:
+    """``ds`` as highdicom (0.28) reads a multi-frame source image: it takes the pixel measures and the plane
+    orientation from the Shared Functional Groups only (and may add to the items it takes). It gets a copy of
+    ``ds`` (the same elements in a dictionary of its own) whose shared item is a deep copy, given the first
+    frame's groups where an Enhanced CT has them per frame (equal for all frames: ``series_geometry`` checked
+    it); ``ds`` itself is never changed."""
+    import copy
+
+    from pydicom.dataelem import DataElement
+
+    shared_seq = ds.get("SharedFunctionalGroupsSequence") or []
+    item = copy.deepcopy(shared_seq[0]) if shared_seq else Dataset()
+    for group in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        if group not in item:
+            item[group] = copy.deepcopy(ds.PerFrameFunctionalGroupsSequence[0][group])
+    out = Dataset()
+    out.update(ds)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    # a new element: setting the attribute would change the value of the element ``ds`` shares
+    out.add(DataElement(0x52009229, "SQ", [item]))  # SharedFunctionalGroupsSequence
+    return out
+
+
 def build_seg(
     source: Sequence[Dataset],
     maps: StudyMaps,
@@ -270,7 +294,7 @@ def build_seg(
     elif len(source) == 1:
         # order: indices of the frames; highdicom pairs SEG frame n with the source's frame n, so the planes
         # go back to the source's frame order (before the segment axis moves last, to keep the layout)
-        source_images = [source[0]]
+        source_images = [_with_shared_geometry(source[0])]
         regions = regions[:, np.argsort(np.asarray(order))]
     else:
         raise MapError(

@@ -25,14 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from .contract.dicom_series import (
-    CT_IMAGE_STORAGE,
-    CT_STORAGE_CLASSES,
-    ENHANCED_CT_IMAGE_STORAGE,
-    SeriesFiles,
-    series_frames,
-    series_to_volume,
-)
+from .contract.dicom_series import CT_STORAGE_CLASSES, SeriesFiles, series_frames, series_to_volume
 from .contract.package import is_embedded_demo
 from .contract.phi import describe
 from .contract.preprocessing import build_transform, preprocess
@@ -41,7 +34,6 @@ from .contract.volume import VolumeError
 
 log = logging.getLogger("ct-zeroshot")
 
-__all__ = ["CT_IMAGE_STORAGE", "CT_STORAGE_CLASSES", "ENHANCED_CT_IMAGE_STORAGE"]  # re-exported (batch, tests)
 MIN_SLICES = 8
 AXIAL_COS = 0.9  # |slice normal . z| at least this: within ~25 degrees of axial
 

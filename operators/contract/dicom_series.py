@@ -454,6 +454,15 @@ def _check_stacking(headers: Sequence[Dataset], ipps: np.ndarray, iop: np.ndarra
         raise VolumeError(f"{first}: highdicom does not accept the slices as one regular 3D volume")
 
 
+def _pixel_source(path: str, header: Dataset) -> str | Dataset:
+    """What ``iter_pixels`` decodes a multi-frame instance's pixels from: the file, or the dataset read whole
+    for a deflated one (pydicom's file route reads the deflated stream as stored, as in ``read_frame``)."""
+    meta = getattr(header, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(path)
+    return path
+
+
 def series_to_volume(
     datasets: Sequence[Dataset],
     names: Sequence[str] | None = None,
@@ -491,7 +500,9 @@ def series_to_volume(
     def place(k: int, pix: np.ndarray, header: Dataset, name: str) -> None:
         """Frame ``pix`` (as stored) into plane k, rescaled to HU by ``header``'s slope and intercept."""
         if pix.shape != (rows, cols):
-            raise VolumeError(f"{name}: expected one {rows}x{cols} frame like the first slice, found pixels {pix.shape}")
+            raise VolumeError(
+                f"{name}: expected one {rows}x{cols} frame like the first slice, found pixels {pix.shape}"
+            )
         # integer -> float32 within the first operation; the rescale runs in float32
         slope, intercept = _rescale(header, name)
         if slope != 1.0:
@@ -527,9 +538,9 @@ def series_to_volume(
         plane[np.asarray(order)] = np.arange(len(order))
         for idx, start in starts.items():
             n = declared_frames(datasets[idx])
-            source = names[idx] if offsets is not None else datasets[idx]
             decoded = 0
             try:
+                source = datasets[idx] if offsets is None else _pixel_source(names[idx], datasets[idx])
                 for pix in iter_pixels(source):
                     if decoded >= n:
                         raise VolumeError(f"{names[idx]}: pixel data holds more frames than NumberOfFrames {n}")

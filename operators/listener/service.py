@@ -384,6 +384,7 @@ class Listener:
                     record.update(revision=work.revision)
         if record["status"] != "ok":
             self.spool.finish(uid, record["error"])
+            self.metrics.failed.inc()
             log.error("study %s: failed: %s", uid, record["error"])
             self._outcome(uid, "failed", error=record["error"])
             self.processed.append(record)
@@ -422,7 +423,7 @@ class Listener:
         """The audit line of a study's outcome: who sent it, when it was complete, what was sent (UIDs)."""
         import pydicom
 
-        sent = []
+        sent: list[dict[str, Any]] = []
         for f in files:
             try:
                 ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "Modality"])

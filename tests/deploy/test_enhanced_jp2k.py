@@ -11,8 +11,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     generate_uid,
 )
@@ -24,11 +26,9 @@ from operators.contract.dicom_series import (
     series_to_volume,
 )
 from operators.contract.volume import VolumeError
-from operators.pipeline import SeriesToModelInput, StudyWork, run_study, select_series, sr_filename
+from operators.pipeline import SeriesToModelInput, StudyWork, select_series, sr_filename
 from training.synth.dicom_writer import make_identity, write_ct_series
 from training.synth.raster import Grid
-
-pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg (JPEG 2000) needed")
 
 # copied from the classic instances to the Enhanced CT (patient, study, series, frame of reference, equipment)
 _COPIED = (
@@ -94,7 +94,7 @@ def make_enhanced(
     src = [src[i] for i in frame_order] if frame_order is not None else src
     first = src[0]
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    meta.MediaStorageSOPClassUID = UID(ENHANCED_CT_IMAGE_STORAGE)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -182,7 +182,10 @@ def make_jpeg2000(paths: list[Path], out_dir: Path, syntax, tag: str) -> list[Pa
     for p in paths:
         ds = pydicom.dcmread(p)
         _reidentify(ds, tag)
-        ds.compress(syntax, **({"j2k_cr": [1]} if syntax == JPEG2000 else {}))
+        if syntax == JPEG2000:
+            ds.compress(syntax, j2k_cr=[1])
+        else:
+            ds.compress(syntax)
         ds.save_as(out_dir / p.name, enforce_file_format=True)
         written.append(out_dir / p.name)
     return written
@@ -196,7 +199,7 @@ def studies(tmp_path_factory) -> dict:
     """One classic uncompressed study (48 x 40 pixels: JPEG 2000 needs 32 or more for its resolution levels,
     and rows != columns catches swapped axes) and the copies, each another study: Enhanced CT (functional
     groups shared, frames stored shuffled; and per frame), JPEG 2000 lossless and .91, an Enhanced CT in
-    JPEG 2000 lossless."""
+    JPEG 2000 lossless, and one deflated."""
     root = tmp_path_factory.mktemp("enhanced")
     grid = Grid((48, 40, N_SLICES), (4.0, 3.5, 5.0), (-96.0, -70.0, 0.0))
     rng = np.random.default_rng(7)
@@ -217,7 +220,14 @@ def studies(tmp_path_factory) -> dict:
     ds.compress(JPEG2000Lossless)
     ds.save_as(enhanced_j2k, enforce_file_format=True)
     made["enhanced_jpeg2000"] = [enhanced_j2k]
-    uids = {name: str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID) for name, files in made.items()}
+    deflated = tree / "enhanced_deflated" / "ct.dcm"
+    ds = pydicom.dcmread(make_enhanced(classic, deflated, "enhanced-deflated", shared=False))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(deflated, enforce_file_format=True)
+    made["enhanced_deflated"] = [deflated]
+    uids = {
+        name: str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID) for name, files in made.items()
+    }
     assert len(set(uids.values())) == len(made)
     return {"root": root, "tree": tree, "files": made, "uids": uids, "hu": hu}
 
@@ -287,6 +297,11 @@ def test_the_batch_gives_the_same_findings_for_every_copy(studies, demo, monkeyp
         assert resumed["series_uid"] == row["series_uid"] and resumed["slices"] == N_SLICES, name
     for name, p in probabilities.items():
         assert np.abs(p - probabilities["classic"]).max() <= 1e-5, name
+    if shutil.which("dciodvfy") and shutil.which("dsrdump"):  # the SR whose evidence is an Enhanced CT
+        from tests.sr_validators import dciodvfy, dsrdump
+
+        sr = out / sr_filename(studies["uids"]["enhanced"])
+        assert not dciodvfy(sr) and not dsrdump(sr), (dciodvfy(sr), dsrdump(sr))
 
 
 def test_the_listener_takes_enhanced_ct_and_jpeg2000_and_reports_them(studies, demo, tmp_path):
@@ -295,7 +310,7 @@ def test_the_listener_takes_enhanced_ct_and_jpeg2000_and_reports_them(studies, d
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage  # type: ignore[attr-defined]
 
-    from operators.listener.config import ListenerConfig, Peer
+    from operators.listener.config import DimseDestination, ListenerConfig, Peer
     from operators.listener.service import ACCEPTED_TRANSFER_SYNTAXES, Listener
     from operators.sr import read_findings
     from tests.deploy.pacs import free_port
@@ -303,7 +318,7 @@ def test_the_listener_takes_enhanced_ct_and_jpeg2000_and_reports_them(studies, d
     assert {JPEG2000Lossless, JPEG2000} <= set(ACCEPTED_TRANSFER_SYNTAXES)
     cfg = ListenerConfig(
         allowed=[Peer(ae_title="SENDER")],
-        destination=Peer(ae_title="PACS", host="127.0.0.1", port=free_port()),  # nothing listens there
+        destination=DimseDestination(ae_title="PACS", host="127.0.0.1", port=free_port()),  # nothing listens there
         spool=str(tmp_path / "spool"),
         retries=1,
         backoff_s=0.01,
@@ -315,16 +330,18 @@ def test_the_listener_takes_enhanced_ct_and_jpeg2000_and_reports_them(studies, d
     try:
         listener.start()
         ae = AE(ae_title="SENDER")
-        ae.add_requested_context(EnhancedCTImageStorage, [JPEG2000Lossless, ExplicitVRLittleEndian])
-        ae.add_requested_context(CTImageStorage, [JPEG2000])
+        offered = [
+            (EnhancedCTImageStorage, JPEG2000Lossless),
+            (EnhancedCTImageStorage, ExplicitVRLittleEndian),
+            (CTImageStorage, JPEG2000Lossless),
+            (CTImageStorage, JPEG2000),
+        ]
+        for sop_class, syntax in offered:  # one presentation context each: each is accepted or not on its own
+            ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate("127.0.0.1", cfg.port, ae_title=cfg.ae_title)
         assert assoc.is_established
         accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
-        assert accepted == {
-            (EnhancedCTImageStorage, JPEG2000Lossless),
-            (EnhancedCTImageStorage, ExplicitVRLittleEndian),
-            (CTImageStorage, JPEG2000),
-        }
+        assert accepted == set(offered)
         sent = [*studies["files"]["enhanced_jpeg2000"], *studies["files"]["jpeg2000"]]
         try:
             statuses = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in sent]
@@ -400,29 +417,38 @@ def test_a_malformed_enhanced_ct_is_refused_by_file_name(studies, tmp_path, chan
 
 
 def test_a_seg_of_an_enhanced_ct_references_the_frames_where_the_map_is(studies, demo):
-    """Maps on an Enhanced CT (frames stored shuffled): the SEG's frames follow the source's frame order, and
-    each references the Enhanced CT frame at the position the classic series' SEG puts it."""
+    """Maps on an Enhanced CT (frames stored shuffled; functional groups per frame): the SEG's frames follow the
+    source's frame order, and each references the Enhanced CT frame at the position the classic series' SEG
+    puts it; the SEG passes dciodvfy."""
     from operators.localisation import FindingMap, StudyMaps, build_seg
 
     pkg, _ = demo
     positions = {}
-    for name in ("classic", "enhanced"):
+    for name in ("classic", "enhanced", "enhanced_per_frame"):
         vol, s = _pipeline_volume(studies["files"][name][0].parent)
         region = np.zeros(vol.array.shape, dtype=bool)
         region[5:20, 10:30, 2:5] = True  # slices 2, 3, 4 of the volume
         maps = StudyMaps([FindingMap(0, pkg.catalogue.ids[0], region, (0.0, 0.0, 0.0))], vol.affine)
         seg, segments = build_seg(s.headers, maps, pkg, generate_uid(), generate_uid())
         assert segments == {0: 1}
+        if name != "classic":  # highdicom gets a copy with the groups it reads shared; the header is unchanged
+            assert s.headers[0] == pydicom.dcmread(s.paths[0], stop_before_pixels=True)
         frames = seg.PerFrameFunctionalGroupsSequence
         positions[name] = [tuple(float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient) for f in frames]
         pixels = seg.pixel_array.reshape(len(frames), 40, 48)
-        assert all(np.array_equal(p, region[:, :, 0].T) for p in pixels)  # the region's in-plane shape
-        if name == "enhanced":
-            source = pydicom.dcmread(studies["files"]["enhanced"][0], stop_before_pixels=True)
+        assert all(np.array_equal(p, region[:, :, 2].T) for p in pixels)  # the region's in-plane shape
+        if name != "classic":
+            source = pydicom.dcmread(studies["files"][name][0], stop_before_pixels=True)
             for f, pos in zip(frames, positions[name]):
                 ref = f.DerivationImageSequence[0].SourceImageSequence[0]
                 assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
                 n = int(ref.ReferencedFrameNumber)
                 at = source.PerFrameFunctionalGroupsSequence[n - 1].PlanePositionSequence[0].ImagePositionPatient
                 assert tuple(float(v) for v in at) == pos
-    assert sorted(positions["enhanced"]) == sorted(positions["classic"]) and len(positions["classic"]) == 3
+            if shutil.which("dciodvfy"):
+                from tests.sr_validators import dciodvfy
+
+                seg.save_as(studies["root"] / f"seg-{name}.dcm")
+                assert not dciodvfy(studies["root"] / f"seg-{name}.dcm"), name
+    assert len(positions["classic"]) == 3
+    assert sorted(positions["enhanced"]) == sorted(positions["enhanced_per_frame"]) == sorted(positions["classic"])
