@@ -205,9 +205,11 @@ def test_compose_pipeline_study_into_orthanc_sr_back_in_orthanc(studies, tmp_pat
     """The PACS pipeline end to end, through a listener outage: a study routed while the listener is
     down is not lost (its failed route job is resubmitted with the next routed series)."""
     pacs = Pipeline(tmp_path)
-    pacs.compose("up", "-d")  # Orthanc starts once the listener is healthy (no routing race)
+    pacs.compose("up", "-d")
     try:
         wait_for(lambda: _answers(lambda: pacs.request("GET", "/system")), 60, "Orthanc did not answer")
+        # healthy: its /readyz (model loaded, spool writable, Orthanc answering C-ECHO) answered 200
+        wait_for(lambda: "(healthy)" in pacs.compose("ps", "listener").stdout, 180, "listener not ready")
         pacs.compose("stop", "listener")  # the listener restarting, say, for an update
         first, second = sorted(studies.iterdir())[:2]
         study_uid, study = _store(pacs, first)
@@ -218,7 +220,7 @@ def test_compose_pipeline_study_into_orthanc_sr_back_in_orthanc(studies, tmp_pat
 
         wait_for(lambda: route_jobs("Failure"), 60, "the route to the stopped listener did not fail")
         pacs.compose("start", "listener")
-        wait_for(lambda: "healthy" in pacs.compose("ps", "listener").stdout, 120, "listener not healthy again")
+        wait_for(lambda: "(healthy)" in pacs.compose("ps", "listener").stdout, 120, "listener not healthy again")
         _, second_study = _store(pacs, second)  # its route resubmits the failed one
 
         def sr_instances(study=study):
