@@ -193,7 +193,7 @@ def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None, path
     findings = read_findings(sr_path)
     for fid in pkg.catalogue.ids:
         f = findings[fid]
-        row[f"{fid}.probability"] = round(f["certainty"] / 100.0, 6)
+        row[f"{fid}.probability"] = round(f["score"], 6)
         row[f"{fid}.present"] = int(f["present"]) if f["assessed"] else NOT_ASSESSED
     return row
 

@@ -12,7 +12,10 @@ follows IHE AI Results:
   catalogue gives one, algorithm identification (name, version, threshold and rule as parameters), a
   qualitative evaluation (finding code = Present SCT 52101004 / Absent SCT 272519000, or Undetermined
   SCT 373068000 for a finding the package marks not assessed) and the
-  measurement "Certainty of Finding" (DCM 111012) = probability in %;
+  measurement "Certainty of Finding" (DCM 111012) = the calibrated probability of presence in % (Platt
+  scaling fitted on validation at export or by ``ct-zeroshot-train calibrate``; the raw score and the
+  method are the measurement's algorithm parameters; a finding without a calibration states its raw
+  score, marked uncalibrated);
 - for a present finding with a localisation map (``operators.localisation``): the group's source images are
   the frames of its segment in the study's map SEG, and the certainty is INFERRED FROM the map's peak, a
   SCOORD3D POINT in the CT's frame of reference (TID 1501 has no segment reference, and a TID 1411 group
@@ -135,6 +138,9 @@ class Placeholders:
     def number(self, j: int) -> float:
         return 98765.4321 - j / 8  # exact in binary, so its DS and FD encodings are stable
 
+    def text(self, j: int) -> str:
+        return f"score=placeholder-{j:06d}"
+
 
 def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -196,20 +202,24 @@ def _group(
     f, entry = package.catalogue.findings[j], package.manifest.findings[j]
     code = _coded(f.code)
     selection = entry.threshold_selection or {}
-    algo = hd.sr.AlgorithmIdentification(
-        name=algorithm,
-        version=package.version,
-        parameters=[f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"]
+    parameters = (
+        [f"threshold={float(findings.thresholds[j]):.4f}", "rule=merlin-prompt-mean-softmax"]
         + ([] if findings.assessed[j] else ["assessed=false (validation AUROC below the package's floor)"])
         # a site's own finding: which wording decided (sha256 of its normalised prompts, 16 hex digits)
-        + ([f"custom prompts sha256={selection['prompts_digest']}"] if selection.get("method") == "custom" else []),
+        + ([f"custom prompts sha256={selection['prompts_digest']}"] if selection.get("method") == "custom" else [])
     )
+    algo = hd.sr.AlgorithmIdentification(name=algorithm, version=package.version, parameters=parameters)
     value: Code | hd.sr.CodedConcept
     if placeholders is None:
-        value, certainty = _value(findings, j), round(float(findings.probabilities[j]) * 100.0, 4)
-        tracking = _tracking_uid(sop_instance_uid, f.id)
+        value, tracking = _value(findings, j), _tracking_uid(sop_instance_uid, f.id)
+        certainty, score = round(findings.certainty(j)[0] * 100.0, 4), score_parameter(findings, j)
     else:
         value, certainty, tracking = placeholders.code(j), placeholders.number(j), placeholders.uid(j)
+        score = placeholders.text(j)
+    # The certainty's own algorithm parameters: how it was made from the score, and the study's raw score.
+    measured = hd.sr.AlgorithmIdentification(
+        name=algorithm, version=package.version, parameters=[*parameters, certainty_method(entry), score]
+    )
     peak, sources = None, None
     if loc is not None:
         # where: the certainty inferred from the map's peak, and the SEG's frames of this finding's segment as
@@ -240,11 +250,29 @@ def _group(
                 name=codes.DCM.CertaintyOfFinding,
                 value=certainty,
                 unit=codes.UCUM.Percent,
-                algorithm_id=algo,
+                algorithm_id=measured,
                 referenced_coordinates=peak,
             )
         ],
         source_images=sources,
+    )
+
+
+def score_parameter(findings: Findings, j: int) -> str:
+    """The study's raw score of finding ``j`` (the prompt-softmax probability the threshold applies to)."""
+    return f"score={float(findings.probabilities[j]):.8f}"
+
+
+def certainty_method(entry) -> str:
+    """How the stated certainty was made: calibrated (Platt scaling on the package's validation studies,
+    with the certainty at the finding's threshold, its operating point), or the raw score."""
+    cal = entry.calibration
+    if cal is None:
+        return "certainty=uncalibrated score (the package has no calibration for this finding)"
+    point = float(entry.calibrated(entry.threshold)) * 100.0
+    return (
+        f"certainty=calibrated probability (Platt scaling, {cal.get('n', '?')} validation studies); "
+        f"operating point {point:.1f}%"
     )
 
 
@@ -327,8 +355,19 @@ def write_sr(sr: Dataset, out_dir: str | Path, name: str) -> Path:
     return final
 
 
+def _parameter(item: Dataset, prefix: str, default: float) -> float:
+    """A numeric algorithm parameter of a content item (``score=0.877012``); ``default`` where absent (an SR
+    written before the raw score was stated, whose certainty was the score)."""
+    for child in item.get("ContentSequence", []):
+        text = str(child.get("TextValue", ""))
+        if text.startswith(prefix):
+            return float(text[len(prefix) :])
+    return default
+
+
 def read_findings(path: str | Path) -> dict[str, dict]:
-    """Read an SR back with highdicom: {tracking identifier (finding id): {code, present, certainty %}}."""
+    """Read an SR back with highdicom: {tracking identifier (finding id): {code, present, certainty %, score (the
+    raw score the threshold applies to), ...}}."""
     sr = hd.sr.srread(path)
     report = hd.sr.MeasurementReport.from_sequence([sr], is_root=True)
     out: dict[str, dict] = {}
@@ -343,6 +382,7 @@ def read_findings(path: str | Path) -> dict[str, dict]:
             "present": qual.value == PRESENT,
             "assessed": qual.value != UNDETERMINED,
             "certainty": float(meas.value),
+            "score": _parameter(meas[0], "score=", float(meas.value) / 100.0),
             "site": [s.value.value for s in g.finding_sites],
         }
         if meas.referenced_coordinates:  # the map's peak (a finding with a map)

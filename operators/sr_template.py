@@ -2,15 +2,15 @@
 
 highdicom builds and validates the ~1,400 content items of the 30 measurement groups for every study
 (0.4-0.5 s on this CPU: deep copies, and a search of the tree for evidence) and pydicom encodes them
-again (0.15 s), yet per study only three values per finding change: the tracking UID, the qualitative
-value (present / absent / undetermined) and the certainty. ``SRTemplate`` builds the content once per
-package with highdicom itself, with unique placeholders for those values (``sr.Placeholders``),
-encodes it once with undefined lengths (so a value of another length goes in without recomputing any
-enclosing length; both forms are standard DICOM, PS3.5 7.5), and per study joins the constant bytes
-with the encoded values. The document around the content (patient and study from the source,
-evidence, UIDs, predecessors, equipment) is still built by highdicom for every study, from a report
-with one group whose content is then replaced by the filled one. ``sr.build_sr`` uses it unless told
-not to (``template=False``, the reference) or a template cannot be made;
+again (0.15 s), yet per study only four values per finding change: the tracking UID, the qualitative
+value (present / absent / undetermined), the certainty and the raw score (a parameter of it).
+``SRTemplate`` builds the content once per package with highdicom itself, with unique placeholders for
+those values (``sr.Placeholders``), encodes it once with undefined lengths (so a value of another length
+goes in without recomputing any enclosing length; both forms are standard DICOM, PS3.5 7.5), and per
+study joins the constant bytes with the encoded values. The document around the content (patient and
+study from the source, evidence, UIDs, predecessors, equipment) is still built by highdicom for every
+study, from a report with one group whose content is then replaced by the filled one. ``sr.build_sr``
+uses it unless told not to (``template=False``, the reference) or a template cannot be made;
 ``tests/deploy/test_sr_template.py`` checks that the two documents, read back, are equal element for
 element.
 """
@@ -45,6 +45,7 @@ from .sr import (
     _tracking_uid,
     _value,
     measurement_report,
+    score_parameter,
 )
 
 CONTENT_SEQUENCE = Tag(0x0040, 0xA730)
@@ -84,6 +85,12 @@ def _uid(uid: str) -> bytes:
     return _encode(ds)
 
 
+def _text(value: str) -> bytes:
+    ds = Dataset()
+    ds.TextValue = value
+    return _encode(ds)
+
+
 def _number(value: float) -> bytes:
     """The measured value's two elements as highdicom's NumContentItem sets them (FD, then DS by tag)."""
     ds = Dataset()
@@ -112,6 +119,7 @@ class SRTemplate:
                 ("uid", _uid(ph.uid(j))),
                 ("code", _encode(ph.code(j))),
                 ("number", _number(ph.number(j))),
+                ("score", _text(ph.text(j))),
             ):
                 at = body.find(needle)
                 if at < 0 or body.find(needle, at + 1) >= 0:
@@ -154,8 +162,10 @@ class SRTemplate:
                 value = _uid(_tracking_uid(sop_instance_uid, self.ids[j]))
             elif kind == "code":
                 value = self.codes[_value(findings, j)]
+            elif kind == "score":
+                value = _text(score_parameter(findings, j))
             else:
-                value = _number(round(float(findings.probabilities[j]) * 100.0, 4))
+                value = _number(round(findings.certainty(j)[0] * 100.0, 4))
             edits.append((start, end, value))
         edits.sort()
         parts, pos = [], 0

@@ -156,6 +156,21 @@ def _heldout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_package
+
+    calibrate_package(
+        args.package,
+        args.data,
+        args.out,
+        split=args.split,
+        evaluate=args.evaluate,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    return 0
+
+
 def _pointing(args: argparse.Namespace) -> int:
     from .pointing import pointing_game, write_pointing
 
@@ -453,6 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
     ho.add_argument("--report", help="also write REPORT.json and REPORT.md (the docs' table)")
     ho.add_argument("--quiet", action="store_true")
     ho.set_defaults(func=_heldout)
+
+    ca = sub.add_parser(
+        "calibrate",
+        help="fit each finding's certainty (Platt scaling) on a labelled split; writes a copy of the package "
+        "whose SRs state calibrated probabilities",
+    )
+    ca.add_argument("--package", required=True, help="the model package (left untouched)")
+    ca.add_argument("--data", required=True, help="a labelled corpus (Merlin format) with the split to fit on")
+    ca.add_argument("--split", default="validation", help="the split fitted on (default validation)")
+    ca.add_argument("--out", required=True, help="the calibrated package (a new folder)")
+    ca.add_argument("--evaluate", help="also score this corpus (held-out) and report raw vs calibrated")
+    ca.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ca.add_argument("--quiet", action="store_true")
+    ca.set_defaults(func=_calibrate)
 
     pg = sub.add_parser(
         "pointing",

@@ -21,7 +21,8 @@ ids). Any failure of the image encoder's parity raises ``ExportError`` and leave
 Merlin's "positive mean higher"; ``validation`` chooses them on the validation split
 (``thresholds.choose_thresholds``): a finding below the AUROC floor, or with a single class there, is
 marked not assessed and never reported present; the others get the F1-optimal threshold among those
-calling at most 1.5 studies per positive.
+calling at most 1.5 studies per positive. With ``validation``, each finding's certainty is calibrated on
+the same studies too (``calibration.fit_platt``), so an SR states a probability of presence.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from operators.contract.preprocessing import PreprocessSpec
 from operators.contract.prompts import prompt_table
 from operators.contract.scoring import decide_present, margin_probability
 
+from .calibration import fit_platt
 from .models.clip import DualEncoder
 from .onnx_export import (
     OPSET,
@@ -124,6 +126,7 @@ def export_package(
     log: Callable[[str], None] = print,
     text_absent_reason: str | None = None,
     intended_use: str | None = None,
+    calibration: list[dict] | None = None,
 ) -> Manifest:
     """Write a model package for ``model`` into ``out`` (new or empty). Returns the manifest.
 
@@ -216,6 +219,7 @@ def export_package(
             float(thresholds[i]),
             bool(threshold_notes[i].get("assessed", True)) if threshold_notes else True,
             threshold_notes[i] if threshold_notes else None,
+            calibration[i] if calibration else None,
         )
         for i, (f, r) in enumerate(zip(catalogue, rows))
     )
@@ -293,6 +297,7 @@ def export_run(
     parity_volumes = np.stack([test_vols[i] for i in range(len(test_vols))]).astype(np.float32)
 
     thr, notes, method = None, None, "merlin: probability 0.5 (positive mean similarity higher)"
+    calibration = None
     assessed = np.ones(0, dtype=bool)
     if thresholds == "validation":
         labels = np.stack([s.labels for s in studies])
@@ -300,6 +305,7 @@ def export_run(
         prompt_emb, rows = prompt_embeddings(model, on)
         _, probs = zero_shot_scores(img, prompt_emb, rows, model.scale().item())
         thr, notes, assessed = choose_thresholds(probs, labels, auroc_floor=auroc_floor)
+        calibration = fit_platt(probs, labels, f"validation split of {Path(data).name} ({len(studies)} studies)")
         method = (
             f"validation: per-finding probability threshold maximising F1 on {len(studies)} validation studies, "
             f"calling at most {MAX_CALL_RATIO} x the positives; findings with validation AUROC < {auroc_floor} "
@@ -358,6 +364,7 @@ def export_run(
         text=text,
         log=log,
         intended_use=intended_use or synthetic_corpus_use(data),
+        calibration=calibration,
     )
 
 

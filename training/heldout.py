@@ -78,8 +78,11 @@ def _label_metrics(probs: np.ndarray, decided: np.ndarray, labels: np.ndarray) -
     }
 
 
-def score_corpus(package: Path, data: Path, device: str = "cpu", batch: int = 8, progress: bool = True):
-    """(study ids, labels, probabilities, margins, decided) of the package on every study of ``data``."""
+def score_corpus(
+    package: Path, data: Path, device: str = "cpu", batch: int = 8, progress: bool = True, split: str | None = None
+):
+    """(study ids, labels, probabilities, margins, decided, package) of the package on every study of
+    ``data`` (of its ``split`` only, where given)."""
     from tqdm import tqdm
 
     from operators.contract.preprocessing import build_transform, preprocess
@@ -88,10 +91,12 @@ def score_corpus(package: Path, data: Path, device: str = "cpu", batch: int = 8,
 
     pkg = load_package(package)
     model = ZeroShotModel(pkg, device=device)
-    studies = load_studies(data)
+    studies = [s for s in load_studies(data) if split is None or s.split == split]
+    if not studies:
+        return [], np.zeros((0, len(pkg.catalogue)), np.int8), *(np.zeros((0, len(pkg.catalogue))),) * 3, pkg
     transform = build_transform(pkg.spec)
     embs = []
-    bar = tqdm(total=len(studies), desc="held-out", unit="study", disable=not progress)
+    bar = tqdm(total=len(studies), desc=split or "scoring", unit="study", disable=not progress)
     for i in range(0, len(studies), batch):
         chunk = studies[i : i + batch]
         x = np.stack([preprocess(load_volume(s), pkg.spec, transform) for s in chunk])

@@ -240,6 +240,21 @@ class FindingEntry:
     threshold: float = 0.5
     assessed: bool = True
     threshold_selection: dict | None = None
+    # How a score becomes the certainty an SR states (``calibrated``): Platt scaling fitted on labelled
+    # validation studies, {"method": "platt", "a": >= 0, "b", "n", "positives", ...}; None: uncalibrated.
+    calibration: dict | None = None
+
+    def calibrated(self, probability):
+        """The calibrated probability that the finding is present: sigmoid(a * logit(p) + b) (monotone in p,
+        so a finding called absent never states more certainty than its threshold's); None without a
+        calibration."""
+        import numpy as np
+
+        if self.calibration is None:
+            return None
+        p = np.clip(np.asarray(probability, dtype=np.float64), 1e-9, 1 - 1e-9)
+        z = self.calibration["a"] * np.log(p / (1 - p)) + self.calibration["b"]
+        return 1.0 / (1.0 + np.exp(-z))
 
     @classmethod
     def read(cls, r: _Reader, n_rows: int) -> FindingEntry:
@@ -257,12 +272,24 @@ class FindingEntry:
         if not 0.0 < thr < 1.0:
             raise r.error(r.where("threshold"), f"must be a probability in (0, 1), got {thr}")
         sel = r.get("threshold_selection", "dict", optional=True)
+        cal = r.get("calibration", "dict", optional=True)
+        if cal is not None:
+            where = r.where("calibration")
+            if cal.get("method") != "platt":
+                raise r.error(where, f"method must be 'platt', got {cal.get('method')!r}")
+            for key in ("a", "b"):
+                value = cal.get(key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise r.error(where, f"{key} must be a finite number, got {value!r}")
+            if cal["a"] < 0:
+                raise r.error(where, f"a must be >= 0 (a certainty that falls as the score rises), got {cal['a']}")
         return cls(
             finding,
             FindingRows(rows.span("positive", n_rows), rows.span("negative", n_rows)),
             float(thr),
             r.get("assessed", "bool", optional=True) is not False,
             sel,
+            cal,
         )
 
     def to_dict(self) -> dict:
@@ -272,6 +299,8 @@ class FindingEntry:
         d["assessed"] = bool(self.assessed)
         if self.threshold_selection is not None:
             d["threshold_selection"] = self.threshold_selection
+        if self.calibration is not None:
+            d["calibration"] = self.calibration
         return d
 
 

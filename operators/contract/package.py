@@ -111,6 +111,16 @@ class ModelPackage:
         """(n_findings,) probability thresholds."""
         return np.asarray([e.threshold for e in self.manifest.findings], dtype=np.float64)
 
+    def certainties(self, probabilities: np.ndarray) -> np.ndarray:
+        """(..., n_findings) calibrated probabilities of presence (``FindingEntry.calibrated``), NaN for a
+        finding without a calibration (its SR states the score, marked uncalibrated)."""
+        p = np.asarray(probabilities, dtype=np.float64)
+        out = np.full(p.shape, np.nan)
+        for j, entry in enumerate(self.manifest.findings):
+            if entry.calibration is not None:
+                out[..., j] = entry.calibrated(p[..., j])
+        return out
+
     @property
     def assessed(self) -> np.ndarray:
         """(n_findings,) bool: findings the package may report present."""
@@ -151,11 +161,16 @@ class ModelPackage:
 
     @property
     def decisions_digest(self) -> str:
-        """sha256 (16 hex digits) of what turns scores into decisions: each finding's threshold and whether
-        it is assessed. Part of ``identity``: the same weights re-exported with other thresholds decide
-        differently, so their SRs must not reuse the first export's UIDs."""
+        """sha256 (16 hex digits) of what turns scores into decisions: each finding's threshold, whether
+        it is assessed and its calibration (where it has one). Part of ``identity``: the same weights
+        re-exported with other thresholds decide differently, so their SRs must not reuse the first
+        export's UIDs."""
         own = [e for e in self.manifest.findings if (e.threshold_selection or {}).get("method") != "custom"]
-        rows = [f"{e.threshold!r}:{bool(e.assessed)}" for e in own]  # a site's findings: its file's digest
+        rows = [  # a site's findings: its file's digest; a calibration changes the certainties an SR states
+            f"{e.threshold!r}:{bool(e.assessed)}"
+            + ("" if e.calibration is None else f":platt {e.calibration['a']!r} {e.calibration['b']!r}")
+            for e in own
+        ]
         return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
     @property

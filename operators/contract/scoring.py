@@ -102,6 +102,16 @@ class Findings:
     present: np.ndarray  # bool (n_findings,); never true where not assessed
     thresholds: np.ndarray
     assessed: np.ndarray  # bool (n_findings,): false = the package cannot assess this finding
+    # (n_findings,) calibrated probability of presence (the SR's certainty); NaN where uncalibrated
+    certainties: np.ndarray | None = None
+
+    def certainty(self, j: int) -> tuple[float, bool]:
+        """Finding ``j``'s certainty as the SR states it (0-1) and whether it is calibrated; without a
+        calibration, the raw score."""
+        c = None if self.certainties is None else float(self.certainties[j])
+        if c is None or c != c:  # NaN: uncalibrated
+            return float(self.probabilities[j]), False
+        return c, True
 
 
 MERLIN_THRESHOLD = 0.5  # probability 0.5 <=> the positive prompts' mean similarity is the higher
@@ -304,8 +314,11 @@ class ZeroShotModel:
             pkg.logit_scale,
         )
         thr, assessed = pkg.thresholds, pkg.assessed
+        cert = pkg.certainties(probs)
         return [
-            Findings(pkg.catalogue.ids, probs[i], margins[i], decide_present(probs[i], thr, assessed), thr, assessed)
+            Findings(
+                pkg.catalogue.ids, probs[i], margins[i], decide_present(probs[i], thr, assessed), thr, assessed, cert[i]
+            )
             for i in range(len(probs))
         ]
 

@@ -124,9 +124,12 @@ class Listener:
         self.callers: dict[str, set[str]] = {}  # study UID -> calling AE titles that sent it (since start)
         self.completed_at: dict[str, float] = {}  # study UID -> when it was queued (for the latency metric)
         self.busy = 0  # workers processing a study now
-        # Each worker decodes into its own buffer (SeriesToModelInput reuses its last volume's memory).
-        self._spec, self._preps = self.model.package.spec, threading.local()
-        self._make_prep = SeriesToModelInput
+        # Each worker decodes into its own buffer (SeriesToModelInput reuses its last volume's memory); all
+        # are built now, so the first study does not wait for MONAI's import and the transform's build.
+        self._preps: queue.Queue = queue.Queue()
+        for _ in range(cfg.workers):
+            self._preps.put(SeriesToModelInput(self.model.package.spec))
+        self._mine = threading.local()
         self.lock = threading.Lock()
         self.last_seen: dict[str, float] = {}  # study UID -> time of its last instance
         self.open_assoc: dict[int, set[str]] = {}  # association id -> studies it delivered
@@ -143,9 +146,15 @@ class Listener:
         self.study_locks: dict[str, threading.Lock] = {}
 
     def _prep(self):
-        if not hasattr(self._preps, "prep"):
-            self._preps.prep = self._make_prep(self._spec)
-        return self._preps.prep
+        """This worker's preprocessing (taken from those built at start on its first study)."""
+        if not hasattr(self._mine, "prep"):
+            try:
+                self._mine.prep = self._preps.get_nowait()
+            except queue.Empty:  # a thread beyond the workers (tests call process directly)
+                from ..pipeline import SeriesToModelInput
+
+                self._mine.prep = SeriesToModelInput(self.model.package.spec)
+        return self._mine.prep
 
     def _study_lock(self, uid: str) -> threading.Lock:
         with self.lock:

@@ -290,9 +290,7 @@ def test_the_batch_gives_the_same_findings_for_every_copy(studies, demo, monkeyp
         else:
             assert len(refs) == N_SLICES
         back = read_findings(out / sr_filename(uid))
-        assert [back[fid]["certainty"] / 100 for fid in pkg.catalogue.ids] == pytest.approx(
-            probabilities[name], abs=1e-5
-        )
+        assert [back[fid]["score"] for fid in pkg.catalogue.ids] == pytest.approx(probabilities[name], abs=1e-5)
         resumed = batch._resumed_row(out / sr_filename(uid), uid, pkg, None, discovered[uid])
         assert resumed["series_uid"] == row["series_uid"] and resumed["slices"] == N_SLICES, name
     for name, p in probabilities.items():
@@ -360,9 +358,7 @@ def test_the_listener_takes_enhanced_ct_and_jpeg2000_and_reports_them(studies, d
     work = SeriesToModelInput(pkg.spec)(select_series(StudyWork(uid, scan_tree(sent[0]).studies()[uid])))
     expected = model.score(work.tensor)
     back = read_findings(sr)
-    assert [back[fid]["certainty"] / 100 for fid in pkg.catalogue.ids] == pytest.approx(
-        expected.probabilities, abs=1e-5
-    )
+    assert [back[fid]["score"] for fid in pkg.catalogue.ids] == pytest.approx(expected.probabilities, abs=1e-5)
 
 
 def _malformed(studies, tmp_path: Path, change) -> Path:
