@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: venv lint test test-merlin-scale test-slow gpu-check demo docs image test-image clean
+.PHONY: venv lint test test-merlin-scale test-slow gpu-check bench-load demo docs image test-image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ test-merlin-scale: venv
 # in one JSON (benchmarks/gpu_check.py; make test-merlin-scale runs it at small sizes on the CPU).
 gpu-check: venv
 	$(BIN)/python -m benchmarks.gpu_check --out results/gpu-check.json
+
+# The listener under load: 20 full-size studies from 3 concurrent senders, at 1 and 2 workers, with the
+# embedded demo model; studies/hour, latency p50/p95, peak memory (results/bench/load.*, docs/pacs.md).
+bench-load: venv
+	$(BIN)/python -m benchmarks.bench_load --out results/bench --studies 20 --senders 3 --workers 1,2 --profile full
 
 # The long tests: the full-size Merlin conversion and the listener soak (docs/pacs.md).
 test-slow: venv

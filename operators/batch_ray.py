@@ -51,6 +51,10 @@ def start(address: str | None) -> None:
     if ray.is_initialized():
         return
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    # The site's UID root and procedure code (--uid-root, --procedure) reach the workers on every node.
+    site = {k: os.environ[k] for k in ("CTZS_UID_ROOT", "CTZS_PROCEDURE") if k in os.environ}
+    if site:
+        kwargs["runtime_env"] = {"env_vars": site}
     if address:
         ray.init(address=address, **kwargs)
     else:

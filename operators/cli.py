@@ -222,6 +222,20 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def site_codes(args: argparse.Namespace) -> None:
+    """``--uid-root`` and ``--procedure``, checked, for this process and its workers (environment)."""
+    import os
+
+    from .contract.uids import UID_ROOT_ENV, check_uid_root
+    from .sr import PROCEDURE_ENV, parse_procedure
+
+    if args.uid_root:
+        os.environ[UID_ROOT_ENV] = check_uid_root(args.uid_root, "--uid-root")
+    if args.procedure:
+        parse_procedure(args.procedure, "--procedure")
+        os.environ[PROCEDURE_ENV] = args.procedure
+
+
 def _infer(args: argparse.Namespace) -> int:
     import logging
 
@@ -229,6 +243,7 @@ def _infer(args: argparse.Namespace) -> int:
     from .contract.phi import allow_identifiers, identifiers_allowed
 
     allow_identifiers(args.log_patient_identifiers or identifiers_allowed())
+    site_codes(args)
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -383,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--source-auth", default="none", choices=["none", "basic", "bearer"], help="DICOMweb input auth")
     i.add_argument("--source-credentials", metavar="FILE|env:VAR", help="DICOMweb input credentials, as --stow's")
     i.add_argument("--source-ca", metavar="PEM", help="the CA bundle that verifies the DICOMweb input's certificate")
+    i.add_argument(
+        "--uid-root",
+        metavar="UID",
+        help="your organisation's UID root for the SR and SEG UIDs (default: pydicom's public root; "
+        "$CTZS_UID_ROOT does the same)",
+    )
+    i.add_argument(
+        "--procedure",
+        metavar="SCHEME^VALUE^MEANING",
+        help='"Procedure reported" for a study without its own Procedure Code Sequence, e.g. '
+        '"LN^36813-4^CT Abdomen and Pelvis" (default LOINC 25045-6 CT unspecified body region; $CTZS_PROCEDURE)',
+    )
     i.set_defaults(func=_infer)
     sv = sub.add_parser(
         "serve", help="DICOM listener: receive CT studies, send SRs to a PACS (see operators/listener.py)"

@@ -23,13 +23,13 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from pydicom.uid import generate_uid
 
 from .contract.dicom_series import CT_STORAGE_CLASSES, SeriesFiles, series_frames, series_to_volume
 from .contract.package import is_embedded_demo
 from .contract.phi import describe
 from .contract.preprocessing import build_transform, preprocess
 from .contract.scoring import Findings, ZeroShotModel
+from .contract.uids import derived_uid
 from .contract.volume import VolumeError
 
 log = logging.getLogger("ct-zeroshot")
@@ -265,7 +265,7 @@ def sr_uids(study_uid: str, series_uid: str, model_identity: str, revision: int 
     n-th corrected SR of a study that received more instances after its SR (a new SOP Instance UID)."""
     src = [study_uid, series_uid, model_identity]
     rev = [f"revision {revision}"] if revision else []  # corrected SRs join the first one's series
-    return generate_uid(entropy_srcs=[*src, "series"]), generate_uid(entropy_srcs=[*src, *rev, "instance"])
+    return derived_uid(*src, "series"), derived_uid(*src, *rev, "instance")
 
 
 def sr_filename(study_uid: str) -> str:
@@ -302,8 +302,8 @@ def write_maps(work: StudyWork, model: ZeroShotModel, out_dir: str | Path, sr_so
         work.series_chosen().headers,
         maps,
         model.package,
-        generate_uid(entropy_srcs=[sr_sop_uid, "seg series"]),
-        generate_uid(entropy_srcs=[sr_sop_uid, "seg"]),
+        derived_uid(sr_sop_uid, "seg series"),
+        derived_uid(sr_sop_uid, "seg"),
     )
     if built is None:
         return {}

@@ -5,7 +5,8 @@ Text SR with one free-text item (no coded findings; see ``shared/reference/deplo
 follows IHE AI Results:
 
 - observer: a device (the model: name, version, the package UID as device UID);
-- procedure reported: LOINC 25045-6 "CT unspecified body region";
+- procedure reported: the study's own Procedure Code Sequence, else a configured code
+  (``$CTZS_PROCEDURE``), else LOINC 25045-6 "CT unspecified body region";
 - one *Measurements and Qualitative Evaluations* group per finding (catalogue order): tracking
   identifier (the finding id and a UID derived from the SR's SOP Instance UID and the id, so the same
   study and model give the same document), finding type (the finding's code), finding site where the
@@ -29,6 +30,8 @@ follows IHE AI Results:
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +42,13 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from . import __version__
 from .contract.files import atomic_path
 from .contract.findings import Code as FindingCode
 from .contract.package import ModelPackage, is_embedded_demo
 from .contract.scoring import Findings
+from .contract.uids import derived_uid
 
 PROCEDURE_CT = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
 PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
@@ -109,17 +112,19 @@ def build_sr(
         raise ValueError("an SR needs the source series' headers")
     # Every UID inside the document derives from its SOP Instance UID (itself derived from the study,
     # the series and the model by the pipeline), so the same input and model give the same content.
-    sop_instance_uid = sop_instance_uid or generate_uid()
+    sop_instance_uid = sop_instance_uid or derived_uid(uuid.uuid4().hex)
     locations = locations or {}
     segs = {loc.seg.SOPInstanceUID: loc.seg for loc in locations.values()}
     evidence = [*source, *segs.values()]
+    procedure = procedure_reported(source)
     tpl = template_for(package, findings) if template else None
     if tpl is not None:
         sr = _document(evidence, tpl.stub, package, series_instance_uid, sop_instance_uid, predecessors, device)
-        if fill(sr, tpl, findings, sop_instance_uid, locations):
+        if fill(sr, tpl, findings, sop_instance_uid, locations, procedure):
             return sr
     context = _observation_context(package)
-    report = measurement_report(context, _groups(package, findings, sop_instance_uid, locations=locations))
+    groups = _groups(package, findings, sop_instance_uid, locations=locations)
+    report = measurement_report(context, groups, procedure)
     return _document(evidence, report, package, series_instance_uid, sop_instance_uid, predecessors, device)
 
 
@@ -140,6 +145,9 @@ class Placeholders:
 
     def text(self, j: int) -> str:
         return f"score=placeholder-{j:06d}"
+
+    def procedure(self) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept("PHPROCEDURE", self.SCHEME, "placeholder procedure")
 
 
 def _observation_context(package: ModelPackage) -> hd.sr.ObservationContext:
@@ -163,13 +171,39 @@ def _value(findings: Findings, j: int) -> Code:  # pydicom's Code
 
 
 def _tracking_uid(sop_instance_uid: str, finding_id: str) -> str:
-    return generate_uid(entropy_srcs=[sop_instance_uid, "tracking", finding_id])
+    return derived_uid(sop_instance_uid, "tracking", finding_id)
 
 
-def measurement_report(context: hd.sr.ObservationContext, groups: list) -> hd.sr.MeasurementReport:
+def measurement_report(
+    context: hd.sr.ObservationContext, groups: list, procedure: hd.sr.CodedConcept = PROCEDURE_CT
+) -> hd.sr.MeasurementReport:
     return hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=PROCEDURE_CT, imaging_measurements=groups
+        observation_context=context, procedure_reported=procedure, imaging_measurements=groups
     )
+
+
+PROCEDURE_ENV = "CTZS_PROCEDURE"  # a site's procedure code, SCHEME^VALUE^MEANING, where a study has none
+
+
+def procedure_reported(source: Sequence[Dataset]) -> hd.sr.CodedConcept:
+    """ "Procedure reported": the study's own Procedure Code Sequence (0008,1032) where its first item is a
+    usable code, else the configured one (``$CTZS_PROCEDURE``), else LOINC 25045-6 "CT unspecified body
+    region". A code from a header is checked (value <= 16 characters, scheme and meaning present) before use."""
+    for item in (source[0].get("ProcedureCodeSequence") or [])[:1] if source else []:
+        value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "")).strip()
+        scheme, meaning = (str(item.get(k, "")).strip() for k in ("CodingSchemeDesignator", "CodeMeaning"))
+        if value and len(value) <= 16 and scheme and len(scheme) <= 16 and meaning and len(meaning) <= 64:
+            return hd.sr.CodedConcept(value, scheme, meaning)
+    configured = os.environ.get(PROCEDURE_ENV)
+    return parse_procedure(configured) if configured else PROCEDURE_CT
+
+
+def parse_procedure(text: str, where: str = PROCEDURE_ENV) -> hd.sr.CodedConcept:
+    """``SCHEME^VALUE^MEANING`` (e.g. ``LN^36813-4^CT Abdomen and Pelvis``) as a coded concept."""
+    parts = [p.strip() for p in str(text).split("^")]
+    if len(parts) != 3 or not all(parts) or len(parts[1]) > 16 or len(parts[0]) > 16 or len(parts[2]) > 64:
+        raise ValueError(f"{where}: {text!r} is not SCHEME^VALUE^MEANING (value and scheme <= 16, meaning <= 64)")
+    return hd.sr.CodedConcept(parts[1], parts[0], parts[2])
 
 
 def _groups(
@@ -304,7 +338,7 @@ def _document(
     return hd.sr.Comprehensive3DSR(
         evidence=list(source),
         content=report,
-        series_instance_uid=series_instance_uid or generate_uid(),
+        series_instance_uid=series_instance_uid or derived_uid(uuid.uuid4().hex),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,

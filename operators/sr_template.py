@@ -36,6 +36,7 @@ from .contract.scoring import Findings
 from .sr import (
     ABSENT,
     PRESENT,
+    PROCEDURE_CT,
     SR_CHARSET,
     UNDETERMINED,
     Placeholders,
@@ -107,7 +108,7 @@ class SRTemplate:
         context = _observation_context(package)
         groups = _groups(package, findings, "1.2.3", ph)  # placeholders replace every derived UID
         root = Dataset()
-        report = measurement_report(context, groups)
+        report = measurement_report(context, groups, ph.procedure())
         root.ContentSequence = report[0].ContentSequence
         _undefined_lengths(root)
         encoded = _encode(root)
@@ -125,6 +126,11 @@ class SRTemplate:
                 if at < 0 or body.find(needle, at + 1) >= 0:
                     raise ValueError(f"SR template: placeholder {kind} of finding {j} not found exactly once")
                 slots.append((at, at + len(needle), j, kind))
+        needle = _encode(ph.procedure())  # "procedure reported": the study's own code where it has one
+        at = body.find(needle)
+        if at < 0 or body.find(needle, at + 1) >= 0:
+            raise ValueError("SR template: the procedure placeholder not found exactly once")
+        slots.append((at, at + len(needle), -1, "procedure"))
         slots.sort()
         self.body = body
         self.slot_ranges = slots
@@ -147,7 +153,9 @@ class SRTemplate:
         self.stub = measurement_report(context, groups[:1])
         self.ids = [f.id for f in package.catalogue]
 
-    def content(self, findings: Findings, sop_instance_uid: str, locations: dict | None = None) -> RawDataElement:
+    def content(
+        self, findings: Findings, sop_instance_uid: str, locations: dict | None = None, procedure=PROCEDURE_CT
+    ) -> RawDataElement:
         """The Content Sequence of the study's SR, encoded. ``locations`` (``sr.Location`` by finding): those
         findings' groups are built by highdicom for this study and put in whole."""
         locations = locations or {}
@@ -158,7 +166,9 @@ class SRTemplate:
         for start, end, j, kind in self.slot_ranges:
             if j in locations:
                 continue
-            if kind == "uid":
+            if kind == "procedure":
+                value = _encode(procedure)
+            elif kind == "uid":
                 value = _uid(_tracking_uid(sop_instance_uid, self.ids[j]))
             elif kind == "code":
                 value = self.codes[_value(findings, j)]
@@ -204,13 +214,18 @@ def template_for(package: ModelPackage, findings: Findings) -> SRTemplate | None
 
 
 def fill(
-    sr: Dataset, template: SRTemplate, findings: Findings, sop_instance_uid: str, locations: dict | None = None
+    sr: Dataset,
+    template: SRTemplate,
+    findings: Findings,
+    sop_instance_uid: str,
+    locations: dict | None = None,
+    procedure=PROCEDURE_CT,
 ) -> bool:
     """Put the study's content into ``sr`` (built around ``template.stub``); False, leaving ``sr`` as it
     is, where the document is not encoded as the template is (explicit VR little endian, UTF-8)."""
     if sr.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian or sr.SpecificCharacterSet != SR_CHARSET:
         return False
-    sr[CONTENT_SEQUENCE] = template.content(findings, sop_instance_uid, locations)
+    sr[CONTENT_SEQUENCE] = template.content(findings, sop_instance_uid, locations, procedure)
     # Declared as already in the file's encoding, so pydicom writes the content's bytes as they are
     # (otherwise it parses every raw element to re-encode it).
     sr.set_original_encoding(False, True, convert_encodings(SR_CHARSET))

@@ -185,6 +185,35 @@ class ListenerConfig(_Section):
     maps: bool = False  # the present findings' localisation maps as a DICOM SEG, sent before each SR
     workers: Annotated[int, Field(ge=1, le=64)] = 1  # complete studies processed at a time
     health: Health | None = None  # /healthz, /readyz and /metrics over HTTP; none without it
+    uid_root: str | None = None  # the site's UID root for SR and SEG UIDs (pydicom's public root without one)
+    procedure: str | None = None  # SCHEME^VALUE^MEANING for a study without its own Procedure Code Sequence
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str | None) -> str | None:
+        from ..contract.uids import check_uid_root
+
+        return None if value is None else check_uid_root(value, "an organisation's UID root")
+
+    @field_validator("procedure")
+    @classmethod
+    def _procedure(cls, value: str | None) -> str | None:
+        from ..sr import parse_procedure
+
+        if value is not None:
+            parse_procedure(value, "a procedure code")
+        return value
+
+    def apply_site_codes(self) -> None:
+        """The UID root and procedure code, for this process and the workers it starts (environment)."""
+        import os
+
+        from ..contract.uids import UID_ROOT_ENV
+        from ..sr import PROCEDURE_ENV
+
+        for name, value in ((UID_ROOT_ENV, self.uid_root), (PROCEDURE_ENV, self.procedure)):
+            if value is not None:
+                os.environ[name] = value
 
     @field_validator("ae_title")
     @classmethod

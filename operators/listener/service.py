@@ -114,6 +114,7 @@ class Listener:
 
         self.cfg = cfg
         allow_identifiers(cfg.log_patient_identifiers)  # header values in logs only where allowed
+        cfg.apply_site_codes()
         self.spool = Spool(cfg.spool)
         self.model = load_model(cfg)
         pkg = self.model.package

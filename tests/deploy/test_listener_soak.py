@@ -7,7 +7,8 @@ for a while. Then, after the retention time: every study has exactly one current
 other SR of the study names it as a predecessor), and it covers all of the study's instances; the spool
 holds no delivered work (``out/<study>/sr.json`` only); nothing was written outside the spool. Last, an
 instance that arrives after its study was purged fails that study (no SR from it alone), and the whole
-study sent again gets a corrected SR. The counts go to ``$SOAK_RESULT`` (default ``runs/soak/listener.json``;
+study sent again gets a corrected SR. ``$SOAK_WORKERS`` sets the listener's workers (default 1). The counts
+go to ``$SOAK_RESULT`` (default ``runs/soak/listener.json``;
 the figures in ``results/soak/listener.json`` come from ``SOAK_RESULT=results/soak/listener.json``).
 """
 
@@ -34,6 +35,7 @@ pytestmark = [
 ]
 SEED = int(os.environ.get("SOAK_SEED", "7"))
 RESULT = Path(os.environ.get("SOAK_RESULT", "runs/soak/listener.json"))  # results/soak/listener.json: see docs/pacs.md
+WORKERS = int(os.environ.get("SOAK_WORKERS", "1"))  # the listener's workers: 2 is soaked too (docs/pacs.md)
 RETAIN_S = 90.0  # longer than a second part can be late here (a 20 s pause plus restarts under load)
 
 
@@ -125,6 +127,7 @@ def test_soak(tmp_path, tiny_package):
         backoff_s=0.5,
         redeliver_max_s=4.0,
         retain_delivered_s=RETAIN_S,
+        workers=WORKERS,
     )
     spool = tmp_path / "spool"
     (tmp_path / "cwd").mkdir()
@@ -224,6 +227,7 @@ def test_soak(tmp_path, tiny_package):
         orthanc.stop()
     counts = {
         "seed": SEED,
+        "workers": WORKERS,
         "studies": len(uids),
         "instances": sum(len(v) for v in sop.values()),
         "studies_in_two_parts": two_parts,

@@ -51,6 +51,8 @@ BAD_CONFIGS = {  # the change to a good config -> what the one line must say
     "workers zero": ({"workers": 0}, "workers: expected greater than or equal to 1, got 0"),
     "health port is the DICOM port": ({"health": {"port": 11112}}, "health.port 11112 is the DICOM port too"),
     "log format": ({"log_format": "xml"}, "log_format: expected 'text' or 'json', got 'xml'"),
+    "UID root": ({"uid_root": "1.02.3"}, "uid_root: an organisation's UID root: '1.02.3' is not a usable UID root"),
+    "procedure code": ({"procedure": "36813-4"}, "procedure: a procedure code: '36813-4' is not SCHEME^VALUE^MEANING"),
 }
 
 

@@ -104,3 +104,45 @@ def test_groups_with_maps_go_into_the_template_whole(case):
         assert entry["map"]["seg"] == seg.SOPInstanceUID and entry["map"]["frames"] == locations[j].frames
         assert entry["peak_lps"] == pytest.approx(locations[j].peak_lps)
     assert all("map" not in v for fid, v in back.items() if fid not in {findings.ids[j] for j in mapped})
+
+
+def _procedure(sr: pydicom.Dataset) -> tuple[str, str, str]:
+    (item,) = [e for e in sr.ContentSequence if e.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    code = item.ConceptCodeSequence[0]
+    return code.CodingSchemeDesignator, code.CodeValue, code.CodeMeaning
+
+
+def test_procedure_reported_from_the_study_else_the_site_else_loinc_and_the_site_uid_root(case, monkeypatch, capsys):
+    """ "Procedure reported": the study's Procedure Code Sequence where usable, else ``$CTZS_PROCEDURE``, else
+    LOINC 25045-6; the template writes what highdicom writes. ``$CTZS_UID_ROOT``: every derived UID under it."""
+    from operators.cli import main
+    from operators.pipeline import sr_uids
+
+    root, headers, pkg, scored = case
+    monkeypatch.delenv("CTZS_PROCEDURE", raising=False)
+    assert _procedure(build_sr(headers, scored[0], pkg)) == ("LN", "25045-6", "CT unspecified body region")
+    monkeypatch.setenv("CTZS_PROCEDURE", "LN^36813-4^CT Abdomen and Pelvis")
+    assert _procedure(build_sr(headers, scored[0], pkg)) == ("LN", "36813-4", "CT Abdomen and Pelvis")
+    own = [pydicom.Dataset() for _ in headers]
+    for h, copy in zip(headers, own):
+        copy.update(h)
+        item = pydicom.Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "RPID16", "RADLEX", "CT ABD PELVIS W CONTRAST"
+        copy.ProcedureCodeSequence = [item]
+    uids = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")
+    fast = build_sr(own, scored[0], pkg, *uids)
+    ref = build_sr(own, scored[0], pkg, *uids, template=False)
+    assert _procedure(fast) == _procedure(ref) == ("RADLEX", "RPID16", "CT ABD PELVIS W CONTRAST")
+    own[0].ProcedureCodeSequence[0].CodeValue = "X" * 40  # not a usable code: the site's instead
+    assert _procedure(build_sr(own, scored[0], pkg))[1] == "36813-4"
+    monkeypatch.setenv("CTZS_UID_ROOT", "1.2.840.99999.7")
+    series, sop = sr_uids("1.2.3", "1.2.4", pkg.identity)
+    assert series.startswith("1.2.840.99999.7.") and sop.startswith("1.2.840.99999.7.") and len(sop) <= 64
+    sr = build_sr(headers, scored[0], pkg, series, sop)
+    tracking = [str(e.value) for e in sr.iterall() if e.keyword == "UID" and str(e.value) != pkg.uid]
+    assert len(tracking) == 30 and all(u.startswith("1.2.840.99999.7.") for u in tracking)  # the device: the model's
+    for bad in ("1.02.3", "x", "1." + "2" * 60):
+        assert main(["infer", str(root / "in"), "--out", str(root / "o"), "--uid-root", bad]) == 2
+        assert "--uid-root" in capsys.readouterr().err
+    assert main(["infer", str(root / "in"), "--out", str(root / "o"), "--procedure", "LN^x"]) == 2
+    assert "SCHEME^VALUE^MEANING" in capsys.readouterr().err
