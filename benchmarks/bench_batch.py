@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import bench_parser
+from benchmarks import bench_parser, synth_dicom
 from operators.batch import run_batch
-from training.synth.corpus import SynthConfig, generate_corpus
 
 
 def main(argv=None) -> int:
@@ -47,18 +46,7 @@ def main(argv=None) -> int:
     ray_start_s = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print(f"generating {args.studies} {args.profile} studies with DICOM ...", flush=True)
-        generate_corpus(
-            SynthConfig(
-                out=str(tmp / "corpus"),
-                studies=args.studies,
-                seed=11,
-                profile=args.profile,
-                dicom=True,
-                workers=os.cpu_count() or 1,
-            ),
-            progress=True,
-        )
+        synth_dicom(tmp, args.studies, args.profile, seed=11)
         if "ray" in engines:
             from operators import batch_ray
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pydicom
 import yaml
 
-from benchmarks import bench_parser
+from benchmarks import bench_parser, synth_dicom
 
 
 def _free_port() -> int:
@@ -198,8 +198,6 @@ def run_one(workers: int, studies: list[list[Path]], senders: int, model: str | 
 
 
 def main(argv=None) -> int:
-    from training.synth.corpus import SynthConfig, generate_corpus
-
     p = bench_parser("bench_load", __doc__)
     p.add_argument("--studies", type=int, default=20)
     p.add_argument("--senders", type=int, default=3)
@@ -213,19 +211,8 @@ def main(argv=None) -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print(f"generating {args.studies} {args.profile} studies with DICOM ...", flush=True)
-        generate_corpus(
-            SynthConfig(
-                out=str(tmp / "corpus"),
-                studies=args.studies,
-                seed=13,
-                profile=args.profile,
-                dicom=True,
-                workers=os.cpu_count() or 1,
-            ),
-            progress=True,
-        )
-        studies = [sorted(d.rglob("*.dcm")) for d in sorted((tmp / "corpus" / "dicom").iterdir()) if d.is_dir()]
+        dicom = synth_dicom(tmp, args.studies, args.profile, seed=13)
+        studies = [sorted(d.rglob("*.dcm")) for d in sorted(dicom.iterdir()) if d.is_dir()]
         slices = statistics.median(len(s) for s in studies)
         first = pydicom.dcmread(studies[0][0], stop_before_pixels=True)
         size = f"{first.Rows}x{first.Columns}"

@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import bench_parser
-from training.synth.corpus import SynthConfig, generate_corpus
+from benchmarks import bench_parser, synth_dicom
 
 
 def peak_rss(cmd: list[str], interval: float = 0.05) -> tuple[int, float, float]:
@@ -94,14 +93,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print(f"generating {args.studies} {args.profile} studies with DICOM ...", flush=True)
-        generate_corpus(
-            SynthConfig(
-                out=str(tmp / "corpus"), studies=args.studies, seed=12, profile=args.profile, dicom=True,
-                workers=os.cpu_count() or 1,
-            ),
-            progress=True,
-        )  # fmt: skip
+        synth_dicom(tmp, args.studies, args.profile, seed=12)
         import pydicom
 
         if args.slices:

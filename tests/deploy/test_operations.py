@@ -296,3 +296,17 @@ def test_the_served_readyz_says_loading_before_the_model_is_loaded(tmp_path, tin
         server.shutdown()
     assert proc.returncode == 0
     shutil.rmtree(tmp_path / "spool", ignore_errors=True)
+
+
+def test_the_load_benchmark_runs_with_two_workers(tmp_path):
+    """``make bench-load`` at test size: 3 studies from 2 concurrent senders to a listener with ``workers: 2``
+    (the per-study guarantees are the soak's; here every study gets its SR and the table is written)."""
+    from benchmarks import bench_load
+
+    assert bench_load.main(["--out", str(tmp_path), "--studies", "3", "--senders", "2", "--workers", "2"]
+                           + ["--profile", "tiny"]) == 0  # fmt: skip
+    doc = json.loads((tmp_path / "load.json").read_text())
+    (run,) = doc["runs"]
+    assert run["workers"] == 2 and run["srs_received"] == 3 and not run["errors"]
+    assert run["latency_p50_s"] > 0 and run["peak_rss_mb"] > 100 and run["stage_mean_s"]["encoder"] > 0
+    assert "| 2 | 3/3 |" in (tmp_path / "load.md").read_text()
