@@ -171,6 +171,21 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_text_encoder(args: argparse.Namespace) -> int:
+    from .text_package import add_text_encoder
+
+    add_text_encoder(
+        args.package,
+        args.run,
+        args.out,
+        quantize=None if args.quantize == "none" else args.quantize,
+        data=args.data,
+        studies=args.studies,
+        checkpoint=args.checkpoint,
+    )
+    return 0
+
+
 def _pointing(args: argparse.Namespace) -> int:
     from .pointing import pointing_game, write_pointing
 
@@ -482,6 +497,20 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ca.add_argument("--quiet", action="store_true")
     ca.set_defaults(func=_calibrate)
+
+    at = sub.add_parser(
+        "add-text-encoder",
+        help="give a prompts-only package its run's text encoder (ONNX, int8 by default), so that a site's "
+        "own findings can be encoded where it is deployed; writes a copy of the package",
+    )
+    at.add_argument("--package", required=True, help="the model package (left untouched)")
+    at.add_argument("--run", required=True, help="the training run the package was exported from")
+    at.add_argument("--checkpoint", default="best", help="the run's checkpoint the package came from (default best)")
+    at.add_argument("--out", required=True, help="the package with its text encoder (a new folder)")
+    at.add_argument("--quantize", default="int8", choices=["int8", "none"], help="int8 weights (default) or float")
+    at.add_argument("--data", help="the run's corpus: the decisions int8 prompts change on its validation split")
+    at.add_argument("--studies", type=int, default=200, help="validation studies for that measure (default 200)")
+    at.set_defaults(func=_add_text_encoder)
 
     pg = sub.add_parser(
         "pointing",

@@ -231,3 +231,36 @@ def test_the_application_takes_the_findings_file_from_the_map_variables(tmp_path
     proc = run_app("-i", tmp_path / "in", "-o", tmp_path / "out", "-m", tiny_package["pkg"], env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(read_findings(tmp_path / "out" / sr_filename(uid))) == ["enlarged_liver", "violin_in_pelvis"]
+
+
+def test_the_embedded_demo_model_encodes_a_sites_findings(tmp_path):
+    """``ct-zeroshot infer --findings FILE`` with no model named: the embedded demo model carries its text
+    encoder (int8), so a site's findings are encoded, scored and reported beside the 30."""
+    import json
+    import subprocess
+    import sys
+
+    from operators.contract.package import default_package_dir, load_package
+    from operators.sr import read_findings
+    from training.synth.corpus import SynthConfig, generate_corpus
+
+    pkg = load_package(default_package_dir())
+    assert pkg.text_encoder is not None
+    quant = json.loads((default_package_dir() / "manifest.json").read_text())["provenance"]["text_encoder"]
+    assert quant["quantization"]["decisions"]["changed_fraction"] <= 0.01
+    generate_corpus(SynthConfig(out=str(tmp_path / "c"), studies=2, seed=7, dicom=True, version=3), progress=False)
+    (tmp_path / "site.yaml").write_text(GOOD)
+    proc = subprocess.run(
+        [sys.executable, "-m", "operators.cli", "infer", str(tmp_path / "c" / "dicom"), "--out", str(tmp_path / "o")]
+        + ["--findings", str(tmp_path / "site.yaml"), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    srs = sorted((tmp_path / "o" / "sr").glob("SR_*.dcm"))
+    assert len(srs) == 2
+    for sr in srs:
+        back = read_findings(sr)
+        assert len(back) == 32 and {"enlarged_liver", "violin_in_pelvis"} <= set(back)
+        assert back["enlarged_liver"]["code"] == ("SCT", "80515008", "Hepatomegaly")
+        assert 0 <= back["violin_in_pelvis"]["score"] <= 1

@@ -102,3 +102,47 @@ def test_the_demo_srs_never_state_more_certainty_than_the_operating_point_for_an
     if have_validators():
         problems = validate_all(srs, pixelmed_files=1)
         assert not any(problems.values()), problems
+
+
+def test_add_text_encoder_gives_a_prompts_only_package_its_runs_encoder(tiny_package, tmp_path):
+    """A package exported with ``--text none`` gains its run's text encoder (int8): the deploy side encodes
+    the catalogue's prompts near the stored embeddings, and the measure of changed decisions is recorded.
+    A package that has one, or a run it did not come from, is refused."""
+    from tests.conftest import export_cli
+
+    bare = tmp_path / "bare"
+    proc = subprocess.run(
+        export_cli(tiny_package["run"], tiny_package["data"], bare, tiny_package["cache"], "--text", "none"),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "training.cli", "add-text-encoder", "--run", str(tiny_package["run"])]
+    out = tmp_path / "with-text"
+    proc = subprocess.run(
+        [*cmd, "--package", str(bare), "--out", str(out), "--data", str(tiny_package["data"]), "--studies", "16"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode == 2:  # the barely trained tower may not survive int8: refused, nothing left behind
+        assert "of validation decisions (> 1%); ship it unquantised" in proc.stderr, proc.stderr[-2000:]
+        assert not out.exists() and not (tmp_path / "with-text.partial").exists()
+        proc = subprocess.run(
+            [*cmd, "--package", str(bare), "--out", str(out), "--quantize", "none"], capture_output=True, text=True
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from operators.contract.scoring import ZeroShotModel
+
+    pkg = load_package(out)
+    record = json.loads((out / "manifest.json").read_text())["provenance"]["text_encoder"]
+    assert record["float_vs_stored_cosine_distance_max"] < 1e-4
+    if "quantization" in record:
+        assert record["quantization"]["bytes_int8"] < record["quantization"]["bytes_float"]
+        assert record["quantization"]["decisions"]["studies"] == 16
+    prompts = list(pkg.manifest.findings[0].finding.positive_prompts)
+    emb = ZeroShotModel(pkg, device="cpu").embed_texts(prompts)
+    stored = pkg.prompt_embeddings[: len(prompts)]
+    cos = np.sum(emb * stored, axis=1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(stored, axis=1)
+    assert cos.min() > 0.9
+    again = subprocess.run([*cmd, "--package", str(out), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert again.returncode == 2 and "already has a text encoder" in again.stderr
