@@ -314,6 +314,19 @@ def _serve(args: argparse.Namespace) -> int:
     return check(args.check) if args.check else serve(args.config)
 
 
+def _move(args: argparse.Namespace) -> int:
+    import logging
+
+    from .listener.move import MoveError, move
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return move(args.config, args.study or [], args.dates, args.modality)
+    except MoveError as exc:
+        print(f"ct-zeroshot move: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .app import add_findings_arguments, add_maps_argument
@@ -422,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(or HTTP request) to the destination; exit 0 when all pass, 1 when one fails, 2 for a bad config",
     )
     sv.set_defaults(func=_serve)
+    mv = sub.add_parser(
+        "move",
+        help="ask the listener's source PACS to send it studies (C-FIND, C-MOVE), for sites that do not route",
+    )
+    mv.add_argument("--config", required=True, help="the listener's YAML, with a 'source' PACS")
+    mv.add_argument("--study", action="append", metavar="UID", help="a study to move (repeatable)")
+    mv.add_argument("--dates", metavar="YYYYMMDD-YYYYMMDD", help="find the studies of these dates (C-FIND)")
+    mv.add_argument("--modality", default="CT", help="with --dates: studies holding this modality (default CT)")
+    mv.set_defaults(func=_move)
     return p
 
 

@@ -185,6 +185,7 @@ class ListenerConfig(_Section):
     maps: bool = False  # the present findings' localisation maps as a DICOM SEG, sent before each SR
     workers: Annotated[int, Field(ge=1, le=64)] = 1  # complete studies processed at a time
     health: Health | None = None  # /healthz, /readyz and /metrics over HTTP; none without it
+    source: DimseDestination | None = None  # a PACS to C-MOVE studies from (ct-zeroshot move)
     uid_root: str | None = None  # the site's UID root for SR and SEG UIDs (pydicom's public root without one)
     procedure: str | None = None  # SCHEME^VALUE^MEANING for a study without its own Procedure Code Sequence
 
