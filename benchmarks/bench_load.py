@@ -13,7 +13,11 @@ listener and spool:
   includes the listener's completion wait (``idle_timeout_s``, 2 s here) and the queue;
 - the listener's peak resident memory (``VmHWM``), and per-stage seconds from its ``/metrics``.
 
-Writes ``load.json`` and ``load.md``; the ratio column is throughput against the first row.
+Then, unless ``--no-backlog``, the same studies already complete in a fresh listener's spool when it
+starts (``ready/``, as after an outage): processing alone, from the start of its workers to the last SR,
+without receiving.
+
+Writes ``load.json`` and ``load.md``; the ratio column is throughput against the first row of its table.
 """
 
 from __future__ import annotations
@@ -121,7 +125,35 @@ def _stage_seconds(metrics: bytes) -> dict[str, float]:
     return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
 
 
-def run_one(workers: int, studies: list[list[Path]], senders: int, model: str | None, tmp: Path) -> dict:
+def _queue_backlog(spool: Path, studies: list[list[Path]]) -> None:
+    """The studies as a listener's spool holds complete studies waiting for a worker (``ready/<study>/``):
+    what it finds after an outage, and queues at start."""
+    import shutil
+
+    for files in studies:
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        folder = spool / "ready" / uid
+        folder.mkdir(parents=True)
+        for f in files:
+            sop = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            shutil.copyfile(f, folder / f"{sop}.dcm")
+
+
+def _started(log: Path) -> float | None:
+    """When the listener's threads started (its "listening as" log line), as a Unix time."""
+    from datetime import datetime
+
+    for line in log.read_text().splitlines():
+        if "listening as" in line:
+            return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
+def run_one(
+    workers: int, studies: list[list[Path]], senders: int, model: str | None, tmp: Path, backlog: bool = False
+) -> dict:
+    """One listener with ``workers``: the studies sent by ``senders`` concurrent senders, or (``backlog``)
+    already complete in its spool when it starts, processed from the queue (no receiving)."""
     dest = Destination()
     port, hport = _free_port(), _free_port()
     titles = [f"SEND{i + 1}" for i in range(senders)]
@@ -130,15 +162,18 @@ def run_one(workers: int, studies: list[list[Path]], senders: int, model: str | 
         "port": port,
         "allowed": [{"ae_title": t, "host": "127.0.0.1"} for t in titles],
         "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": dest.port},
-        "spool": str(tmp / f"spool-{workers}"),
+        "spool": str(tmp / f"spool-{workers}{'-backlog' if backlog else ''}"),
         "idle_timeout_s": 2.0,
         "workers": workers,
         "health": {"bind": "127.0.0.1", "port": hport},
         **({"model": model} if model else {}),
     }
-    path = tmp / f"listener-{workers}.yaml"
+    name = f"listener-{workers}{'-backlog' if backlog else ''}"
+    if backlog:
+        _queue_backlog(Path(cfg["spool"]), studies)
+    path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    log = open(tmp / f"listener-{workers}.log", "w")
+    log = open(tmp / f"{name}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "operators.cli", "serve", "--config", str(path)], stdout=log, stderr=subprocess.STDOUT
     )
@@ -146,12 +181,12 @@ def run_one(workers: int, studies: list[list[Path]], senders: int, model: str | 
         deadline = time.time() + 300
         while _get(f"http://127.0.0.1:{hport}/readyz") is None:
             if proc.poll() is not None or time.time() > deadline:
-                why = (tmp / f"listener-{workers}.log").read_text()[-1500:]
+                why = (tmp / f"{name}.log").read_text()[-1500:]
                 raise RuntimeError(f"the listener did not become ready (/readyz):\n{why}")
             time.sleep(0.5)
         last: dict[str, float] = {}
         errors: list[str] = []
-        shares = [studies[i::senders] for i in range(senders)]
+        shares = [studies[i::senders] for i in range(senders)] if not backlog else []
         t0 = time.time()
         threads = [threading.Thread(target=_send, args=(t, port, s, last, errors)) for t, s in zip(titles, shares)]
         for t in threads:
@@ -161,7 +196,8 @@ def run_one(workers: int, studies: list[list[Path]], senders: int, model: str | 
         while time.time() - t0 < 3600:
             done = len(dest.arrived)
             if done != shown:
-                print(f"  workers {workers}: {len(last)}/{n} studies sent, {done}/{n} SRs back", flush=True)
+                sent = "in the spool" if backlog else f"{len(last)}/{n} studies sent"
+                print(f"  workers {workers}: {sent}, {done}/{n} SRs back", flush=True)
                 shown = done
             if done >= n or (errors and not any(t.is_alive() for t in threads) and done >= len(last)):
                 break
@@ -180,12 +216,15 @@ def run_one(workers: int, studies: list[list[Path]], senders: int, model: str | 
         proc.wait(60)
         log.close()
         dest.stop()
+    if backlog:  # from the start of the listener's workers: processing alone
+        t0 = _started(tmp / f"{name}.log") or t0
     latencies = sorted(dest.arrived[u] - last[u] for u in dest.arrived if u in last)
     span = max(dest.arrived.values()) - t0 if dest.arrived else float("nan")
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
     return {
         "workers": workers,
-        "studies_sent": len(last),
+        "mode": "backlog" if backlog else "senders",
+        "studies_sent": len(studies) if backlog else len(last),
         "srs_received": len(dest.arrived),
         "errors": errors,
         "seconds": span,
@@ -204,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default=f"1,{os.cpu_count() or 1}", help="comma-separated listener worker counts")
     p.add_argument("--profile", default="full", choices=["tiny", "full"])
     p.add_argument("--model", default=None, help="model package (default: the embedded demo model)")
+    p.add_argument("--no-backlog", action="store_true", help="skip the backlog runs (studies queued in the spool)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,14 +257,21 @@ def main(argv=None) -> int:
         first = pydicom.dcmread(studies[0][0], stop_before_pixels=True)
         size = f"{first.Rows}x{first.Columns}"
         for w in counts:
-            print(f"listener with workers {w}:", flush=True)
+            print(f"listener with workers {w}, {args.senders} senders:", flush=True)
             runs.append(run_one(w, studies, args.senders, args.model, tmp))
-    base = runs[0]["studies_per_hour"]
-    for r in runs:
-        r["ratio"] = r["studies_per_hour"] / base
+        backlog = []
+        if not args.no_backlog:
+            for w in counts:
+                print(f"listener with workers {w}, the studies queued in its spool:", flush=True)
+                backlog.append(run_one(w, studies, args.senders, args.model, tmp, backlog=True))
+    for group in (runs, backlog):
+        for r in group:
+            r["ratio"] = r["studies_per_hour"] / group[0]["studies_per_hour"]
     cmd = (
         f"python -m benchmarks.bench_load --out {args.out} --studies {args.studies} --senders {args.senders} "
-        f"--workers {args.workers} --profile {args.profile}" + (f" --model {args.model}" if args.model else "")
+        f"--workers {args.workers} --profile {args.profile}"
+        + (f" --model {args.model}" if args.model else "")
+        + (" --no-backlog" if args.no_backlog else "")
     )
     doc = {
         "command": cmd,
@@ -236,6 +283,7 @@ def main(argv=None) -> int:
         "senders": args.senders,
         "idle_timeout_s": 2.0,
         "runs": runs,
+        "backlog": backlog,
     }
     (out / "load.json").write_text(json.dumps(doc, indent=1))
     lines = [
@@ -253,6 +301,20 @@ def main(argv=None) -> int:
             f"| {r['workers']} | {r['srs_received']}/{args.studies} | {r['studies_per_hour']:.0f} | {r['ratio']:.2f}x "
             f"| {r['latency_p50_s']:.1f} | {r['latency_p95_s']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
+    if backlog:
+        lines += [
+            "",
+            "The same studies already complete in the listener's spool when it starts (a backlog after an outage):",
+            "processing alone, from the start of its workers to the last SR.",
+            "",
+            "| workers | SRs | studies/hour | ratio | seconds | peak memory (MB) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in backlog:
+            lines.append(
+                f"| {r['workers']} | {r['srs_received']}/{args.studies} | {r['studies_per_hour']:.0f} | "
+                f"{r['ratio']:.2f}x | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
+            )
     stages = sorted({k for r in runs for k in r["stage_mean_s"]})
     if stages:
         lines += ["", "Mean seconds per study by stage (the listener's /metrics):", ""]
@@ -263,7 +325,7 @@ def main(argv=None) -> int:
             )
     (out / "load.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0 if all(r["srs_received"] == args.studies and not r["errors"] for r in runs) else 1
+    return 0 if all(r["srs_received"] == args.studies and not r["errors"] for r in runs + backlog) else 1
 
 
 if __name__ == "__main__":

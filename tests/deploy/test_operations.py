@@ -307,6 +307,8 @@ def test_the_load_benchmark_runs_with_two_workers(tmp_path):
                            + ["--profile", "tiny"]) == 0  # fmt: skip
     doc = json.loads((tmp_path / "load.json").read_text())
     (run,) = doc["runs"]
+    (queued,) = doc["backlog"]
+    assert queued["srs_received"] == 3 and queued["mode"] == "backlog" and queued["seconds"] > 0
     assert run["workers"] == 2 and run["srs_received"] == 3 and not run["errors"]
     assert run["latency_p50_s"] > 0 and run["peak_rss_mb"] > 100 and run["stage_mean_s"]["encoder"] > 0
     assert "| 2 | 3/3 |" in (tmp_path / "load.md").read_text()
