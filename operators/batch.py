@@ -4,7 +4,7 @@
 - Each study runs the application's stages (``operators.pipeline``) in a worker process; with N workers
   N studies are decoded, preprocessed and encoded at once, so the stages overlap across studies.
 - SRs go to ``OUT/sr/`` (written atomically); the table of results to ``OUT/summary.csv`` and
-  ``OUT/summary.json`` (study, series used, status, error, per-finding probability and decision),
+  ``OUT/summary.json`` (study, series used, status, error, per-finding raw score, certainty and decision),
   written when the batch ends, via temporary files, so a summary on disk is always a finished one.
 - Resumable: a study whose SR is already in ``OUT/sr/`` is skipped unless ``--force``: its earlier
   summary row is kept, or rebuilt from the SR when the earlier run ended before its summary. An SR
@@ -108,15 +108,16 @@ def summary_row(work: StudyWork) -> dict:
     }
     if work.findings is not None:
         f = work.findings
-        for fid, p, present, assessed in zip(f.ids, f.probabilities, f.present, f.assessed):
+        for j, (fid, p, present, assessed) in enumerate(zip(f.ids, f.probabilities, f.present, f.assessed)):
             row[f"{fid}.probability"] = round(float(p), 6)
+            row[f"{fid}.certainty"] = round(f.certainty(j)[0], 6)  # as the SR states it (calibrated)
             row[f"{fid}.present"] = int(bool(present)) if assessed else NOT_ASSESSED
     return row
 
 
 def write_summary(out: Path, rows: list[dict], finding_ids: list[str], meta: dict) -> None:
     base = ["study_uid", "status", "error", "series_uid", "slices", "sr", "seg", "stored", "seconds"]
-    cols = base + [f"{fid}.{k}" for fid in finding_ids for k in ("probability", "present")]
+    cols = base + [f"{fid}.{k}" for fid in finding_ids for k in ("probability", "certainty", "present")]
     import io
 
     buf = io.StringIO()
@@ -194,6 +195,7 @@ def _resumed_row(sr_path: Path, study_uid: str, pkg, previous: dict | None, path
     for fid in pkg.catalogue.ids:
         f = findings[fid]
         row[f"{fid}.probability"] = round(f["score"], 6)
+        row[f"{fid}.certainty"] = round(f["certainty"] / 100.0, 6)
         row[f"{fid}.present"] = int(f["present"]) if f["assessed"] else NOT_ASSESSED
     return row
 

@@ -68,6 +68,9 @@ def test_batch_reports_broken_studies_and_resumes(archive, tiny_package, first_r
     for uid in archive["good"]:
         assert rows[uid]["status"] == "ok" and (out / "sr" / sr_filename(uid)).is_file()
         assert 0.0 <= rows[uid]["ascites.probability"] <= 1.0 and rows[uid]["ascites.present"] in (0, 1, "not assessed")
+        sr = read_findings(out / "sr" / sr_filename(uid))["ascites"]  # the certainty is the SR's, the score too
+        assert rows[uid]["ascites.certainty"] == pytest.approx(sr["certainty"] / 100, abs=1e-6)
+        assert rows[uid]["ascites.probability"] == pytest.approx(sr["score"], abs=1e-6)
     for uid, reason in archive["bad"].items():
         assert rows[uid]["status"] == "failed" and reason in rows[uid]["error"], rows[uid]
         assert not (out / "sr" / sr_filename(uid)).exists()
@@ -95,6 +98,7 @@ def test_batch_reports_broken_studies_and_resumes(archive, tiny_package, first_r
         assert rows3[u]["series_uid"] == rows[u]["series_uid"] and rows3[u]["slices"] == rows[u]["slices"]
         assert rows3[u]["ascites.present"] == rows[u]["ascites.present"]
         assert abs(rows3[u]["ascites.probability"] - rows[u]["ascites.probability"]) < 1e-3
+        assert abs(rows3[u]["ascites.certainty"] - rows[u]["ascites.certainty"]) < 1e-3  # rebuilt from the SR
 
     # Another model's SRs are not mixed into this one's summary: refused without --force.
     other = tmp_path / "other"
