@@ -222,28 +222,15 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def site_codes(args: argparse.Namespace) -> None:
-    """``--uid-root`` and ``--procedure``, checked, for this process and its workers (environment)."""
-    import os
-
-    from .contract.uids import UID_ROOT_ENV, check_uid_root
-    from .sr import PROCEDURE_ENV, parse_procedure
-
-    if args.uid_root:
-        os.environ[UID_ROOT_ENV] = check_uid_root(args.uid_root, "--uid-root")
-    if args.procedure:
-        parse_procedure(args.procedure, "--procedure")
-        os.environ[PROCEDURE_ENV] = args.procedure
-
-
 def _infer(args: argparse.Namespace) -> int:
     import logging
 
     from .batch import run_batch
     from .contract.phi import allow_identifiers, identifiers_allowed
+    from .sr import use_site_codes
 
     allow_identifiers(args.log_patient_identifiers or identifiers_allowed())
-    site_codes(args)
+    use_site_codes(args.uid_root, args.procedure, ("--uid-root", "--procedure"))
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

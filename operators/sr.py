@@ -198,6 +198,18 @@ def procedure_reported(source: Sequence[Dataset]) -> hd.sr.CodedConcept:
     return parse_procedure(configured) if configured else PROCEDURE_CT
 
 
+def use_site_codes(uid_root: str | None, procedure: str | None, names=("uid_root", "procedure")) -> None:
+    """A site's UID root and procedure code, checked (``names``: what the user wrote them as), for this
+    process and the workers it starts: ``$CTZS_UID_ROOT`` and ``$CTZS_PROCEDURE``."""
+    from .contract.uids import UID_ROOT_ENV, check_uid_root
+
+    if uid_root:
+        os.environ[UID_ROOT_ENV] = check_uid_root(uid_root, names[0])
+    if procedure:
+        parse_procedure(procedure, names[1])
+        os.environ[PROCEDURE_ENV] = procedure
+
+
 def parse_procedure(text: str, where: str = PROCEDURE_ENV) -> hd.sr.CodedConcept:
     """``SCHEME^VALUE^MEANING`` (e.g. ``LN^36813-4^CT Abdomen and Pelvis``) as a coded concept."""
     parts = [p.strip() for p in str(text).split("^")]
@@ -298,14 +310,14 @@ def score_parameter(findings: Findings, j: int) -> str:
 
 
 def certainty_method(entry) -> str:
-    """How the stated certainty was made: calibrated (Platt scaling on the package's validation studies,
+    """How the stated certainty was made: calibrated (Platt scaling on the labelled studies it was fitted on,
     with the certainty at the finding's threshold, its operating point), or the raw score."""
     cal = entry.calibration
     if cal is None:
         return "certainty=uncalibrated score (the package has no calibration for this finding)"
     point = float(entry.calibrated(entry.threshold)) * 100.0
     return (
-        f"certainty=calibrated probability (Platt scaling, {cal.get('n', '?')} validation studies); "
+        f"certainty=calibrated probability (Platt scaling, {cal.get('n', '?')} labelled studies); "
         f"operating point {point:.1f}%"
     )
 

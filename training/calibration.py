@@ -19,15 +19,13 @@ calibration error (10 equal-width bins), each beside the other.
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from operators import __version__
-from operators.contract.manifest import Manifest
-from operators.contract.package import load_package, write_manifest
+from operators.contract.package import write_package_copy
 
 METHOD = "platt"
 BINS = 10
@@ -126,12 +124,7 @@ def calibrate_package(
     for entry, rec in zip(manifest["findings"], records):
         entry["calibration"] = rec
     manifest.setdefault("provenance", {})["calibration"] = result
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(package, tmp)
-    write_manifest(tmp, Manifest.from_dict(manifest, origin=str(package / "manifest.json")))
-    load_package(tmp)  # the written package loads and verifies before it takes its name
-    tmp.rename(out)
+    write_package_copy(package, out, manifest)
     fs = result["fit_set"]
     log(
         f"calibrated on {len(ids)} {split} studies: Brier {fs['raw']['brier']:.4f} -> {fs['calibrated']['brier']:.4f}, "

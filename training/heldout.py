@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 
 from operators import __version__
 from operators.contract.files import write_json
-from operators.contract.package import load_package, write_manifest
+from operators.contract.package import load_package, write_package_copy
 from operators.contract.scoring import ZeroShotModel, decide_present, margin_probability
 
 from .data import load_studies
@@ -193,15 +192,8 @@ def evaluate_heldout(
         "per_finding": per,
         "seconds": round(time.time() - t0, 1),
     }
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(package, tmp)
     manifest["model"]["evaluation"] = evaluation
-    from operators.contract.manifest import Manifest
-
-    write_manifest(tmp, Manifest.from_dict(manifest, origin=str(package / "manifest.json")))
-    load_package(tmp)  # the written package loads and verifies before it takes its name
-    tmp.rename(out)
+    write_package_copy(package, out, manifest)
     log(format_truth_tables(rep))
     log(
         f"\nreport labels ({label_m['labelled_cells']} labelled cells): macro AUROC {label_m['macro_auroc']:.4f}  "

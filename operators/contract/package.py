@@ -81,6 +81,22 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
+def write_package_copy(source: str | Path, out: str | Path, manifest: dict) -> Path:
+    """``source``'s files with ``manifest`` (a manifest document, changed from the source's) as a new package
+    ``out``: written into ``out.partial``, verified by loading, then renamed, so ``out`` is never half
+    written. Returns ``out``."""
+    import shutil
+
+    source, out = Path(source), Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    write_manifest(tmp, Manifest.from_dict(manifest, origin=str(source / MANIFEST)))
+    load_package(tmp)  # the written package loads and verifies before it takes its name
+    tmp.rename(out)
+    return out
+
+
 @dataclass
 class ModelPackage:
     """A loaded, verified model package: its typed manifest, preprocessing, catalogue, prompt table and

@@ -207,14 +207,9 @@ class ListenerConfig(_Section):
 
     def apply_site_codes(self) -> None:
         """The UID root and procedure code, for this process and the workers it starts (environment)."""
-        import os
+        from ..sr import use_site_codes
 
-        from ..contract.uids import UID_ROOT_ENV
-        from ..sr import PROCEDURE_ENV
-
-        for name, value in ((UID_ROOT_ENV, self.uid_root), (PROCEDURE_ENV, self.procedure)):
-            if value is not None:
-                os.environ[name] = value
+        use_site_codes(self.uid_root, self.procedure)
 
     @field_validator("ae_title")
     @classmethod

@@ -109,19 +109,16 @@ def destination_answers(cfg: ListenerConfig, timeout_s: float = 10.0) -> tuple[b
     other than a server error or a refusal of the credentials."""
     dest = cfg.destination
     if isinstance(dest, DimseDestination):
-        from pynetdicom import AE
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-        ae = AE(ae_title=cfg.ae_title)
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
-        tls = (cfg.tls.client_context(), dest.host) if cfg.tls else None
+        from .sender import associate, not_established
+
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+            assoc = associate(cfg, dest, Verification, timeout_s=timeout_s, dimse_timeout_s=timeout_s)
         except Exception as exc:  # noqa: BLE001 - a TLS handshake failure raises from associate
             return False, f"{dest.describe()}: no association ({type(exc).__name__})"
         if not assoc.is_established:
-            return False, f"{dest.describe()}: association {'rejected' if assoc.is_rejected else 'not established'}"
+            return False, not_established(dest, assoc)
         status = assoc.send_c_echo()
         assoc.release()
         code = getattr(status, "Status", None)

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from ..contract.uids import is_valid_uid
 from .config import ListenerConfig
+from .sender import associate, not_established
 
 log = logging.getLogger("ct-zeroshot.listener")
 
@@ -45,19 +46,14 @@ class MoveResult:
 
 
 def _associate(cfg: ListenerConfig, context: str):
-    from pynetdicom import AE
-
     src = cfg.source
     if src is None:
         raise ValueError("the listener config names no 'source' PACS to move studies from")
-    ae = AE(ae_title=cfg.ae_title)
-    ae.add_requested_context(context)
-    ae.acse_timeout = ae.network_timeout = cfg.network_timeout_s
-    ae.dimse_timeout = max(cfg.network_timeout_s, 600.0)  # a C-MOVE's responses come as the PACS sends
-    tls = (cfg.tls.client_context(), src.host) if cfg.tls else None
-    assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, tls_args=tls)
+    # a C-MOVE's responses come as the PACS sends: its DIMSE wait is longer than the network timeout
+    wait = cfg.network_timeout_s
+    assoc = associate(cfg, src, context, timeout_s=wait, dimse_timeout_s=max(wait, 600.0))
     if not assoc.is_established:
-        raise MoveError(f"{src.describe()}: association {'rejected' if assoc.is_rejected else 'not established'}")
+        raise MoveError(not_established(src, assoc))
     return assoc
 
 

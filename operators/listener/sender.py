@@ -13,6 +13,38 @@ from .config import DimseDestination, ListenerConfig, WebDestination
 log = logging.getLogger("ct-zeroshot.listener")
 
 
+def associate(
+    cfg: ListenerConfig,
+    peer: DimseDestination,
+    context: str,
+    transfer_syntaxes: list[str] | None = None,
+    timeout_s: float | None = None,
+    dimse_timeout_s: float | None = None,
+    tls=None,
+):
+    """An association from the listener's AE title to ``peer`` requesting one presentation context, over TLS
+    when the config has it (``tls``: the ``tls_args`` made once by a caller that associates repeatedly).
+    The caller checks ``is_established`` (``not_established`` says why not)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=cfg.ae_title)
+    if transfer_syntaxes:
+        ae.add_requested_context(context, transfer_syntaxes)
+    else:
+        ae.add_requested_context(context)
+    if timeout_s is not None:
+        ae.acse_timeout = ae.network_timeout = timeout_s
+    if dimse_timeout_s is not None:
+        ae.dimse_timeout = dimse_timeout_s
+    if tls is None and cfg.tls is not None:
+        tls = (cfg.tls.client_context(), peer.host)
+    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
+
+
+def not_established(peer: DimseDestination, assoc) -> str:
+    return f"{peer.describe()}: association {'rejected' if assoc.is_rejected else 'not established'}"
+
+
 def make_sender(cfg: ListenerConfig, stop: threading.Event) -> Sender | WebSender:
     return WebSender(cfg, stop) if isinstance(cfg.destination, WebDestination) else Sender(cfg, stop)
 
@@ -58,7 +90,6 @@ class Sender:
     def send(self, sr_path: Path, uid: str) -> bool:
         """True once the destination answered success; False after the last retry (or on stop)."""
         import pydicom
-        from pynetdicom import AE
         from pynetdicom.status import code_to_category
 
         dest, cfg = self.dest, self.cfg
@@ -66,9 +97,8 @@ class Sender:
         ds = pydicom.dcmread(sr_path)
         delay = cfg.backoff_s
         for attempt in range(1, cfg.retries + 1):
-            ae = AE(ae_title=cfg.ae_title)
-            ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=self.tls)
+            syntax = [str(ds.file_meta.TransferSyntaxUID)]
+            assoc = associate(cfg, dest, str(ds.SOPClassUID), syntax, tls=self.tls)
             if assoc.is_established:
                 status = assoc.send_c_store(ds)
                 assoc.release()

@@ -417,7 +417,7 @@ class Listener:
             self.spool.set_sr_state(uid, {**state, "delivered": delivered, "delivered_at": time.time()})
             self.spool.finish(uid)
             with self.lock:
-                completed = self.completed_at.pop(uid, None)
+                completed = self.completed_at.get(uid)
             if completed is not None:
                 self.metrics.latency.observe(max(0.0, time.time() - completed))
             self.metrics.reported.inc()
@@ -443,6 +443,9 @@ class Listener:
         with self.lock:
             callers = sorted(self.callers.get(uid, ()))
             completed = self.completed_at.get(uid)
+            if outcome in ("failed", "reported"):  # the study's last line until it is sent again
+                self.callers.pop(uid, None)
+                self.completed_at.pop(uid, None)
         self.audit.record(
             study_uid=uid,
             outcome=outcome,
@@ -453,9 +456,6 @@ class Listener:
             revision=(state or {}).get("revision", 0),
             error=error,
         )
-        if outcome in ("failed", "reported"):
-            with self.lock:
-                self.callers.pop(uid, None)
 
     def update_gauges(self) -> None:
         """The gauges a scrape reads: studies receiving, waiting (ready/), the queue and busy workers."""

@@ -224,6 +224,7 @@ def test_metrics_and_audit_after_three_studies_equal_the_spool(tmp_path, tiny_pa
         assert sorted(a["outcome"] for a in audit) == ["failed", "reported", "reported"]
         for a in audit:
             assert a["calling_ae"] == ["ORTHANC"] and a["destination"].startswith("ORTHANC@")
+            assert a["completed"] is not None and a["completed"] <= a["time"]  # when it was queued
             if a["outcome"] == "reported":
                 srs = [s["sop_instance_uid"] for s in a["sent"] if s["modality"] == "SR"]
                 assert len(srs) == 1 and orthanc.find_instance(srs[0])
