@@ -614,17 +614,24 @@ class Listener:
             (evt.EVT_ABORTED, self.on_closed),
         ]
         self.recover()
-        self.server = ae.start_server(
-            (self.cfg.bind, self.cfg.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self.cfg.tls.server_context() if self.cfg.tls else None,
-        )
-        self.threads = [threading.Thread(target=self._watch, daemon=True, name="completion")] + [
+        # The threads run before the port accepts, and the list is published only once they all run: /healthz
+        # (every listed thread alive) and /readyz (server accepting) never see a half-started listener.
+        threads = [threading.Thread(target=self._watch, daemon=True, name="completion")] + [
             threading.Thread(target=self._work, daemon=True, name=f"pipeline-{i + 1}") for i in range(self.cfg.workers)
         ]
-        for t in self.threads:
+        for t in threads:
             t.start()
+        self.threads = threads
+        try:
+            self.server = ae.start_server(
+                (self.cfg.bind, self.cfg.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=self.cfg.tls.server_context() if self.cfg.tls else None,
+            )
+        except BaseException:
+            self.shutdown()
+            raise
         log.info(
             "listening as %s on %s:%d%s; allowed callers: %s; SRs to %s; %d worker(s)",
             self.cfg.ae_title,

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import json
 import math
+import multiprocessing
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -272,7 +273,9 @@ def generate_corpus(cfg: SynthConfig, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.studies, desc=f"synth {cfg.profile}", unit="study", disable=not progress)
     results: list[dict] = []
     if cfg.workers > 1:
-        with ProcessPoolExecutor(max_workers=cfg.workers) as ex:
+        # spawn, not fork: a caller with threads (a listener, a progress monitor) may hold a lock at fork time,
+        # and a forked child that needs it waits forever
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")) as ex:
             for res in ex.map(generate_study, jobs, chunksize=4):
                 results.append(res)
                 bar.update()
