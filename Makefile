@@ -14,7 +14,7 @@ DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: venv lint test test-merlin-scale test-slow gpu-check bench-load demo docs image test-image clean
+.PHONY: venv lint test test-merlin-scale test-slow gpu-check bench-load bench-quant demo docs image test-image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ gpu-check: venv
 # embedded demo model; studies/hour, latency p50/p95, peak memory (results/bench/load.*, docs/pacs.md).
 bench-load: venv
 	$(BIN)/python -m benchmarks.bench_load --out results/bench --studies 20 --senders 3 --workers 1,2 --profile full
+
+# The int8 image encoder against the float one on the CPU: Merlin's full-size encoder, ONNX Runtime and
+# OpenVINO, latency and throughput side by side (results/bench/quant.*, docs/cpu.md). INT8_PACKAGE (a
+# `ct-zeroshot-train quantize` of FLOAT_PACKAGE, the demo model by default) adds the pair's figures.
+FLOAT_PACKAGE ?= operators/models/demo
+bench-quant: venv
+	$(BIN)/python -m benchmarks.bench_quant --out results/bench $(if $(INT8_PACKAGE),--package $(FLOAT_PACKAGE) --int8-package $(INT8_PACKAGE))
 
 # The long tests: the full-size Merlin conversion and the listener soak (docs/pacs.md).
 test-slow: venv

@@ -29,7 +29,7 @@ from .contract.custom_findings import FindingsFileError
 from .contract.dicom_series import scan_tree
 from .contract.package import MANIFEST, PackageError, load_package, named_or_demo
 from .contract.phi import allow_identifiers, identifiers_allowed
-from .contract.scoring import DeviceError, ZeroShotModel
+from .contract.scoring import DEVICES, DeviceError, ZeroShotModel
 from .contract.volume import VolumeError
 from .pipeline import SeriesToModelInput, StudyWork, log_model
 
@@ -130,8 +130,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="ONNX Runtime device (auto: CUDA when its provider loads)",
+        choices=DEVICES,
+        help="the image encoder's device (auto: CUDA when its provider loads, else the CPU; openvino: OpenVINO's "
+        "CPU runtime, an int8 package's fast path)",
     )
     p.add_argument(
         "--log-patient-identifiers",

@@ -51,6 +51,7 @@ def _init_worker(
     findings_mode: str,
     maps: bool | None = False,
     stow=None,
+    device: str = "auto",
 ) -> None:
     import torch
 
@@ -62,7 +63,7 @@ def _init_worker(
     allow_identifiers(identifiers_allowed())  # the parent's setting, through the environment
     pkg = load_package(package_dir)  # verified in every process that loads it (the files could change)
     model = ZeroShotModel(
-        pkg, device="auto", threads=threads, findings=findings, findings_mode=findings_mode, maps=maps
+        pkg, device=device, threads=threads, findings=findings, findings_mode=findings_mode, maps=maps
     )
     _WORKER.update(model=model, prep=SeriesToModelInput(pkg.spec), out=Path(out_dir), stow=stow)
 
@@ -285,6 +286,7 @@ def run_batch(
     maps: bool | None = None,
     stow=None,
     source=None,
+    device: str = "auto",
 ) -> tuple[int, list[dict]]:
     """``findings``: a site's findings file, scored beside (``findings_mode`` add) or instead of (replace)
     the package's findings; its prompts are encoded once per process. ``engine``: ``local`` (a process
@@ -305,11 +307,13 @@ def run_batch(
     if source is None and not inp.exists():
         raise FileNotFoundError(f"{inp}: input folder does not exist")
     pkg = load_package(named_or_demo(model))
-    from .contract.scoring import ZeroShotModel, package_with_findings
+    from .contract.scoring import ZeroShotModel, package_with_findings, select_providers
+
+    select_providers(device)  # a device named that is not there (cuda without its provider) is refused here
 
     maps = ZeroShotModel(
-        pkg, device="cpu", threads=1, maps=maps
-    ).maps  # an encoder that cannot run is refused before anything is written
+        pkg, device="cpu" if device in ("auto", "cuda") else device, threads=1, maps=maps
+    ).maps  # an encoder that cannot run (or OpenVINO that is not there) is refused before anything is written
     if findings is not None:  # refused here, before anything is written, when the file is bad
         pkg = package_with_findings(pkg, findings, findings_mode)
     if engine == "ray":
@@ -340,7 +344,7 @@ def run_batch(
             workers,
             force,
             progress,
-            (findings, findings_mode, maps, stow),
+            (findings, findings_mode, maps, stow, device),
             engine,
             gpus_per_worker,
             not_retrieved,
@@ -410,7 +414,7 @@ def _run_locked(
         bar.update(1)
     bar.close()
     _remove_partials(sr_dir)  # a worker killed while writing an SR (its study was retried or failed)
-    _, _, _, stow = custom  # (findings file, findings mode, maps, STOW-RS target), as the workers get them
+    stow = custom[3]  # (findings file, findings mode, maps, STOW-RS target, device), as the workers get them
     if stow is not None:  # studies done before whose files the endpoint has not stored yet
         for row in rows:
             if row.get("resumed") and row.get("status") == "ok" and row.get("stored") != "yes":
@@ -431,6 +435,7 @@ def _run_locked(
         },
         "workers": workers,
         "engine": engine,
+        "device": custom[4],
         "processed": len(todo),
         "resumed": resumed,
         "failed": len(failed),

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .contract.findings import load_catalogue
+from .contract.scoring import DEVICES, DeviceError
 from .contract.volume import VolumeError
 
 
@@ -271,6 +272,7 @@ def _infer(args: argparse.Namespace) -> int:
             address=args.address,
             gpus_per_worker=args.gpus_per_worker,
             maps=args.maps,
+            device=args.device,
             stow=stow,
             source=source,
         )
@@ -359,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default=None, help="model package (default: the embedded demo model)")
     i.add_argument("--workers", type=int, default=1, help="studies processed in parallel (default 1)")
     i.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="the image encoder's: auto (CUDA when its provider loads, else the CPU), cpu, cuda, or openvino "
+        "(OpenVINO's CPU runtime: an int8 package's fast path, docs/cpu.md)",
+    )
+    i.add_argument(
         "--engine",
         choices=("local", "ray"),
         default="local",
@@ -446,7 +455,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, (VolumeError, ValueError, OSError))
+    return run_command(build_parser(), argv, (VolumeError, ValueError, OSError, DeviceError))
 
 
 if __name__ == "__main__":

@@ -171,6 +171,25 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_package
+
+    quantize_package(
+        args.package,
+        args.data,
+        args.out,
+        studies=args.studies,
+        split=args.split,
+        check=args.check,
+        check_studies=args.check_studies,
+        evaluate=args.evaluate,
+        progress=not args.quiet,
+        max_changed=args.max_decisions_changed,
+        stem=args.stem,
+    )
+    return 0
+
+
 def _add_text_encoder(args: argparse.Namespace) -> int:
     from .text_package import add_text_encoder
 
@@ -497,6 +516,40 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ca.add_argument("--quiet", action="store_true")
     ca.set_defaults(func=_calibrate)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="an int8 image encoder for CPU servers (ONNX Runtime static QDQ quantisation, calibrated on "
+        "training studies); checked against the float package, written as a copy",
+    )
+    qz.add_argument("--package", required=True, help="the float model package (left untouched)")
+    qz.add_argument("--data", required=True, help="a corpus (Merlin format): calibration and check studies")
+    qz.add_argument("--out", required=True, help="the int8 package (a new folder)")
+    qz.add_argument("--studies", type=int, default=128, help="calibration studies, spread over the split (default 128)")
+    qz.add_argument("--split", default="train", help="the split calibrated on (default train)")
+    qz.add_argument("--check", default="validation", help="the split the int8 decisions are checked on")
+    qz.add_argument("--check-studies", type=int, default=None, help="at most this many check studies (default all)")
+    qz.add_argument("--evaluate", help="also compare float and int8 on this corpus (held-out), every study")
+    qz.add_argument(
+        "--max-decisions-changed",
+        type=float,
+        default=0.01,
+        help="refuse the int8 encoder when it changes more than this share of the check split's decisions (0.01)",
+    )
+    qz.add_argument(
+        "--max-decisions-changed",
+        type=float,
+        default=0.01,
+        help="refuse the int8 encoder when it changes more than this share of the check split's decisions (0.01)",
+    )
+    qz.add_argument(
+        "--stem",
+        default="float",
+        choices=["float", "int8"],
+        help="the first convolution float (default: closer to the float model) or int8 (faster; check the decisions)",
+    )
+    qz.add_argument("--quiet", action="store_true")
+    qz.set_defaults(func=_quantize)
 
     at = sub.add_parser(
         "add-text-encoder",

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -81,16 +82,28 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def write_package_copy(source: str | Path, out: str | Path, manifest: dict) -> Path:
+def write_package_copy(
+    source: str | Path,
+    out: str | Path,
+    manifest: dict,
+    replace: dict[str, Path] | None = None,
+    finish: Callable[[Path, dict], dict] | None = None,
+) -> Path:
     """``source``'s files with ``manifest`` (a manifest document, changed from the source's) as a new package
     ``out``: written into ``out.partial``, verified by loading, then renamed, so ``out`` is never half
-    written. Returns ``out``."""
+    written. ``replace``: package files (relative names) taken from other files; ``finish``: called with
+    the staged folder and the manifest document before it is written (a UID from the new weights, say).
+    Returns ``out``."""
     import shutil
 
     source, out = Path(source), Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
+    for name, path in (replace or {}).items():
+        shutil.copyfile(path, tmp / name)
+    if finish is not None:
+        manifest = finish(tmp, manifest)
     write_manifest(tmp, Manifest.from_dict(manifest, origin=str(source / MANIFEST)))
     load_package(tmp)  # the written package loads and verifies before it takes its name
     tmp.rename(out)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -56,15 +57,20 @@ class DeviceError(RuntimeError):
     """A named device that cannot be used (``--device cuda`` without a CUDA provider that loads)."""
 
 
+# auto: CUDA when its provider loads, else the CPU; cpu and cuda: ONNX Runtime's providers; openvino: the
+# image encoder on OpenVINO's CPU runtime (an int8 package's fast path on a CPU server, docs/cpu.md).
+DEVICES = ("auto", "cpu", "cuda", "openvino")
+
+
 def select_providers(device: str = "auto") -> list[str]:
     """ONNX Runtime providers to ask for: CUDA first when requested or available, CPU always last.
     ``cuda`` without ONNX Runtime's CUDA provider is a ``DeviceError``; ``auto`` then takes the CPU."""
     import onnxruntime as ort
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {device!r}")
     available = ort.get_available_providers()
-    if device == "cpu":
+    if device in ("cpu", "openvino"):  # openvino: the image encoder's runtime; the text encoder runs here
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -90,6 +96,46 @@ def open_session(path: Path, providers: list[str], threads: int | None = None):
     # share the cores (measured: they ran 2-3x slower beside a spinning pool).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+class OpenVinoSession:
+    """The image encoder on OpenVINO's CPU runtime, answering the part of ONNX Runtime's session interface
+    that ``ZeroShotModel`` uses (inputs, outputs, providers, ``run``). OpenVINO reads the ONNX file itself
+    and runs a QDQ int8 encoder with int8 kernels, where ONNX Runtime's CPU provider gains less (docs/cpu.md).
+    One infer request per call, so concurrent pipeline threads never share one."""
+
+    PROVIDER = "OpenVINO-CPU"
+
+    def __init__(self, path: Path, threads: int | None = None, hint: str = "LATENCY"):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise DeviceError(
+                "device openvino: the openvino package is not installed (pip install openvino); "
+                "use --device cpu for ONNX Runtime's CPU provider"
+            ) from None
+        config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except RuntimeError as exc:
+            raise DeviceError(f"device openvino: OpenVINO cannot compile {path} ({str(exc).splitlines()[0]})") from None
+        self._inputs = [SimpleNamespace(name=p.get_any_name()) for p in self.compiled.inputs]
+        self._outputs = [SimpleNamespace(name=p.get_any_name()) for p in self.compiled.outputs]
+
+    def get_inputs(self) -> list:
+        return self._inputs
+
+    def get_outputs(self) -> list:
+        return self._outputs
+
+    def get_providers(self) -> list[str]:
+        return [self.PROVIDER]
+
+    def run(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.compiled.create_infer_request().infer(feeds)
+        return [np.array(result[self.compiled.output(n)]) for n in names]
 
 
 @dataclass
@@ -225,7 +271,10 @@ class ZeroShotModel:
         refuses a package without the output; None (auto) makes them when the package can; False never."""
         self.package = package
         requested = select_providers(device)
-        self.image_session = open_session(package.image_encoder_path, requested, threads)
+        if device == "openvino":
+            self.image_session = OpenVinoSession(package.image_encoder_path, threads)
+        else:
+            self.image_session = open_session(package.image_encoder_path, requested, threads)
         self.providers = self.image_session.get_providers()
         if requested[0] == "CUDAExecutionProvider" and self.providers[0] != "CUDAExecutionProvider":
             if device == "cuda":
@@ -248,7 +297,7 @@ class ZeroShotModel:
                 "or run with --no-maps"
             )
         self.maps = bool(self._map_out is not None if maps is None else maps)
-        self.prompts = PromptEncoder(package, self.providers, threads)
+        self.prompts = PromptEncoder(package, requested if device == "openvino" else self.providers, threads)
         if findings is not None:
             self.package = package_with_findings(package, findings, findings_mode, self.prompts)
 
@@ -283,6 +332,8 @@ class ZeroShotModel:
 
     @property
     def device(self) -> str:
+        if self.providers[0] == OpenVinoSession.PROVIDER:
+            return "openvino"
         return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
     @property

@@ -184,6 +184,9 @@ class ListenerConfig(_Section):
     findings_mode: Literal["add", "replace"] = "add"  # add: after the model's own findings; replace: instead of them
     maps: bool = False  # the present findings' localisation maps as a DICOM SEG, sent before each SR
     workers: Annotated[int, Field(ge=1, le=64)] = 1  # complete studies processed at a time
+    # The image encoder's device: auto (CUDA when its provider loads, else the CPU), cpu, cuda, or openvino
+    # (OpenVINO's CPU runtime, an int8 package's fast path); a device named that cannot run is an error.
+    device: Literal["auto", "cpu", "cuda", "openvino"] = "auto"
     health: Health | None = None  # /healthz, /readyz and /metrics over HTTP; none without it
     source: DimseDestination | None = None  # a PACS to C-MOVE studies from (ct-zeroshot move)
     uid_root: str | None = None  # the site's UID root for SR and SEG UIDs (pydicom's public root without one)

@@ -59,7 +59,7 @@ def load_model(cfg: ListenerConfig):
     from ..contract.scoring import ZeroShotModel
 
     pkg = load_package(named_or_demo(cfg.model))
-    return ZeroShotModel(pkg, device="auto", findings=cfg.findings, findings_mode=cfg.findings_mode, maps=cfg.maps)
+    return ZeroShotModel(pkg, device=cfg.device, findings=cfg.findings, findings_mode=cfg.findings_mode, maps=cfg.maps)
 
 
 def check(config: str | Path, out=None) -> int:
