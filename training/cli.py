@@ -537,12 +537,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse the int8 encoder when it changes more than this share of the check split's decisions (0.01)",
     )
     qz.add_argument(
-        "--max-decisions-changed",
-        type=float,
-        default=0.01,
-        help="refuse the int8 encoder when it changes more than this share of the check split's decisions (0.01)",
-    )
-    qz.add_argument(
         "--stem",
         default="float",
         choices=["float", "int8"],

@@ -131,6 +131,18 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
     return out
 
 
+def macro_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The mean over findings of each finding's AUROC on its labelled (not -1) studies; findings with a
+    single class there are left out; NaN when none is left."""
+    aucs = []
+    for j in range(labels.shape[1]):
+        keep = labels[:, j] != -1
+        a = finding_auroc(labels[keep, j], probs[keep, j])
+        if a is not None:
+            aucs.append(a)
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
 def macro_f1_from(pred: np.ndarray, labels: np.ndarray) -> float:
     """Macro F1 (dropping -1) from prediction and label matrices; vectorised for bootstrap loops. A
     finding with one class only (no positive or no negative label) is left out, as in macro AUROC."""

@@ -61,17 +61,11 @@ def _corpus_record(data: Path) -> dict:
 
 
 def _label_metrics(probs: np.ndarray, decided: np.ndarray, labels: np.ndarray) -> dict:
-    from .evaluate import finding_auroc, macro_f1_from
+    from .evaluate import macro_auroc, macro_f1_from
 
-    aucs = []
-    for j in range(labels.shape[1]):
-        keep = labels[:, j] != -1
-        a = finding_auroc(labels[keep, j], probs[keep, j])
-        if a is not None:
-            aucs.append(a)
     return {
         "labelled_cells": int((labels != -1).sum()),
-        "macro_auroc": float(np.mean(aucs)) if aucs else math.nan,
+        "macro_auroc": macro_auroc(probs, labels),
         "macro_f1": macro_f1_from(decided.astype(int), labels),
         "macro_f1_merlin_rule": macro_f1_from((probs >= 0.5).astype(int), labels),
     }

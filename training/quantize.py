@@ -21,7 +21,6 @@ faster (docs/cpu.md has the measured figures).
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -34,6 +33,7 @@ from operators.contract.package import load_package, write_package_copy
 from operators.contract.scoring import ZeroShotModel
 
 from .data import load_studies, load_volume
+from .evaluate import macro_auroc
 from .ground_truth import has_ground_truth, load_ground_truth
 
 MAX_DECISIONS_CHANGED = 0.01
@@ -128,18 +128,6 @@ def quantize_encoder(float_onnx: Path, out_onnx: Path, reader, stem: str = "floa
         )
 
 
-def _auroc_macro(probs: np.ndarray, truth: np.ndarray) -> float:
-    from .evaluate import finding_auroc
-
-    aucs = []
-    for j in range(truth.shape[1]):
-        keep = truth[:, j] != -1
-        a = finding_auroc(truth[keep, j], probs[keep, j])
-        if a is not None:
-            aucs.append(a)
-    return float(np.mean(aucs)) if aucs else math.nan
-
-
 def compare(float_pkg: Path, int8_pkg: Path, data: Path, split: str | None, progress: bool, limit: int | None = None):
     """The float and int8 packages on the same preprocessed studies of ``data`` (its ``split``; every study
     when None): decisions changed, embedding cosine, macro AUROC of each against the report labels and,
@@ -193,7 +181,7 @@ def compare(float_pkg: Path, int8_pkg: Path, data: Path, split: str | None, prog
         }
         for name, t in (("report_labels", labels), ("ground_truth", truth)):
             if t is not None:
-                a, b = _auroc_macro(probs[0], t), _auroc_macro(probs[k], t)
+                a, b = macro_auroc(probs[0], t), macro_auroc(probs[k], t)
                 rec[name] = {"macro_auroc_float": a, "macro_auroc_int8": b, "difference": b - a}
         return rec
 
