@@ -213,6 +213,7 @@ def _busy_workers() -> list[int]:
     return pids
 
 
+@pytest.mark.long  # minutes: make test-long (CI runs it beside make test)
 def test_ray_engine_gives_the_local_engines_srs_and_rows_though_a_worker_is_killed(
     archive, tiny_package, first_run, tmp_path
 ):
@@ -271,6 +272,7 @@ def _pool_workers(parent: int) -> list[int]:
     return out
 
 
+@pytest.mark.long  # minutes: make test-long (CI runs it beside make test)
 def test_a_local_worker_killed_mid_batch_costs_no_study(archive, tiny_package, first_run, tmp_path):
     """A worker's death breaks the whole process pool: the studies in flight are run again, each alone, and
     the batch ends with the same rows and SRs as the undisturbed run (a study that killed its worker when
