@@ -111,7 +111,11 @@ def measure(models: dict[str, Path], inputs: list[np.ndarray], runs: int, per_st
         per_hour[name] = len(batch) / (time.perf_counter() - t) * 3600
     median = {n: statistics.median(v) for n, v in times.items()}
     base_lat, base_tp = median["onnxruntime float"], per_hour["onnxruntime float"]
+    # what a server gets from each engine: the better of one study at a time (3600 / latency) and streams
+    best = {n: max(per_hour[n], 3600 / median[n]) for n in median}
     return {
+        "best_studies_per_hour": best,
+        "best_ratio_vs_onnxruntime_float": {n: v / best["onnxruntime float"] for n, v in best.items()},
         "latency_median_s": median,
         "latency_all_s": times,
         "throughput_studies_per_hour": per_hour,
@@ -189,14 +193,15 @@ def _table(r: dict) -> list[str]:
         f"**{r['what']}**",
         "",
         f"| engine | latency median s | vs ORT float | studies/h ({r['streams']} streams) | vs ORT float "
-        "| cosine to ORT float |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| studies/h, the better of one at a time and streams | vs ORT float | cosine to ORT float |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in r["latency_median_s"].items():
         lines.append(
             f"| {name} | {m:.3f} | {r['latency_speedup_vs_onnxruntime_float'][name]:.2f}x | "
             f"{r['throughput_studies_per_hour'][name]:,.0f} | "
             f"{r['throughput_ratio_vs_onnxruntime_float'][name]:.2f}x | "
+            f"{r['best_studies_per_hour'][name]:,.0f} | {r['best_ratio_vs_onnxruntime_float'][name]:.2f}x | "
             f"{r['embedding_cosine_to_onnxruntime_float_min'][name]:.5f} |"
         )
     same = r["int8_over_float_same_runtime"]

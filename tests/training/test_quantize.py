@@ -133,5 +133,7 @@ def test_the_quantisation_benchmark_runs(tmp_path):
     engines = {f"{rt} {v}" for rt in ("onnxruntime", "openvino") for v in ("float", "int8", "int8 (int8 stem)")}
     assert set(r["latency_median_s"]) == engines == set(r["throughput_studies_per_hour"])
     assert all(v > 0 for v in r["throughput_studies_per_hour"].values())
+    for name, best in r["best_studies_per_hour"].items():  # the better of one at a time and the streams
+        assert best >= r["throughput_studies_per_hour"][name] and best >= 3600 / r["latency_median_s"][name] - 1e-6
     assert r["embedding_cosine_to_onnxruntime_float_min"]["openvino float"] > 0.9999
     assert "| openvino int8 |" in (tmp_path / "quant.md").read_text()
