@@ -143,7 +143,7 @@ def calibrate_package(
 def evaluate_calibration(package: Path, data: Path, records: list[dict], device: str, progress: bool) -> dict:
     """Raw score and calibrated certainty against ``data``'s report labels and, where the corpus has
     them, the phantoms' ground truth."""
-    from .ground_truth import has_ground_truth, load_ground_truth
+    from .ground_truth import has_ground_truth, load_ground_truth, truth_matrix
     from .heldout import score_corpus
 
     ids, labels, probs, _, _, pkg = score_corpus(package, data, device=device, progress=progress)
@@ -153,6 +153,6 @@ def evaluate_calibration(package: Path, data: Path, records: list[dict], device:
     if has_ground_truth(data):
         truth = load_ground_truth(data)
         fids = pkg.catalogue.ids
-        t = np.asarray([[1 if fid in truth[sid]["findings"] else 0 for fid in fids] for sid in ids])
+        t = truth_matrix(truth, ids, fids)
         out["ground_truth"] = {"raw": reliability(probs, t), "calibrated": reliability(cal, t)}
     return out

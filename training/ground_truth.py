@@ -67,9 +67,10 @@ def _records(truth: dict[str, dict], study_ids, path_hint: str = GROUND_TRUTH_FI
     return [truth[s] for s in study_ids]
 
 
-def truth_matrix(truth: dict[str, dict], study_ids) -> np.ndarray:
-    """(N, n_findings) int8: 1 where the phantom holds the finding, 0 where it does not (catalogue order)."""
-    ids = load_catalogue().ids
+def truth_matrix(truth: dict[str, dict], study_ids, finding_ids=None) -> np.ndarray:
+    """(N, n_findings) int8: 1 where the phantom holds the finding, 0 where it does not, in the order of
+    ``finding_ids`` (the catalogue's by default; a package's own, say)."""
+    ids = load_catalogue().ids if finding_ids is None else list(finding_ids)
     recs = _records(truth, study_ids)
     return np.array([[int(f in r["findings"]) for f in ids] for r in recs], dtype=np.int8).reshape(len(recs), len(ids))
 

@@ -34,7 +34,7 @@ from operators.contract.scoring import ZeroShotModel
 
 from .data import load_studies, load_volume
 from .evaluate import macro_auroc
-from .ground_truth import has_ground_truth, load_ground_truth
+from .ground_truth import has_ground_truth, load_ground_truth, truth_matrix
 
 MAX_DECISIONS_CHANGED = 0.01
 METHOD = (
@@ -163,9 +163,7 @@ def compare(float_pkg: Path, int8_pkg: Path, data: Path, split: str | None, prog
     labels = np.stack([s.labels for s in studies])
     truth = None
     if has_ground_truth(data):
-        gt = load_ground_truth(data)
-        fids = models[0].package.catalogue.ids
-        truth = np.asarray([[1 if fid in gt[s.study_id]["findings"] else 0 for fid in fids] for s in studies])
+        truth = truth_matrix(load_ground_truth(data), [s.study_id for s in studies], models[0].package.catalogue.ids)
 
     def agreement(k: int) -> dict:
         cos = (e[0] * e[k]).sum(1) / np.linalg.norm(e[0], axis=1) / np.linalg.norm(e[k], axis=1)
