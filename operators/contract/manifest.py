@@ -1,10 +1,11 @@
 """The model-package manifest as types, shared by the exporters (training side) and the loader.
 
 ``Manifest.to_dict`` is what ``manifest.json`` holds (the exporter writes nothing else);
-``Manifest.from_dict`` is the only reader, and refuses a malformed document with ``ManifestError``
-naming the file and the field (``manifest.json: field 'findings[3].threshold' must be a probability
-in (0, 1), got 1.2``), in the manner of highdicom's constructors that refuse an invalid document
-rather than write or read one. ``provenance``, ``parity`` and a finding's ``threshold_selection``
+``Manifest.from_dict`` is the only reader: it validates the document against pydantic models of
+its shape (strict types, ranges, cross-field checks) and refuses a malformed one with ``ManifestError``
+naming the file, the field and the value (``manifest.json: field 'findings[3].threshold' must be a
+probability in (0, 1), got 1.2``), in the manner of highdicom's constructors that refuse an invalid
+document rather than write or read one. ``provenance``, ``parity`` and a finding's ``threshold_selection``
 are free-form records for readers (humans, ``recipe``); nothing downstream decides on them.
 
 The prompt table: ``prompt_embeddings.npy`` is (P, D) float32; finding i's positive prompts are the
@@ -16,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from .findings import Catalogue, Code, Finding, check_unique, finding_from_dict, finding_to_dict
 from .preprocessing import PreprocessSpec
@@ -34,54 +37,268 @@ class ManifestError(ValueError):
     """A manifest that cannot be read; the message names the file and the field."""
 
 
-_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "str": ((str,), "a non-empty string"),
-    "int": ((int,), "an integer"),
-    "num": ((int, float), "a finite number"),
-    "bool": ((bool,), "true or false"),
-    "dict": ((dict,), "an object"),
-    "list": ((list,), "a list"),
+# ---- The document as pydantic models (strict: JSON's "17" is not the integer 17, true is not 1). They
+# check the shape, types and ranges of what manifest.json holds; the dataclasses below are what the code
+# uses. Unknown keys are ignored (a newer writer's additions); ``ManifestError`` words each refusal.
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_non_blank)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _span(value: list) -> list:
+    ok = len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    if not ok or not 0 <= value[0] < value[1]:
+        raise ValueError(f"must be a row range [a, b) with 0 <= a < b, got {value!r}")
+    return value
+
+
+Span = Annotated[list, AfterValidator(_span)]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class _Header(_Wire):
+    format: Any = None
+    format_version: int
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        if value != FORMAT:
+            raise ValueError(f"must be {FORMAT!r}, got {value!r}")
+        return value
+
+    @field_validator("format_version")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be a positive integer, got {value!r}")
+        return value
+
+
+class _ModelWire(_Wire):
+    name: Text
+    version: Text
+    uid: Text
+    created: Text
+    intended_use: Text | None = None
+    evaluation: dict | None = None
+
+    @field_validator("uid")
+    @classmethod
+    def _uid(cls, value: str) -> str:
+        if not is_valid_uid(value):
+            raise ValueError(f"must be a valid DICOM UID (digits and dots, <= 64 chars), got {value!r}")
+        return value
+
+    @field_validator("intended_use")
+    @classmethod
+    def _use(cls, value: str | None) -> str | None:
+        if value is not None and len(value) > INTENDED_USE_MAX:
+            raise ValueError(f"must be 1 to {INTENDED_USE_MAX} characters, got {len(value)}")
+        return value
+
+
+class _ImageEncoderWire(_Wire):
+    file: Text
+    input: Text
+    output: Text
+    input_shape: list
+    dtype: Text
+    opset: int
+    dynamic_spatial: bool
+    l2_normalised: bool
+    localisation: Text | None = None
+
+
+class _TextAbsentWire(_Wire):
+    file: None = None
+    absent_reason: Text | None = None
+
+
+class _TextEncoderWire(_Wire):
+    file: Text
+    inputs: list[str]
+    output: Text
+    tokenizer: Text
+    keep_sentences: str | None = None
+    pad_token_id: int
+    max_length: int
+    sequence_length: int | None = None
+
+    @field_validator("keep_sentences")
+    @classmethod
+    def _keep(cls, value: str | None) -> str | None:
+        if value is not None and value not in KEEP_RULES:  # a rule this deploy does not know fails at the 1st prompt
+            raise ValueError(f"must be one of {', '.join(KEEP_RULES)}, got {value!r}")
+        return value
+
+
+def _text_kind(value: Any) -> str:
+    return "absent" if isinstance(value, dict) and value.get("file") is None else "present"
+
+
+class _PromptTableWire(_Wire):
+    file: Text
+    shape: list
+    dtype: str
+    computed_with: Text
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, value: list) -> list:
+        if len(value) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value):
+            raise ValueError(f"must be [rows, dim] of positive integers, got {value!r}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value != "float32":
+            raise ValueError(f"must be 'float32', got {value!r}")
+        return value
+
+
+class _RowsWire(_Wire):
+    positive: Span
+    negative: Span
+
+
+def _prompts(value: list) -> list:
+    if not value or not all(isinstance(p, str) for p in value):
+        raise ValueError("must list at least one prompt (strings)")
+    return value
+
+
+Prompts = Annotated[list, AfterValidator(_prompts)]
+
+
+def _calibration(value: dict | None) -> dict | None:
+    if value is None:
+        return None
+    if value.get("method") != "platt":
+        raise ValueError(f"method must be 'platt', got {value.get('method')!r}")
+    for key in ("a", "b"):
+        v = value.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{key} must be a finite number, got {v!r}")
+    if value["a"] < 0:
+        raise ValueError(f"a must be >= 0 (a certainty that falls as the score rises), got {value['a']}")
+    return value
+
+
+class _FindingWire(_Wire):
+    id: Text
+    display: Text
+    section: Text
+    code: dict
+    positive_prompts: Prompts
+    negative_prompts: Prompts
+    prompt_rows: _RowsWire
+    threshold: Finite
+    assessed: bool | None = None
+    threshold_selection: dict | None = None
+    calibration: Annotated[dict | None, AfterValidator(_calibration)] = None
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"must be a probability in (0, 1), got {value}")
+        return value
+
+
+class _DecisionWire(_Wire):
+    rule: Text
+    threshold_method: Text
+
+
+class _SchemeWire(_Wire):
+    designator: Text
+    version: Text
+    name: Text
+
+
+class _ManifestWire(_Header):
+    model: _ModelWire
+    preprocessing: dict
+    image_encoder: _ImageEncoderWire
+    text_encoder: Annotated[
+        Annotated[_TextAbsentWire, Tag("absent")] | Annotated[_TextEncoderWire, Tag("present")],
+        Discriminator(_text_kind),
+    ]
+    embedding_dim: int
+    log_logit_scale: Finite | None = None
+    logit_scale: Finite
+    text_normalisation: Text | None = None
+    prompt_embeddings: _PromptTableWire
+    decision: _DecisionWire
+    private_scheme: _SchemeWire
+    findings: list[_FindingWire] = Field(min_length=1)
+    provenance: dict | None = None
+    parity: dict | None = None
+    files: dict | None = None
+
+    @field_validator("logit_scale")
+    @classmethod
+    def _scale(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"must be a positive number, got {value}")
+        return value
+
+
+_EXPECTED = {
+    "int_type": "must be an integer",
+    "bool_type": "must be true or false",
+    "string_type": "must be a non-empty string",
+    "float_type": "must be a finite number",
+    "finite_number": "must be a finite number",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "list_type": "must be a list",
+    "none_required": "must be null",
 }
 
 
-class _Reader:
-    """Typed access to one JSON object of the manifest; every refusal names the file and field path."""
+def _refusal(origin: str, exc: ValidationError) -> ManifestError:
+    """pydantic's errors in the house's words: ``origin: field 'a.b[3].c' what it must be, got value``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ""
+        for item in err["loc"]:
+            if isinstance(item, int):
+                where += f"[{item}]"
+            elif item not in ("absent", "present"):  # the text encoder's union tag is not a key of the file
+                where += f".{item}" if where else str(item)
+        kind, value = err["type"], err.get("input")
+        if kind == "missing":
+            problem = "is missing"
+        elif kind == "too_short" and where == "findings":
+            problem = "must list at least one finding"
+        elif kind in _EXPECTED:
+            problem = f"{_EXPECTED[kind]}, got {str(value)[:80]!r}"
+        else:  # the validators' own words
+            problem = err["msg"].removeprefix("Value error, ")
+        parts.append(f"field {where or '(top level)'!r} {problem}")
+    more = f"; and {len(parts) - 3} more" if len(parts) > 3 else ""
+    return ManifestError(f"{origin}: {'; '.join(parts[:3])}{more}")
 
-    def __init__(self, origin: str, data: Any, path: str = ""):
-        self.origin, self.data, self.path = origin, data, path
-        if not isinstance(data, dict):
-            raise self.error(path or "(top level)", f"must be an object, got {type(data).__name__}")
 
-    def error(self, where: str, problem: str) -> ManifestError:
-        return ManifestError(f"{self.origin}: field {where!r} {problem}")
-
-    def where(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str, kind: str, optional: bool = False) -> Any:
-        value = self.data.get(key)
-        if value is None:
-            if optional:
-                return None
-            raise self.error(self.where(key), "is missing")
-        types, desc = _KINDS[kind]
-        bad = not isinstance(value, types) or (isinstance(value, bool) and kind not in ("bool",))
-        bad = bad or (kind == "str" and not value.strip()) or (kind == "num" and not math.isfinite(value))
-        if bad:
-            raise self.error(self.where(key), f"must be {desc}, got {str(value)[:80]!r}")
-        return value
-
-    def sub(self, key: str) -> _Reader:
-        return _Reader(self.origin, self.get(key, "dict"), self.where(key))
-
-    def span(self, key: str, limit: int) -> tuple[int, int]:
-        """A half-open row range [a, b) inside a table of ``limit`` rows."""
-        v = self.get(key, "list")
-        if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v) or not 0 <= v[0] < v[1]:
-            raise self.error(self.where(key), f"must be a row range [a, b) with 0 <= a < b, got {v!r}")
-        if v[1] > limit:
-            raise self.error(self.where(key), f"rows [{v[0]}, {v[1]}) lie outside the {limit} prompt embeddings")
-        return (v[0], v[1])
+def _validated(wire: type[_Wire], data: Any, origin: str) -> Any:
+    try:
+        return wire.model_validate(data)
+    except ValidationError as exc:
+        raise _refusal(origin, exc) from None
 
 
 def weights_digest(sha256_by_file: dict[str, str]) -> str:
@@ -103,15 +320,8 @@ class ModelIdentity:
     evaluation: dict | None = None  # the held-out figures (``ct-zeroshot-train heldout``); optional
 
     @classmethod
-    def read(cls, r: _Reader) -> ModelIdentity:
-        uid = r.get("uid", "str")
-        if not is_valid_uid(uid):
-            raise r.error(r.where("uid"), f"must be a valid DICOM UID (digits and dots, <= 64 chars), got {uid!r}")
-        use = r.get("intended_use", "str", optional=True)
-        if use is not None and not 0 < len(use) <= INTENDED_USE_MAX:
-            raise r.error(r.where("intended_use"), f"must be 1 to {INTENDED_USE_MAX} characters, got {len(use)}")
-        evaluation = r.get("evaluation", "dict", optional=True)
-        return cls(r.get("name", "str"), r.get("version", "str"), uid, r.get("created", "str"), use, evaluation)
+    def from_wire(cls, w: _ModelWire) -> ModelIdentity:
+        return cls(w.name, w.version, w.uid, w.created, w.intended_use, w.evaluation)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -137,17 +347,17 @@ class ImageEncoderRecord:
     localisation: str | None = None
 
     @classmethod
-    def read(cls, r: _Reader) -> ImageEncoderRecord:
+    def from_wire(cls, w: _ImageEncoderWire) -> ImageEncoderRecord:
         return cls(
-            r.get("file", "str"),
-            r.get("input", "str"),
-            r.get("output", "str"),
-            tuple(r.get("input_shape", "list")),
-            r.get("dtype", "str"),
-            r.get("opset", "int"),
-            r.get("dynamic_spatial", "bool"),
-            r.get("l2_normalised", "bool"),
-            r.get("localisation", "str", optional=True),
+            w.file,
+            w.input,
+            w.output,
+            tuple(w.input_shape),
+            w.dtype,
+            w.opset,
+            w.dynamic_spatial,
+            w.l2_normalised,
+            w.localisation,
         )
 
     def to_dict(self) -> dict:
@@ -173,26 +383,19 @@ class TextEncoderRecord:
     sequence_length: int | None = None  # fixed traced length (Longformer), None: dynamic
 
     @classmethod
-    def read(cls, r: _Reader) -> TextEncoderRecord:
-        file = r.get("file", "str", optional=True)
-        if file is None:
-            return cls(None, r.get("absent_reason", "str", optional=True) or "not exported")
-        inputs = r.get("inputs", "list")
-        if not all(isinstance(x, str) for x in inputs):
-            raise r.error(r.where("inputs"), f"must list input names, got {inputs!r}")
-        keep = r.get("keep_sentences", "str", optional=True) or "all"
-        if keep not in KEEP_RULES:  # a rule this deploy does not know would fail at the first prompt
-            raise r.error(r.where("keep_sentences"), f"must be one of {', '.join(KEEP_RULES)}, got {keep!r}")
+    def from_wire(cls, w: _TextAbsentWire | _TextEncoderWire) -> TextEncoderRecord:
+        if isinstance(w, _TextAbsentWire):
+            return cls(None, w.absent_reason or "not exported")
         return cls(
-            file,
+            w.file,
             None,
-            tuple(inputs),
-            r.get("output", "str"),
-            r.get("tokenizer", "str"),
-            keep,
-            r.get("pad_token_id", "int"),
-            r.get("max_length", "int"),
-            r.get("sequence_length", "int", optional=True),
+            tuple(w.inputs),
+            w.output,
+            w.tokenizer,
+            w.keep_sentences or "all",
+            w.pad_token_id,
+            w.max_length,
+            w.sequence_length,
         )
 
     @property
@@ -217,14 +420,8 @@ class PromptTable:
     computed_with: str = "torch reference model"
 
     @classmethod
-    def read(cls, r: _Reader) -> PromptTable:
-        shape = r.get("shape", "list")
-        if len(shape) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape):
-            raise r.error(r.where("shape"), f"must be [rows, dim] of positive integers, got {shape!r}")
-        dtype = r.get("dtype", "str")
-        if dtype != "float32":
-            raise r.error(r.where("dtype"), f"must be 'float32', got {dtype!r}")
-        return cls(r.get("file", "str"), (shape[0], shape[1]), dtype, r.get("computed_with", "str"))
+    def from_wire(cls, w: _PromptTableWire) -> PromptTable:
+        return cls(w.file, (w.shape[0], w.shape[1]), w.dtype, w.computed_with)
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "shape": list(self.shape)}
@@ -257,40 +454,21 @@ class FindingEntry:
         return 1.0 / (1.0 + np.exp(-z))
 
     @classmethod
-    def read(cls, r: _Reader, n_rows: int) -> FindingEntry:
-        for key, kind in (("id", "str"), ("display", "str"), ("section", "str"), ("code", "dict")):
-            r.get(key, kind)
-        for key in ("positive_prompts", "negative_prompts"):
-            if not r.get(key, "list") or not all(isinstance(p, str) for p in r.data[key]):
-                raise r.error(r.where(key), "must list at least one prompt (strings)")
+    def from_wire(cls, w: _FindingWire, raw: dict, where: str, n_rows: int, origin: str) -> FindingEntry:
+        """``raw``: the finding's object as written (the catalogue's reader takes its codes and prompts)."""
         try:
-            finding = finding_from_dict(r.data, f"{r.origin}: {r.path}")
+            finding = finding_from_dict(raw, f"{origin}: {where}")
         except ValueError as exc:
             raise ManifestError(str(exc)) from None
-        rows = r.sub("prompt_rows")
-        thr = r.get("threshold", "num")
-        if not 0.0 < thr < 1.0:
-            raise r.error(r.where("threshold"), f"must be a probability in (0, 1), got {thr}")
-        sel = r.get("threshold_selection", "dict", optional=True)
-        cal = r.get("calibration", "dict", optional=True)
-        if cal is not None:
-            where = r.where("calibration")
-            if cal.get("method") != "platt":
-                raise r.error(where, f"method must be 'platt', got {cal.get('method')!r}")
-            for key in ("a", "b"):
-                value = cal.get(key)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise r.error(where, f"{key} must be a finite number, got {value!r}")
-            if cal["a"] < 0:
-                raise r.error(where, f"a must be >= 0 (a certainty that falls as the score rises), got {cal['a']}")
-        return cls(
-            finding,
-            FindingRows(rows.span("positive", n_rows), rows.span("negative", n_rows)),
-            float(thr),
-            r.get("assessed", "bool", optional=True) is not False,
-            sel,
-            cal,
-        )
+        for key in ("positive", "negative"):
+            span = getattr(w.prompt_rows, key)
+            if span[1] > n_rows:
+                raise ManifestError(
+                    f"{origin}: field '{where}.prompt_rows.{key}' rows [{span[0]}, {span[1]}) lie outside the "
+                    f"{n_rows} prompt embeddings"
+                )
+        rows = FindingRows(tuple(w.prompt_rows.positive), tuple(w.prompt_rows.negative))
+        return cls(finding, rows, float(w.threshold), w.assessed is not False, w.threshold_selection, w.calibration)
 
     def to_dict(self) -> dict:
         d = finding_to_dict(self.finding)
@@ -377,57 +555,49 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "manifest.json") -> Manifest:
-        r = _Reader(origin, data)
-        if data.get("format") != FORMAT:
-            raise r.error("format", f"must be {FORMAT!r}, got {data.get('format')!r}")
-        version = r.get("format_version", "int")
-        if version < 1:
-            raise r.error("format_version", f"must be a positive integer, got {version!r}")
-        if version > FORMAT_VERSION:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{origin}: field '(top level)' must be an object, got {type(data).__name__}")
+        header = _validated(_Header, data, origin)  # a newer format is named as such, not as its fields
+        if header.format_version > FORMAT_VERSION:
             raise ManifestError(
-                f"{origin}: format version {version} is newer than this ct-zeroshot reads "
+                f"{origin}: format version {header.format_version} is newer than this ct-zeroshot reads "
                 f"(up to {FORMAT_VERSION}); upgrade ct-zeroshot to use this package"
             )
+        w = _validated(_ManifestWire, data, origin)
         try:
-            spec = PreprocessSpec.from_dict(r.get("preprocessing", "dict"))
+            spec = PreprocessSpec.from_dict(w.preprocessing)
         except (TypeError, ValueError) as exc:
-            raise r.error("preprocessing", f"is not a valid preprocessing spec ({exc})") from exc
-        dim = r.get("embedding_dim", "int")
-        table = PromptTable.read(r.sub("prompt_embeddings"))
-        if table.shape[1] != dim:
-            raise r.error("prompt_embeddings.shape", f"has width {table.shape[1]}, embedding_dim is {dim}")
-        log_scale = r.get("log_logit_scale", "num", optional=True)
-        scale = r.get("logit_scale", "num")
-        if scale <= 0:
-            raise r.error("logit_scale", f"must be a positive number, got {scale}")
-        items = r.get("findings", "list")
-        if not items:
-            raise r.error("findings", "must list at least one finding")
+            raise ManifestError(f"{origin}: field 'preprocessing' is not a valid preprocessing spec ({exc})") from None
+        table = PromptTable.from_wire(w.prompt_embeddings)
+        if table.shape[1] != w.embedding_dim:
+            raise ManifestError(
+                f"{origin}: field 'prompt_embeddings.shape' has width {table.shape[1]}, "
+                f"embedding_dim is {w.embedding_dim}"
+            )
         entries = tuple(
-            FindingEntry.read(_Reader(origin, it, f"findings[{i}]"), table.shape[0]) for i, it in enumerate(items)
+            FindingEntry.from_wire(f, data["findings"][i], f"findings[{i}]", table.shape[0], origin)
+            for i, f in enumerate(w.findings)
         )
         try:
             check_unique([e.finding for e in entries], origin)
         except ValueError as exc:
             raise ManifestError(str(exc)) from None
-        ps, decision = r.sub("private_scheme"), r.sub("decision")
-        files = r.get("files", "dict", optional=True) or {}
         return cls(
-            model=ModelIdentity.read(r.sub("model")),
+            model=ModelIdentity.from_wire(w.model),
             preprocessing=spec,
-            image_encoder=ImageEncoderRecord.read(r.sub("image_encoder")),
-            text_encoder=TextEncoderRecord.read(r.sub("text_encoder")),
-            embedding_dim=dim,
-            log_logit_scale=float(math.log(scale) if log_scale is None else log_scale),
+            image_encoder=ImageEncoderRecord.from_wire(w.image_encoder),
+            text_encoder=TextEncoderRecord.from_wire(w.text_encoder),
+            embedding_dim=w.embedding_dim,
+            log_logit_scale=float(math.log(w.logit_scale) if w.log_logit_scale is None else w.log_logit_scale),
             prompt_embeddings=table,
-            decision_rule=decision.get("rule", "str"),
-            threshold_method=decision.get("threshold_method", "str"),
-            private_scheme=Code(ps.get("designator", "str"), ps.get("version", "str"), ps.get("name", "str")),
+            decision_rule=w.decision.rule,
+            threshold_method=w.decision.threshold_method,
+            private_scheme=Code(w.private_scheme.designator, w.private_scheme.version, w.private_scheme.name),
             findings=entries,
-            provenance=r.get("provenance", "dict", optional=True) or {},
-            parity=r.get("parity", "dict", optional=True) or {},
-            text_normalisation=r.get("text_normalisation", "str", optional=True) or cls.text_normalisation,
-            logit_scale=float(scale),
-            files=files,
-            format_version=version,
+            provenance=w.provenance or {},
+            parity=w.parity or {},
+            text_normalisation=w.text_normalisation or cls.text_normalisation,
+            logit_scale=float(w.logit_scale),
+            files=w.files or {},
+            format_version=w.format_version,
         )

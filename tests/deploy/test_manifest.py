@@ -64,6 +64,16 @@ def test_a_package_that_states_no_intended_use_says_so(demo_copy):
         (lambda d: d["image_encoder"].__setitem__("opset", "17"), "image_encoder.opset", "integer"),
         (lambda d: d.__setitem__("findings", []), "findings", "at least one"),
         (lambda d: d.__setitem__("format", "something-else"), "format", "ct-zeroshot-model-package"),
+        (lambda d: d["text_encoder"].pop("inputs"), "text_encoder.inputs", "is missing"),
+        (lambda d: d["findings"].__setitem__(2, "hepatomegaly"), "findings[2]", "must be an object"),
+        (lambda d: d.__setitem__("logit_scale", float("nan")), "logit_scale", "finite number"),
+        (lambda d: d["prompt_embeddings"].__setitem__("dtype", "float16"), "prompt_embeddings.dtype", "'float32'"),
+        (
+            lambda d: d["findings"][4].__setitem__("calibration", {"method": "platt", "a": -1.0, "b": 0.0}),
+            "findings[4].calibration",
+            "a must be >= 0",
+        ),
+        (lambda d: d["model"].__setitem__("name", "  "), "model.name", "non-empty string"),
     ],
 )
 def test_a_malformed_manifest_is_refused_naming_the_field(demo_dict, edit, field, problem):
@@ -72,6 +82,14 @@ def test_a_malformed_manifest_is_refused_naming_the_field(demo_dict, edit, field
     with pytest.raises(ManifestError, match=problem) as err:
         Manifest.from_dict(d, origin="pkg/manifest.json")
     assert str(err.value).startswith(f"pkg/manifest.json: field {field!r}")
+
+
+def test_a_manifest_of_a_newer_format_is_named_as_such(demo_dict):
+    d = copy.deepcopy(demo_dict)
+    d["format_version"] = 99
+    d["findings"] = "a newer layout"
+    with pytest.raises(ManifestError, match="format version 99 is newer than this ct-zeroshot reads"):
+        Manifest.from_dict(d)
 
 
 def test_a_duplicate_finding_id_is_refused(demo_dict):
