@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from operators.contract.volume import load_nifti
@@ -52,3 +53,54 @@ def test_a_corpus_without_masks_or_a_package_without_maps_is_refused(corpus200, 
     if load_package(default_package_dir()).image_encoder.localisation is None:
         with pytest.raises(PackageError, match="no localisation output"):
             pointing_game(default_package_dir(), masked, split=None, progress=False)
+
+
+def test_the_lesion_is_hidden_with_its_surroundings_and_the_control_site_lies_in_the_same_tissue():
+    from training.lesion_occlusion import _control_site, _fill_value, _hidden
+
+    hu = np.full((40, 40, 40), -100.0, dtype=np.float32)  # fat
+    hu[5:35, 5:35, 5:35] = 60.0  # an organ
+    hu[:, :, :3] = -1000.0  # air: outside the body
+    lesion = np.zeros(hu.shape, dtype=bool)
+    lesion[10:14, 10:14, 10:14] = True
+    hu[lesion] = 0.0
+    body = hu > -500
+    fill = _fill_value(hu, lesion, body)
+    assert fill == 60.0
+    hidden = _hidden(hu, lesion, fill)
+    assert (hidden[lesion] == 60.0).all() and (hidden[~lesion] == hu[~lesion]).all() and (hu[lesion] == 0).all()
+    for seed in range(5):
+        site = _control_site(hu, lesion, body, lesion, fill, np.random.default_rng(seed))
+        assert site is not None and site.sum() == lesion.sum() and not (site & lesion).any()
+        assert (hu[site] == 60.0).all()  # in the organ, not the fat around it
+    tiny_organ = np.where(lesion, 0.0, -100.0).astype(np.float32)  # the lesion fills its organ: nowhere to go
+    assert _control_site(tiny_organ, lesion, tiny_organ > -500, lesion, 60.0, np.random.default_rng(0)) is None
+
+
+def test_lesion_site_occlusion_scores_each_focal_case_three_times(masked, tmp_path):
+    from operators.contract.package import default_package_dir
+    from training.lesion_occlusion import lesion_occlusion
+
+    out = tmp_path / "lo.json"
+    cmd = [sys.executable, "-m", "training.cli", "lesion-occlusion", "--package", str(default_package_dir())]
+    proc = subprocess.run(
+        [*cmd, "--data", str(masked), "--split", "all", "--out", str(out), "--quiet"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lesion-site occlusion" in proc.stdout or "no focal finding" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["cases"] == len(result["rows"]) > 0
+    for r in result["rows"]:
+        assert 0 < r["lesion_share"] < result["focal_share"]
+        assert all(0 <= r[k] <= 1 for k in ("p", "p_lesion_hidden", "p_control"))
+    for fid, v in result["per_finding"].items():
+        sel = [r for r in result["rows"] if r["finding"] == fid]
+        assert v["n"] == len(sel)
+        if sel:
+            effect = np.mean([r["p_control"] - r["p_lesion_hidden"] for r in sel]) * 100
+            assert v["lesion_effect"] == pytest.approx(effect)
+    assert out.with_suffix(".md").read_text().startswith("| finding | cases |")
+    again = lesion_occlusion(default_package_dir(), masked, split=None, progress=False)
+    assert again["rows"] == result["rows"]  # the control sites are a function of the seed
+    with pytest.raises(PointingError, match="no lesion_masks"):
+        lesion_occlusion(default_package_dir(), tmp_path, progress=False)

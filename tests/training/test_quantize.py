@@ -75,7 +75,7 @@ def test_openvino_runs_a_package_as_onnx_runtime_does(tiny_package, int8_package
         assert ov_model.device == "openvino" and ort_model.device == "cpu"
         a, b = ort_model.embed_images(x), ov_model.embed_images(x)
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        assert cos.min() > (0.99999 if pkg == tiny_package["pkg"] else 0.9)
+        assert cos.min() > (0.9999 if pkg == tiny_package["pkg"] else 0.9)  # float: the same up to summation order
         assert ov_model.prompts.providers == ["CPUExecutionProvider"]  # the text encoder stays on ORT
 
 
