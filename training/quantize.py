@@ -37,11 +37,14 @@ from .evaluate import macro_auroc
 from .ground_truth import has_ground_truth, load_ground_truth, truth_matrix
 
 MAX_DECISIONS_CHANGED = 0.01
-METHOD = (
+_QDQ = (
     "onnxruntime static quantisation, QDQ: the convolutions' weights int8 per output channel (symmetric), "
-    "their inputs uint8 with min/max ranges calibrated on the calibration studies; the first convolution "
-    "and everything after the global pooling float"
+    "their inputs uint8 with min/max ranges calibrated on the calibration studies; "
 )
+METHOD = {  # by the stem's (the first convolution's) precision
+    "float": _QDQ + "the first convolution and everything after the global pooling float",
+    "int8": _QDQ + "everything after the global pooling float",
+}
 
 
 class QuantizeError(ValueError):
@@ -259,9 +262,7 @@ def quantize_package(
         quantize_encoder(pkg.image_encoder_path, staged, reader, stem)
         seconds = round(time.time() - t0, 1)
         record: dict = {
-            "method": METHOD
-            if stem == "float"
-            else METHOD.replace("the first convolution and everything", "everything"),
+            "method": METHOD[stem],
             "stem": stem,
             "by": f"ct-zeroshot {__version__}",
             "quantised": datetime.now(timezone.utc).isoformat(timespec="seconds"),
