@@ -12,7 +12,7 @@ WORKERS = min(os.cpu_count() or 1, 2)
 
 def shared(tmp_path_factory, name: str, build) -> Path:
     """A session fixture's folder, built once per test run by ``build(folder)``. Under pytest-xdist
-    (``make test`` runs two workers) the workers share it: the first builds it under a file lock while
+    (``make test`` runs three workers) the workers share it: the first builds it under a file lock while
     the other waits, and ``.complete`` marks it built (a folder left by a failed build is redone)."""
     from filelock import FileLock
 

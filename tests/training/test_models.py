@@ -54,6 +54,25 @@ def test_every_arch_builds(arch):
     assert enc.i3_resnet.contrastive_head.out_channels == 32
 
 
+def test_a_stride_1_last_stage_doubles_the_last_feature_map_and_shares_the_rest():
+    from training.models.image import _map_shape
+
+    assert _map_shape(ARCHS["resnet10_wide"], (64, 56, 56)) == (2, 2, 2)
+    assert _map_shape(ARCHS["resnet10_wide_s1"], (64, 56, 56)) == (4, 4, 4)
+    torch.manual_seed(0)
+    a = ImageEncoder("resnet10_wide", 16)
+    torch.manual_seed(0)
+    b = ImageEncoder("resnet10_wide_s1", 16)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # the same weights, seed for seed
+    x = torch.rand(1, 1, 56, 64, 56)  # (B, C, Z, X, Y) as the trunk takes it
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a.i3_resnet.trunk(x, 4), b.i3_resnet.trunk(x, 4))  # stem and layer1..3 alike
+        assert a.i3_resnet.trunk(x, 5).shape[2:] == (2, 2, 2) and b.i3_resnet.trunk(x, 5).shape[2:] == (4, 4, 4)
+        assert b(torch.rand(1, 1, 64, 56, 56)).shape == (1, 16)
+
+
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown image architecture 'resnet9000'"):
         ImageEncoder("resnet9000", 32)

@@ -30,6 +30,9 @@ class ImageArch:
     stem_kernel: tuple[int, int, int]
     stem_stride: tuple[int, int, int]
     no_max_pool: bool = False
+    # 1: the last stage keeps its input's resolution (no stride-2 downsampling), so the last feature map, the
+    # localisation maps' source, has twice the locations on every axis
+    last_stride: int = 2
 
     @property
     def feature_dim(self) -> int:
@@ -49,6 +52,8 @@ ARCHS = {
     "resnet10_tiny": ImageArch("basic", (1, 1, 1, 1), (16, 32, 64, 128), 1, (3, 3, 3), (2, 2, 2)),
     "resnet10_wide": ImageArch("basic", (1, 1, 1, 1), (24, 48, 96, 192), 1, (5, 5, 5), (2, 2, 2)),
     "resnet18_small": ImageArch("basic", (2, 2, 2, 2), (32, 64, 128, 256), 1, (3, 5, 5), (2, 2, 2)),
+    # resnet10_wide whose last stage keeps stride 1: a 4 x 4 x 4 last feature map at 64 x 56 x 56, not 2 x 2 x 2
+    "resnet10_wide_s1": ImageArch("basic", (1, 1, 1, 1), (24, 48, 96, 192), 1, (5, 5, 5), (2, 2, 2), last_stride=1),
 }
 
 
@@ -77,6 +82,11 @@ class I3ResNet(ResNet):
             feed_forward=False,
             bias_downsample=False,
         )
+        if arch.last_stride == 1:  # MONAI builds layer4 with stride 2 in its first block's conv and shortcut
+            first = self.layer4[0]
+            first.conv1.stride = (1, 1, 1)
+            if first.downsample is not None:
+                first.downsample[0].stride = (1, 1, 1)
         # pool "avg": Merlin's global average pooling and 1x1x1 heads. "flatten": the heads are
         # convolutions as large as the last feature map (``map_shape``, (Z, X, Y)), i.e. linear maps of
         # the flattened features, so where a feature fires counts. "both": the average's head plus a
