@@ -23,7 +23,6 @@ are left out. A case where no control site is found in ``TRIES`` shifts is count
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from operators.contract.scoring import ZeroShotModel
 from operators.contract.volume import Volume, load_nifti
 
 from .ground_truth import load_ground_truth
-from .pointing import BODY_HU, FOCAL_SHARE, PointingError, _masks
+from .pointing import BODY_HU, FOCAL_SHARE, PointingError, _masks, write_result
 
 TISSUE_HU = 40.0  # a control voxel reads within this of the lesion's surrounding tissue (the same organ)
 TISSUE_SHARE = 0.9  # ... for at least this share of its voxels
@@ -222,9 +221,6 @@ def summarise(rows: list[dict], no_site: dict, pkg, data: Path, split: str | Non
 
 def write_lesion_occlusion(result: dict, out: str | Path) -> Path:
     """The JSON and a markdown table beside it (``.md``); scores in percentage points of probability."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         "| finding | cases | no control site | score | drop, lesion hidden | drop, control | lesion effect [95 % CI] "
         "| called present | still called, lesion hidden | still called, control |",
@@ -249,5 +245,4 @@ def write_lesion_occlusion(result: dict, out: str | Path) -> Path:
             f"| **macro, {m['findings']} focal** | {result['cases']} | | | **{m['drop_lesion_hidden']:+.2f}** | "
             f"**{m['drop_control']:+.2f}** | **{m['lesion_effect']:+.2f}** | | | |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return out
+    return write_result(result, out, lines)

@@ -137,11 +137,17 @@ def summarise(rows: list[dict], pkg, data: Path, split: str | None, studies: int
     }
 
 
-def write_pointing(result: dict, out: str | Path) -> Path:
-    """The JSON and a markdown table beside it (``.md``)."""
+def write_result(result: dict, out: str | Path, table: list[str]) -> Path:
+    """``result`` as JSON at ``out`` and the markdown ``table`` (its lines) beside it (``.md``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    return out
+
+
+def write_pointing(result: dict, out: str | Path) -> Path:
+    """The JSON and a markdown table beside it (``.md``)."""
     lines = [
         "| finding | focal | cases | hit rate | random point | mass in lesion | lesion share of body |",
         "|---|:---:|---:|---:|---:|---:|---:|",
@@ -157,5 +163,4 @@ def write_pointing(result: dict, out: str | Path) -> Path:
             f"| **macro, {m['findings']} focal** | | {result['cases']} | **{m['hit_rate']:.3f}** | "
             f"**{m['random_rate']:.3f}** | **{m['mass_share']:.3f}** | |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return out
+    return write_result(result, out, lines)
