@@ -33,8 +33,7 @@ from operators.contract.preprocessing import preprocess
 from operators.contract.scoring import ZeroShotModel
 from operators.contract.volume import Volume, load_nifti
 
-from .ground_truth import load_ground_truth
-from .pointing import BODY_HU, FOCAL_SHARE, PointingError, _masks, write_result
+from .pointing import BODY_HU, FOCAL_SHARE, load_mask, masked_studies, present_masks, write_result
 
 TISSUE_HU = 40.0  # a control voxel reads within this of the lesion's surrounding tissue (the same organ)
 TISSUE_SHARE = 0.9  # ... for at least this share of its voxels
@@ -50,14 +49,14 @@ def _fill_value(hu: np.ndarray, region: np.ndarray, body: np.ndarray) -> float |
 
 
 def _control_site(
-    hu: np.ndarray, region: np.ndarray, body: np.ndarray, avoid: np.ndarray, fill: float, rng: np.random.Generator
+    tissue: np.ndarray, region: np.ndarray, body: np.ndarray, avoid: np.ndarray, fill: float, rng: np.random.Generator
 ) -> np.ndarray | None:
-    """``region`` shifted to where every voxel lies in the body, outside ``avoid`` and within ``TISSUE_HU``
-    of ``fill``; None when ``TRIES`` random shifts find no such place."""
+    """``region`` shifted to where every voxel lies in the body and outside ``avoid``, and ``TISSUE_SHARE`` of
+    them read within ``TISSUE_HU`` of ``fill`` in ``tissue`` (the volume, its noise filtered out); None when
+    ``TRIES`` random shifts find no such place."""
     idx = np.argwhere(region)
     lo, hi = idx.min(axis=0), idx.max(axis=0)
-    shape = np.array(hu.shape)
-    smooth = ndimage.median_filter(hu, size=2)  # the tissue, not its noise
+    shape = np.array(tissue.shape)
     near = np.maximum(hi - lo + 1, 4) * 3  # half the shifts stay near the lesion, where its organ is
     for t in range(TRIES):
         low, high = -lo, shape - hi  # the shifts that keep the region inside the volume
@@ -69,7 +68,7 @@ def _control_site(
         at = tuple((idx + shift).T)
         if avoid[at].any() or not body[at].all():
             continue
-        if np.mean(np.abs(smooth[at] - fill) <= TISSUE_HU) >= TISSUE_SHARE:
+        if np.mean(np.abs(tissue[at] - fill) <= TISSUE_HU) >= TISSUE_SHARE:
             site = np.zeros_like(region)
             site[at] = True
             return site
@@ -95,21 +94,15 @@ def lesion_occlusion(
     from tqdm import tqdm
 
     data = Path(data)
-    if not (data / "lesion_masks").is_dir():
-        raise PointingError(f"{data}: no lesion_masks/ folder (a corpus written by synth without --no-masks)")
+    truth, studies = masked_studies(data, split, limit)
     pkg = load_package(package_dir)
     model = ZeroShotModel(pkg, device="cpu")
-    truth = load_ground_truth(data)
-    studies = [sid for sid, t in truth.items() if split is None or t.get("split") == split]
-    studies = [sid for sid in studies if truth[sid].get("findings")][:limit]
-    if not studies:
-        raise PointingError(f"{data}: no study of split {split!r} with a finding present")
     ids = pkg.catalogue.ids
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
     no_site: dict[str, int] = {}
     for sid in tqdm(studies, desc="lesion occlusion", unit="study", disable=not progress):
-        masks = {fid: p for fid, p in _masks(data, sid).items() if fid in ids and fid in truth[sid]["findings"]}
+        masks = present_masks(data, sid, truth, ids)
         if not masks:
             continue
         vol = load_nifti(data / "merlin_data" / f"{sid}.nii.gz")
@@ -118,14 +111,13 @@ def lesion_occlusion(
         n_body = int(body.sum())
         lesions = {}
         for fid, path in masks.items():
-            lesion = load_nifti(path).array > 0
-            if lesion.shape != hu.shape:
-                raise PointingError(f"{path}: mask shape {lesion.shape} is not the volume's {hu.shape}")
+            lesion = load_mask(path, hu.shape)
             if (lesion & body).any():
                 lesions[fid] = lesion & body
         if not lesions:
             continue
         avoid = ndimage.binary_dilation(np.any(list(lesions.values()), axis=0), iterations=GROW + 1)
+        tissue = ndimage.median_filter(hu, size=2)  # the tissue, not its noise: where a control site may go
         variants, cases = [hu], []
         for fid in sorted(lesions):
             share = int(lesions[fid].sum()) / n_body
@@ -133,7 +125,7 @@ def lesion_occlusion(
                 continue  # not focal in this study: an organ-scale change has no "elsewhere"
             region = ndimage.binary_dilation(lesions[fid], iterations=GROW) & body
             fill = _fill_value(hu, region, body)
-            site = None if fill is None else _control_site(hu, region, body, avoid, fill, rng)
+            site = None if fill is None else _control_site(tissue, region, body, avoid, fill, rng)
             control_fill = None if site is None else _fill_value(hu, site, body)
             if fill is None or site is None or control_fill is None:
                 no_site[fid] = no_site.get(fid, 0) + 1

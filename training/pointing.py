@@ -42,6 +42,32 @@ def _masks(data: Path, sid: str) -> dict[str, Path]:
     return {p.name[: -len(".nii.gz")]: p for p in sorted(folder.glob("*.nii.gz"))} if folder.is_dir() else {}
 
 
+def masked_studies(data: Path, split: str | None, limit: int | None) -> tuple[dict, list[str]]:
+    """The corpus's ground truth and its studies of ``split`` (None: all) with a finding present, at most
+    ``limit``; refused without lesion masks or without such a study."""
+    if not (data / "lesion_masks").is_dir():
+        raise PointingError(f"{data}: no lesion_masks/ folder (a corpus written by synth without --no-masks)")
+    truth = load_ground_truth(data)
+    studies = [sid for sid, t in truth.items() if split is None or t.get("split") == split]
+    studies = [sid for sid in studies if truth[sid].get("findings")][:limit]
+    if not studies:
+        raise PointingError(f"{data}: no study of split {split!r} with a finding present")
+    return truth, studies
+
+
+def present_masks(data: Path, sid: str, truth: dict, ids) -> dict[str, Path]:
+    """Finding id -> lesion mask file, for the findings of ``ids`` truly present in study ``sid``."""
+    return {fid: p for fid, p in _masks(data, sid).items() if fid in ids and fid in truth[sid]["findings"]}
+
+
+def load_mask(path: Path, shape: tuple) -> np.ndarray:
+    """A lesion mask as bool on the volume's grid; refused (naming the file) when its shape is not ``shape``."""
+    mask = load_nifti(path).array > 0
+    if mask.shape != tuple(shape):
+        raise PointingError(f"{path}: mask shape {mask.shape} is not the volume's {tuple(shape)}")
+    return mask
+
+
 def pointing_game(
     package_dir: str | Path,
     data: str | Path,
@@ -53,19 +79,13 @@ def pointing_game(
     from tqdm import tqdm
 
     data = Path(data)
-    if not (data / "lesion_masks").is_dir():
-        raise PointingError(f"{data}: no lesion_masks/ folder (a corpus written by synth without --no-masks)")
+    truth, studies = masked_studies(data, split, limit)
     pkg = load_package(package_dir)
     model = ZeroShotModel(pkg, device="cpu", maps=True)
-    truth = load_ground_truth(data)
-    studies = [sid for sid, t in truth.items() if split is None or t.get("split") == split]
-    studies = [sid for sid in studies if truth[sid].get("findings")][:limit]
-    if not studies:
-        raise PointingError(f"{data}: no study of split {split!r} with a finding present")
     ids = pkg.catalogue.ids
     rows: list[dict] = []
     for sid in tqdm(studies, desc="pointing", unit="study", disable=not progress):
-        masks = {fid: p for fid, p in _masks(data, sid).items() if fid in ids and fid in truth[sid]["findings"]}
+        masks = present_masks(data, sid, truth, ids)
         if not masks:
             continue
         vol = load_nifti(data / "merlin_data" / f"{sid}.nii.gz")
@@ -77,9 +97,7 @@ def pointing_game(
         body = vol.array > BODY_HU
         n_body = int(body.sum())
         for fid, m in zip(fids, coarse):
-            lesion = load_nifti(masks[fid]).array > 0
-            if lesion.shape != body.shape:
-                raise PointingError(f"{masks[fid]}: mask shape {lesion.shape} is not the volume's {body.shape}")
+            lesion = load_mask(masks[fid], body.shape)
             inside = lesion & body
             if not inside.any():
                 continue
