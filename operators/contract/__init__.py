@@ -5,5 +5,6 @@ scores a volume (``scoring``: ONNX Runtime sessions and the one decision rule; `
 table), the findings (``findings`` and ``findings.json``: the catalogue; ``custom_findings``: a site's own),
 the text rule (``textnorm``), the one preprocessing definition (``preprocessing``, over ``volume``), series
 reading (``dicom_series``), and the small pieces every writer and reader shares (``uids``, ``files``: the one
-atomic writer, ``phi``: what may reach a log). Nothing here imports the front ends or ``training``.
+atomic writer, ``phi``: what may reach a log, ``validation``: pydantic's errors in a file's terms).
+Nothing here imports the front ends or ``training``.
 """

@@ -26,6 +26,7 @@ from .preprocessing import PreprocessSpec
 from .prompts import FindingRows  # the prompt table's layout
 from .textnorm import KEEP_RULES
 from .uids import is_valid_uid
+from .validation import field_path
 
 FORMAT = "ct-zeroshot-model-package"
 FORMAT_VERSION = 1
@@ -52,9 +53,13 @@ Text = Annotated[str, AfterValidator(_non_blank)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def _int_pair(value: list) -> bool:
+    """Two integers (JSON's true and false are not integers)."""
+    return len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
 def _span(value: list) -> list:
-    ok = len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-    if not ok or not 0 <= value[0] < value[1]:
+    if not _int_pair(value) or not 0 <= value[0] < value[1]:
         raise ValueError(f"must be a row range [a, b) with 0 <= a < b, got {value!r}")
     return value
 
@@ -156,7 +161,7 @@ class _PromptTableWire(_Wire):
     @field_validator("shape")
     @classmethod
     def _shape(cls, value: list) -> list:
-        if len(value) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value):
+        if not _int_pair(value) or min(value) <= 0:
             raise ValueError(f"must be [rows, dim] of positive integers, got {value!r}")
         return value
 
@@ -274,12 +279,7 @@ def _refusal(origin: str, exc: ValidationError) -> ManifestError:
     """pydantic's errors in the house's words: ``origin: field 'a.b[3].c' what it must be, got value``."""
     parts = []
     for err in exc.errors(include_url=False):
-        where = ""
-        for item in err["loc"]:
-            if isinstance(item, int):
-                where += f"[{item}]"
-            elif item not in ("absent", "present"):  # the text encoder's union tag is not a key of the file
-                where += f".{item}" if where else str(item)
+        where = field_path(err["loc"], tags=("absent", "present"))  # the text encoder's union tags
         kind, value = err["type"], err.get("input")
         if kind == "missing":
             problem = "is missing"

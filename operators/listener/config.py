@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from ..contract.validation import field_path
+
 # An AE title (PS3.5 6.2, VR AE): 1-16 characters of the default repertoire, no backslash or control
 # characters, not only spaces.
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -244,12 +246,7 @@ def describe_errors(exc: ValidationError) -> str:
     """pydantic's errors as one line: ``key.path: what was expected, got value`` for each, joined by ``; ``."""
     parts = []
     for err in exc.errors(include_url=False):
-        loc = ""
-        for item in err["loc"]:
-            if isinstance(item, int):
-                loc += f"[{item}]"
-            elif item not in ("dimse", "dicomweb"):  # the destination's union tag is not a key of the file
-                loc += f".{item}" if loc else str(item)
+        loc = field_path(err["loc"], tags=("dimse", "dicomweb"))  # the destination's union tags
         if err["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
             continue
