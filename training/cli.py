@@ -214,16 +214,22 @@ def _pointing(args: argparse.Namespace) -> int:
         split=None if args.split == "all" else args.split,
         limit=args.limit,
         progress=not args.quiet,
+        method=args.method,
     )
     out = write_pointing(result, args.out)
     m = result["macro_focal"]
     if m["hit_rate"] is None:
         print(f"no focal finding among {result['cases']} cases; {out}")
     else:
+        mass = (
+            ""
+            if m["mass_share"] is None
+            else f"; map mass in the lesion {m['mass_share']:.3f} ({m['mass_over_random']:.2f}x)"
+        )
         print(
-            f"pointing game, {m['findings']} focal findings over {result['cases']} cases: hit rate {m['hit_rate']:.3f} "
-            f"vs a random point in the body {m['random_rate']:.3f} ({m['hit_over_random']:.2f}x); map mass in the "
-            f"lesion {m['mass_share']:.3f} ({m['mass_over_random']:.2f}x); {out} and {out.with_suffix('.md')}"
+            f"pointing game ({args.method}), {m['findings']} focal findings over {result['cases']} cases: hit rate "
+            f"{m['hit_rate']:.3f} vs a random point in the body {m['random_rate']:.3f} ({m['hit_over_random']:.2f}x)"
+            f"{mass}; {out} and {out.with_suffix('.md')}"
         )
     return 0
 
@@ -588,7 +594,16 @@ def build_parser() -> argparse.ArgumentParser:
         "pointing",
         help="the pointing game: do a package's localisation maps point at the lesion (a corpus with lesion masks)",
     )
-    pg.add_argument("--package", required=True, help="a model package with the localisation output")
+    pg.add_argument(
+        "--package", required=True, help="a model package (with the localisation output for --method features)"
+    )
+    pg.add_argument(
+        "--method",
+        default="features",
+        choices=["features", "occlusion"],
+        help="the package's localisation maps (default), or the occlusion search: the place whose occlusion "
+        "lowers the finding's margin most (any package; several hundred encoder passes a study)",
+    )
     pg.add_argument("--data", required=True, help="a synthetic corpus written with lesion masks (a fresh seed)")
     pg.add_argument("--split", default="test", help="the split to play on, or 'all' (default test)")
     pg.add_argument("--limit", type=int, default=None, help="at most this many studies")

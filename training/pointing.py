@@ -10,6 +10,12 @@ grid, and scored against the mask:
 - **random**: the lesion's share of the body's voxels (body: above -500 HU), which is both the hit rate of a
   point drawn uniformly in the body and the mass share of a flat map.
 
+``method="occlusion"`` plays the game with the model-agnostic check instead of the package's maps: the peak is
+the place whose occlusion lowers the finding's margin most (``occlusion_peaks``: patches of the model input
+replaced by a blurred copy of it, coarse to fine), for any package, with or without the localisation output.
+It needs several hundred image-encoder passes per study, so it is a check, not the deploy path; it gives a
+peak, not a map, so its cases have no mass share.
+
 A finding counts as **focal** when its lesion covers, in the median study, under ``FOCAL_SHARE`` of the
 body (organ enlargement or a diffuse change covers more); the macro figures are over focal findings.
 """
@@ -20,6 +26,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from operators.contract.package import load_package
 from operators.contract.preprocessing import model_input_affine, preprocess
@@ -31,6 +38,11 @@ from .ground_truth import load_ground_truth
 
 FOCAL_SHARE = 0.02  # a lesion under 2 % of the body's voxels in the median study: focal
 BODY_HU = -500.0
+METHODS = ("features", "occlusion")
+# occlusion search, coarse to fine: (patch, stride) in model-input voxels; each finer level searches the
+# previous level's best patch (and half a finer patch around it)
+OCCLUSION_LEVELS = ((16, 8), (8, 4), (4, 2))
+OCCLUSION_BATCH = 16
 
 
 class PointingError(ValueError):
@@ -68,52 +80,118 @@ def load_mask(path: Path, shape: tuple) -> np.ndarray:
     return mask
 
 
+def _corners(lo: int, hi: int, patch: int, stride: int, size: int) -> list[int]:
+    """Patch starts from ``lo`` to ``hi`` every ``stride``, kept inside ``[0, size - patch]`` (deduplicated)."""
+    top = max(size - patch, 0)
+    return sorted({min(max(c, 0), top) for c in range(lo, hi + 1, stride)} | {min(max(hi, 0), top)})
+
+
+def package_margins(model: ZeroShotModel):
+    """(B,1,X,Y,Z) model inputs -> (B, findings) margins, as the deploy side scores them."""
+    return lambda batch: np.stack([f.margins for f in model.decide(model.embed_images(batch))])
+
+
+def occlusion_peaks(margins, x: np.ndarray, findings: list[int]) -> dict[int, np.ndarray]:
+    """Finding index -> the model-input voxel (float, the centre of a patch) whose occlusion lowers the
+    finding's margin most. ``margins`` scores a (B,1,X,Y,Z) batch ((B, findings); ``package_margins``);
+    ``x`` is one preprocessed (1,X,Y,Z) volume. A patch is occluded by replacing it with
+    the volume blurred at half the patch's width (its contrast gone, its mean kept). The first level tiles
+    the whole input and is shared by the findings; each finer level tiles the best patch of the one before."""
+    shape = x.shape[1:]
+    fills = {p: ndimage.gaussian_filter(x[0], sigma=p / 2.0) for p, _ in OCCLUSION_LEVELS}
+
+    base = margins(x[None])[0]
+
+    def drops(patch: int, starts: list[tuple[int, int, int]]) -> np.ndarray:
+        out = []
+        for b in range(0, len(starts), OCCLUSION_BATCH):
+            batch = np.repeat(x[None], len(starts[b : b + OCCLUSION_BATCH]), axis=0)
+            for k, c in enumerate(starts[b : b + OCCLUSION_BATCH]):
+                sl = tuple(slice(c[a], c[a] + patch) for a in range(3))
+                batch[k, 0][sl] = fills[patch][sl]
+            out.append(base - margins(batch))
+        return np.concatenate(out)  # (starts, findings)
+
+    def grid(patch: int, stride: int, lo: np.ndarray, hi: np.ndarray) -> list[tuple[int, int, int]]:
+        axes = [_corners(int(lo[a]), int(hi[a]), patch, stride, shape[a]) for a in range(3)]
+        return [(i, j, k) for i in axes[0] for j in axes[1] for k in axes[2]]
+
+    top, top_stride = OCCLUSION_LEVELS[0]
+    starts = grid(top, top_stride, np.zeros(3, int), np.array(shape) - top)
+    first = drops(top, starts)
+    peaks = {}
+    for j in findings:
+        best, prev = np.array(starts[int(np.argmax(first[:, j]))]), top
+        for patch, stride in OCCLUSION_LEVELS[1:]:
+            cand = grid(patch, stride, best - patch // 2, best + prev - patch + patch // 2)
+            d = drops(patch, cand)
+            best, prev = np.array(cand[int(np.argmax(d[:, j]))]), patch
+        peaks[j] = best + (prev - 1) / 2.0
+    return peaks
+
+
 def pointing_game(
     package_dir: str | Path,
     data: str | Path,
     split: str | None = "test",
     limit: int | None = None,
     progress: bool = True,
+    method: str = "features",
 ) -> dict:
-    """Per finding: studies, hit rate, mean mass share and mean random rate; macro over focal findings."""
+    """Per finding: studies, hit rate, mean mass share and mean random rate; macro over focal findings.
+    ``method``: the package's localisation maps (``features``) or the occlusion search (``occlusion``)."""
     from tqdm import tqdm
 
+    if method not in METHODS:
+        raise PointingError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
     data = Path(data)
     truth, studies = masked_studies(data, split, limit)
     pkg = load_package(package_dir)
-    model = ZeroShotModel(pkg, device="cpu", maps=True)
+    model = ZeroShotModel(pkg, device="cpu", maps=method == "features")
     ids = pkg.catalogue.ids
     rows: list[dict] = []
-    for sid in tqdm(studies, desc="pointing", unit="study", disable=not progress):
+    for sid in tqdm(studies, desc=f"pointing ({method})", unit="study", disable=not progress):
         masks = present_masks(data, sid, truth, ids)
         if not masks:
             continue
         vol = load_nifti(data / "merlin_data" / f"{sid}.nii.gz")
         x = preprocess(vol, pkg.spec)
-        _, loc = model.embed_images_with_maps(x[None])
         fids = sorted(masks)
         input_affine = model_input_affine(vol.array.shape, vol.affine, pkg.spec)
-        coarse, grid = coarse_maps(loc[0], pkg, [ids.index(f) for f in fids], input_affine)
+        if method == "features":
+            _, loc = model.embed_images_with_maps(x[None])
+            coarse, grid = coarse_maps(loc[0], pkg, [ids.index(f) for f in fids], input_affine)
+        else:
+            peaks = occlusion_peaks(package_margins(model), x, [ids.index(f) for f in fids])
+            to_voxel = np.linalg.solve(np.asarray(vol.affine, dtype=np.float64), input_affine)
         body = vol.array > BODY_HU
         n_body = int(body.sum())
-        for fid, m in zip(fids, coarse):
+        for n, fid in enumerate(fids):
             lesion = load_mask(masks[fid], body.shape)
             inside = lesion & body
             if not inside.any():
                 continue
-            field, _, voxel = finding_map_on_volume(m, grid, vol.array.shape, vol.affine, fine=True)
-            positive = np.clip(field, 0.0, None) * body
-            total = float(positive.sum())
+            mass: float | None = None
+            if method == "features":
+                field, _, voxel = finding_map_on_volume(coarse[n], grid, vol.array.shape, vol.affine, fine=True)
+                positive = np.clip(field, 0.0, None) * body
+                total = float(positive.sum())
+                mass = float(positive[inside].sum()) / total if total > 0 else 0.0
+            else:
+                voxel = (to_voxel @ np.append(peaks[ids.index(fid)], 1.0))[:3]
+            at = np.clip(np.rint(voxel).astype(int), 0, np.array(body.shape) - 1)
             rows.append(
                 {
                     "study": sid,
                     "finding": fid,
-                    "hit": bool(lesion[tuple(np.rint(voxel).astype(int))]),
-                    "mass": float(positive[inside].sum()) / total if total > 0 else 0.0,
+                    "hit": bool(lesion[tuple(at)]),
+                    "mass": mass,
                     "random": int(inside.sum()) / n_body,
                 }
             )
-    return summarise(rows, pkg, data, split, len(studies))
+    result = summarise(rows, pkg, data, split, len(studies))
+    result["method"] = method
+    return result
 
 
 def summarise(rows: list[dict], pkg, data: Path, split: str | None, studies: int) -> dict:
@@ -124,7 +202,7 @@ def summarise(rows: list[dict], pkg, data: Path, split: str | None, studies: int
         per[fid] = {
             "n": len(sel),
             "hit_rate": float(np.mean([r["hit"] for r in sel])),
-            "mass_share": float(np.mean([r["mass"] for r in sel])),
+            "mass_share": None if any(r["mass"] is None for r in sel) else float(np.mean([r["mass"] for r in sel])),
             "random_rate": random,
             "median_lesion_share": float(np.median([r["random"] for r in sel])),
             "focal": float(np.median([r["random"] for r in sel])) < FOCAL_SHARE,
@@ -132,7 +210,8 @@ def summarise(rows: list[dict], pkg, data: Path, split: str | None, studies: int
     focal = {k: v for k, v in per.items() if v["focal"]}
 
     def macro(key: str) -> float | None:
-        return float(np.mean([v[key] for v in focal.values()])) if focal else None
+        values = [v[key] for v in focal.values()]
+        return float(np.mean(values)) if values and None not in values else None
 
     hit, mass, rnd = macro("hit_rate"), macro("mass_share"), macro("random_rate")
     return {
@@ -165,7 +244,11 @@ def write_result(result: dict, out: str | Path, table: list[str]) -> Path:
 
 
 def write_pointing(result: dict, out: str | Path) -> Path:
-    """The JSON and a markdown table beside it (``.md``)."""
+    """The JSON and a markdown table beside it (``.md``); an occlusion result has no mass share ("-")."""
+
+    def f3(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     lines = [
         "| finding | focal | cases | hit rate | random point | mass in lesion | lesion share of body |",
         "|---|:---:|---:|---:|---:|---:|---:|",
@@ -173,12 +256,12 @@ def write_pointing(result: dict, out: str | Path) -> Path:
     for fid, v in result["per_finding"].items():
         lines.append(
             f"| {fid} | {'yes' if v['focal'] else 'no'} | {v['n']} | {v['hit_rate']:.3f} | {v['random_rate']:.3f} | "
-            f"{v['mass_share']:.3f} | {v['median_lesion_share']:.3f} |"
+            f"{f3(v['mass_share'])} | {v['median_lesion_share']:.3f} |"
         )
     m = result["macro_focal"]
     if m["hit_rate"] is not None:
         lines.append(
             f"| **macro, {m['findings']} focal** | | {result['cases']} | **{m['hit_rate']:.3f}** | "
-            f"**{m['random_rate']:.3f}** | **{m['mass_share']:.3f}** | |"
+            f"**{m['random_rate']:.3f}** | **{f3(m['mass_share'])}** | |"
         )
     return write_result(result, out, lines)

@@ -123,3 +123,27 @@ def test_evaluate_reports_ground_truth_beside_labels(tiny_package, tmp_path):
     assert "a: truth" in table and "b: no-image" in table and "python -m benchmarks.compare_runs" in table
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["runs"]["a"]["truth_macro_auroc"] == m["ground_truth"]["macro_auroc"]
+
+
+def test_threshold_rules_are_fitted_on_one_validation_half_and_scored_on_the_other():
+    from benchmarks.threshold_rules import RULES, compare_rules
+
+    rng = np.random.default_rng(7)
+    n, k = 400, 4
+    truth = (rng.random((n, k)) < 0.3).astype(np.int8)
+    probs = np.clip(truth * 0.35 + rng.random((n, k)) * 0.65, 0, 1)
+    probs[:, 3] = rng.random(n)  # a finding the score cannot tell apart
+    labels = truth.copy()
+    missed = rng.random((n, k)) < 0.5  # reports mention half the findings; a mentioned truth is right
+    labels[missed] = -1
+    rows = compare_rules(probs, labels, truth, seed=0)
+    assert len(rows) == len(RULES) and sum(r["shipped_rule"] for r in rows) == 1
+    by = {(r["fitted_on"], r["auroc_floor"], r["max_call_ratio"]): r for r in rows}
+    for r in rows:
+        assert 0 <= r["truth_macro_f1"] <= 1 and r["calls_per_true_finding"] > 0
+        assert all(a <= k for a in r["assessed"])
+    floor_rows = [r for r in rows if r["auroc_floor"] > 0]
+    assert all(max(r["assessed"]) <= k - 1 for r in floor_rows)  # the chance finding is never assessed
+    assert all(min(r["assessed"]) == k for r in rows if r["auroc_floor"] == 0)
+    assert rows == compare_rules(probs, labels, truth, seed=0)  # the halves are a function of the seed
+    assert by[("validation labels", 0.65, 1.5)]["shipped_rule"]

@@ -104,3 +104,43 @@ def test_lesion_site_occlusion_scores_each_focal_case_three_times(masked, tmp_pa
     assert again["rows"] == result["rows"]  # the control sites are a function of the seed
     with pytest.raises(PointingError, match="no lesion_masks"):
         lesion_occlusion(default_package_dir(), tmp_path, progress=False)
+
+
+def test_the_occlusion_search_finds_the_patch_a_score_depends_on():
+    from training.pointing import OCCLUSION_LEVELS, occlusion_peaks
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.3, 0.5, size=(1, 40, 36, 30)).astype(np.float32)
+    lesions = [(slice(9, 12), slice(20, 23), slice(5, 8)), (slice(30, 33), slice(4, 7), slice(22, 25))]
+    for sl in lesions:
+        x[0][sl] = 1.0  # a bright spot the occluder's blur takes away
+
+    def margins(batch):  # finding j reads the contrast of lesion j only
+        return np.array([[(b[0][sl] - 0.4).sum() for sl in lesions] for b in batch])
+
+    peaks = occlusion_peaks(margins, x, [0, 1])
+    finest = OCCLUSION_LEVELS[-1][0]
+    for j, sl in enumerate(lesions):
+        centre = np.array([(s.start + s.stop - 1) / 2 for s in sl])
+        assert np.abs(peaks[j] - centre).max() <= finest / 2, (j, peaks[j], centre)
+    assert occlusion_peaks(margins, x, []) == {}
+
+
+def test_the_pointing_game_by_occlusion_needs_no_localisation_output(masked, tmp_path):
+    from operators.contract.package import default_package_dir
+
+    out = tmp_path / "occ.json"
+    cmd = [sys.executable, "-m", "training.cli", "pointing", "--package", str(default_package_dir())]
+    proc = subprocess.run(
+        [*cmd, "--data", str(masked), "--split", "all", "--limit", "2", "--method", "occlusion", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["method"] == "occlusion" and result["cases"] == len(result["rows"]) > 0
+    assert all(r["mass"] is None and isinstance(r["hit"], bool) for r in result["rows"])
+    assert all(v["mass_share"] is None for v in result["per_finding"].values())
+    assert "| - |" in out.with_suffix(".md").read_text()
+    with pytest.raises(PointingError, match="unknown method"):
+        pointing_game(default_package_dir(), masked, split=None, method="saliency", progress=False)
