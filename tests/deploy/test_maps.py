@@ -191,3 +191,76 @@ def test_the_listeners_maps_key_is_checked(tmp_path):
     if load_package(default_package_dir()).image_encoder.localisation is None:  # the embedded demo model
         with pytest.raises(PackageError, match="no localisation output"):
             Listener(cfg)
+
+
+def _comparable(ds: pydicom.Dataset) -> dict:
+    """``ds`` as JSON, less what differs from one build to the next (creation times, the dimension UID)."""
+    import copy
+
+    stamp = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "SeriesDate", "SeriesTime"}
+    ds = copy.deepcopy(ds)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.pop("ContributionDateTime", None)
+    out = ds.to_json_dict()
+    for keyword in stamp:
+        out.pop(f"{pydicom.datadict.tag_for_keyword(keyword):08X}", None)
+    text = json.dumps(out, sort_keys=True)
+    for item in ds.DimensionOrganizationSequence:
+        text = text.replace(item.DimensionOrganizationUID, "<dimension organisation>")
+    return json.loads(text)
+
+
+@pytest.mark.parametrize("grid, segments", [("the series' own", 3), ("64 x 64", 3), ("64 x 64", 1)])
+def test_the_seg_with_its_frames_packed_here_is_highdicoms_own(mapped, grid, segments):
+    """``segmentation_by_frames`` gives highdicom stand-in frames and packs the real ones itself: the result
+    equals highdicom's Segmentation of the full pixel array, element for element and byte for byte, for
+    overlapping segments with empty planes, bit-packed (a 64 x 64 grid) or one byte per pixel (69 x 69), and
+    for one segment (whose groups highdicom shares across the frames)."""
+    import highdicom as hd
+
+    from operators.localisation import _resized, segment_description, segmentation_by_frames, segmentation_type
+
+    work, pkg = mapped["work"], mapped["pkg"]
+    headers = work.series_chosen().headers
+    _, order = series_geometry(headers, [str(p) for p in work.series_chosen().paths])
+    source = [headers[k] for k in order]
+    if grid != "the series' own":
+        source = [_resized(d, 64, 64) for d in source]
+    rows, columns = int(source[0].Rows), int(source[0].Columns)
+    rng = np.random.default_rng(11)
+    regions = np.zeros((3, len(source), rows, columns), dtype=bool)
+    regions[0, 2:6, 5:30, 7:40] = True
+    regions[1, 4:9, 20:50, 30:60] = True  # overlaps the first on planes 4 and 5
+    regions[2, -3:] = rng.random((3, rows, columns)) < 0.3
+    regions = regions[:segments]
+    findings = list(pkg.catalogue)[:segments]
+    kwargs = dict(
+        segment_descriptions=[
+            segment_description(n, f.display, f.code, pkg.name, pkg.version) for n, f in enumerate(findings, 1)
+        ],
+        series_instance_uid="1.2.826.0.1.3680043.8.498.21",
+        series_number=9001,
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.22",
+        instance_number=1,
+        manufacturer="ct-zeroshot",
+        manufacturer_model_name=pkg.name,
+        software_versions="1",
+        device_serial_number=pkg.uid[:64],
+        omit_empty_frames=True,
+    )
+    fast = segmentation_by_frames(source, regions, **kwargs)
+    ref = hd.seg.Segmentation(
+        source_images=source,
+        pixel_array=np.moveaxis(regions, 0, -1).astype(np.uint8),
+        **segmentation_type(rows, columns),
+        **kwargs,
+    )
+    assert fast.SegmentsOverlap == ref.SegmentsOverlap == ("YES" if segments > 1 else "NO")
+    assert fast.NumberOfFrames == ref.NumberOfFrames == [4, 4 + 5 + 3][segments > 1]
+    assert fast.PixelData == ref.PixelData
+    assert _comparable(fast) == _comparable(ref)
+    if segments == 1:
+        return
+    apart = regions.copy()
+    apart[1, 4:6] = False  # no plane with both: no overlap
+    assert segmentation_by_frames(source, apart, **kwargs).SegmentsOverlap == "NO"
