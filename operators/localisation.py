@@ -272,8 +272,7 @@ def _resized(ds: Dataset, rows: int, columns: int) -> Dataset:
     new elements; ``ds`` itself is never changed."""
     from pydicom.dataelem import DataElement
 
-    out = Dataset()
-    out.update(ds)
+    out = Dataset(dict(ds.items()))  # a dictionary of its own, the same (still unparsed) elements
     if hasattr(ds, "file_meta"):
         out.file_meta = ds.file_meta
     out.add(DataElement(0x00280010, "US", rows))
@@ -296,6 +295,7 @@ def segmentation_by_frames(source_images: Sequence[Dataset], regions: np.ndarray
 
     from .contract.dicom_series import is_multi_frame
 
+    regions = np.asarray(regions, dtype=bool)
     n_seg, planes, rows, columns = regions.shape
     seg_type = segmentation_type(rows, columns)
     occupied = regions.reshape(n_seg, planes, -1).any(axis=2)  # (segment, plane)
@@ -320,10 +320,10 @@ def segmentation_by_frames(source_images: Sequence[Dataset], regions: np.ndarray
     data = b"".join(c.tobytes() for c in chunks)
     seg.Rows, seg.Columns = rows, columns
     seg.PixelData = data + b"\0" * (len(data) % 2)
-    overlap, seen = False, regions[0].astype(bool)
+    overlap, seen = False, regions[0].copy()
     for r in regions[1:]:
         overlap = overlap or bool(np.logical_and(seen, r).any())
-        seen |= r.astype(bool)
+        seen |= r
     seg.SegmentsOverlap = "YES" if overlap else "NO"
     return seg
 
