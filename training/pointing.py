@@ -102,7 +102,15 @@ def occlusion_peaks(margins, x: np.ndarray, findings: list[int]) -> dict[int, np
 
     base = margins(x[None])[0]
 
+    seen: dict[tuple, np.ndarray] = {}  # findings whose searches meet share the passes
+
     def drops(patch: int, starts: list[tuple[int, int, int]]) -> np.ndarray:
+        key = (patch, tuple(starts))
+        if key not in seen:
+            seen[key] = _drops(patch, starts)
+        return seen[key]
+
+    def _drops(patch: int, starts: list[tuple[int, int, int]]) -> np.ndarray:
         out = []
         for b in range(0, len(starts), OCCLUSION_BATCH):
             batch = np.repeat(x[None], len(starts[b : b + OCCLUSION_BATCH]), axis=0)
