@@ -240,6 +240,18 @@ def segment_description(number: int, label: str, code, algorithm: str, version: 
     )
 
 
+def _header_with(ds: Dataset, *elements) -> Dataset:
+    """A copy of the header ``ds`` (the same, still unparsed, elements in a dictionary of its own) with
+    ``elements`` added as new elements: setting an attribute instead would change the value of the element
+    ``ds`` shares, so ``ds`` itself is never changed."""
+    out = Dataset(dict(ds.items()))
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for elem in elements:
+        out.add(elem)
+    return out
+
+
 def _with_shared_geometry(ds: Dataset) -> Dataset:
     """``ds`` as highdicom (0.28) reads a multi-frame source image: it takes the pixel measures and the plane
     orientation from the Shared Functional Groups only (and may add to the items it takes). It gets a copy of
@@ -255,29 +267,17 @@ def _with_shared_geometry(ds: Dataset) -> Dataset:
     for group in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
         if group not in item:
             item[group] = copy.deepcopy(ds.PerFrameFunctionalGroupsSequence[0][group])
-    out = Dataset()
-    out.update(ds)
-    if hasattr(ds, "file_meta"):
-        out.file_meta = ds.file_meta
-    # a new element: setting the attribute would change the value of the element ``ds`` shares
-    out.add(DataElement(0x52009229, "SQ", [item]))  # SharedFunctionalGroupsSequence
-    return out
+    return _header_with(ds, DataElement(0x52009229, "SQ", [item]))  # SharedFunctionalGroupsSequence
 
 
 STAND_IN = 8  # rows and columns of the stand-in frames highdicom is given (a whole number of bytes per frame)
 
 
 def _resized(ds: Dataset, rows: int, columns: int) -> Dataset:
-    """A copy of the header ``ds`` (the same elements, a dictionary of its own) whose Rows and Columns are
-    new elements; ``ds`` itself is never changed."""
+    """A copy of the header ``ds`` with other Rows and Columns (``_header_with``)."""
     from pydicom.dataelem import DataElement
 
-    out = Dataset(dict(ds.items()))  # a dictionary of its own, the same (still unparsed) elements
-    if hasattr(ds, "file_meta"):
-        out.file_meta = ds.file_meta
-    out.add(DataElement(0x00280010, "US", rows))
-    out.add(DataElement(0x00280011, "US", columns))
-    return out
+    return _header_with(ds, DataElement(0x00280010, "US", rows), DataElement(0x00280011, "US", columns))
 
 
 def segmentation_by_frames(source_images: Sequence[Dataset], regions: np.ndarray, **kwargs) -> Dataset:

@@ -8,6 +8,20 @@ import pydicom
 from training.synth.dicom_writer import make_identity, write_ct_series
 from training.synth.raster import Grid
 
+# Set from the clock by highdicom: the only elements allowed to differ between two builds of a document.
+STAMPS = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime")
+
+
+def without_stamps(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` with its clock stamps (``STAMPS``) removed, at every depth (in place)."""
+    for elem in list(ds):
+        if elem.keyword in STAMPS:
+            del ds[elem.tag]
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                without_stamps(item)
+    return ds
+
 
 def small_study(root: Path, name: str, n: int = 12, shape=(24, 24)) -> list[Path]:
     grid = Grid((*shape, n), (4.0, 4.0, 5.0), (-46.0, -46.0, 0.0))

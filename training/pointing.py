@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from operators.contract.package import load_package
 from operators.contract.preprocessing import model_input_affine, preprocess
-from operators.contract.scoring import ZeroShotModel
+from operators.contract.scoring import ZeroShotModel, finding_scores
 from operators.contract.volume import load_nifti
 from operators.localisation import coarse_maps, finding_map_on_volume
 
@@ -87,8 +87,9 @@ def _corners(lo: int, hi: int, patch: int, stride: int, size: int) -> list[int]:
 
 
 def package_margins(model: ZeroShotModel):
-    """(B,1,X,Y,Z) model inputs -> (B, findings) margins, as the deploy side scores them."""
-    return lambda batch: np.stack([f.margins for f in model.decide(model.embed_images(batch))])
+    """(B,1,X,Y,Z) model inputs -> (B, findings) margins, by the deploy side's rule (``finding_scores``)."""
+    pkg = model.package
+    return lambda batch: finding_scores(model.embed_images(batch), pkg.prompt_embeddings, pkg.rows, pkg.logit_scale)[0]
 
 
 def occlusion_peaks(margins, x: np.ndarray, findings: list[int]) -> dict[int, np.ndarray]:

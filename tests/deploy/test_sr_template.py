@@ -14,20 +14,7 @@ from operators.contract.package import default_package_dir, load_package
 from operators.contract.scoring import ZeroShotModel
 from operators.sr import build_sr, read_findings, write_sr
 from operators.sr_template import CONTENT_SEQUENCE, template_for
-from tests.dicom_cases import small_study
-
-# Set from the clock by highdicom: the only elements allowed to differ between two builds.
-STAMPS = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime")
-
-
-def _without_stamps(ds: pydicom.Dataset) -> pydicom.Dataset:
-    for elem in list(ds):
-        if elem.keyword in STAMPS:
-            del ds[elem.tag]
-        elif elem.VR == "SQ":
-            for item in elem.value:
-                _without_stamps(item)
-    return ds
+from tests.dicom_cases import small_study, without_stamps
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +42,7 @@ def test_fast_sr_equals_highdicom_sr(case, pattern):
     built = build_sr(headers, findings, pkg, *uids, predecessors=[earlier])
     assert built.get_item(CONTENT_SEQUENCE).is_raw  # the template's bytes, not a highdicom tree
     fast = write_sr(built, root / f"fast-{pattern}", "SR.dcm")
-    a, b = (_without_stamps(pydicom.dcmread(p)) for p in (ref, fast))
+    a, b = (without_stamps(pydicom.dcmread(p)) for p in (ref, fast))
     assert a == b  # every element, the 30 groups' ~1,400 content items included
     assert read_findings(fast) == read_findings(ref)
     values = {v["present"] for k, v in read_findings(fast).items() if v["assessed"]}
@@ -97,7 +84,7 @@ def test_groups_with_maps_go_into_the_template_whole(case):
     built = build_sr(headers, findings, pkg, *uids, locations=locations)
     assert built.get_item(CONTENT_SEQUENCE).is_raw
     fast = write_sr(built, root / "fast-maps", "SR.dcm")
-    assert _without_stamps(pydicom.dcmread(ref)) == _without_stamps(pydicom.dcmread(fast))
+    assert without_stamps(pydicom.dcmread(ref)) == without_stamps(pydicom.dcmread(fast))
     back = read_findings(fast)
     for j in mapped:
         entry = back[findings.ids[j]]
