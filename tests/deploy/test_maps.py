@@ -14,7 +14,8 @@ from operators.contract.package import load_package
 from operators.contract.preprocessing import PreprocessSpec, model_input_affine, preprocess
 from operators.contract.scoring import ZeroShotModel
 from operators.contract.volume import Volume
-from operators.localisation import finding_directions, map_affine, on_volume
+from benchmarks.map_regions import region_scores
+from operators.localisation import REGION_FRACTION, finding_directions, map_affine, map_region, on_volume
 from operators.pipeline import SeriesToModelInput, StudyWork, infer, select_series, write_report
 from operators.sr import read_findings
 from tests.dicom_cases import without_stamps
@@ -49,6 +50,25 @@ def test_a_map_location_lands_where_the_model_saw_it(affine):
     want = np.linalg.solve(affine, grid @ np.r_[2, 1, 2, 1.0])[:3]
     assert np.abs(np.asarray(peak) - want).max() <= 0.5 + 1e-6
     assert 0.75 < field.max() <= 1.0 and field.min() >= 0.0  # the centre lies between CT voxels
+
+
+def test_a_region_is_the_upper_part_of_its_maps_range_and_is_scored_against_the_lesion():
+    """The region holds the voxels at least REGION_FRACTION of the way from the map's lowest location to its
+    highest (a flat map: none); the region benchmark's scores (voxels, slices, Dice, lesion covered) are
+    those of the arrays."""
+    coarse = np.array([[[-2.0, 0.0], [1.0, 2.0]]])
+    field = np.linspace(-2.0, 2.0, 5 * 4 * 10).reshape(5, 4, 10)
+    region = map_region(field, coarse)
+    assert np.array_equal(region, field >= -2.0 + REGION_FRACTION * 4.0)
+    assert 0 < region.sum() < region.size
+    assert not map_region(field, np.full((2, 2, 2), 0.3)).any()
+    region = np.zeros((4, 4, 10), dtype=bool)
+    region[:2, :, 3:5] = True  # 16 voxels on 2 of 10 slices
+    lesion = np.zeros_like(region)
+    lesion[1:3, :, 4] = True  # 8 voxels, 4 of them in the region
+    assert region_scores(region, lesion) == pytest.approx(
+        {"voxels": 16 / 160, "slices": 0.2, "dice": 2 * 4 / 24, "covered": 0.5}
+    )
 
 
 @pytest.fixture(scope="module")
