@@ -151,6 +151,10 @@ def summary_md(t: StudyTables) -> str:
         f"ct-zeroshot-train study --preset {preset.name} --data {_shown(record.get('data', '?'))} --out {_shown(out)}"
     )
     seconds = sum(s["seconds"] for s in record.get("sessions", []))
+    # each run trains and evaluates on the preset's threads: the CPU time the study cost, wherever it ran
+    run_seconds = sum(
+        mean * n for a in arms for key in ("train_seconds", "eval_seconds") for mean, _, n in [stat(a.name, key)] if n
+    )
     lines = [
         f"# Sampler study `{preset.name}`",
         "",
@@ -170,7 +174,9 @@ def summary_md(t: StudyTables) -> str:
             if len(set(counts.values())) <= 1 and n_runs == len(arms) * seeds
             else ", ".join(f"`{a}` {n}" for a, n in counts.items()) + " seeds"
         )
-        + f"); wall time of the study command(s): {seconds / 60:.1f} min",
+        + f"); wall time of the study command(s) recorded in `study.json`: {seconds / 60:.1f} min; "
+        f"training and test evaluation summed over the runs: {run_seconds / 60:.0f} min on "
+        + (f"{preset.threads} thread{'s' if preset.threads > 1 else ''} each" if preset.threads else "torch's threads"),
         f"- Every arm: training preset `{preset.train_preset}` with {list(preset.overrides)}; "
         f"{tc.steps} steps of batch {tc.batch_size}, the same LR schedule and alternation schedule; "
         + (
