@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 
 from benchmarks import bench_parser
@@ -125,6 +126,10 @@ def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path, present
         else:
             first = row  # the first study of a fresh process: memory not yet faulted in, sessions cold
     med = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
+    seg_frames = None
+    if present:  # the SEG's size: one frame per present finding and slice its region touches
+        (seg,) = sr_dir.glob("SEG_*.dcm")
+        seg_frames = int(pydicom.dcmread(seg, stop_before_pixels=True).NumberOfFrames)
     other = sum(v for k, v in med.items() if k != "encoder_s")
     first_other = sum(v for k, v in first.items() if k != "encoder_s")
     return {
@@ -135,6 +140,7 @@ def time_stages(study_dir: Path, package: Path, runs: int, sr_dir: Path, present
         "runs": per_run,
         "non_encoder_s": other,
         "non_encoder_over_encoder": other / med["encoder_s"],
+        "seg_frames": seg_frames,
         "first_study": first,
         "first_study_non_encoder_s": first_other,
         "first_study_non_encoder_over_encoder": first_other / first["encoder_s"],
@@ -212,6 +218,22 @@ def main(argv=None) -> int:
         + " | ".join(f"{100 * r['non_encoder_over_encoder']:.0f} %" for r in results.values())
         + " |"
     )
+    if args.maps:
+        lines.append(
+            "| SR + SEG / encoder | "
+            + " | ".join(
+                f"{100 * (r['median_s']['sr_s'] + r['median_s']['seg_s']) / r['median_s']['encoder_s']:.1f} %"
+                if "seg_s" in r["median_s"]
+                else "-"
+                for r in results.values()
+            )
+            + " |"
+        )
+        lines.append(
+            "| SEG frames | "
+            + " | ".join("-" if r["seg_frames"] is None else str(r["seg_frames"]) for r in results.values())
+            + " |"
+        )
     lines.append(
         "| first study of the process (the warm-up): all but the encoder / encoder | "
         + " | ".join(
