@@ -48,7 +48,7 @@ def measure(package: str | Path, data: str | Path, split: str, studies: int | No
     from operators.contract.scoring import ZeroShotModel
     from operators.contract.volume import load_nifti
     from operators.localisation import coarse_maps, finding_map_on_volume, map_region
-    from training.pointing import FOCAL_SHARE, BODY_HU, load_mask, masked_studies, present_masks
+    from training.pointing import BODY_HU, FOCAL_SHARE, load_mask, masked_studies, present_masks
 
     data = Path(data)
     truth, sids = masked_studies(data, split, studies)

@@ -7,7 +7,8 @@ follows IHE AI Results:
 - observer: a device (the model: name, version, the package UID as device UID);
 - procedure reported: the study's own Procedure Code Sequence, else a configured code
   (``$CTZS_PROCEDURE``), else LOINC 25045-6 "CT unspecified body region";
-- one *Measurements and Qualitative Evaluations* group per finding (catalogue order): tracking
+- one *Measurements and Qualitative Evaluations* group per finding (those with a map's peak first, then
+  the others, each in catalogue order: ``group_order``): tracking
   identifier (the finding id and a UID derived from the SR's SOP Instance UID and the id, so the same
   study and model give the same document), finding type (the finding's code), finding site where the
   catalogue gives one, algorithm identification (name, version, threshold and rule as parameters), a
@@ -225,14 +226,21 @@ def _groups(
     placeholders: Placeholders | None = None,
     locations: dict[int, Location] | None = None,
 ) -> list:
-    """TID 1500's measurement groups, one per finding. ``placeholders`` (``SRTemplate``) stand in for the values
-    that change from study to study: tracking UIDs, qualitative values and certainties. ``locations``: the
-    findings whose group references their map (``build_sr``)."""
+    """TID 1500's measurement groups, one per finding (``group_order``). ``placeholders`` (``SRTemplate``) stand
+    in for the values that change from study to study: tracking UIDs, qualitative values and certainties.
+    ``locations``: the findings whose group references their map (``build_sr``)."""
     locations = locations or {}
     return [
         _group(package, findings, j, sop_instance_uid, placeholders, locations.get(j))
-        for j in range(len(package.catalogue))
+        for j in group_order(len(package.catalogue), locations)
     ]
+
+
+def group_order(n: int, located) -> list[int]:
+    """The findings' groups in the SR: those with a location (a map's peak) first, then the others, each in
+    catalogue order. A viewer that steps through an SR's measurements opens at its first (OHIF's SR viewport
+    shows nothing while that one has no place on the images)."""
+    return sorted(located) + [j for j in range(n) if j not in located]
 
 
 def _group(

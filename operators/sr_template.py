@@ -45,6 +45,7 @@ from .sr import (
     _observation_context,
     _tracking_uid,
     _value,
+    group_order,
     measurement_report,
     score_parameter,
 )
@@ -159,10 +160,11 @@ class SRTemplate:
         """The Content Sequence of the study's SR, encoded. ``locations`` (``sr.Location`` by finding): those
         findings' groups are built by highdicom for this study and put in whole."""
         locations = locations or {}
-        edits: list[tuple[int, int, bytes]] = []
+        filled: dict[int, bytes] = {}  # each group's content, filled in
         for j, loc in locations.items():
             group = _group(self.package, findings, j, sop_instance_uid, None, loc)
-            edits.append((*self.group_ranges[j], _encode(_with_undefined_lengths(group[0]))))
+            filled[j] = _encode(_with_undefined_lengths(group[0]))
+        edits: dict[int, list[tuple[int, int, bytes]]] = {}  # by group (-1: outside the groups)
         for start, end, j, kind in self.slot_ranges:
             if j in locations:
                 continue
@@ -176,14 +178,27 @@ class SRTemplate:
                 value = _text(score_parameter(findings, j))
             else:
                 value = _number(round(findings.certainty(j)[0] * 100.0, 4))
-            edits.append((start, end, value))
-        edits.sort()
-        parts, pos = [], 0
-        for start, end, value in edits:
-            parts += [self.body[pos:start], value]
-            pos = end
-        parts.append(self.body[pos:])
-        return RawDataElement(CONTENT_SEQUENCE, "SQ", 0xFFFFFFFF, b"".join(parts), 0, False, True, True, False)
+            edits.setdefault(j, []).append((start, end, value))
+        for j, (start, end) in enumerate(self.group_ranges):
+            if j not in filled:
+                filled[j] = _joined(self.body, start, end, edits.get(j, []))
+        # The groups' items are alike around their content (undefined lengths), so the groups go in their SR
+        # order (``group_order``) by filling the items in turn; the rest of the content is filled in place.
+        order = group_order(len(self.group_ranges), locations)
+        outside = [(s, e, v) for s, e, v in edits.get(-1, [])]
+        outside += [(start, end, filled[order[k]]) for k, (start, end) in enumerate(self.group_ranges)]
+        body = _joined(self.body, 0, len(self.body), outside)
+        return RawDataElement(CONTENT_SEQUENCE, "SQ", 0xFFFFFFFF, body, 0, False, True, True, False)
+
+
+def _joined(body: bytes, start: int, end: int, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """``body[start:end]`` with each edit's range (inside it, not overlapping) replaced by its value."""
+    parts, pos = [], start
+    for s, e, value in sorted(edits):
+        parts += [body[pos:s], value]
+        pos = e
+    parts.append(body[pos:end])
+    return b"".join(parts)
 
 
 _TEMPLATES: OrderedDict[tuple, SRTemplate | None] = OrderedDict()

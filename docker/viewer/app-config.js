@@ -14,6 +14,22 @@ window.config = {
   showLoadingIndicator: true,
   investigationalUseDialog: { option: 'never' },
   defaultDataSourceName: 'orthanc',
+  customizationService: {
+    // ct-zeroshot's SR has one TID 1501 group per finding; most are qualitative (present or absent, a
+    // certainty) and carry no image coordinates. OHIF 3.13 reads the first coordinate of every group it
+    // places on a series, and a group it cannot place is tried again on every other series of the study
+    // (the SEG's included); both fail on a group without coordinates and stop the viewer. Such a group is
+    // taken as placed (nowhere) and handed on with an empty coordinate, which OHIF skips.
+    onBeforeSRAddMeasurement: {
+      $set: ({ measurement }) => {
+        if (measurement.coords && measurement.coords.length) {
+          return measurement;
+        }
+        measurement.loaded = true;
+        return { ...measurement, coords: [{}] };
+      },
+    },
+  },
   dataSources: [
     {
       namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',

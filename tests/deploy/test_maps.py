@@ -9,12 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
+from benchmarks.map_regions import region_scores
 from operators.contract.dicom_series import scan_tree, series_geometry
 from operators.contract.package import load_package
 from operators.contract.preprocessing import PreprocessSpec, model_input_affine, preprocess
 from operators.contract.scoring import ZeroShotModel
 from operators.contract.volume import Volume
-from benchmarks.map_regions import region_scores
 from operators.localisation import REGION_FRACTION, finding_directions, map_affine, map_region, on_volume
 from operators.pipeline import SeriesToModelInput, StudyWork, infer, select_series, write_report
 from operators.sr import read_findings

@@ -59,7 +59,8 @@ def test_one_template_per_package_and_decision_rule(case):
 
 def test_groups_with_maps_go_into_the_template_whole(case):
     """Findings with a localisation map get their highdicom-built group inside the template's document: the
-    same SR element for element as highdicom's own, and it reads back with the map's frames and peak."""
+    same SR element for element as highdicom's own, it reads back with the map's frames and peak, and their
+    groups come first (a viewer opens an SR at its first measurement)."""
     from operators.contract.dicom_series import series_geometry
     from operators.localisation import FindingMap, StudyMaps, build_seg
     from operators.sr import Location
@@ -68,7 +69,7 @@ def test_groups_with_maps_go_into_the_template_whole(case):
     findings = dataclasses.replace(scored[0], present=scored[0].assessed.copy())
     affine, order = series_geometry(headers, [f"instance {n}" for n in range(len(headers))])
     shape = (int(headers[0].Columns), int(headers[0].Rows), len(headers))
-    mapped = [int(j) for j in np.flatnonzero(findings.present)[:2]]
+    mapped = [int(j) for j in np.flatnonzero(findings.present)[-2:]]  # not the first groups of the catalogue
     region = np.zeros(shape, dtype=bool)
     region[2:9, 3:12, 4:15] = True
     maps = StudyMaps(
@@ -91,6 +92,8 @@ def test_groups_with_maps_go_into_the_template_whole(case):
         assert entry["map"]["seg"] == seg.SOPInstanceUID and entry["map"]["frames"] == locations[j].frames
         assert entry["peak_lps"] == pytest.approx(locations[j].peak_lps)
     assert all("map" not in v for fid, v in back.items() if fid not in {findings.ids[j] for j in mapped})
+    others = [f for j, f in enumerate(findings.ids) if j not in mapped]
+    assert list(back) == [findings.ids[j] for j in mapped] + others
 
 
 def _procedure(sr: pydicom.Dataset) -> tuple[str, str, str]:

@@ -273,8 +273,8 @@ def _browser():
     return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
 
 
-def _overlay_pixels(png: bytes, box: dict) -> int:
-    """Coloured pixels (a segment's overlay; the CT itself is grey) inside ``box`` of a screenshot."""
+def _crop(png: bytes, box: dict):
+    """``box`` of a screenshot, RGB."""
     import io
 
     import numpy as np
@@ -282,8 +282,18 @@ def _overlay_pixels(png: bytes, box: dict) -> int:
 
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
     x, y, w, h = (int(box[k]) for k in ("x", "y", "width", "height"))
-    crop = img[y : y + h, x : x + w]
+    return img[y : y + h, x : x + w]
+
+
+def _overlay_pixels(png: bytes, box: dict) -> int:
+    """Coloured pixels (a segment's overlay; the CT itself is grey) inside ``box`` of a screenshot."""
+    crop = _crop(png, box)
     return int(((crop.max(axis=2) - crop.min(axis=2)) > 60).sum())
+
+
+def _lit_pixels(png: bytes, box: dict) -> int:
+    """Pixels that are not (nearly) black inside ``box`` of a screenshot: an image is shown there."""
+    return int((_crop(png, box).max(axis=2) > 40).sum())
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
@@ -310,6 +320,7 @@ def test_viewer_shows_the_findings_maps_over_the_ct(corpus200, tiny_package, tmp
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     pacs.compose("up", "-d")
     drv = None
+    console: list[dict] = []  # the browser's log, read as the test goes (reading it empties it)
     try:
         wait_for(lambda: _answers(lambda: pacs.request("GET", "/system")), 60, "Orthanc did not answer")
         study_uid, study = _store(pacs, sorted((corpus200 / "dicom").iterdir())[0])
@@ -376,10 +387,28 @@ def test_viewer_shows_the_findings_maps_over_the_ct(corpus200, tiny_package, tmp
         wait.until(lambda d: _overlay_pixels(d.get_screenshot_as_png(), pane.rect) > before + 1000)
         time.sleep(2)
         drv.save_screenshot(str(ARTIFACTS / "viewer-maps.png"))
+        # the SR, opened as a user opens it: its qualitative groups (no coordinates) do not stop OHIF
+        console.extend(drv.get_log("browser"))
+        ActionChains(drv).double_click(thumbnails()["SR"][0]).perform()
+        time.sleep(5)
+
+        # it opens at its first measurement, a present finding's peak on the CT (the located groups come first)
+        def shown(d):
+            box = d.find_element(By.CSS_SELECTOR, '[data-cy="viewport-pane"]').rect
+            return _lit_pixels(d.get_screenshot_as_png(), box) > 0.05 * box["width"] * box["height"]
+
+        try:
+            wait.until(shown)
+        finally:
+            drv.save_screenshot(str(ARTIFACTS / "viewer-sr.png"))
+            console.extend(drv.get_log("browser"))
+        failed = [e["message"][:300] for e in console if "Error Boundary" in e["message"]]
+        assert not failed, failed
     finally:
         if drv is not None:
+            console.extend(drv.get_log("browser"))
             (ARTIFACTS / "viewer-console.log").write_text(
-                "\n".join(f"{e['level']} {e['message'][:400]}" for e in drv.get_log("browser"))
+                "\n".join(f"{e['level']} {e['message'][:400]}" for e in console)
             )
             drv.save_screenshot(str(ARTIFACTS / "viewer-last.png"))
             drv.quit()
