@@ -4,7 +4,7 @@
         --split validation --studies 150 --out results/maps/region-fraction
 
 A finding's SEG segment is the upper part of its map's range (``operators.localisation.map_region``: where
-the map reaches a fraction of the way from its lowest location to its highest). The fraction sets what a
+the map reaches a fraction of the way from its lowest value on the CT to its highest). The fraction sets what a
 radiologist sees (half the abdomen, or the part around the peak) and what the SEG costs (one frame per slice
 the region touches). It is a decision, so it is made on validation studies: for every finding truly present
 in a study of ``--split`` with a lesion mask, its map is made as the deploy side makes it, and for each
@@ -76,7 +76,7 @@ def measure(package: str | Path, data: str | Path, split: str, studies: int | No
                     "study": sid,
                     "finding": fid,
                     "lesion_share": float((lesion & body).sum() / max(1, body.sum())),
-                    "by_fraction": {str(f): region_scores(map_region(field, coarse[n], f), lesion) for f in FRACTIONS},
+                    "by_fraction": {str(f): region_scores(map_region(field, f), lesion) for f in FRACTIONS},
                 }
             )
     lesion_share: dict[str, list[float]] = {}

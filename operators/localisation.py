@@ -8,10 +8,10 @@ margin ``e . (p+ - p-)`` (the means of its positive and negative prompt embeddin
 of the score. For a finding called present:
 
 - the map is resampled (trilinear, borders clamped) from the model-input grid to the source CT's voxels;
-- its **region** is the upper part of the map: where it reaches ``REGION_FRACTION`` of the way from its lowest
-  to its highest location (a finding called present at a threshold under 0.5 may have no positive location;
-  its map still says where its score was highest): one binary segment of a DICOM Segmentation of the series,
-  in its frame of reference;
+- its **region** is the upper part of the map on the CT: where it reaches ``REGION_FRACTION`` of the way from
+  its lowest value there to its highest (a finding called present at a threshold under 0.5 may have no
+  positive location; its map still says where its score was highest): one binary segment of a DICOM
+  Segmentation of the series, in its frame of reference;
 - its **peak** (the centre of the map's highest location, inside the CT) is given in patient coordinates
   (LPS mm), which the SR carries as a SCOORD3D point.
 
@@ -33,10 +33,10 @@ from .contract.dicom_series import is_multi_frame, series_geometry
 from .contract.package import ModelPackage
 from .contract.scoring import Findings
 
-# A segment holds the voxels this far from the map's lowest location to its highest: the upper fifth of the
+# A segment holds the voxels this far from the map's lowest value on the CT to its highest: the upper fifth of the
 # range, the fraction with the best Dice against focal lesions on validation studies
-# (``python -m benchmarks.map_regions``, results/maps/region-fraction.md; the upper half covered 58 % of
-# the volume and every slice, and held no more of the lesion than its share of the volume)
+# (``python -m benchmarks.map_regions``, results/maps/region-fraction.md; the upper half took 58 % of the
+# volume and every slice, and held no more of the lesion than its share of the volume)
 REGION_FRACTION = 0.8
 REGION_GRID = 128  # the region is computed on blocks of voxels, about this many per in-plane axis
 SEG_SERIES_NUMBER = 9101
@@ -136,10 +136,11 @@ def on_volume(values: np.ndarray, values_affine: np.ndarray, shape: Sequence[int
     return v.astype(np.float32) @ weights[2].T.astype(np.float32)  # (I, J, c) @ (c, K): float32, no copy after
 
 
-def map_region(field: np.ndarray, coarse: np.ndarray, fraction: float = REGION_FRACTION) -> np.ndarray:
-    """Where ``field`` (a map ``coarse`` resampled) reaches ``fraction`` of the way from the map's lowest location
-    to its highest; nowhere for a flat map (it says nowhere in particular)."""
-    low, top = float(coarse.min()), float(coarse.max())
+def map_region(field: np.ndarray, fraction: float = REGION_FRACTION) -> np.ndarray:
+    """Where ``field`` (a map resampled onto the CT) reaches ``fraction`` of the way from its lowest value on the
+    CT to its highest: a map's highest location may lie partly outside the CT (the model's input reaches
+    past it), so the range is the CT's. Nowhere for a flat field (it says nowhere in particular)."""
+    low, top = float(field.min()), float(field.max())
     if top > low:
         return field >= low + fraction * (top - low)
     return np.zeros(field.shape, dtype=bool)
@@ -166,7 +167,7 @@ def finding_map_on_volume(
         field = on_volume(coarse, grid, coarse_shape, blocks)
     else:
         field = on_volume(coarse, grid, shape, affine)
-    region = map_region(field, coarse)
+    region = map_region(field)
     if step > 1:
         # repeated to voxels in (slice, row, column) memory order, so each slice of the region is one block of
         # memory (the SEG's frames, ``build_seg``); ``region`` is its (column, row, slice) view

@@ -144,6 +144,12 @@ class SRTemplate:
             if at < 0 or body.find(needle, at + 1) >= 0:
                 raise ValueError(f"SR template: the group of finding {j} not found exactly once")
             self.group_ranges.append((at, at + len(needle)))
+        # a study's groups are moved into their SR order whole, so each value is inside its own group's range
+        # (the procedure outside every group)
+        for start, end, j, kind in slots:
+            inside = [k for k, (gs, ge) in enumerate(self.group_ranges) if gs <= start and end <= ge]
+            if inside != ([j] if j >= 0 else []):
+                raise ValueError(f"SR template: the {kind} slot of finding {j} is not inside its group alone")
         self.package = package
         # The three qualitative values as highdicom encodes them in a CODE item's concept code.
         self.codes = {

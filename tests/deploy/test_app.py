@@ -14,7 +14,7 @@ from operators.contract.dicom_series import scan_tree
 from operators.contract.package import load_package
 from operators.contract.scoring import ZeroShotModel
 from operators.pipeline import SeriesToModelInput, StudyWork, select_series, sr_filename
-from operators.sr import read_findings, read_intended_use
+from operators.sr import group_order, read_findings, read_intended_use
 from tests.dicom_cases import broken_studies, only_reports, small_study, study_uid
 from tests.sr_validators import dciodvfy, have_validators, validate_all
 
@@ -101,7 +101,9 @@ def test_sr_reads_back_with_the_operators_probabilities(app_run, tree, tiny_pack
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
         assert evidence.SeriesInstanceUID == work.chosen.series_uid
         back = read_findings(app_run["out"] / sr_filename(uid))
-        assert list(back) == pkg.catalogue.ids  # all 30, in catalogue order
+        located = {j for j, f in enumerate(pkg.catalogue) if "map" in back[f.id]}
+        # all 30: those with a map's peak first, then the others, each in catalogue order
+        assert list(back) == [pkg.catalogue.ids[j] for j in group_order(len(pkg.catalogue), located)]
         for j, f in enumerate(pkg.catalogue):
             assert back[f.id]["code"] == (f.code.scheme, f.code.value, f.code.meaning)
             assert back[f.id]["score"] == pytest.approx(expected.probabilities[j], abs=1e-6)

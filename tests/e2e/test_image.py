@@ -392,8 +392,12 @@ def test_viewer_shows_the_findings_maps_over_the_ct(corpus200, tiny_package, tmp
         ActionChains(drv).double_click(thumbnails()["SR"][0]).perform()
         time.sleep(5)
 
-        # it opens at its first measurement, a present finding's peak on the CT (the located groups come first)
+        # OHIF's SR viewport (its badge reads "SR") opens at the first measurement, a present finding's peak on
+        # the CT (the located groups come first); with no place for it, it shows nothing
         def shown(d):
+            badges = d.find_elements(By.CSS_SELECTOR, '[data-cy^="ModalityLoadBadge-"]')
+            if not any(b.text.strip() == "SR" for b in badges):
+                return False
             box = d.find_element(By.CSS_SELECTOR, '[data-cy="viewport-pane"]').rect
             return _lit_pixels(d.get_screenshot_as_png(), box) > 0.05 * box["width"] * box["height"]
 
