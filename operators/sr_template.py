@@ -191,7 +191,7 @@ class SRTemplate:
         # The groups' items are alike around their content (undefined lengths), so the groups go in their SR
         # order (``group_order``) by filling the items in turn; the rest of the content is filled in place.
         order = group_order(len(self.group_ranges), locations)
-        outside = [(s, e, v) for s, e, v in edits.get(-1, [])]
+        outside = list(edits.get(-1, []))
         outside += [(start, end, filled[order[k]]) for k, (start, end) in enumerate(self.group_ranges)]
         body = _joined(self.body, 0, len(self.body), outside)
         return RawDataElement(CONTENT_SEQUENCE, "SQ", 0xFFFFFFFF, body, 0, False, True, True, False)

@@ -392,8 +392,8 @@ def test_viewer_shows_the_findings_maps_over_the_ct(corpus200, tiny_package, tmp
         ActionChains(drv).double_click(thumbnails()["SR"][0]).perform()
         time.sleep(5)
 
-        # OHIF's SR viewport (its badge reads "SR") opens at the first measurement, a present finding's peak on
-        # the CT (the located groups come first); with no place for it, it shows nothing
+        # OHIF's SR viewport (its badge reads "SR") shows the CT once the SR's first measurement has a place on
+        # it (the groups with a map's peak come first); while that one has none, it shows nothing
         def shown(d):
             badges = d.find_elements(By.CSS_SELECTOR, '[data-cy^="ModalityLoadBadge-"]')
             if not any(b.text.strip() == "SR" for b in badges):

@@ -152,9 +152,11 @@ def summary_md(t: StudyTables) -> str:
     )
     seconds = sum(s["seconds"] for s in record.get("sessions", []))
     # each run trains and evaluates on the preset's threads: the CPU time the study cost, wherever it ran
-    run_seconds = sum(
-        mean * n for a in arms for key in ("train_seconds", "eval_seconds") for mean, _, n in [stat(a.name, key)] if n
-    )
+    run_seconds = 0.0
+    for a in arms:
+        for key in ("train_seconds", "eval_seconds"):
+            mean, _, n = stat(a.name, key)
+            run_seconds += mean * n if n else 0.0
     lines = [
         f"# Sampler study `{preset.name}`",
         "",
